@@ -1,0 +1,252 @@
+"""``save`` / ``load``: models with truly packed low-bit weights in one safetensors file.
+
+File layout (format version 1):
+
+* tensors: for each quantized layer ``L``: ``L.weight.codes`` (packed ``uint8``, see
+  :mod:`qdistill.pack.bits`), ``L.weight.scale`` (float32, one per block) and, for asymmetric
+  formats, ``L.weight.zero_point`` (uint8); every other entry of the state dict (biases,
+  BatchNorm statistics, layers kept in full precision) under its own name, as float;
+* metadata key ``"qdistill"``: one JSON document with the format version, the architecture
+  (``{"name", "kwargs"}`` for models from :mod:`qdistill.models`) and, per quantized layer, its
+  format, weight shape and conv geometry.
+
+Loading reads only safetensors and JSON: nothing in a file is ever executed (no pickle).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from qdistill.errors import FileFormatError
+from qdistill.pack.modules import (
+    PackedConv2d,
+    PackedLinear,
+    PackedMixin,
+    PackedWeight,
+    pack_layer,
+    packed_from_meta,
+)
+from qdistill.quant.modules import is_quantized
+
+FORMAT_VERSION = 1
+META_KEY = "qdistill"
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Replace every fake-quant layer by its packed inference twin, in place.
+
+    After this the model holds codes, not float weights: it is what :func:`load` returns.
+    """
+    for name, module in list(model.named_modules()):
+        if is_quantized(module):
+            _set_module(model, name, pack_layer(module))
+    return model
+
+
+def _packed_tensors(name: str, layer: PackedMixin) -> dict[str, torch.Tensor]:
+    out = {f"{name}.weight.codes": layer.weight_codes, f"{name}.weight.scale": layer.weight_scale}
+    if layer.weight_zero_point is not None:
+        out[f"{name}.weight.zero_point"] = layer.weight_zero_point
+    if layer.bias is not None:
+        out[f"{name}.bias"] = layer.bias
+    return out
+
+
+def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
+    """Write ``model`` with its quantized layers truly packed; returns the path.
+
+    The model itself is not changed. Fake-quant layers are packed with deterministic rounding,
+    so the stored weights are exactly what the model computes with in eval mode. The file is
+    written atomically: a crash leaves either the old file or the new one, never a torn one.
+    """
+    path = Path(path)
+    layers: dict[str, dict[str, Any]] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    packed_prefixes: list[str] = []
+    for name, module in model.named_modules():
+        if is_quantized(module):
+            layer = pack_layer(module)  # type: ignore[arg-type]
+        elif isinstance(module, PackedMixin):
+            layer = module
+        else:
+            continue
+        layers[name] = layer.layer_meta()
+        tensors.update(_packed_tensors(name, layer))
+        packed_prefixes.append(name + ".")
+    for key, value in model.state_dict().items():
+        if any(key.startswith(p) for p in packed_prefixes):
+            continue
+        tensors[key] = value.detach().contiguous().clone()
+    header = {
+        "format_version": FORMAT_VERSION,
+        "architecture": getattr(model, "qd_arch", None),
+        "layers": layers,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={META_KEY: json.dumps(header, separators=(",", ":"))})
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The qdistill header of a packed file, validated (no tensors are read)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileFormatError(f"{path}: no such file; give the path of a file written by qd.save")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # safetensors raises several types for foreign or torn files
+        raise FileFormatError(
+            f"{path} is not a safetensors file or is corrupt ({exc}); "
+            "qd.load reads files written by qd.save"
+        ) from None
+    if META_KEY not in meta:
+        raise FileFormatError(
+            f"{path} is a safetensors file but not a qdistill file (no {META_KEY!r} header); "
+            "write it with qd.save, or load plain weights with safetensors"
+        )
+    try:
+        header = json.loads(meta[META_KEY])
+        version = int(header["format_version"])
+    except (ValueError, KeyError, TypeError):
+        raise FileFormatError(f"{path}: the qdistill header is corrupt") from None
+    if version > FORMAT_VERSION:
+        raise FileFormatError(
+            f"{path} uses qdistill file format {version}, newer than this qdistill reads "
+            f"({FORMAT_VERSION}); upgrade qdistill"
+        )
+    return header
+
+
+def _build_architecture(header: dict[str, Any], path: Path) -> nn.Module:
+    arch = header.get("architecture")
+    if not arch:
+        raise FileFormatError(
+            f"{path} does not record its architecture (the model was not built by "
+            "qdistill.models); pass the model: qd.load(path, model=MyModel())"
+        )
+    from qdistill.models import build_model
+
+    return build_model(arch["name"], **arch.get("kwargs", {}))
+
+
+def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
+    """Load a packed model; quantized layers become packed layers that compute from codes.
+
+    With ``model`` given (a float or fake-quant model of the same architecture), its layers are
+    replaced in place; otherwise the architecture recorded in the file is built. Any mismatch
+    between the file and the model names the tensor.
+    """
+    path = Path(path)
+    header = read_header(path)
+    if model is None:
+        model = _build_architecture(header, path)
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+
+        def get(key: str, required: bool = True) -> torch.Tensor | None:
+            if key not in keys:
+                if required:
+                    raise FileFormatError(f"{path}: tensor {key!r} is missing; the file is corrupt")
+                return None
+            try:
+                return f.get_tensor(key)
+            except Exception as exc:
+                raise FileFormatError(f"{path}: cannot read tensor {key!r} ({exc})") from None
+
+        used: set[str] = set()
+        for name, meta in header.get("layers", {}).items():
+            try:
+                target = model.get_submodule(name)
+            except AttributeError:
+                raise FileFormatError(
+                    f"{path}: layer {name!r} in the file does not exist in the given "
+                    f"{type(model).__name__}; pass the model the file was saved from"
+                ) from None
+            expected = tuple(getattr(target, "weight_shape", None) or target.weight.shape)
+            if tuple(meta["shape"]) != expected:
+                raise FileFormatError(
+                    f"{path}: layer {name!r} has weight shape {tuple(meta['shape'])} in the "
+                    f"file but {expected} in the model; pass the matching architecture"
+                )
+            packed = PackedWeight(
+                codes=get(f"{name}.weight.codes"),
+                scale=get(f"{name}.weight.scale"),
+                zero_point=get(f"{name}.weight.zero_point", required=False),
+            )
+            layer = packed_from_meta(meta, packed, get(f"{name}.bias", required=False))
+            _check_packed_sizes(path, name, layer)
+            _set_module(model, name, layer)
+            used |= {k for k in keys if k.startswith(name + ".weight.") or k == f"{name}.bias"}
+
+        state = model.state_dict()
+        packed_names = [n + "." for n, m in model.named_modules() if isinstance(m, PackedMixin)]
+        expected_keys = {k for k in state if not any(k.startswith(p) for p in packed_names)}
+        missing = sorted(expected_keys - keys)
+        unexpected = sorted(keys - used - expected_keys)
+        if missing or unexpected:
+            raise FileFormatError(
+                f"{path} does not match {type(model).__name__}: missing tensors {missing[:5]}, "
+                f"unexpected tensors {unexpected[:5]}; pass the model the file was saved from"
+            )
+        rest = {}
+        for k in expected_keys:
+            t = get(k)
+            if tuple(t.shape) != tuple(state[k].shape):
+                raise FileFormatError(
+                    f"{path}: tensor {k!r} has shape {tuple(t.shape)} in the file but "
+                    f"{tuple(state[k].shape)} in the model"
+                )
+            rest[k] = t
+    model.load_state_dict(rest, strict=False)
+    model.eval()
+    return model
+
+
+def _check_packed_sizes(path: Path, name: str, layer: PackedLinear | PackedConv2d) -> None:
+    """Catch a truncated or tampered codes/scale tensor at load time, naming it."""
+    from qdistill.formats import to_blocks
+    from qdistill.pack.bits import packed_nbytes
+
+    numel = int(torch.Size(layer.weight_shape).numel())
+    need = packed_nbytes(numel, layer.weight_format.bits)
+    if layer.weight_codes.numel() != need:
+        raise FileFormatError(
+            f"{path}: tensor '{name}.weight.codes' holds {layer.weight_codes.numel()} bytes, "
+            f"expected {need}; the file is truncated or corrupt"
+        )
+    fmt = layer.weight_format
+    blocks = to_blocks(
+        torch.empty(layer.weight_shape, device="meta"),
+        getattr(fmt, "axis", None),
+        getattr(fmt, "group_size", None),
+    ).shape[0]
+    if layer.weight_scale.numel() != blocks:
+        raise FileFormatError(
+            f"{path}: tensor '{name}.weight.scale' holds {layer.weight_scale.numel()} scales, "
+            f"expected {blocks}; the file is corrupt"
+        )

@@ -1,0 +1,116 @@
+"""``quantize_``: the one verb that turns a float model into a fake-quant (trainable) model."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from qdistill.errors import ConfigError, QDistillError
+from qdistill.quant.config import NO_RULE, QuantConfig
+from qdistill.quant.modules import QUANT_CLASSES, is_quantized, to_quant
+
+log = logging.getLogger(__name__)
+
+# Layers that hold parameters but are deliberately left in full precision (cheap, and their
+# quantization is not what the methods here study).
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+if hasattr(nn, "RMSNorm"):
+    _NORM_TYPES = (*_NORM_TYPES, nn.RMSNorm)
+
+
+@dataclass
+class QuantPlan:
+    """What ``quantize_`` did to each layer: nothing is skipped without being listed here."""
+
+    quantized: dict[str, str] = field(default_factory=dict)
+    kept: dict[str, str] = field(default_factory=dict)
+    unsupported: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [f"quantized {len(self.quantized)} layer(s):"]
+        lines += [f"  {n}: {f}" for n, f in self.quantized.items()]
+        if self.kept:
+            lines.append(f"kept in full precision {len(self.kept)} layer(s):")
+            lines += [f"  {n}: {why}" for n, why in self.kept.items()]
+        if self.unsupported:
+            lines.append(
+                f"cannot quantize {len(self.unsupported)} layer(s) (kept in full precision):"
+            )
+            lines += [f"  {n}: {t}" for n, t in self.unsupported.items()]
+        return "\n".join(lines)
+
+
+def _leaf_with_params(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters(recurse=False))
+
+
+def quantize_(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """Swap every Linear/Conv2d of ``model`` for its fake-quant twin, in place, per ``config``.
+
+    Returns the same model, with the plan of what was done in ``model.qd_plan`` (also logged).
+    Layers with weights that cannot be quantized are listed (warning), or raise if
+    ``config.unsupported == "error"``; rules that match no layer raise (they are typos).
+    """
+    if not isinstance(config, QuantConfig):
+        raise ConfigError(f"quantize_ expects a qd.QuantConfig, got {type(config).__name__}")
+    candidates = [
+        (name, m) for name, m in model.named_modules() if type(m) in QUANT_CLASSES and name
+    ]
+    already = [name for name, m in model.named_modules() if is_quantized(m)]
+    if already:
+        raise QDistillError(
+            f"model is already quantized (e.g. {already[0]!r}); quantize a fresh float model"
+        )
+    if not candidates:
+        raise QDistillError(
+            f"{type(model).__name__} has no nn.Linear or nn.Conv2d layer to quantize; "
+            "qdistill quantizes those layer types"
+        )
+    all_names = [name for name, _ in model.named_modules() if name]
+    unmatched = config.unmatched_rules(all_names)
+    if unmatched:
+        raise ConfigError(
+            f"quantization rule(s) {unmatched} match no module; module names look like "
+            f"{[n for n, _ in candidates[:3]]} (see model.named_modules())"
+        )
+
+    plan = QuantPlan()
+    first, last = candidates[0][0], candidates[-1][0]
+    for name, module in candidates:
+        rule = config.rule_for(name)
+        fmt = config.weights if rule is NO_RULE else rule
+        if rule is NO_RULE and config.keep_first and name == first:
+            plan.kept[name] = "first layer (keep_first)"
+        elif rule is NO_RULE and config.keep_last and name == last:
+            plan.kept[name] = "last layer (keep_last)"
+        elif fmt is None:
+            plan.kept[name] = "rule" if rule is not NO_RULE else "no weight format"
+        else:
+            to_quant(module, fmt, config.activations)
+            plan.quantized[name] = str(fmt)
+
+    for name, module in model.named_modules():
+        if name in plan.quantized or name in plan.kept or not _leaf_with_params(module):
+            continue
+        if isinstance(module, _NORM_TYPES):
+            plan.kept[name] = f"{type(module).__name__} (normalization)"
+        else:
+            plan.unsupported[name] = type(module).__name__
+    if plan.unsupported:
+        listing = ", ".join(f"{n} ({t})" for n, t in plan.unsupported.items())
+        if config.unsupported == "error":
+            raise QDistillError(
+                f"cannot quantize layer(s) {listing}; set unsupported='warn' to keep them in "
+                "full precision, or add rules that map them to None"
+            )
+        if config.unsupported == "warn":
+            warnings.warn(
+                f"qdistill keeps these layers in full precision (unsupported type): {listing}",
+                stacklevel=2,
+            )
+    model.qd_plan = plan
+    log.info("%s", plan.summary())
+    return model
