@@ -13,9 +13,19 @@ from qdistill.formats.base import (
     straight_through,
     to_blocks,
 )
+from qdistill.formats.fp import ELEMENTS, FPFormat
 from qdistill.formats.integer import IntFormat, int2, int4, int8
+from qdistill.formats.nonuniform import CodebookFormat, PowerFormat, nearest_point
+from qdistill.formats.ternary import BinaryFormat, TernaryFormat
 
-FORMAT_KINDS: dict[str, type] = {"int": IntFormat}
+FORMAT_KINDS: dict[str, type] = {
+    "int": IntFormat,
+    "ternary": TernaryFormat,
+    "binary": BinaryFormat,
+    "fp": FPFormat,
+    "power": PowerFormat,
+    "codebook": CodebookFormat,
+}
 
 
 def register_format(kind: str, cls: type) -> None:
@@ -33,13 +43,22 @@ def format_from_dict(spec: dict[str, Any]) -> Format:
             "(was the file written by a newer qdistill?)"
         )
     try:
+        if kind == "codebook":
+            spec["points"] = tuple(spec.get("points", ()))
         return FORMAT_KINDS[kind](**spec)
     except TypeError as exc:
         raise FormatError(f"bad {kind!r} format description {spec}: {exc}") from None
 
 
 __all__ = [
+    "ELEMENTS",
     "FORMAT_KINDS",
+    "BinaryFormat",
+    "CodebookFormat",
+    "FPFormat",
+    "PowerFormat",
+    "TernaryFormat",
+    "nearest_point",
     "Format",
     "IntFormat",
     "QuantizedTensor",

@@ -109,6 +109,13 @@ def from_blocks(
     return blocks.reshape(shape)
 
 
+def block_absmean(blocks: torch.Tensor, numel: int, eps: float = 1e-8) -> torch.Tensor:
+    """Mean |x| of each block, ignoring the zero padding of the last bucket."""
+    counts = torch.full((blocks.shape[0],), blocks.shape[1], dtype=torch.float32)
+    counts[-1] -= blocks.numel() - numel
+    return (blocks.abs().sum(dim=1).float() / counts).clamp_min(eps)
+
+
 def check_finite(x: torch.Tensor, name: str | None = None) -> None:
     """Raise, naming the tensor, instead of quantizing NaN or Inf into garbage codes."""
     if not torch.isfinite(x).all():

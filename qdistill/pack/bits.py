@@ -59,3 +59,53 @@ def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     bit_planes = np.unpackbits(data, bitorder="little")[: numel * bits].reshape(numel, bits)
     weights = (1 << np.arange(bits, dtype=np.uint16)).astype(np.uint16)
     return torch.from_numpy((bit_planes.astype(np.uint16) @ weights).astype(np.uint8))
+
+
+# ------------------------------------------------------------------------------------------
+# Base-3 packing for ternary codes: five trits a byte (3**5 = 243 <= 256), 1.6 bits a weight
+# ------------------------------------------------------------------------------------------
+
+_TRIT_POWERS = np.array([1, 3, 9, 27, 81], dtype=np.uint8)
+
+
+def pack_trits(codes: torch.Tensor) -> torch.Tensor:
+    """Pack codes in {0, 1, 2} five a byte: ``byte = c0 + 3*c1 + 9*c2 + 27*c3 + 81*c4``."""
+    flat = codes.reshape(-1).to(torch.uint8).numpy()
+    if flat.size and int(flat.max()) > 2:
+        raise FormatError(f"a ternary code ({int(flat.max())}) is not in {{0, 1, 2}}")
+    pad = (-flat.size) % 5
+    grouped = np.concatenate([flat, np.zeros(pad, np.uint8)]).reshape(-1, 5)
+    return torch.from_numpy((grouped.astype(np.uint16) @ _TRIT_POWERS).astype(np.uint8))
+
+
+def unpack_trits(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of :func:`pack_trits`."""
+    data = packed.reshape(-1).to(torch.uint8).numpy()
+    if data.size != -(-numel // 5):
+        raise FormatError(
+            f"packed ternary buffer holds {data.size} bytes but {numel} trits need "
+            f"{-(-numel // 5)}; the file is truncated or corrupt"
+        )
+    trits = (data[:, None] // _TRIT_POWERS) % 3
+    return torch.from_numpy(trits.reshape(-1)[:numel].astype(np.uint8))
+
+
+def _uses_trits(fmt: object) -> bool:
+    return getattr(fmt, "packing", "bits") == "trits"
+
+
+def pack_for(codes: torch.Tensor, fmt: object) -> torch.Tensor:
+    """Pack codes the way ``fmt`` stores them (bit stream, or trits for ternary)."""
+    return pack_trits(codes) if _uses_trits(fmt) else pack_codes(codes, fmt.bits)  # type: ignore[attr-defined]
+
+
+def unpack_for(packed: torch.Tensor, fmt: object, numel: int) -> torch.Tensor:
+    """Inverse of :func:`pack_for`."""
+    if _uses_trits(fmt):
+        return unpack_trits(packed, numel)
+    return unpack_codes(packed, fmt.bits, numel)  # type: ignore[attr-defined]
+
+
+def nbytes_for(fmt: object, numel: int) -> int:
+    """Bytes the packed codes of ``numel`` values take in ``fmt``."""
+    return -(-numel // 5) if _uses_trits(fmt) else packed_nbytes(numel, fmt.bits)  # type: ignore[attr-defined]

@@ -230,10 +230,10 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
 def _check_packed_sizes(path: Path, name: str, layer: PackedLinear | PackedConv2d) -> None:
     """Catch a truncated or tampered codes/scale tensor at load time, naming it."""
     from qdistill.formats import to_blocks
-    from qdistill.pack.bits import packed_nbytes
+    from qdistill.pack.bits import nbytes_for
 
     numel = int(torch.Size(layer.weight_shape).numel())
-    need = packed_nbytes(numel, layer.weight_format.bits)
+    need = nbytes_for(layer.weight_format, numel)
     if layer.weight_codes.numel() != need:
         raise FileFormatError(
             f"{path}: tensor '{name}.weight.codes' holds {layer.weight_codes.numel()} bytes, "

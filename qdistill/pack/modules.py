@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qdistill.formats import Format, QuantizedTensor, fake_quantize, format_from_dict
-from qdistill.pack.bits import pack_codes, unpack_codes
+from qdistill.pack.bits import pack_for, unpack_for
 from qdistill.quant.modules import QuantConv2d, QuantLinear, deterministic
 
 LAYOUT = "lsb"
@@ -32,7 +32,7 @@ class PackedWeight:
 
     @classmethod
     def from_quantized(cls, q: QuantizedTensor) -> PackedWeight:
-        return cls(pack_codes(q.codes, q.fmt.bits), q.scale, q.zero_point)
+        return cls(pack_for(q.codes, q.fmt), q.scale, q.zero_point)
 
 
 class PackedMixin:
@@ -65,7 +65,7 @@ class PackedMixin:
     def unpacked_weight(self) -> torch.Tensor:
         """Dequantized weight, rebuilt from the packed codes (exactly the fake-quant weight)."""
         numel = int(torch.Size(self.weight_shape).numel())
-        codes = unpack_codes(self.weight_codes, self.weight_format.bits, numel)
+        codes = unpack_for(self.weight_codes, self.weight_format, numel)
         zp = None if self.weight_zero_point is None else self.weight_zero_point.to(torch.int32)
         q = QuantizedTensor(
             codes=codes.reshape(self.weight_shape),

@@ -1,0 +1,137 @@
+"""Non-uniform grids: power-exponent grids (NUPES) and arbitrary codebooks.
+
+* :class:`PowerFormat`: the power quantization of NUPES (Yvinec et al. 2023, "NUPES:
+  Non-Uniform Post-Training Quantization via Power Exponent Search", Sec. 3): a symmetric uniform
+  grid in the transformed domain ``sign(x) * |x / s| ** (1 / a)``, mapped back with the power
+  ``a``; ``a > 1`` puts more levels near zero, where most weights are; ``a = 1`` is uniform.
+* :class:`CodebookFormat`: any sorted set of points, each value mapped to its nearest point
+  (the representation of Polino et al. 2018, Sec. 3, differentiable quantization, and of
+  k-means / Huffman-style codebooks); codes take ``ceil(log2(n))`` bits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from qdistill.errors import FormatError
+from qdistill.formats.base import (
+    QuantizedTensor,
+    check_finite,
+    check_granularity,
+    from_blocks,
+    to_blocks,
+)
+
+
+@dataclass(frozen=True)
+class PowerFormat:
+    """Symmetric power-exponent grid with ``bits`` bits (2..8) and exponent ``a > 0``."""
+
+    bits: int
+    exponent: float = 2.0
+    axis: int | None = None
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise FormatError(f"PowerFormat bits={self.bits!r} is out of range; use 2..8")
+        if not self.exponent > 0:
+            raise FormatError(f"PowerFormat exponent={self.exponent!r} must be positive")
+        check_granularity(self.axis, self.group_size)
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    def quantize(
+        self, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> QuantizedTensor:
+        check_finite(x)
+        blocks = to_blocks(x.float(), self.axis, self.group_size)
+        scale = blocks.abs().amax(dim=1).clamp_min(1e-12).float()
+        t = (blocks.abs() / scale.reshape(-1, 1)).clamp(max=1.0) ** (1.0 / self.exponent)
+        q = torch.round(t * self.qmax) * torch.sign(blocks)
+        codes = (q + 2 ** (self.bits - 1)).to(torch.uint8)
+        return QuantizedTensor(
+            codes=from_blocks(codes, tuple(x.shape), self.axis, self.group_size),
+            scale=scale,
+            zero_point=None,
+            shape=tuple(x.shape),
+            fmt=self,
+        )
+
+    def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
+        blocks = to_blocks(q.codes.to(torch.int32), self.axis, self.group_size)
+        signed = (blocks - 2 ** (self.bits - 1)).float()
+        mag = (signed.abs() / self.qmax) ** self.exponent
+        values = torch.sign(signed) * mag * q.scale.reshape(-1, 1)
+        return from_blocks(values, q.shape, self.axis, self.group_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "power", **asdict(self)}
+
+    def __str__(self) -> str:
+        return f"pow{self.bits}-a{self.exponent:g}"
+
+
+@dataclass(frozen=True)
+class CodebookFormat:
+    """Nearest point of a sorted codebook; the points themselves are the format."""
+
+    points: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        pts = tuple(float(p) for p in self.points)
+        if len(pts) < 2:
+            raise FormatError(
+                f"CodebookFormat needs at least 2 points, got {len(pts)}; pass e.g. "
+                "points=(-1.0, 0.0, 1.0)"
+            )
+        if len(pts) > 256:
+            raise FormatError(
+                f"CodebookFormat holds at most 256 points (8-bit codes), got {len(pts)}"
+            )
+        if any(not math.isfinite(p) for p in pts):
+            raise FormatError("CodebookFormat points must be finite numbers")
+        if any(b <= a for a, b in zip(pts, pts[1:], strict=False)):
+            raise FormatError("CodebookFormat points must be strictly increasing (sort them)")
+        # stored as float32 values so a JSON round trip is exact
+        object.__setattr__(self, "points", tuple(float(p) for p in torch.tensor(pts).tolist()))
+
+    @property
+    def bits(self) -> int:
+        return max(1, math.ceil(math.log2(len(self.points))))
+
+    def table(self) -> torch.Tensor:
+        return torch.tensor(self.points, dtype=torch.float32)
+
+    def quantize(
+        self, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> QuantizedTensor:
+        check_finite(x)
+        return QuantizedTensor(
+            codes=nearest_point(x.float(), self.table()).to(torch.uint8),
+            scale=torch.ones(1),
+            zero_point=None,
+            shape=tuple(x.shape),
+            fmt=self,
+        )
+
+    def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
+        return self.table()[q.codes.long()] * q.scale
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "codebook", "points": list(self.points)}
+
+    def __str__(self) -> str:
+        return f"codebook{len(self.points)}"
+
+
+def nearest_point(x: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest of the sorted ``points`` for every value (ties go to the lower)."""
+    mids = (points[1:] + points[:-1]) / 2
+    return torch.searchsorted(mids.contiguous(), x.contiguous(), right=False)
