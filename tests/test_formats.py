@@ -115,3 +115,14 @@ def test_format_dict_round_trip():
     assert qd.format_from_dict(fmt.to_dict()) == fmt
     with pytest.raises(FormatError, match="unknown format kind"):
         qd.format_from_dict({"kind": "nope"})
+
+
+def test_row_axis_gives_one_scale_per_token():
+    x = torch.randn(2, 5, 16) * torch.arange(1, 11).reshape(2, 5, 1)
+    fmt = IntFormat(8, axis="row")
+    q = fmt.quantize(x)
+    assert q.scale.shape == (10,)
+    assert torch.allclose(q.scale, x.reshape(10, 16).abs().amax(1) / 127)
+    assert fmt.dequantize(q).shape == x.shape
+    with pytest.raises(FormatError, match="not understood"):
+        IntFormat(8, axis="token")

@@ -10,6 +10,9 @@ Granularity (how many values share one scale) is common to all formats:
 * per tensor (``axis=None, group_size=None``): one scale for the whole tensor;
 * per channel (``axis=k``): one scale per index along dimension ``k`` (``axis=0`` = per output
   channel for Linear and Conv weights);
+* per row (``axis="row"``): one scale per row of the last dimension, i.e. per token for
+  activations ``[..., features]`` (dynamic per-token scaling, as in LLM.int8() and BitNet) and
+  per output channel for a Linear weight;
 * per bucket (``group_size=g``): the tensor is read in memory order and cut into buckets of ``g``
   consecutive values, each with its own scale. This is the bucketing of Polino, Pascanu & Alistarh
   (2018), "Model compression via distillation and quantization", Sec. 2.1; for a Linear weight
@@ -66,8 +69,13 @@ class Format(Protocol):
 # --------------------------------------------------------------------------------------------
 
 
-def check_granularity(axis: int | None, group_size: int | None) -> None:
+Axis = int | str | None
+
+
+def check_granularity(axis: Axis, group_size: int | None) -> None:
     """Reject granularity settings that cannot mean anything."""
+    if isinstance(axis, str) and axis != "row":
+        raise FormatError(f"axis={axis!r} is not understood; use an integer, 'row' or None")
     if axis is not None and group_size is not None:
         raise FormatError(
             f"axis={axis} and group_size={group_size} were both given; choose per-channel "
@@ -77,7 +85,7 @@ def check_granularity(axis: int | None, group_size: int | None) -> None:
         raise FormatError(f"group_size must be a positive integer, got {group_size!r}")
 
 
-def to_blocks(x: torch.Tensor, axis: int | None, group_size: int | None) -> torch.Tensor:
+def to_blocks(x: torch.Tensor, axis: Axis, group_size: int | None) -> torch.Tensor:
     """View ``x`` as a 2-D tensor with one row per scale (padding the last bucket with zeros)."""
     if group_size is not None:
         flat = x.reshape(-1)
@@ -85,6 +93,8 @@ def to_blocks(x: torch.Tensor, axis: int | None, group_size: int | None) -> torc
         if pad:
             flat = torch.cat([flat, flat.new_zeros(pad)])
         return flat.reshape(-1, group_size)
+    if axis == "row":
+        return x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
     if axis is not None:
         if not -x.dim() <= axis < x.dim():
             raise FormatError(
@@ -96,12 +106,14 @@ def to_blocks(x: torch.Tensor, axis: int | None, group_size: int | None) -> torc
 
 
 def from_blocks(
-    blocks: torch.Tensor, shape: tuple[int, ...], axis: int | None, group_size: int | None
+    blocks: torch.Tensor, shape: tuple[int, ...], axis: Axis, group_size: int | None
 ) -> torch.Tensor:
     """Inverse of :func:`to_blocks`."""
     if group_size is not None:
         n = math.prod(shape)
         return blocks.reshape(-1)[:n].reshape(shape)
+    if axis == "row":
+        return blocks.reshape(shape)
     if axis is not None:
         moved = list(shape)
         moved.insert(0, moved.pop(axis))

@@ -103,7 +103,7 @@ class FPFormat:
     """FP8 / FP4 weights with a float or power-of-two (MX) scale per tensor, channel or group."""
 
     element: str = "e4m3"
-    axis: int | None = None
+    axis: int | str | None = None
     group_size: int | None = None
     scale: str = "float"
 

@@ -48,7 +48,7 @@ class IntFormat:
 
     bits: int
     symmetric: bool = True
-    axis: int | None = None
+    axis: int | str | None = None
     group_size: int | None = None
     stochastic: bool = False
 

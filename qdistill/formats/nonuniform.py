@@ -33,7 +33,7 @@ class PowerFormat:
 
     bits: int
     exponent: float = 2.0
-    axis: int | None = None
+    axis: int | str | None = None
     group_size: int | None = None
 
     def __post_init__(self) -> None:

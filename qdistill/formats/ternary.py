@@ -30,7 +30,7 @@ from qdistill.formats.base import (
 class TernaryFormat:
     """{-1, 0, +1} * absmean scale (BitNet b1.58), per tensor, channel or group."""
 
-    axis: int | None = None
+    axis: int | str | None = None
     group_size: int | None = None
     packing: str = "2bit"
 
@@ -80,7 +80,7 @@ class TernaryFormat:
 class BinaryFormat:
     """sign(w) * mean(|w|) (XNOR-Net / BinaryConnect scaling), 1 bit per weight."""
 
-    axis: int | None = None
+    axis: int | str | None = None
     group_size: int | None = None
 
     def __post_init__(self) -> None:
