@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from qdistill.atomic import atomic_save_safetensors
 from qdistill.errors import FileFormatError
 from qdistill.pack.modules import (
     PackedConv2d,
@@ -97,18 +96,9 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         "architecture": getattr(model, "qd_arch", None),
         "layers": layers,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={META_KEY: json.dumps(header, separators=(",", ":"))})
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_save_safetensors(
+        tensors, path, metadata={META_KEY: json.dumps(header, separators=(",", ":"))}
+    )
 
 
 def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:

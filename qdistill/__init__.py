@@ -1,0 +1,70 @@
+"""qdistill: distillation and quantization together.
+
+A full-precision teacher trains a low-bit student; the student ships with its weights truly
+packed. The whole API in one breath::
+
+    import qdistill as qd
+    cfg = qd.QuantConfig(weights=qd.int4(group_size=64), rules={"classifier": None})
+    student = qd.quantize_(student, cfg)                   # fake-quant in place
+    run = qd.distill(teacher, student, loss=qd.KD(temperature=2, alpha=0.7))
+    qd.fit(run, train_loader, epochs=10)                   # progress bar, checkpoints, resume
+    qd.save(student, "student.qd.safetensors")             # truly packed
+    fast = qd.load("student.qd.safetensors")               # runs on packed weights
+"""
+
+from qdistill.distill import KD, CrossEntropy, Distiller, distill, supervised
+from qdistill.errors import ConfigError, DataError, FileFormatError, FormatError, QDistillError
+from qdistill.formats import (
+    BinaryFormat,
+    CodebookFormat,
+    Format,
+    FPFormat,
+    IntFormat,
+    PowerFormat,
+    QuantizedTensor,
+    TernaryFormat,
+    fake_quantize,
+    format_from_dict,
+    int2,
+    int4,
+    int8,
+)
+from qdistill.pack import freeze, load, save
+from qdistill.quant import QuantConfig, QuantPlan, quantize_
+from qdistill.train import evaluate, fit
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KD",
+    "BinaryFormat",
+    "CodebookFormat",
+    "FPFormat",
+    "PowerFormat",
+    "TernaryFormat",
+    "ConfigError",
+    "CrossEntropy",
+    "DataError",
+    "Distiller",
+    "FileFormatError",
+    "Format",
+    "FormatError",
+    "IntFormat",
+    "QDistillError",
+    "QuantConfig",
+    "QuantPlan",
+    "QuantizedTensor",
+    "distill",
+    "evaluate",
+    "fake_quantize",
+    "fit",
+    "format_from_dict",
+    "freeze",
+    "int2",
+    "int4",
+    "int8",
+    "load",
+    "quantize_",
+    "save",
+    "supervised",
+]

@@ -1,0 +1,163 @@
+"""``qdistill``: the command line.
+
+    qdistill demo [--quick]          the main job: quantized distillation vs baselines
+    qdistill run recipe.yaml         any recipe from a YAML file (--resume after a kill)
+    qdistill eval FILE --dataset D   accuracy of a packed model file
+    qdistill info FILE               what a packed file holds
+
+User mistakes print one line (``error: ...``) and exit with status 2; ``--debug`` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from qdistill.errors import QDistillError
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qdistill",
+        description="Distillation and quantization together: low-bit students, truly packed.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="quantized distillation on Fashion-MNIST vs baselines")
+    demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    demo.add_argument("--quick", action="store_true", help="a few-minute run on a data subset")
+    demo.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist or digits")
+    demo.add_argument("--data-dir", default=None, help="folder with the dataset's files")
+    demo.add_argument("--bits", type=int, nargs="+", default=None, help="bit widths (8 4 2)")
+    demo.add_argument("--teacher-epochs", type=int, default=None)
+    demo.add_argument("--student-epochs", type=int, default=None)
+    demo.add_argument("--subset", type=int, default=None, help="use the first N examples")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--resume", action="store_true", help="continue a killed run")
+    _add_common(demo)
+
+    run = sub.add_parser("run", help="run a YAML recipe")
+    run.add_argument("recipe", help="path of the recipe file")
+    run.add_argument("--resume", action="store_true", help="continue a killed run")
+    _add_common(run)
+
+    ev = sub.add_parser("eval", help="accuracy of a packed model file")
+    ev.add_argument("file")
+    ev.add_argument("--dataset", default="fashion-mnist")
+    ev.add_argument("--data-dir", default=None)
+    _add_common(ev)
+
+    info = sub.add_parser("info", help="show what a packed file holds")
+    info.add_argument("file")
+    _add_common(info)
+    return parser
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from qdistill.demo import DemoConfig, run_demo
+    from qdistill.report import markdown_table
+
+    overrides = {
+        k: v
+        for k, v in {
+            "out": args.out,
+            "dataset": args.dataset,
+            "data_dir": args.data_dir,
+            "bits": tuple(args.bits) if args.bits else None,
+            "teacher_epochs": args.teacher_epochs,
+            "student_epochs": args.student_epochs,
+            "subset": args.subset,
+            "seed": args.seed,
+            "resume": args.resume,
+            "progress": not args.no_progress,
+        }.items()
+        if v is not None
+    }
+    cfg = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
+    rows = run_demo(cfg)
+    print(markdown_table(rows, columns=["method", "bits", "accuracy", "bytes", "ratio_vs_teacher"]))
+    print(f"\nwrote {cfg.out}/demo.csv, demo.md and demo.png")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from qdistill.recipes.from_yaml import load_recipe, run_recipe
+
+    metrics = run_recipe(
+        load_recipe(args.recipe), resume=args.resume, progress=not args.no_progress
+    )
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from qdistill.data import make_loaders
+    from qdistill.pack import load
+    from qdistill.train import evaluate
+
+    model = load(args.file)
+    _, test_loader = make_loaders(args.dataset, data_dir=args.data_dir)
+    acc = evaluate(model, test_loader)
+    print(
+        f"{args.file}: accuracy {100 * acc:.2f}% on {args.dataset} test, "
+        f"{os.path.getsize(args.file)} bytes"
+    )
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from qdistill.pack import read_header
+
+    header = read_header(args.file)
+    print(
+        f"{args.file}: qdistill file format {header['format_version']}, "
+        f"{os.path.getsize(args.file)} bytes"
+    )
+    arch = header.get("architecture")
+    print(f"architecture: {arch['name']} {arch.get('kwargs', {})}" if arch else "architecture: -")
+    for name, meta in header.get("layers", {}).items():
+        fmt = {k: v for k, v in meta["format"].items() if v not in (None, False)}
+        print(f"  {name}: weight {tuple(meta['shape'])} {fmt}")
+    return 0
+
+
+COMMANDS = {"demo": _cmd_demo, "run": _cmd_run, "eval": _cmd_eval, "info": _cmd_info}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.debug else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        return COMMANDS[args.command](args)
+    except QDistillError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,14 @@
+"""Data sets that load offline (Debian package files, scikit-learn) and their loaders."""
+
+from qdistill.data.digits import load_digits_dataset
+from qdistill.data.fashion_mnist import load_fashion_mnist, read_idx
+from qdistill.data.loaders import DATASETS, get_dataset, make_loaders
+
+__all__ = [
+    "DATASETS",
+    "get_dataset",
+    "load_digits_dataset",
+    "load_fashion_mnist",
+    "make_loaders",
+    "read_idx",
+]

@@ -1,0 +1,209 @@
+"""Recipe files: one YAML document describes a whole run (``qdistill run recipe.yaml``).
+
+Example::
+
+    recipe: quantized_distillation      # train | qat | quantized_distillation | post_mortem
+    dataset: digits                     # fashion-mnist | digits
+    output: runs/digits-4bit
+    teacher: {model: teacher-cnn, epochs: 3}        # or {file: teacher.qd.safetensors}
+    student: {model: student-cnn, kwargs: {width: 8}}
+    quant:
+      weights: {kind: int, bits: 4, symmetric: false, group_size: 256}
+      rules: {classifier: null}
+    train: {epochs: 3, lr: 0.002}
+    distill: {temperature: 2.0, alpha: 0.7}
+
+Every key is checked: a misspelt one is an error naming the valid keys, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from qdistill.data import DATASETS, make_loaders
+from qdistill.distill import KD
+from qdistill.errors import ConfigError
+from qdistill.models import build_model
+from qdistill.pack import load, save
+from qdistill.quant import QuantConfig
+from qdistill.recipes.post_mortem import post_mortem
+from qdistill.recipes.qat import TrainSettings, qat, train_float
+from qdistill.train import evaluate
+
+RECIPES = ("train", "qat", "quantized_distillation", "post_mortem")
+_TOP = {
+    "recipe",
+    "dataset",
+    "data_dir",
+    "output",
+    "batch_size",
+    "subset",
+    "seed",
+    "teacher",
+    "student",
+    "quant",
+    "train",
+    "distill",
+}
+_MODEL = {"model", "kwargs", "file", "epochs"}
+_TRAIN = {"epochs", "lr"}
+_DISTILL = {"temperature", "alpha"}
+
+
+def _check_keys(section: str, given: dict[str, Any], valid: set[str]) -> None:
+    if not isinstance(given, dict):
+        raise ConfigError(f"recipe section {section!r} must be a mapping, got {given!r}")
+    unknown = sorted(set(given) - valid)
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {unknown} in recipe section {section!r}; valid keys: {sorted(valid)}"
+        )
+
+
+def load_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and validate a recipe file (``yaml.safe_load``: no code runs from the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe file {path} does not exist; give the path of a YAML recipe")
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}".replace("\n", " ")) from None
+    validate_recipe(spec)
+    return spec
+
+
+def validate_recipe(spec: Any) -> None:
+    """Reject unknown recipes, sections and keys before any training starts."""
+    _check_keys("(top level)", spec, _TOP)
+    recipe = spec.get("recipe")
+    if recipe not in RECIPES:
+        raise ConfigError(f"recipe: {recipe!r} is not a recipe; choose one of {list(RECIPES)}")
+    if spec.get("dataset") not in DATASETS:
+        raise ConfigError(f"dataset: {spec.get('dataset')!r}; choose one of {sorted(DATASETS)}")
+    for section, valid in (
+        ("teacher", _MODEL),
+        ("student", _MODEL),
+        ("train", _TRAIN),
+        ("distill", _DISTILL),
+    ):
+        _check_keys(section, spec.get(section) or {}, valid)
+    if recipe == "quantized_distillation" and not spec.get("teacher"):
+        raise ConfigError("recipe quantized_distillation needs a 'teacher' section")
+    if recipe != "train":
+        QuantConfig.from_dict(spec.get("quant") or {})
+        if not (spec.get("quant") or {}).get("weights") and not (spec.get("quant") or {}).get(
+            "rules"
+        ):
+            raise ConfigError(f"recipe {recipe} needs quant.weights (e.g. {{kind: int, bits: 4}})")
+
+
+def _model(section: dict[str, Any], arch: dict[str, Any], seed: int) -> nn.Module:
+    if section.get("file"):
+        header_model = load(section["file"])
+        return header_model
+    torch.manual_seed(seed)
+    return build_model(section.get("model", "student-cnn"), **arch, **section.get("kwargs", {}))
+
+
+def run_recipe(spec: dict[str, Any], resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run a validated recipe; writes the packed student and ``metrics.json`` to ``output``."""
+    validate_recipe(spec)
+    out = Path(spec.get("output", "runs/recipe"))
+    out.mkdir(parents=True, exist_ok=True)
+    seed = int(spec.get("seed", 0))
+    meta = DATASETS[spec["dataset"]]
+    arch = {
+        "in_channels": meta["input_shape"][0],
+        "num_classes": meta["num_classes"],
+        "input_size": meta["input_shape"][1],
+    }
+    train_loader, test_loader = make_loaders(
+        spec["dataset"],
+        batch_size=int(spec.get("batch_size", 128)),
+        data_dir=spec.get("data_dir"),
+        subset=spec.get("subset"),
+        seed=seed,
+    )
+    train_cfg = spec.get("train") or {}
+
+    def settings(name: str, epochs: int | None = None) -> TrainSettings:
+        return TrainSettings(
+            epochs=int(epochs if epochs is not None else train_cfg.get("epochs", 5)),
+            lr=float(train_cfg.get("lr", 1e-3)),
+            seed=seed,
+            checkpoint_dir=out / "checkpoints" / name,
+            resume=resume,
+            progress=progress,
+        )
+
+    teacher = None
+    metrics: dict[str, Any] = {"recipe": spec["recipe"], "dataset": spec["dataset"]}
+    if spec.get("teacher"):
+        tspec = spec["teacher"]
+        teacher = _model(tspec, {**arch}, seed)
+        if not tspec.get("file"):
+            teacher, _ = train_float(
+                teacher,
+                train_loader,
+                test_loader,
+                settings=settings("teacher", tspec.get("epochs", 3)),
+                desc="teacher",
+            )
+            save(teacher, out / "teacher.qd.safetensors")
+        metrics["teacher_accuracy"] = evaluate(teacher, test_loader)
+
+    sspec = spec.get("student") or {}
+    student = _model(sspec, arch, seed)
+    quant = QuantConfig.from_dict(spec.get("quant") or {}) if spec["recipe"] != "train" else None
+    dcfg = spec.get("distill") or {}
+    loss = KD(**dcfg) if teacher is not None else None
+    recipe = spec["recipe"]
+    if recipe == "post_mortem":
+        if not sspec.get("file"):
+            student, _ = train_float(
+                student,
+                train_loader,
+                test_loader,
+                settings=settings("student-float"),
+                desc="student float",
+            )
+        student = post_mortem(student, quant)
+    elif recipe == "train":
+        student, _ = train_float(
+            student,
+            train_loader,
+            test_loader,
+            teacher=teacher,
+            loss=loss,
+            settings=settings("student"),
+            desc="student",
+        )
+    else:
+        student, _ = qat(
+            student,
+            quant,
+            train_loader,
+            test_loader,
+            teacher=teacher,
+            loss=loss,
+            settings=settings("student"),
+            desc=recipe,
+        )
+    path = save(student, out / "student.qd.safetensors")
+    shipped = load(path, model=copy.deepcopy(student))
+    metrics.update(
+        student_file=str(path),
+        student_bytes=os.path.getsize(path),
+        student_accuracy=evaluate(shipped, test_loader),
+    )
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics

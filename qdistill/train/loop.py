@@ -1,0 +1,147 @@
+"""One training loop for every recipe: progress bar, per-epoch evaluation, checkpoints, resume.
+
+Resuming is exact: every epoch starts by seeding torch's global RNG from ``(seed, epoch)``, so
+data shuffling (a DataLoader without its own generator), dropout and stochastic rounding in
+epoch ``k`` do not depend on what ran before; with the model and optimizer state restored from
+the end of epoch ``k - 1``, a resumed run ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from qdistill.errors import ConfigError
+from qdistill.train.checkpoint import load_checkpoint, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "last.safetensors"
+Callback = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class History:
+    """Per-epoch figures of one training run."""
+
+    train_loss: list[float] = field(default_factory=list)
+    train_acc: list[float] = field(default_factory=list)
+    val_acc: list[float] = field(default_factory=list)
+
+    @property
+    def final_val_acc(self) -> float | None:
+        return self.val_acc[-1] if self.val_acc else None
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return asdict(self)
+
+
+def evaluate(model: nn.Module | Any, loader: Iterable) -> float:
+    """Top-1 accuracy of ``model`` on ``loader`` (eval mode, no gradients; mode restored)."""
+    net = getattr(model, "student", model)
+    was_training = net.training
+    net.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in loader:
+            correct += int((net(x).argmax(dim=-1) == y).sum())
+            total += int(y.numel())
+    net.train(was_training)
+    return correct / max(total, 1)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 100_003 + epoch
+
+
+def fit(
+    run: Any,
+    train_loader: Iterable,
+    *,
+    epochs: int,
+    val_loader: Iterable | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    lr: float = 1e-3,
+    scheduler: Any = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    callbacks: list[Callback] | None = None,
+    desc: str = "train",
+) -> History:
+    """Train ``run`` (a :class:`~qdistill.distill.Distiller`) for ``epochs`` epochs.
+
+    A checkpoint is written atomically to ``checkpoint_dir/last.safetensors`` after every epoch;
+    ``resume=True`` continues from it. ``callbacks`` are called as ``cb(event, info)`` with events
+    ``"step"`` and ``"epoch_end"``.
+    """
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(f"epochs={epochs!r} must be a positive integer")
+    optimizer = optimizer or torch.optim.Adam(run.parameters(), lr=lr)
+    history = History()
+    start = 0
+    ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    if ckpt is not None and ckpt.exists():
+        if resume:
+            meta = load_checkpoint(
+                ckpt, model=run.student, optimizer=optimizer, scheduler=scheduler
+            )
+            start = int(meta["epoch"]) + 1
+            history = History(**meta.get("history", {}))
+            log.warning("%s: resuming from %s after epoch %d", desc, ckpt, start)
+        else:
+            log.warning("%s: starting fresh; the checkpoint in %s will be overwritten", desc, ckpt)
+    elif resume:
+        log.warning("%s: --resume given but no checkpoint at %s; starting fresh", desc, ckpt)
+
+    for epoch in range(start, epochs):
+        torch.manual_seed(_epoch_seed(seed, epoch))
+        run.train()
+        total_loss = correct = seen = 0.0
+        bar = tqdm(
+            train_loader, desc=f"{desc} {epoch + 1}/{epochs}", disable=not progress, leave=False
+        )
+        for step, (x, y) in enumerate(bar):
+            loss, logits = run.step(x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            n = int(y.numel())
+            total_loss += float(loss.detach()) * n
+            correct += int((logits.argmax(dim=-1) == y).sum())
+            seen += n
+            bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+            for cb in callbacks or ():
+                cb("step", {"epoch": epoch, "step": step})
+        if scheduler is not None:
+            scheduler.step()
+        history.train_loss.append(total_loss / max(seen, 1))
+        history.train_acc.append(correct / max(seen, 1))
+        if val_loader is not None:
+            history.val_acc.append(evaluate(run.student, val_loader))
+        if progress:
+            val = f", val acc {history.val_acc[-1]:.4f}" if val_loader is not None else ""
+            tqdm.write(
+                f"{desc} epoch {epoch + 1}/{epochs}: loss {history.train_loss[-1]:.4f}, "
+                f"train acc {history.train_acc[-1]:.4f}{val}"
+            )
+        if ckpt is not None:
+            save_checkpoint(
+                ckpt,
+                model=run.student,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                meta={"epoch": epoch, "history": history.to_dict()},
+            )
+        for cb in callbacks or ():
+            cb("epoch_end", {"epoch": epoch, "history": history})
+    run.eval()
+    return history
