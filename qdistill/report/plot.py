@@ -39,11 +39,13 @@ def plot_accuracy_vs_size(
             )
     for i, (name, value) in enumerate((reference or {}).items()):
         ax.axhline(value, color="grey", linestyle="--" if i == 0 else ":", linewidth=1)
-        ax.annotate(
-            name,
-            (ax.get_xlim()[0], value),
-            textcoords="offset points",
-            xytext=(2, 3),
+        ax.text(
+            0.99,
+            value,
+            f"{name} {value:g}",
+            transform=ax.get_yaxis_transform(),
+            ha="right",
+            va="bottom",
             fontsize=8,
             color="grey",
         )
