@@ -30,7 +30,7 @@ from qdistill.formats import (
     int8,
 )
 from qdistill.pack import freeze, load, save
-from qdistill.quant import QuantConfig, QuantPlan, quantize_
+from qdistill.quant import QuantConfig, QuantPlan, calibrate, fold_batchnorm, quantize_
 from qdistill.train import evaluate, fit
 
 __version__ = "0.1.0"
@@ -54,10 +54,12 @@ __all__ = [
     "QuantConfig",
     "QuantPlan",
     "QuantizedTensor",
+    "calibrate",
     "distill",
     "evaluate",
     "fake_quantize",
     "fit",
+    "fold_batchnorm",
     "format_from_dict",
     "freeze",
     "int2",

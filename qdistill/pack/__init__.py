@@ -2,14 +2,14 @@
 
 from qdistill.pack.bits import pack_codes, packed_nbytes, unpack_codes
 from qdistill.pack.io import freeze, load, read_header, save
-from qdistill.pack.modules import PackedConv2d, PackedLinear, PackedWeight
+from qdistill.pack.modules import PackedConv2d, PackedLinear, pack_layer
 
 __all__ = [
     "PackedConv2d",
     "PackedLinear",
-    "PackedWeight",
     "freeze",
     "load",
+    "pack_layer",
     "pack_codes",
     "packed_nbytes",
     "read_header",

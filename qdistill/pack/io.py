@@ -27,10 +27,10 @@ from torch import nn
 from qdistill.atomic import atomic_save_safetensors
 from qdistill.errors import FileFormatError
 from qdistill.pack.modules import (
+    PACKED_TENSORS,
     PackedConv2d,
     PackedLinear,
     PackedMixin,
-    PackedWeight,
     pack_layer,
     packed_from_meta,
 )
@@ -58,12 +58,11 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 def _packed_tensors(name: str, layer: PackedMixin) -> dict[str, torch.Tensor]:
-    out = {f"{name}.weight.codes": layer.weight_codes, f"{name}.weight.scale": layer.weight_scale}
-    if layer.weight_zero_point is not None:
-        out[f"{name}.weight.zero_point"] = layer.weight_zero_point
-    if layer.bias is not None:
-        out[f"{name}.bias"] = layer.bias
-    return out
+    return {
+        f"{name}.{key}": getattr(layer, key)
+        for key in PACKED_TENSORS
+        if getattr(layer, key, None) is not None
+    }
 
 
 def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
@@ -183,15 +182,16 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
                     f"{path}: layer {name!r} has weight shape {tuple(meta['shape'])} in the "
                     f"file but {expected} in the model; pass the matching architecture"
                 )
-            packed = PackedWeight(
-                codes=get(f"{name}.weight.codes"),
-                scale=get(f"{name}.weight.scale"),
-                zero_point=get(f"{name}.weight.zero_point", required=False),
-            )
-            layer = packed_from_meta(meta, packed, get(f"{name}.bias", required=False))
+            prefix = name + "."
+            tensors = {k: get(prefix + k, required=False) for k in PACKED_TENSORS}
+            if tensors["weight_codes"] is None or tensors["weight_scale"] is None:
+                raise FileFormatError(f"{path}: the packed weight of {name!r} is missing; corrupt")
+            layer = packed_from_meta(meta, tensors)
             _check_packed_sizes(path, name, layer)
             _set_module(model, name, layer)
-            used |= {k for k in keys if k.startswith(name + ".weight.") or k == f"{name}.bias"}
+            if layer.folded_bn:
+                _set_module(model, layer.folded_bn, nn.Identity())
+            used |= {prefix + k for k in PACKED_TENSORS if tensors[k] is not None}
 
         state = model.state_dict()
         packed_names = [n + "." for n, m in model.named_modules() if isinstance(m, PackedMixin)]

@@ -8,31 +8,42 @@ CPU kernels that compute on the codes directly plug in here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qdistill.formats import Format, QuantizedTensor, fake_quantize, format_from_dict
+from qdistill.formats import Format, QuantizedTensor, format_from_dict
 from qdistill.pack.bits import pack_for, unpack_for
 from qdistill.quant.modules import QuantConv2d, QuantLinear, deterministic
 
 LAYOUT = "lsb"
 
 
-@dataclass
-class PackedWeight:
-    """A weight as stored: packed codes, per-block scales, optional per-block zero points."""
+PACKED_TENSORS = (
+    "weight_codes",
+    "weight_scale",
+    "weight_zero_point",
+    "bias",
+    "act_scale",
+    "act_zero_point",
+)
+_DTYPES = {"weight_codes": torch.uint8, "weight_zero_point": torch.uint8}
 
-    codes: torch.Tensor
-    scale: torch.Tensor
-    zero_point: torch.Tensor | None
 
-    @classmethod
-    def from_quantized(cls, q: QuantizedTensor) -> PackedWeight:
-        return cls(pack_for(q.codes, q.fmt), q.scale, q.zero_point)
+def packed_tensors(module: QuantLinear | QuantConv2d) -> dict[str, torch.Tensor | None]:
+    """What a fake-quant layer stores when frozen: packed codes, scales, bias, input range."""
+    q = module.weight_qtensor()
+    bias = module.float_bias()
+    return {
+        "weight_codes": pack_for(q.codes, q.fmt),
+        "weight_scale": q.scale,
+        "weight_zero_point": q.zero_point,
+        "bias": None if bias is None else bias.detach(),
+        "act_scale": None if module.act_scale is None else module.act_scale.detach(),
+        "act_zero_point": module.act_zero_point,
+    }
 
 
 class PackedMixin:
@@ -42,25 +53,24 @@ class PackedMixin:
     weight_scale: torch.Tensor
     weight_zero_point: torch.Tensor | None
     bias: torch.Tensor | None
+    act_scale: torch.Tensor | None
+    act_zero_point: torch.Tensor | None
 
     def _init_packed(
         self,
         fmt: Format,
         act_format: Format | None,
         weight_shape: tuple[int, ...],
-        packed: PackedWeight,
-        bias: torch.Tensor | None,
+        tensors: dict[str, torch.Tensor | None],
     ) -> None:
         self.weight_format = fmt
         self.act_format = act_format
         self.weight_shape = tuple(weight_shape)
-        self.register_buffer("weight_codes", packed.codes.to(torch.uint8).contiguous())
-        self.register_buffer("weight_scale", packed.scale.detach().float().contiguous())
-        zp = packed.zero_point
-        self.register_buffer(
-            "weight_zero_point", None if zp is None else zp.to(torch.uint8).contiguous()
-        )
-        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        for key in PACKED_TENSORS:
+            t = tensors.get(key)
+            if t is not None:
+                t = t.detach().to(_DTYPES.get(key, t.dtype)).contiguous()
+            self.register_buffer(key, t)
 
     def unpacked_weight(self) -> torch.Tensor:
         """Dequantized weight, rebuilt from the packed codes (exactly the fake-quant weight)."""
@@ -77,18 +87,25 @@ class PackedMixin:
         return self.weight_format.dequantize(q)
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input quantized as in training: with the calibrated range, else dynamically."""
         if self.act_format is None:
             return x
-        return fake_quantize(x, deterministic(self.act_format))
+        fmt = deterministic(self.act_format)
+        if self.act_scale is None:
+            return fmt.dequantize(fmt.quantize(x))
+        return fmt.dequantize(fmt.quantize(x, scale=self.act_scale, zero_point=self.act_zero_point))
 
     def layer_meta(self) -> dict[str, Any]:
         """What a file header needs to rebuild this layer."""
-        return {
+        meta = {
             "format": self.weight_format.to_dict(),
             "activations": None if self.act_format is None else self.act_format.to_dict(),
             "shape": list(self.weight_shape),
             "layout": LAYOUT,
         }
+        if getattr(self, "folded_bn", None):
+            meta["folded_bn"] = self.folded_bn  # this BatchNorm lives in the weights now
+        return meta
 
 
 class PackedLinear(PackedMixin, nn.Module):
@@ -99,12 +116,11 @@ class PackedLinear(PackedMixin, nn.Module):
         fmt: Format,
         act_format: Format | None,
         weight_shape: tuple[int, int],
-        packed: PackedWeight,
-        bias: torch.Tensor | None,
+        tensors: dict[str, torch.Tensor | None],
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight_shape
-        self._init_packed(fmt, act_format, weight_shape, packed, bias)
+        self._init_packed(fmt, act_format, weight_shape, tensors)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.quantized_input(x), self.unpacked_weight(), self.bias)
@@ -121,13 +137,12 @@ class PackedConv2d(PackedMixin, nn.Module):
         fmt: Format,
         act_format: Format | None,
         weight_shape: tuple[int, int, int, int],
-        packed: PackedWeight,
-        bias: torch.Tensor | None,
+        tensors: dict[str, torch.Tensor | None],
         conv: dict[str, Any],
     ) -> None:
         super().__init__()
         self.conv = {k: tuple(v) if isinstance(v, list) else v for k, v in conv.items()}
-        self._init_packed(fmt, act_format, weight_shape, packed, bias)
+        self._init_packed(fmt, act_format, weight_shape, tensors)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.conv
@@ -170,22 +185,28 @@ def conv_params(module: nn.Conv2d) -> dict[str, Any]:
 def pack_layer(module: QuantLinear | QuantConv2d) -> PackedLinear | PackedConv2d:
     """Freeze a fake-quant layer into its packed inference twin (deterministic rounding)."""
     fmt = deterministic(module.weight_format)
-    w = module.weight.detach()
-    packed = PackedWeight.from_quantized(fmt.quantize(w))
+    shape = tuple(module.weight.shape)
+    tensors = packed_tensors(module)
+    layer: PackedLinear | PackedConv2d
     if isinstance(module, QuantConv2d):
-        return PackedConv2d(
-            fmt, module.act_format, tuple(w.shape), packed, module.bias, conv_params(module)
-        )
-    return PackedLinear(fmt, module.act_format, tuple(w.shape), packed, module.bias)
+        layer = PackedConv2d(fmt, module.act_format, shape, tensors, conv_params(module))
+    else:
+        layer = PackedLinear(fmt, module.act_format, shape, tensors)
+    layer.folded_bn = getattr(module, "bn_name", None)
+    return layer
 
 
 def packed_from_meta(
-    meta: dict[str, Any], packed: PackedWeight, bias: torch.Tensor | None
+    meta: dict[str, Any], tensors: dict[str, torch.Tensor | None]
 ) -> PackedLinear | PackedConv2d:
     """Rebuild a packed layer from a file's tensors and header entry (no re-quantization)."""
     fmt = format_from_dict(meta["format"])
     act = None if meta.get("activations") is None else format_from_dict(meta["activations"])
     shape = tuple(int(s) for s in meta["shape"])
+    layer: PackedLinear | PackedConv2d
     if "conv" in meta:
-        return PackedConv2d(fmt, act, shape, packed, bias, meta["conv"])  # type: ignore[arg-type]
-    return PackedLinear(fmt, act, shape, packed, bias)  # type: ignore[arg-type]
+        layer = PackedConv2d(fmt, act, shape, tensors, meta["conv"])  # type: ignore[arg-type]
+    else:
+        layer = PackedLinear(fmt, act, shape, tensors)  # type: ignore[arg-type]
+    layer.folded_bn = meta.get("folded_bn")
+    return layer

@@ -6,7 +6,7 @@ Modelled on torchao's "one verb plus a config object": ``quantize_(model, QuantC
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from qdistill.errors import ConfigError
@@ -43,6 +43,9 @@ class QuantConfig:
         keep_last: keep the last quantizable layer in full precision.
         unsupported: what to do with layers that hold weights but that qdistill cannot quantize
             (e.g. Embedding, Conv1d): ``"warn"`` (list them, keep FP), ``"error"``, ``"ignore"``.
+        lsq: learn the step sizes (LSQ, Esser et al. 2020) of symmetric integer formats.
+        fold_bn: fold each BatchNorm2d into the Conv2d before it and quantize the folded weight
+            (Krishnamoorthi 2018, Sec. 3.2); BatchNorm statistics keep updating in training.
     """
 
     weights: Format | None = None
@@ -51,6 +54,8 @@ class QuantConfig:
     keep_first: bool = False
     keep_last: bool = False
     unsupported: str = "warn"
+    lsq: bool = False
+    fold_bn: bool = False
 
     def __post_init__(self) -> None:
         self.weights = _as_format(self.weights, "QuantConfig.weights")
@@ -79,7 +84,7 @@ class QuantConfig:
     @classmethod
     def from_dict(cls, spec: dict[str, Any]) -> QuantConfig:
         """Build from a plain dict (YAML), rejecting unknown keys by name."""
-        known = {"weights", "activations", "rules", "keep_first", "keep_last", "unsupported"}
+        known = {f.name for f in fields(cls)}
         unknown = sorted(set(spec) - known)
         if unknown:
             raise ConfigError(
@@ -98,6 +103,8 @@ class QuantConfig:
             "keep_first": self.keep_first,
             "keep_last": self.keep_last,
             "unsupported": self.unsupported,
+            "lsq": self.lsq,
+            "fold_bn": self.fold_bn,
         }
 
 

@@ -5,6 +5,14 @@ it (and optionally the input) and computes with the quantized values, and the st
 gradient taken at the quantized point updates the full-precision copy. This is the training step
 of quantized distillation (Polino, Pascanu & Alistarh 2018, Sec. 2.2, Algorithm 1).
 
+A layer's scales come from one of three places, in this order:
+
+* learned step sizes (LSQ, Esser et al. 2020, "Learned Step Size Quantization", Sec. 2: the
+  step is a parameter, its gradient scaled by ``1 / sqrt(N * Q_P)``), when ``lsq=True``;
+* fixed scales chosen by calibration (:func:`qdistill.quant.calibrate`): MSE-clipped weights,
+  static activation ranges from an observer;
+* otherwise the tensor's own range, recomputed each pass (dynamic).
+
 Layers are converted in place by swapping their class, so parameter objects (and any optimizer
 that already holds them) stay valid.
 """
@@ -12,12 +20,14 @@ that already holds them) stay valid.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from qdistill.formats import Format, fake_quantize
+from qdistill.errors import ConfigError
+from qdistill.formats import Format, IntFormat, QuantizedTensor, straight_through, to_blocks
+from qdistill.formats.base import from_blocks
 
 
 def deterministic(fmt: Format) -> Format:
@@ -27,40 +37,141 @@ def deterministic(fmt: Format) -> Format:
     return fmt
 
 
+def _grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
+    """Value ``x``, gradient multiplied by ``g`` (LSQ's step-size gradient scaling)."""
+    return (x - x * g).detach() + x * g
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return (x.round() - x).detach() + x
+
+
+def lsq_fake_quantize(x: torch.Tensor, step: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
+    """LSQ forward with gradients to both ``x`` and ``step`` (Esser et al. 2020, Eq. 1-5)."""
+    qmax = 2 ** (fmt.bits - 1) - 1
+    blocks = to_blocks(x, fmt.axis, fmt.group_size)
+    g = 1.0 / math.sqrt(blocks.shape[1] * qmax)
+    s = _grad_scale(step, g).reshape(-1, 1)
+    q = _round_ste(torch.clamp(blocks / s, -qmax, qmax)) * s
+    return from_blocks(q, tuple(x.shape), fmt.axis, fmt.group_size)
+
+
+def _check_lsq(fmt: Format | None, what: str) -> None:
+    if fmt is not None and not (isinstance(fmt, IntFormat) and fmt.symmetric):
+        raise ConfigError(
+            f"LSQ learns the step of symmetric integer formats; the {what} format {fmt} is not "
+            "one (use qd.IntFormat(bits, symmetric=True) or lsq=False)"
+        )
+    if fmt is not None and fmt.axis == "row":
+        raise ConfigError(f"LSQ cannot learn per-row (dynamic) {what} scales; use axis=None")
+
+
 class QuantMixin:
     """Shared state and helpers of fake-quant layers."""
 
     weight: nn.Parameter
     weight_format: Format
     act_format: Format | None
+    weight_step: torch.Tensor | None
+    act_scale: torch.Tensor | None
+    act_zero_point: torch.Tensor | None
     training: bool
 
-    def _init_quant(self, weight_format: Format, act_format: Format | None) -> None:
+    def _init_quant(
+        self, weight_format: Format, act_format: Format | None, lsq: bool = False
+    ) -> None:
         self.weight_format = weight_format
         self.act_format = act_format
+        self.act_observer = None
+        self.lsq = lsq
+        self.register_buffer("act_scale", None)  # type: ignore[attr-defined]
+        self.register_buffer("act_zero_point", None)  # type: ignore[attr-defined]
+        self.register_buffer("weight_zp", None)  # type: ignore[attr-defined]
+        if lsq:
+            _check_lsq(weight_format, "weight")
+            _check_lsq(act_format, "activation")
+            with torch.no_grad():
+                blocks = to_blocks(
+                    self.weight.float(), weight_format.axis, weight_format.group_size
+                )
+                init, _ = weight_format.scales(blocks)  # type: ignore[attr-defined]
+            self.weight_step = nn.Parameter(init.clone())
+        else:
+            self.register_buffer("weight_step", None)  # type: ignore[attr-defined]
+
+    def initial_step(self) -> torch.Tensor:
+        """LSQ's starting step: the format's own (min-max) scale, i.e. start at the PTQ point."""
+        fmt = self.weight_format
+        with torch.no_grad():
+            blocks = to_blocks(self.float_weight().float(), fmt.axis, fmt.group_size)
+            return fmt.scales(blocks)[0].clone()  # type: ignore[attr-defined]
+
+    # ------------------------------------------------------------------ weights
+    def float_weight(self) -> torch.Tensor:
+        """The full-precision weight that gets quantized (a conv+BN layer folds it first)."""
+        return self.weight
+
+    def float_bias(self) -> torch.Tensor | None:
+        """The bias the layer adds after the quantized product."""
+        return self.bias  # type: ignore[attr-defined]
+
+    def weight_qtensor(self) -> QuantizedTensor:
+        """The codes this layer computes with (deterministic rounding), as stored when packed."""
+        fmt = deterministic(self.weight_format)
+        w = self.float_weight().detach()
+        if self.weight_step is not None:
+            step = self.weight_step.detach().float()
+            return fmt.quantize(w, scale=step, zero_point=self.weight_zp)  # type: ignore[call-arg]
+        return fmt.quantize(w)
+
+    def _quantize_weight(self, w: torch.Tensor) -> torch.Tensor:
+        if self.lsq and self.training:
+            return lsq_fake_quantize(w, self.weight_step, self.weight_format)
+        if self.training and self.weight_step is None:
+            fmt = self.weight_format  # stochastic rounding, if asked for, only while training
+            q = fmt.dequantize(fmt.quantize(w.detach()))
+        else:
+            q = deterministic(self.weight_format).dequantize(self.weight_qtensor())
+        return straight_through(w, q)
 
     def quantized_weight(self) -> torch.Tensor:
-        """The weight as the layer uses it: stochastic rounding only while training."""
-        fmt = self.weight_format if self.training else deterministic(self.weight_format)
-        return fake_quantize(self.weight, fmt)
+        """The weight as the layer uses it (straight-through gradient to the float weight)."""
+        return self._quantize_weight(self.float_weight())
 
+    # ------------------------------------------------------------------ activations
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
-        """The input as the layer sees it (dynamic per-tensor ranges unless calibrated)."""
-        if self.act_format is None:
+        """The input as the layer sees it: observed (calibrating), static, learned or dynamic."""
+        fmt = self.act_format
+        if fmt is None:
             return x
-        return fake_quantize(x, deterministic(self.act_format))
+        if self.act_observer is not None:
+            self.act_observer.observe(x)
+            return x
+        fmt = deterministic(fmt)
+        if self.lsq and self.training and self.act_scale is not None:
+            return lsq_fake_quantize(x, self.act_scale, fmt)  # type: ignore[arg-type]
+        with torch.no_grad():
+            if self.act_scale is not None:
+                q = fmt.quantize(x, scale=self.act_scale.detach(), zero_point=self.act_zero_point)  # type: ignore[call-arg]
+            else:
+                q = fmt.quantize(x)
+            xq = fmt.dequantize(q)
+        return straight_through(x, xq)
 
     def extra_repr(self) -> str:  # type: ignore[override]
         base = super().extra_repr()  # type: ignore[misc]
         act = f", act={self.act_format}" if self.act_format is not None else ""
-        return f"{base}, weight={self.weight_format}{act}"
+        lsq = ", lsq" if self.lsq else ""
+        return f"{base}, weight={self.weight_format}{act}{lsq}"
 
 
 class QuantLinear(QuantMixin, nn.Linear):
     """``nn.Linear`` that computes with quantized weights (and inputs)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
+        return torch.nn.functional.linear(
+            self.quantized_input(x), self.quantized_weight(), self.bias
+        )
 
 
 class QuantConv2d(QuantMixin, nn.Conv2d):
@@ -76,10 +187,12 @@ QUANT_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
 }
 
 
-def to_quant(module: nn.Module, weight_format: Format, act_format: Format | None) -> nn.Module:
+def to_quant(
+    module: nn.Module, weight_format: Format, act_format: Format | None, lsq: bool = False
+) -> nn.Module:
     """Turn a Linear/Conv2d into its fake-quant twin in place (class swap) and return it."""
     module.__class__ = QUANT_CLASSES[type(module)]
-    module._init_quant(weight_format, act_format)  # type: ignore[attr-defined]
+    module._init_quant(weight_format, act_format, lsq)  # type: ignore[attr-defined]
     return module
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from qdistill.errors import ConfigError, QDistillError
+from qdistill.quant.bn_fold import conv_bn_pairs, to_conv_bn
 from qdistill.quant.config import NO_RULE, QuantConfig
 from qdistill.quant.modules import QUANT_CLASSES, is_quantized, to_quant
 
@@ -78,6 +79,7 @@ def quantize_(model: nn.Module, config: QuantConfig) -> nn.Module:
         )
 
     plan = QuantPlan()
+    bn_pairs = conv_bn_pairs(model) if config.fold_bn else []
     first, last = candidates[0][0], candidates[-1][0]
     for name, module in candidates:
         rule = config.rule_for(name)
@@ -89,12 +91,18 @@ def quantize_(model: nn.Module, config: QuantConfig) -> nn.Module:
         elif fmt is None:
             plan.kept[name] = "rule" if rule is not NO_RULE else "no weight format"
         else:
-            to_quant(module, fmt, config.activations)
+            to_quant(module, fmt, config.activations, lsq=config.lsq)
             plan.quantized[name] = str(fmt)
+    for conv_name, bn_name in bn_pairs:
+        if conv_name in plan.quantized:
+            to_conv_bn(model, conv_name, bn_name)
+            plan.kept[bn_name] = f"BatchNorm2d folded into {conv_name}"
 
     for name, module in model.named_modules():
         if name in plan.quantized or name in plan.kept or not _leaf_with_params(module):
             continue
+        if any(name.startswith(q + ".") for q in plan.quantized):
+            continue  # a BatchNorm folded into its quantized conv
         if isinstance(module, _NORM_TYPES):
             plan.kept[name] = f"{type(module).__name__} (normalization)"
         else:
