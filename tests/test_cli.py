@@ -104,3 +104,29 @@ def test_console_script_prints_no_traceback(tmp_path):
         timeout=60,
     )
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_ptq_recipe_with_static_activations(tmp_path):
+    spec = {
+        "recipe": "ptq",
+        "dataset": "digits",
+        "output": str(tmp_path / "ptq"),
+        "student": {"model": "student-cnn"},
+        "quant": {
+            "weights": {"kind": "int", "bits": 8, "axis": 0},
+            "activations": {"kind": "int", "bits": 8, "symmetric": False},
+            "fold_bn": True,
+        },
+        "train": {"epochs": 2, "lr": 0.003},
+        "calibration": {"observer": "mse", "num_batches": 4},
+    }
+    recipe = tmp_path / "ptq.yaml"
+    recipe.write_text(yaml.safe_dump(spec))
+    assert main(["run", str(recipe), "--no-progress"]) == 0
+    metrics = json.loads((tmp_path / "ptq" / "metrics.json").read_text())
+    model = qd.load(metrics["student_file"])
+    layers = [
+        m for m in model.modules() if isinstance(m, (qd.pack.PackedLinear, qd.pack.PackedConv2d))
+    ]
+    assert layers and all(m.act_scale is not None for m in layers)
+    assert metrics["student_accuracy"] > 0.3

@@ -115,3 +115,14 @@ def test_activation_quantization_applies_to_inputs():
     xq = qd.fake_quantize(x, qd.IntFormat(2))
     expected = xq @ qd.fake_quantize(lin.weight, qd.int8()).T + lin.bias
     assert torch.allclose(lin(x), expected)
+
+
+def test_format_problems_name_the_layer():
+    m = small_net()
+    with pytest.raises(qd.FormatError, match="layer '4'.*axis=3"):
+        qd.quantize_(m, qd.QuantConfig(weights=qd.IntFormat(4, axis=3), rules={"0": qd.int8()}))
+    m = small_net()
+    with torch.no_grad():
+        m[6].weight[0, 0] = float("nan")
+    with pytest.raises(qd.FormatError, match="'6.weight' contains NaN"):
+        qd.quantize_(m, qd.QuantConfig(weights=qd.int8()))

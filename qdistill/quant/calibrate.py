@@ -108,3 +108,8 @@ def calibrate(
 def calibrated(module: QuantMixin) -> bool:
     """True once a layer with static activation quantization has its range."""
     return module.act_format is None or module.act_scale is not None
+
+
+def needs_calibration(model: nn.Module) -> bool:
+    """True when some layer quantizes its input with a static range that is not set yet."""
+    return any(m.act_scale is None for _, m in _static_act_layers(model))

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from qdistill.errors import ConfigError, QDistillError
+from qdistill.errors import ConfigError, FormatError, QDistillError
+from qdistill.formats import Format
+from qdistill.formats.base import check_finite
 from qdistill.quant.bn_fold import conv_bn_pairs, to_conv_bn
 from qdistill.quant.config import NO_RULE, QuantConfig
 from qdistill.quant.modules import QUANT_CLASSES, is_quantized, to_quant
@@ -46,6 +48,15 @@ class QuantPlan:
 
 def _leaf_with_params(module: nn.Module) -> bool:
     return any(True for _ in module.parameters(recurse=False))
+
+
+def _check_fits(name: str, module: nn.Module, fmt: Format) -> None:
+    """Quantize the weight once now, so a format that cannot apply names its layer."""
+    try:
+        check_finite(module.weight.detach(), name=f"{name}.weight")
+        fmt.quantize(module.weight.detach())
+    except FormatError as exc:
+        raise FormatError(f"layer {name!r} ({type(module).__name__}): {exc}") from None
 
 
 def quantize_(model: nn.Module, config: QuantConfig) -> nn.Module:
@@ -91,6 +102,7 @@ def quantize_(model: nn.Module, config: QuantConfig) -> nn.Module:
         elif fmt is None:
             plan.kept[name] = "rule" if rule is not NO_RULE else "no weight format"
         else:
+            _check_fits(name, module, fmt)
             to_quant(module, fmt, config.activations, lsq=config.lsq)
             plan.quantized[name] = str(fmt)
     for conv_name, bn_name in bn_pairs:

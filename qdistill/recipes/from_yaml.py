@@ -2,7 +2,7 @@
 
 Example::
 
-    recipe: quantized_distillation      # train | qat | quantized_distillation | post_mortem
+    recipe: quantized_distillation      # train | ptq | qat | quantized_distillation | post_mortem
     dataset: digits                     # fashion-mnist | digits
     output: runs/digits-4bit
     teacher: {model: teacher-cnn, epochs: 3}        # or {file: teacher.qd.safetensors}
@@ -12,6 +12,7 @@ Example::
       rules: {classifier: null}
     train: {epochs: 3, lr: 0.002}
     distill: {temperature: 2.0, alpha: 0.7}
+    calibration: {observer: mse, num_batches: 16, weights: minmax}   # ptq, static activations
 
 Every key is checked: a misspelt one is an error naming the valid keys, never silently ignored.
 """
@@ -34,11 +35,11 @@ from qdistill.errors import ConfigError
 from qdistill.models import build_model
 from qdistill.pack import load, save
 from qdistill.quant import QuantConfig
-from qdistill.recipes.post_mortem import post_mortem
+from qdistill.recipes.post_mortem import ptq
 from qdistill.recipes.qat import TrainSettings, qat, train_float
 from qdistill.train import evaluate
 
-RECIPES = ("train", "qat", "quantized_distillation", "post_mortem")
+RECIPES = ("train", "ptq", "qat", "quantized_distillation", "post_mortem")
 _TOP = {
     "recipe",
     "dataset",
@@ -56,6 +57,7 @@ _TOP = {
 _MODEL = {"model", "kwargs", "file", "epochs"}
 _TRAIN = {"epochs", "lr"}
 _DISTILL = {"temperature", "alpha"}
+_CALIBRATION = {"observer", "num_batches", "weights"}
 
 
 def _check_keys(section: str, given: dict[str, Any], valid: set[str]) -> None:
@@ -94,15 +96,14 @@ def validate_recipe(spec: Any) -> None:
         ("student", _MODEL),
         ("train", _TRAIN),
         ("distill", _DISTILL),
+        ("calibration", _CALIBRATION),
     ):
         _check_keys(section, spec.get(section) or {}, valid)
     if recipe == "quantized_distillation" and not spec.get("teacher"):
         raise ConfigError("recipe quantized_distillation needs a 'teacher' section")
     if recipe != "train":
-        QuantConfig.from_dict(spec.get("quant") or {})
-        if not (spec.get("quant") or {}).get("weights") and not (spec.get("quant") or {}).get(
-            "rules"
-        ):
+        quant = QuantConfig.from_dict(spec.get("quant") or {})
+        if quant.weights is None and not quant.rules:
             raise ConfigError(f"recipe {recipe} needs quant.weights (e.g. {{kind: int, bits: 4}})")
 
 
@@ -167,7 +168,7 @@ def run_recipe(spec: dict[str, Any], resume: bool = False, progress: bool = True
     dcfg = spec.get("distill") or {}
     loss = KD(**dcfg) if teacher is not None else None
     recipe = spec["recipe"]
-    if recipe == "post_mortem":
+    if recipe in ("post_mortem", "ptq"):
         if not sspec.get("file"):
             student, _ = train_float(
                 student,
@@ -176,7 +177,16 @@ def run_recipe(spec: dict[str, Any], resume: bool = False, progress: bool = True
                 settings=settings("student-float"),
                 desc="student float",
             )
-        student = post_mortem(student, quant)
+        cal = spec.get("calibration") or {}
+        student = ptq(
+            student,
+            quant,
+            train_loader if recipe == "ptq" else None,
+            observer=cal.get("observer", "minmax"),
+            num_batches=int(cal.get("num_batches", 16)),
+            weights=cal.get("weights", "minmax"),
+            progress=progress,
+        )
     elif recipe == "train":
         student, _ = train_float(
             student,

@@ -23,7 +23,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from qdistill.distill import KD, distill, supervised
-from qdistill.quant import QuantConfig, quantize_
+from qdistill.quant import QuantConfig, calibrate, quantize_
+from qdistill.quant.calibrate import needs_calibration
 from qdistill.train import History, fit
 
 
@@ -49,12 +50,23 @@ def qat(
     loss: KD | None = None,
     settings: TrainSettings | None = None,
     desc: str = "qat",
+    calibration_data: DataLoader | None = None,
 ) -> tuple[nn.Module, History]:
     """Quantize ``student`` in place and train it; with a teacher it is quantized distillation.
 
-    Returns the (fake-quant) student and its training history; ``qd.save`` packs it.
+    Layers with static activation quantization are calibrated on ``calibration_data`` (the
+    training data when omitted) before training. Returns the (fake-quant) student and its
+    training history; ``qd.save`` packs it.
     """
     quantize_(student, config)
+    calibration_data = calibration_data if calibration_data is not None else train_loader
+    if needs_calibration(student):  # static activation ranges (and LSQ steps) start here
+        calibrate(
+            student,
+            calibration_data,
+            num_batches=8,
+            progress=(settings or TrainSettings()).progress,
+        )
     return train_float(
         student, train_loader, val_loader, teacher=teacher, loss=loss, settings=settings, desc=desc
     )
