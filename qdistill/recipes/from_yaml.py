@@ -53,6 +53,7 @@ _TOP = {
     "quant",
     "train",
     "distill",
+    "calibration",
 }
 _MODEL = {"model", "kwargs", "file", "epochs"}
 _TRAIN = {"epochs", "lr"}
