@@ -60,3 +60,56 @@ def plot_accuracy_vs_size(
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_grouped_bars(
+    rows: list[dict[str, Any]],
+    path: str | os.PathLike[str],
+    *,
+    group: str = "format",
+    series: str = "method",
+    value: str = "accuracy",
+    reference: dict[str, float] | None = None,
+    title: str | None = None,
+    ylim: tuple[float, float] | None = None,
+) -> Path:
+    """One group of bars per ``group`` value, one bar per ``series`` value within it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    groups = list(dict.fromkeys(r[group] for r in rows))
+    names = list(dict.fromkeys(r[series] for r in rows))
+    width = 0.8 / max(len(names), 1)
+    fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(groups)), 4.5), dpi=120)
+    for i, name in enumerate(names):
+        xs, ys = [], []
+        for j, g in enumerate(groups):
+            match = [r[value] for r in rows if r[group] == g and r[series] == name]
+            if match:
+                xs.append(j + (i - (len(names) - 1) / 2) * width)
+                ys.append(match[0])
+        bars = ax.bar(xs, ys, width=width, label=str(name))
+        ax.bar_label(bars, fmt="%.1f", fontsize=6, padding=1)
+    for k, (name, v) in enumerate((reference or {}).items()):
+        ax.axhline(v, color="grey", linestyle="--" if k == 0 else ":", linewidth=1)
+        ax.text(
+            0.99,
+            v,
+            f"{name} {v:g}",
+            transform=ax.get_yaxis_transform(),
+            ha="right",
+            va="top",
+            fontsize=8,
+            color="grey",
+        )
+    ax.set_xticks(range(len(groups)), groups, fontsize=8)
+    ax.set_ylabel(value)
+    if ylim:
+        ax.set_ylim(*ylim)
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=8, loc="lower left")
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
