@@ -12,6 +12,7 @@ packed. The whole API in one breath::
     fast = qd.load("student.qd.safetensors")               # runs on packed weights
 """
 
+from qdistill.data import distilled_data
 from qdistill.distill import KD, CrossEntropy, Distiller, distill, supervised
 from qdistill.errors import ConfigError, DataError, FileFormatError, FormatError, QDistillError
 from qdistill.formats import (
@@ -31,6 +32,7 @@ from qdistill.formats import (
 )
 from qdistill.pack import freeze, load, save
 from qdistill.quant import QuantConfig, QuantPlan, calibrate, fold_batchnorm, quantize_
+from qdistill.quant.mixed_precision import layer_sensitivity, plan_mixed_precision
 from qdistill.train import evaluate, fit
 
 __version__ = "0.1.0"
@@ -56,6 +58,7 @@ __all__ = [
     "QuantizedTensor",
     "calibrate",
     "distill",
+    "distilled_data",
     "evaluate",
     "fake_quantize",
     "fit",
@@ -65,7 +68,9 @@ __all__ = [
     "int2",
     "int4",
     "int8",
+    "layer_sensitivity",
     "load",
+    "plan_mixed_precision",
     "quantize_",
     "save",
     "supervised",

@@ -34,6 +34,13 @@ def _inputs(batch: Any) -> Any:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
+def as_batches(data: Iterable | torch.Tensor | None, batch_size: int = 64) -> Iterable | None:
+    """Accept a loader, a list of batches, or one tensor of inputs (e.g. distilled data)."""
+    if isinstance(data, torch.Tensor):
+        return list(data.split(batch_size))
+    return data
+
+
 def calibrate_weights_mse(model: nn.Module) -> list[str]:
     """Fix every integer-quantized weight's scale at its MSE-optimal clipping (per block)."""
     done = []
@@ -64,6 +71,7 @@ def calibrate(
     layers = _static_act_layers(model)
     if not layers:
         return model
+    data = as_batches(data)
     if data is None:
         raise QDistillError(
             "calibration needs data: pass a DataLoader of representative inputs (a few batches "
