@@ -58,6 +58,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data-dir", default=None)
     _add_common(ev)
 
+    plan = sub.add_parser("plan", help="per-layer bit widths under a size budget (ZeroQ)")
+    plan.add_argument("model", help="a float model file written by qd.save (e.g. the demo's)")
+    plan.add_argument("--budget", required=True, help="size of the packed file: 60KB, 1MB, bytes")
+    plan.add_argument("--bits", type=int, nargs="+", default=[2, 4, 8])
+    plan.add_argument("--dataset", default="fashion-mnist", help="gives the input shape")
+    plan.add_argument(
+        "--real-data", action="store_true", help="measure on real data, not distilled"
+    )
+    plan.add_argument("--data-dir", default=None)
+    plan.add_argument("--samples", type=int, default=256, help="distilled samples")
+    plan.add_argument("--steps", type=int, default=200, help="distillation steps per batch")
+    plan.add_argument("--out", default="plan.yaml", help="where to write the QuantConfig (YAML)")
+    _add_common(plan)
+
     info = sub.add_parser("info", help="show what a packed file holds")
     info.add_argument("file")
     _add_common(info)
@@ -132,7 +146,47 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"demo": _cmd_demo, "run": _cmd_run, "eval": _cmd_eval, "info": _cmd_info}
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import yaml
+
+    from qdistill.data import DATASETS, make_loaders
+    from qdistill.pack import load
+    from qdistill.recipes.mixed_precision import make_plan
+    from qdistill.report import format_bytes
+
+    model = load(args.model)
+    data = None
+    if args.real_data:
+        train, _ = make_loaders(args.dataset, data_dir=args.data_dir, subset=args.samples)
+        data = list(train)
+    plan, config = make_plan(
+        model,
+        args.budget,
+        args.bits,
+        data=data,
+        input_shape=DATASETS[args.dataset]["input_shape"],
+        samples=args.samples,
+        steps=args.steps,
+        progress=not args.no_progress,
+    )
+    with open(args.out, "w") as fh:
+        yaml.safe_dump(config.to_dict(), fh, sort_keys=False)
+    print(
+        f"plan for a budget of {args.budget} (planned layers {format_bytes(plan.layer_bytes)}, "
+        f"total sensitivity {plan.sensitivity:.4g}):"
+    )
+    print(plan.table())
+    print(f"wrote {args.out}; use it as the quant section of a recipe")
+    return 0
+
+
+COMMANDS = {
+    "demo": _cmd_demo,
+    "plan": _cmd_plan,
+    "run": _cmd_run,
+    "eval": _cmd_eval,
+    "info": _cmd_info,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

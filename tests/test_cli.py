@@ -130,3 +130,37 @@ def test_ptq_recipe_with_static_activations(tmp_path):
     ]
     assert layers and all(m.act_scale is not None for m in layers)
     assert metrics["student_accuracy"] > 0.3
+
+
+def test_plan_command_writes_a_loadable_yaml_within_budget(tmp_path, capsys):
+    import torch
+
+    from qdistill.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("teacher-cnn", input_size=8)
+    path = qd.save(model, tmp_path / "t.qd.safetensors")
+    out = tmp_path / "plan.yaml"
+    args = [
+        "plan",
+        str(path),
+        "--budget",
+        "150KB",
+        "--dataset",
+        "digits",
+        "--samples",
+        "16",
+        "--steps",
+        "30",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    assert main(args) == 0
+    cfg = qd.QuantConfig.from_dict(yaml.safe_load(out.read_text()))
+    quantized = qd.quantize_(build_model("teacher-cnn", input_size=8), cfg)
+    size = qd.save(quantized, tmp_path / "q.qd.safetensors").stat().st_size
+    assert size <= 150 * 1024
+    assert "bit" in capsys.readouterr().out
+    assert main([*args[:3], "1KB", *args[4:]]) == 2
+    assert "smallest possible model" in capsys.readouterr().err

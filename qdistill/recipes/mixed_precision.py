@@ -1,0 +1,82 @@
+"""ZeroQ-style mixed precision as a recipe: data (real or distilled) -> sensitivity -> plan.
+
+Cai et al. (2020), "ZeroQ", Sec. 3.2: measure every layer's sensitivity at every candidate
+width on distilled data, then pick the widths on the Pareto frontier that fit the size budget.
+The budget is for the whole packed file; the bytes outside the planned layers (full-precision
+tensors, the header) are measured by saving the model once and subtracted.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qdistill.data.distilled import distilled_data
+from qdistill.errors import ConfigError
+from qdistill.formats import Format, IntFormat
+from qdistill.pack import save
+from qdistill.quant import QuantConfig, quantize_
+from qdistill.quant.mixed_precision import (
+    MixedPrecisionPlan,
+    layer_bytes,
+    layer_sensitivity,
+    plan_mixed_precision,
+    quantizable_layers,
+)
+
+_UNITS = {"": 1, "B": 1, "KB": 1024, "KIB": 1024, "MB": 1024**2, "MIB": 1024**2}
+
+
+def parse_size(text: str | int) -> int:
+    """``"60KB"`` -> 61440 (1 KB = 1024 bytes, as ``qdistill`` reports sizes)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise ConfigError(f"cannot read the size {text!r}; write e.g. 60KB, 1.5MB or 40000")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def weight_candidates(bits: Sequence[int]) -> dict[int, Format]:
+    """The formats a plan chooses from: per-channel asymmetric integers of each width."""
+    return {b: IntFormat(b, symmetric=False, axis=0) for b in sorted(set(bits))}
+
+
+def fixed_bytes(model: nn.Module, candidates: dict[int, Format]) -> int:
+    """Bytes of the packed file that do not depend on the plan (measured by saving once)."""
+    lowest = candidates[min(candidates)]
+    layers = quantizable_layers(model)
+    probe = quantize_(copy.deepcopy(model), QuantConfig(weights=lowest, unsupported="ignore"))
+    with tempfile.TemporaryDirectory() as tmp:
+        size = os.path.getsize(save(probe, Path(tmp) / "probe.qd.safetensors"))
+    return size - sum(layer_bytes(m, lowest) for _, m in layers)
+
+
+def make_plan(
+    model: nn.Module,
+    budget: int | str,
+    bits: Sequence[int] = (2, 4, 8),
+    data: Iterable | torch.Tensor | None = None,
+    input_shape: Sequence[int] | None = None,
+    samples: int = 256,
+    steps: int = 200,
+    progress: bool = True,
+) -> tuple[MixedPrecisionPlan, QuantConfig]:
+    """The plan and its QuantConfig; without ``data``, sensitivity is measured on distilled data."""
+    candidates = weight_candidates(bits)
+    if data is None:
+        if input_shape is None:
+            raise ConfigError("data-free planning needs the model's input_shape, e.g. (1, 28, 28)")
+        data = distilled_data(model, samples, input_shape, steps=steps, progress=progress)
+    sens = layer_sensitivity(model, candidates, data, progress=progress)
+    plan = plan_mixed_precision(
+        model, candidates, sens, parse_size(budget), fixed_bytes=fixed_bytes(model, candidates)
+    )
+    return plan, plan.config(candidates)
