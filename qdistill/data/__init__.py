@@ -3,7 +3,7 @@
 from qdistill.data.digits import load_digits_dataset
 from qdistill.data.distilled import bn_statistics_loss, distilled_data
 from qdistill.data.fashion_mnist import load_fashion_mnist, read_idx
-from qdistill.data.loaders import DATASETS, get_dataset, make_loaders
+from qdistill.data.loaders import DATASETS, get_dataset, make_loaders, split_validation
 
 __all__ = [
     "DATASETS",
@@ -14,4 +14,5 @@ __all__ = [
     "load_fashion_mnist",
     "make_loaders",
     "read_idx",
+    "split_validation",
 ]

@@ -52,3 +52,15 @@ def make_loaders(
         DataLoader(train, batch_size=batch_size, shuffle=True, num_workers=0),
         DataLoader(test, batch_size=eval_batch_size, shuffle=False, num_workers=0),
     )
+
+
+def split_validation(
+    train_loader: DataLoader, fraction: float = 0.1, seed: int = 0, eval_batch_size: int = 1000
+) -> tuple[DataLoader, DataLoader]:
+    """Hold out a fixed random ``fraction`` of the training data for choosing between options."""
+    ds = train_loader.dataset
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed)).tolist()  # type: ignore[arg-type]
+    n_val = max(1, int(len(order) * fraction))
+    train = DataLoader(Subset(ds, order[n_val:]), batch_size=train_loader.batch_size, shuffle=True)
+    val = DataLoader(Subset(ds, order[:n_val]), batch_size=eval_batch_size, shuffle=False)
+    return train, val

@@ -15,7 +15,12 @@ from qdistill.formats.base import (
 )
 from qdistill.formats.fp import ELEMENTS, FPFormat
 from qdistill.formats.integer import IntFormat, int2, int4, int8
-from qdistill.formats.nonuniform import CodebookFormat, PowerFormat, nearest_point
+from qdistill.formats.nonuniform import (
+    BucketCodebookFormat,
+    CodebookFormat,
+    PowerFormat,
+    nearest_point,
+)
 from qdistill.formats.ternary import BinaryFormat, TernaryFormat
 
 FORMAT_KINDS: dict[str, type] = {
@@ -25,6 +30,7 @@ FORMAT_KINDS: dict[str, type] = {
     "fp": FPFormat,
     "power": PowerFormat,
     "codebook": CodebookFormat,
+    "bucket_codebook": BucketCodebookFormat,
 }
 
 
@@ -43,7 +49,7 @@ def format_from_dict(spec: dict[str, Any]) -> Format:
             "(was the file written by a newer qdistill?)"
         )
     try:
-        if kind == "codebook":
+        if kind in ("codebook", "bucket_codebook"):
             spec["points"] = tuple(spec.get("points", ()))
         return FORMAT_KINDS[kind](**spec)
     except TypeError as exc:
@@ -54,6 +60,7 @@ __all__ = [
     "ELEMENTS",
     "FORMAT_KINDS",
     "BinaryFormat",
+    "BucketCodebookFormat",
     "CodebookFormat",
     "FPFormat",
     "PowerFormat",

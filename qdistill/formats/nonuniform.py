@@ -135,3 +135,78 @@ def nearest_point(x: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """Index of the nearest of the sorted ``points`` for every value (ties go to the lower)."""
     mids = (points[1:] + points[:-1]) / 2
     return torch.searchsorted(mids.contiguous(), x.contiguous(), right=False)
+
+
+@dataclass(frozen=True)
+class BucketCodebookFormat:
+    """Shared points in [0, 1], applied to each bucket after min-max scaling.
+
+    The representation of Polino et al. (2018), Sec. 3 (differentiable quantization): every
+    bucket of ``group_size`` weights (the whole tensor when ``None``) is scaled to [0, 1] by its
+    min and max, each scaled weight maps to its nearest point, and the value is
+    ``min + (max - min) * point``. Codes take ``ceil(log2(n))`` bits; the per-bucket min is
+    stored as a float "zero point" and the range as the scale. Points may repeat (ties map to
+    the first), since learned points can meet.
+    """
+
+    points: tuple[float, ...]
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        pts = tuple(float(p) for p in torch.tensor([float(p) for p in self.points]).tolist())
+        if len(pts) < 2 or len(pts) > 256:
+            raise FormatError(f"BucketCodebookFormat needs 2..256 points, got {len(pts)}")
+        if any(b < a for a, b in zip(pts, pts[1:], strict=False)):
+            raise FormatError("BucketCodebookFormat points must be sorted ascending")
+        if pts[0] < 0.0 or pts[-1] > 1.0:
+            raise FormatError("BucketCodebookFormat points must lie in [0, 1]")
+        check_granularity(None, self.group_size)
+        object.__setattr__(self, "points", pts)
+
+    @property
+    def axis(self) -> None:
+        return None
+
+    @property
+    def bits(self) -> int:
+        return max(1, math.ceil(math.log2(len(self.points))))
+
+    def table(self) -> torch.Tensor:
+        return torch.tensor(self.points, dtype=torch.float32)
+
+    def normalise(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Blocks scaled to [0, 1], with each block's min and range."""
+        blocks = to_blocks(x.float(), None, self.group_size)
+        lo = blocks.amin(dim=1)
+        scale = (blocks.amax(dim=1) - lo).clamp_min(1e-12)
+        return (blocks - lo.reshape(-1, 1)) / scale.reshape(-1, 1), lo, scale
+
+    def quantize(
+        self, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> QuantizedTensor:
+        check_finite(x)
+        v, lo, scale = self.normalise(x)
+        codes = nearest_point(v, self.table()).to(torch.uint8)
+        return QuantizedTensor(
+            codes=from_blocks(codes, tuple(x.shape), None, self.group_size),
+            scale=scale,
+            zero_point=lo,
+            shape=tuple(x.shape),
+            fmt=self,
+        )
+
+    def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
+        codes = to_blocks(q.codes.long(), None, self.group_size)
+        values = q.zero_point.reshape(-1, 1) + q.scale.reshape(-1, 1) * self.table()[codes]
+        return from_blocks(values, q.shape, None, self.group_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "bucket_codebook",
+            "points": list(self.points),
+            "group_size": self.group_size,
+        }
+
+    def __str__(self) -> str:
+        g = f"-g{self.group_size}" if self.group_size else ""
+        return f"learned{len(self.points)}{g}"

@@ -26,6 +26,9 @@ from torch import nn
 
 from qdistill.atomic import atomic_save_safetensors
 from qdistill.errors import FileFormatError
+from qdistill.formats import format_from_dict
+from qdistill.pack import huffman
+from qdistill.pack.bits import pack_for, unpack_for
 from qdistill.pack.modules import (
     PACKED_TENSORS,
     PackedConv2d,
@@ -65,13 +68,17 @@ def _packed_tensors(name: str, layer: PackedMixin) -> dict[str, torch.Tensor]:
     }
 
 
-def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
+def save(model: nn.Module, path: str | os.PathLike[str], entropy_coding: str | None = None) -> Path:
     """Write ``model`` with its quantized layers truly packed; returns the path.
 
     The model itself is not changed. Fake-quant layers are packed with deterministic rounding,
-    so the stored weights are exactly what the model computes with in eval mode. The file is
+    so the stored weights are exactly what the model computes with in eval mode. With
+    ``entropy_coding="huffman"`` each layer's codes are Huffman-coded where that is smaller
+    (Polino et al. 2018 report sizes this way); loading decodes them exactly. The file is
     written atomically: a crash leaves either the old file or the new one, never a torn one.
     """
+    if entropy_coding not in (None, "huffman"):
+        raise FileFormatError(f"entropy_coding={entropy_coding!r}; use None or 'huffman'")
     path = Path(path)
     layers: dict[str, dict[str, Any]] = {}
     tensors: dict[str, torch.Tensor] = {}
@@ -85,6 +92,8 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
             continue
         layers[name] = layer.layer_meta()
         tensors.update(_packed_tensors(name, layer))
+        if entropy_coding == "huffman":
+            _huffman_encode(name, layer, layers[name], tensors)
         packed_prefixes.append(name + ".")
     for key, value in model.state_dict().items():
         if any(key.startswith(p) for p in packed_prefixes):
@@ -98,6 +107,22 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     return atomic_save_safetensors(
         tensors, path, metadata={META_KEY: json.dumps(header, separators=(",", ":"))}
     )
+
+
+def _huffman_encode(
+    name: str, layer: PackedMixin, meta: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> None:
+    """Swap the layer's packed codes for their Huffman code when that is smaller."""
+    fmt = layer.weight_format
+    numel = int(torch.Size(layer.weight_shape).numel())
+    codes = unpack_for(layer.weight_codes, fmt, numel)
+    try:
+        stream, lengths = huffman.encode(codes, 2**fmt.bits)
+    except ValueError:  # a code longer than the decoder's table: keep fixed length
+        return
+    if stream.numel() + len(lengths) < layer.weight_codes.numel():
+        tensors[f"{name}.weight_codes"] = stream
+        meta["entropy"] = {"kind": "huffman", "lengths": lengths}
 
 
 def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -184,6 +209,8 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
                 )
             prefix = name + "."
             tensors = {k: get(prefix + k, required=False) for k in PACKED_TENSORS}
+            if meta.get("entropy") and tensors["weight_codes"] is not None:
+                tensors["weight_codes"] = _huffman_decode(path, name, meta, tensors["weight_codes"])
             if tensors["weight_codes"] is None or tensors["weight_scale"] is None:
                 raise FileFormatError(f"{path}: the packed weight of {name!r} is missing; corrupt")
             layer = packed_from_meta(meta, tensors)
@@ -215,6 +242,18 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
     model.load_state_dict(rest, strict=False)
     model.eval()
     return model
+
+
+def _huffman_decode(
+    path: Path, name: str, meta: dict[str, Any], stream: torch.Tensor
+) -> torch.Tensor:
+    """Decode a Huffman-coded layer back to the standard packed layout."""
+    if meta["entropy"].get("kind") != "huffman":
+        raise FileFormatError(f"{path}: layer {name!r} uses unknown entropy coding; upgrade")
+    fmt = format_from_dict(meta["format"])
+    numel = int(torch.Size([int(s) for s in meta["shape"]]).numel())
+    codes = huffman.decode(stream, meta["entropy"]["lengths"], numel)
+    return pack_for(codes, fmt)
 
 
 def _check_packed_sizes(path: Path, name: str, layer: PackedLinear | PackedConv2d) -> None:

@@ -29,7 +29,7 @@ PACKED_TENSORS = (
     "act_scale",
     "act_zero_point",
 )
-_DTYPES = {"weight_codes": torch.uint8, "weight_zero_point": torch.uint8}
+_DTYPES = {"weight_codes": torch.uint8}
 
 
 def packed_tensors(module: QuantLinear | QuantConv2d) -> dict[str, torch.Tensor | None]:
@@ -70,13 +70,17 @@ class PackedMixin:
             t = tensors.get(key)
             if t is not None:
                 t = t.detach().to(_DTYPES.get(key, t.dtype)).contiguous()
+                if key.endswith("zero_point") and not t.is_floating_point():
+                    t = t.to(torch.uint8)  # integer zero points fit a byte (codes are <= 8 bit)
             self.register_buffer(key, t)
 
     def unpacked_weight(self) -> torch.Tensor:
         """Dequantized weight, rebuilt from the packed codes (exactly the fake-quant weight)."""
         numel = int(torch.Size(self.weight_shape).numel())
         codes = unpack_for(self.weight_codes, self.weight_format, numel)
-        zp = None if self.weight_zero_point is None else self.weight_zero_point.to(torch.int32)
+        zp = self.weight_zero_point
+        if zp is not None and not zp.is_floating_point():
+            zp = zp.to(torch.int32)
         q = QuantizedTensor(
             codes=codes.reshape(self.weight_shape),
             scale=self.weight_scale,

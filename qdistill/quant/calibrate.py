@@ -22,7 +22,7 @@ from qdistill.quant.modules import QuantMixin, is_quantized
 from qdistill.quant.observers import make_observer
 
 
-def _static_act_layers(model: nn.Module) -> list[tuple[str, Any]]:
+def static_activation_layers(model: nn.Module) -> list[tuple[str, Any]]:
     return [
         (name, m)
         for name, m in model.named_modules()
@@ -68,7 +68,7 @@ def calibrate(
         raise QDistillError(f"weights={weights!r}; use 'minmax' or 'mse'")
     if weights == "mse":
         calibrate_weights_mse(model)
-    layers = _static_act_layers(model)
+    layers = static_activation_layers(model)
     if not layers:
         return model
     data = as_batches(data)
@@ -120,4 +120,4 @@ def calibrated(module: QuantMixin) -> bool:
 
 def needs_calibration(model: nn.Module) -> bool:
     """True when some layer quantizes its input with a static range that is not set yet."""
-    return any(m.act_scale is None for _, m in _static_act_layers(model))
+    return any(m.act_scale is None for _, m in static_activation_layers(model))

@@ -59,10 +59,12 @@ def _check_fits(name: str, module: nn.Module, fmt: Format) -> None:
         raise FormatError(f"layer {name!r} ({type(module).__name__}): {exc}") from None
 
 
-def quantize_(model: nn.Module, config: QuantConfig) -> nn.Module:
+def quantize_(model: nn.Module, config: QuantConfig, incremental: bool = False) -> nn.Module:
     """Swap every Linear/Conv2d of ``model`` for its fake-quant twin, in place, per ``config``.
 
     Returns the same model, with the plan of what was done in ``model.qd_plan`` (also logged).
+    ``incremental=True`` quantizes more layers of a partly quantized model (as MQAT does stage
+    by stage), leaving the already quantized ones as they are.
     Layers with weights that cannot be quantized are listed (warning), or raise if
     ``config.unsupported == "error"``; rules that match no layer raise (they are typos).
     """
@@ -72,11 +74,11 @@ def quantize_(model: nn.Module, config: QuantConfig) -> nn.Module:
         (name, m) for name, m in model.named_modules() if type(m) in QUANT_CLASSES and name
     ]
     already = [name for name, m in model.named_modules() if is_quantized(m)]
-    if already:
+    if already and not incremental:
         raise QDistillError(
             f"model is already quantized (e.g. {already[0]!r}); quantize a fresh float model"
         )
-    if not candidates:
+    if not candidates and not incremental:
         raise QDistillError(
             f"{type(model).__name__} has no nn.Linear or nn.Conv2d layer to quantize; "
             "qdistill quantizes those layer types"
@@ -91,7 +93,7 @@ def quantize_(model: nn.Module, config: QuantConfig) -> nn.Module:
 
     plan = QuantPlan()
     bn_pairs = conv_bn_pairs(model) if config.fold_bn else []
-    first, last = candidates[0][0], candidates[-1][0]
+    first, last = (candidates[0][0], candidates[-1][0]) if candidates else ("", "")
     for name, module in candidates:
         rule = config.rule_for(name)
         fmt = config.weights if rule is NO_RULE else rule
@@ -113,6 +115,8 @@ def quantize_(model: nn.Module, config: QuantConfig) -> nn.Module:
     for name, module in model.named_modules():
         if name in plan.quantized or name in plan.kept or not _leaf_with_params(module):
             continue
+        if is_quantized(module) or any(name.startswith(q + ".") for q in already):
+            continue  # quantized in an earlier stage (incremental), or its folded BatchNorm
         if any(name.startswith(q + ".") for q in plan.quantized):
             continue  # a BatchNorm folded into its quantized conv
         if isinstance(module, _NORM_TYPES):

@@ -23,6 +23,7 @@ from qdistill.errors import ConfigError
 from qdistill.formats import Format, IntFormat
 from qdistill.pack import save
 from qdistill.quant import QuantConfig, quantize_
+from qdistill.quant.calibrate import static_activation_layers
 from qdistill.quant.mixed_precision import (
     MixedPrecisionPlan,
     layer_bytes,
@@ -59,6 +60,40 @@ def fixed_bytes(model: nn.Module, candidates: dict[int, Format]) -> int:
     return size - sum(layer_bytes(m, lowest) for _, m in layers)
 
 
+def file_size(model: nn.Module, config: QuantConfig) -> int:
+    """Bytes of the packed file ``model`` quantized with ``config`` would take (measured)."""
+    probe = quantize_(copy.deepcopy(model), config)
+    for _, m in static_activation_layers(probe):  # stand-in ranges: same tensors, same bytes
+        _, zp = m.act_format.scales(torch.zeros(1, 2))
+        m.act_scale, m.act_zero_point = torch.ones(1), zp
+    with tempfile.TemporaryDirectory() as tmp:
+        return os.path.getsize(save(probe, Path(tmp) / "probe.qd.safetensors"))
+
+
+def plan_within_budget(
+    model: nn.Module,
+    candidates: dict[int, Format],
+    sensitivity: dict[str, dict[int, float]],
+    budget: int,
+    activations: Format | None = None,
+) -> tuple[MixedPrecisionPlan, QuantConfig]:
+    """Plan, then save once to check the real file size; tighten and re-plan if it is over.
+
+    The header's size depends a little on the plan (each rule is written into it), so the
+    layer-byte model can be off by a few hundred bytes; the measured file decides.
+    """
+    fixed = fixed_bytes(model, candidates)
+    target = budget
+    for _ in range(8):
+        plan = plan_mixed_precision(model, candidates, sensitivity, target, fixed_bytes=fixed)
+        config = plan.config(candidates, activations=activations)
+        size = file_size(model, config)
+        if size <= budget:
+            return plan, config
+        target -= size - budget
+    raise ConfigError(f"could not fit a plan into {budget} bytes; raise the budget a little")
+
+
 def make_plan(
     model: nn.Module,
     budget: int | str,
@@ -76,7 +111,4 @@ def make_plan(
             raise ConfigError("data-free planning needs the model's input_shape, e.g. (1, 28, 28)")
         data = distilled_data(model, samples, input_shape, steps=steps, progress=progress)
     sens = layer_sensitivity(model, candidates, data, progress=progress)
-    plan = plan_mixed_precision(
-        model, candidates, sens, parse_size(budget), fixed_bytes=fixed_bytes(model, candidates)
-    )
-    return plan, plan.config(candidates)
+    return plan_within_budget(model, candidates, sens, parse_size(budget))
