@@ -164,3 +164,22 @@ def test_plan_command_writes_a_loadable_yaml_within_budget(tmp_path, capsys):
     assert "bit" in capsys.readouterr().out
     assert main([*args[:3], "1KB", *args[4:]]) == 2
     assert "smallest possible model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("example", ["digits-differentiable-quantization.yaml", "digits-mqat.yaml"])
+def test_learned_recipes_from_yaml(tmp_path, example):
+    spec = yaml.safe_load((EXAMPLE.parent / example).read_text())
+    spec.update(output=str(tmp_path / "run"))
+    spec["teacher"]["epochs"] = 1
+    spec["train"]["epochs"] = min(spec["train"]["epochs"], 2)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(spec))
+    assert main(["run", str(recipe), "--no-progress"]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    header = qd.pack.read_header(metrics["student_file"])
+    if spec["recipe"] == "mqat":
+        assert [s["module"] for s in metrics["stages"]] == ["features.*", "hidden", "classifier"]
+        assert header["layers"]["hidden"]["format"]["bits"] == 2
+    else:
+        assert header["layers"]["hidden"]["format"]["kind"] == "bucket_codebook"
+        assert len(header["layers"]["hidden"]["format"]["points"]) == 4

@@ -29,17 +29,27 @@ import torch
 import yaml
 from torch import nn
 
-from qdistill.data import DATASETS, make_loaders
+from qdistill.data import DATASETS, make_loaders, split_validation
 from qdistill.distill import KD
 from qdistill.errors import ConfigError
 from qdistill.models import build_model
 from qdistill.pack import load, save
 from qdistill.quant import QuantConfig
+from qdistill.recipes.learned import differentiable_quantization
+from qdistill.recipes.mqat import mqat
 from qdistill.recipes.post_mortem import ptq
 from qdistill.recipes.qat import TrainSettings, qat, train_float
 from qdistill.train import evaluate
 
-RECIPES = ("train", "ptq", "qat", "quantized_distillation", "post_mortem")
+RECIPES = (
+    "train",
+    "ptq",
+    "qat",
+    "quantized_distillation",
+    "post_mortem",
+    "differentiable_quantization",
+    "mqat",
+)
 _TOP = {
     "recipe",
     "dataset",
@@ -54,11 +64,17 @@ _TOP = {
     "train",
     "distill",
     "calibration",
+    "learned",
+    "mqat",
 }
 _MODEL = {"model", "kwargs", "file", "epochs"}
 _TRAIN = {"epochs", "lr"}
 _DISTILL = {"temperature", "alpha"}
 _CALIBRATION = {"observer", "num_batches", "weights"}
+_LEARNED = {"bits", "group_size", "init", "alternate", "budget_bits", "points_lr"}
+_MQAT = {"modules", "order", "search_order"}
+_NEEDS_TEACHER = ("quantized_distillation", "differentiable_quantization", "mqat")
+_NEEDS_QUANT = ("ptq", "qat", "quantized_distillation", "post_mortem")
 
 
 def _check_keys(section: str, given: dict[str, Any], valid: set[str]) -> None:
@@ -98,11 +114,18 @@ def validate_recipe(spec: Any) -> None:
         ("train", _TRAIN),
         ("distill", _DISTILL),
         ("calibration", _CALIBRATION),
+        ("learned", _LEARNED),
+        ("mqat", _MQAT),
     ):
         _check_keys(section, spec.get(section) or {}, valid)
-    if recipe == "quantized_distillation" and not spec.get("teacher"):
-        raise ConfigError("recipe quantized_distillation needs a 'teacher' section")
-    if recipe != "train":
+    if recipe in _NEEDS_TEACHER and not spec.get("teacher"):
+        raise ConfigError(f"recipe {recipe} needs a 'teacher' section")
+    if recipe == "mqat":
+        mods = (spec.get("mqat") or {}).get("modules")
+        if not isinstance(mods, dict) or not mods:
+            raise ConfigError("recipe mqat needs mqat.modules: {pattern: format, ...}")
+        QuantConfig.from_dict({"rules": mods})
+    if recipe in _NEEDS_QUANT:
         quant = QuantConfig.from_dict(spec.get("quant") or {})
         if quant.weights is None and not quant.rules:
             raise ConfigError(f"recipe {recipe} needs quant.weights (e.g. {{kind: int, bits: 4}})")
@@ -188,6 +211,34 @@ def run_recipe(spec: dict[str, Any], resume: bool = False, progress: bool = True
             weights=cal.get("weights", "minmax"),
             progress=progress,
         )
+    elif recipe == "differentiable_quantization":
+        lcfg = dict(spec.get("learned") or {})
+        student, _, points = differentiable_quantization(
+            teacher,
+            student,
+            train_loader,
+            test_loader,
+            loss=loss,
+            settings=settings("student"),
+            **lcfg,
+        )
+        metrics["points"] = points
+    elif recipe == "mqat":
+        mcfg = spec["mqat"]
+        modules = QuantConfig.from_dict({"rules": mcfg["modules"]}).rules
+        train_part, val_part = split_validation(train_loader, fraction=0.1, seed=seed)
+        student, result = mqat(
+            teacher,
+            student,
+            modules,
+            train_part,
+            val_part,
+            order=mcfg.get("order"),
+            search_order=bool(mcfg.get("search_order", False)),
+            loss=loss,
+            settings=settings("student"),
+        )
+        metrics.update(order=result.order, stages=result.stages, searched=result.searched)
     elif recipe == "train":
         student, _ = train_float(
             student,

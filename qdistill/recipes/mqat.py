@@ -12,10 +12,12 @@ split, and the widths are chosen among the combinations that fit a size budget.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from torch import nn
 from torch.utils.data import DataLoader
@@ -76,13 +78,18 @@ def gradated(
     stages = []
     for i, pattern in enumerate(order):
         quantize_(student, QuantConfig(rules={pattern: modules[pattern]}), incremental=True)
+        stage = settings
+        if settings.checkpoint_dir is not None:  # one checkpoint per stage, so each resumes
+            stage = dataclasses.replace(
+                settings, checkpoint_dir=Path(settings.checkpoint_dir) / f"stage{i + 1}"
+            )
         train_float(
             student,
             train_loader,
             val_loader,
             teacher=teacher,
             loss=loss or KD(),
-            settings=settings,
+            settings=stage,
             desc=f"MQAT stage {i + 1}/{len(order)} ({pattern})",
         )
         stages.append(
