@@ -120,9 +120,11 @@ def _huffman_encode(
         stream, lengths = huffman.encode(codes, 2**fmt.bits)
     except ValueError:  # a code longer than the decoder's table: keep fixed length
         return
-    if stream.numel() + len(lengths) < layer.weight_codes.numel():
+    entropy = {"kind": "huffman", "lengths": lengths}
+    header_cost = len(json.dumps({"entropy": entropy}, separators=(",", ":")))
+    if stream.numel() + header_cost < layer.weight_codes.numel():  # only where the file shrinks
         tensors[f"{name}.weight_codes"] = stream
-        meta["entropy"] = {"kind": "huffman", "lengths": lengths}
+        meta["entropy"] = entropy
 
 
 def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qdistill.formats import Format, QuantizedTensor, format_from_dict
+from qdistill.pack import kernels
 from qdistill.pack.bits import pack_for, unpack_for
 from qdistill.quant.modules import QuantConv2d, QuantLinear, deterministic
 
@@ -126,7 +127,13 @@ class PackedLinear(PackedMixin, nn.Module):
         self.out_features, self.in_features = weight_shape
         self._init_packed(fmt, act_format, weight_shape, tensors)
 
+    _kernel: kernels.KernelPlan | None | bool = False  # False: not prepared yet
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernel is False:
+            self._kernel = kernels.plan(self)
+        if self._kernel is not None and not (torch.is_grad_enabled() and x.requires_grad):
+            return kernels.linear(self, self._kernel, x)  # integer kernel on the codes
         return F.linear(self.quantized_input(x), self.unpacked_weight(), self.bias)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,206 @@
+/*
+ * qdistill CPU kernels: low-bit weight x int8 activation matrix products, computed on the
+ * packed codes (the float weight matrix is never materialised).
+ *
+ *   ternary_gemm: weights in {-1, 0, +1} stored as 2-bit codes c = w + 1 in the "block128"
+ *                 layout (per row, blocks of 128 weights in 32 bytes: byte b of block k holds
+ *                 the codes of weights k*128 + b + 32*j in bits 2j..2j+1, j = 0..3), int8
+ *                 activations. sum_i w_i x_i = sum_i c_i x_i - sum_i x_i.
+ *   int8_gemm:    int8 weights, int8 activations.
+ *   int4_gemm:    4-bit codes with a scale and zero point per group of G weights (G a multiple
+ *                 of 32), int8 activations (W4A8, as llama.cpp's Q4 x Q8 dot products); layout
+ *                 per row in chunks of 32 codes (16 bytes: byte j = code j | code j+16 << 4).
+ *                 Writes float outputs: sum_g s_g * (sum_i c_i x_i - zp_g * sum_i x_i) * x_scale.
+ *
+ * Both write int32 dot products y[b*O + o]; the caller applies the scales. AVX2 code paths
+ * (_mm256_maddubs_epi16 multiply-accumulate, as in llama.cpp's and BitNet's CPU kernels) are
+ * chosen at run time when the CPU has AVX2; otherwise portable C runs. Rows are split across
+ * threads with OpenMP.
+ */
+#include <stdint.h>
+#include <string.h>
+#ifdef __x86_64__
+#include <immintrin.h>
+#endif
+
+static int32_t ternary_row_c(const uint8_t *w, const int8_t *x, int64_t n_blocks) {
+    int32_t acc = 0;
+    for (int64_t k = 0; k < n_blocks; k++) {
+        const uint8_t *wb = w + 32 * k;
+        const int8_t *xb = x + 128 * k;
+        for (int j = 0; j < 4; j++)
+            for (int b = 0; b < 32; b++)
+                acc += (int32_t)((wb[b] >> (2 * j)) & 3) * xb[32 * j + b];
+    }
+    return acc;
+}
+
+static int32_t int8_row_c(const int8_t *w, const int8_t *x, int64_t n) {
+    int32_t acc = 0;
+    for (int64_t i = 0; i < n; i++) acc += (int32_t)w[i] * x[i];
+    return acc;
+}
+
+#ifdef __x86_64__
+__attribute__((target("avx2"))) static inline int32_t hsum_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+
+__attribute__((target("avx2"))) static int32_t ternary_row_avx2(const uint8_t *w, const int8_t *x,
+                                                                 int64_t n_blocks) {
+    const __m256i mask = _mm256_set1_epi8(3);
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc = _mm256_setzero_si256();
+    for (int64_t k = 0; k < n_blocks; k++) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(w + 32 * k));
+        const int8_t *xb = x + 128 * k;
+        __m256i c0 = _mm256_and_si256(v, mask);
+        __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(v, 2), mask);
+        __m256i c2 = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+        __m256i c3 = _mm256_and_si256(_mm256_srli_epi16(v, 6), mask);
+        __m256i p0 = _mm256_maddubs_epi16(c0, _mm256_loadu_si256((const __m256i *)(xb)));
+        __m256i p1 = _mm256_maddubs_epi16(c1, _mm256_loadu_si256((const __m256i *)(xb + 32)));
+        __m256i p2 = _mm256_maddubs_epi16(c2, _mm256_loadu_si256((const __m256i *)(xb + 64)));
+        __m256i p3 = _mm256_maddubs_epi16(c3, _mm256_loadu_si256((const __m256i *)(xb + 96)));
+        /* each i16 lane is at most 2*2*128 = 512 in magnitude: four of them fit easily */
+        __m256i s = _mm256_add_epi16(_mm256_add_epi16(p0, p1), _mm256_add_epi16(p2, p3));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(s, ones));
+    }
+    return hsum_epi32(acc);
+}
+
+__attribute__((target("avx2"))) static int32_t int8_row_avx2(const int8_t *w, const int8_t *x,
+                                                              int64_t n) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc = _mm256_setzero_si256();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m256i wv = _mm256_loadu_si256((const __m256i *)(w + i));
+        __m256i xv = _mm256_loadu_si256((const __m256i *)(x + i));
+        /* maddubs needs unsigned x signed: |w| times x with w's sign */
+        __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
+    }
+    int32_t total = hsum_epi32(acc);
+    for (; i < n; i++) total += (int32_t)w[i] * x[i];
+    return total;
+}
+#endif
+
+static float int4_row_c(const uint8_t *w, const int8_t *x, const float *s, const int32_t *zp,
+                        const int32_t *xgsum, int64_t n_groups, int64_t chunks_per_group) {
+    float acc = 0.0f;
+    for (int64_t g = 0; g < n_groups; g++) {
+        int32_t dot = 0;
+        for (int64_t k = 0; k < chunks_per_group; k++) {
+            const uint8_t *wc = w + 16 * (g * chunks_per_group + k);
+            const int8_t *xc = x + 32 * (g * chunks_per_group + k);
+            for (int j = 0; j < 16; j++)
+                dot += (int32_t)(wc[j] & 15) * xc[j] + (int32_t)(wc[j] >> 4) * xc[16 + j];
+        }
+        acc += s[g] * (float)(dot - zp[g] * xgsum[g]);
+    }
+    return acc;
+}
+
+#ifdef __x86_64__
+__attribute__((target("avx2"))) static float int4_row_avx2(const uint8_t *w, const int8_t *x,
+                                                           const float *s, const int32_t *zp,
+                                                           const int32_t *xgsum, int64_t n_groups,
+                                                           int64_t chunks_per_group) {
+    const __m128i mask = _mm_set1_epi8(15);
+    const __m256i ones = _mm256_set1_epi16(1);
+    float acc = 0.0f;
+    for (int64_t g = 0; g < n_groups; g++) {
+        __m256i dot = _mm256_setzero_si256();
+        for (int64_t k = 0; k < chunks_per_group; k++) {
+            int64_t c = g * chunks_per_group + k;
+            __m128i v = _mm_loadu_si128((const __m128i *)(w + 16 * c));
+            __m128i lo = _mm_and_si128(v, mask);
+            __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+            __m256i codes = _mm256_set_m128i(hi, lo);
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(x + 32 * c));
+            dot = _mm256_add_epi32(dot, _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv), ones));
+        }
+        acc += s[g] * (float)(hsum_epi32(dot) - zp[g] * xgsum[g]);
+    }
+    return acc;
+}
+#endif
+
+static int has_avx2(void) {
+#ifdef __x86_64__
+    static int cached = -1;
+    if (cached < 0) {
+        __builtin_cpu_init();
+        cached = __builtin_cpu_supports("avx2") ? 1 : 0;
+    }
+    return cached;
+#else
+    return 0;
+#endif
+}
+
+int qd_has_avx2(void) { return has_avx2(); }
+
+/* y[b*O + o] = sum_i c[o, i] * x[b, i]  (the caller subtracts sum_i x[b, i] for ternary) */
+void qd_ternary_gemm(const uint8_t *w, const int8_t *x, int32_t *y, int64_t B, int64_t O,
+                     int64_t I_pad, int force_portable) {
+    int64_t n_blocks = I_pad / 128, row_bytes = I_pad / 4;
+    int avx2 = has_avx2() && !force_portable;
+#pragma omp parallel for schedule(static)
+    for (int64_t o = 0; o < O; o++) {
+        const uint8_t *wr = w + o * row_bytes;
+        for (int64_t b = 0; b < B; b++) {
+#ifdef __x86_64__
+            y[b * O + o] = avx2 ? ternary_row_avx2(wr, x + b * I_pad, n_blocks)
+                                : ternary_row_c(wr, x + b * I_pad, n_blocks);
+#else
+            y[b * O + o] = ternary_row_c(wr, x + b * I_pad, n_blocks);
+#endif
+        }
+    }
+}
+
+void qd_int8_gemm(const int8_t *w, const int8_t *x, int32_t *y, int64_t B, int64_t O, int64_t I,
+                  int force_portable) {
+    int avx2 = has_avx2() && !force_portable;
+#pragma omp parallel for schedule(static)
+    for (int64_t o = 0; o < O; o++) {
+        const int8_t *wr = w + o * I;
+        for (int64_t b = 0; b < B; b++) {
+#ifdef __x86_64__
+            y[b * O + o] = avx2 ? int8_row_avx2(wr, x + b * I, I) : int8_row_c(wr, x + b * I, I);
+#else
+            y[b * O + o] = int8_row_c(wr, x + b * I, I);
+#endif
+        }
+    }
+}
+
+/* y[b*O + o] = x_scale[b] * sum_g s[o, g] * (sum_{i in g} c[o, i] x[b, i] - zp[o, g] * xgsum[b, g]) */
+void qd_int4_gemm(const uint8_t *w, const int8_t *x, const float *s, const int32_t *zp,
+                  const int32_t *xgsum, const float *x_scale, float *y, int64_t B, int64_t O,
+                  int64_t I, int64_t G, int force_portable) {
+    int64_t n_groups = I / G, cpg = G / 32, row_bytes = I / 2;
+    int avx2 = has_avx2() && !force_portable;
+#pragma omp parallel for schedule(static)
+    for (int64_t o = 0; o < O; o++) {
+        const uint8_t *wr = w + o * row_bytes;
+        const float *so = s + o * n_groups;
+        const int32_t *zo = zp + o * n_groups;
+        for (int64_t b = 0; b < B; b++) {
+            float v;
+#ifdef __x86_64__
+            v = avx2 ? int4_row_avx2(wr, x + b * I, so, zo, xgsum + b * n_groups, n_groups, cpg)
+                     : int4_row_c(wr, x + b * I, so, zo, xgsum + b * n_groups, n_groups, cpg);
+#else
+            v = int4_row_c(wr, x + b * I, so, zo, xgsum + b * n_groups, n_groups, cpg);
+#endif
+            y[b * O + o] = v * x_scale[b];
+        }
+    }
+}

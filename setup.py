@@ -1,0 +1,19 @@
+"""Build the optional C kernels (csrc/qkernels.c); all metadata lives in pyproject.toml.
+
+The extension is optional: where no C compiler is available the install still succeeds and
+qdistill falls back to its portable torch code path with a one-time warning.
+"""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "qdistill._qkernels",
+            sources=["csrc/qkernels.c"],
+            extra_compile_args=["-O3", "-fopenmp"],
+            extra_link_args=["-fopenmp"],
+            optional=True,
+        )
+    ]
+)
