@@ -18,6 +18,7 @@
  * threads with OpenMP.
  */
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 #ifdef __x86_64__
 #include <immintrin.h>
@@ -49,44 +50,92 @@ __attribute__((target("avx2"))) static inline int32_t hsum_epi32(__m256i v) {
     return _mm_cvtsi128_si32(s);
 }
 
-__attribute__((target("avx2"))) static int32_t ternary_row_avx2(const uint8_t *w, const int8_t *x,
-                                                                 int64_t n_blocks) {
+__attribute__((target("avx2"))) static inline float hsum_ps(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 0x55));
+    return _mm_cvtss_f32(s);
+}
+
+/* Up to NB batch rows share every weight load: the codes are unpacked once per chunk. */
+#define NB 4
+
+__attribute__((target("avx2"))) static void ternary_rows_avx2(const uint8_t *w, const int8_t **x,
+                                                               int64_t n_blocks, int32_t *out, int nb) {
     const __m256i mask = _mm256_set1_epi8(3);
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256i acc = _mm256_setzero_si256();
+    __m256i acc[NB];
+    for (int b = 0; b < nb; b++) acc[b] = _mm256_setzero_si256();
     for (int64_t k = 0; k < n_blocks; k++) {
         __m256i v = _mm256_loadu_si256((const __m256i *)(w + 32 * k));
-        const int8_t *xb = x + 128 * k;
         __m256i c0 = _mm256_and_si256(v, mask);
         __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(v, 2), mask);
         __m256i c2 = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
         __m256i c3 = _mm256_and_si256(_mm256_srli_epi16(v, 6), mask);
-        __m256i p0 = _mm256_maddubs_epi16(c0, _mm256_loadu_si256((const __m256i *)(xb)));
-        __m256i p1 = _mm256_maddubs_epi16(c1, _mm256_loadu_si256((const __m256i *)(xb + 32)));
-        __m256i p2 = _mm256_maddubs_epi16(c2, _mm256_loadu_si256((const __m256i *)(xb + 64)));
-        __m256i p3 = _mm256_maddubs_epi16(c3, _mm256_loadu_si256((const __m256i *)(xb + 96)));
-        /* each i16 lane is at most 2*2*128 = 512 in magnitude: four of them fit easily */
-        __m256i s = _mm256_add_epi16(_mm256_add_epi16(p0, p1), _mm256_add_epi16(p2, p3));
-        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(s, ones));
+        for (int b = 0; b < nb; b++) {
+            const int8_t *xb = x[b] + 128 * k;
+            __m256i p0 = _mm256_maddubs_epi16(c0, _mm256_loadu_si256((const __m256i *)(xb)));
+            __m256i p1 = _mm256_maddubs_epi16(c1, _mm256_loadu_si256((const __m256i *)(xb + 32)));
+            __m256i p2 = _mm256_maddubs_epi16(c2, _mm256_loadu_si256((const __m256i *)(xb + 64)));
+            __m256i p3 = _mm256_maddubs_epi16(c3, _mm256_loadu_si256((const __m256i *)(xb + 96)));
+            /* each i16 lane is at most 2*2*128 = 512 in magnitude: four of them fit easily */
+            __m256i s = _mm256_add_epi16(_mm256_add_epi16(p0, p1), _mm256_add_epi16(p2, p3));
+            acc[b] = _mm256_add_epi32(acc[b], _mm256_madd_epi16(s, ones));
+        }
     }
-    return hsum_epi32(acc);
+    for (int b = 0; b < nb; b++) out[b] = hsum_epi32(acc[b]);
 }
 
-__attribute__((target("avx2"))) static int32_t int8_row_avx2(const int8_t *w, const int8_t *x,
-                                                              int64_t n) {
+__attribute__((target("avx2"))) static void int8_rows_avx2(const int8_t *w, const int8_t **x,
+                                                            int64_t n, int32_t *out, int nb) {
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256i acc = _mm256_setzero_si256();
+    __m256i acc[NB];
+    for (int b = 0; b < nb; b++) acc[b] = _mm256_setzero_si256();
     int64_t i = 0;
     for (; i + 32 <= n; i += 32) {
         __m256i wv = _mm256_loadu_si256((const __m256i *)(w + i));
-        __m256i xv = _mm256_loadu_si256((const __m256i *)(x + i));
-        /* maddubs needs unsigned x signed: |w| times x with w's sign */
-        __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
+        __m256i wa = _mm256_sign_epi8(wv, wv); /* |w|: maddubs multiplies unsigned x signed */
+        for (int b = 0; b < nb; b++) {
+            __m256i xv = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(x[b] + i)), wv);
+            acc[b] = _mm256_add_epi32(acc[b], _mm256_madd_epi16(_mm256_maddubs_epi16(wa, xv), ones));
+        }
     }
-    int32_t total = hsum_epi32(acc);
-    for (; i < n; i++) total += (int32_t)w[i] * x[i];
-    return total;
+    for (int b = 0; b < nb; b++) {
+        int32_t total = hsum_epi32(acc[b]);
+        for (int64_t j = i; j < n; j++) total += (int32_t)w[j] * x[b][j];
+        out[b] = total;
+    }
+}
+
+__attribute__((target("avx2,fma"))) static void int4_rows_avx2(
+    const uint8_t *w, const int8_t **x, const float *s, const int32_t *zp, const int32_t **xgsum,
+    int64_t n_groups, int64_t chunks_per_group, float *out, int nb) {
+    const __m128i mask = _mm_set1_epi8(15);
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[NB];
+    float corr[NB];
+    for (int b = 0; b < nb; b++) { acc[b] = _mm256_setzero_ps(); corr[b] = 0.0f; }
+    for (int64_t g = 0; g < n_groups; g++) {
+        __m256i dot[NB];
+        for (int b = 0; b < nb; b++) dot[b] = _mm256_setzero_si256();
+        for (int64_t k = 0; k < chunks_per_group; k++) {
+            int64_t c = g * chunks_per_group + k;
+            __m128i v = _mm_loadu_si128((const __m128i *)(w + 16 * c));
+            __m256i codes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), mask),
+                                             _mm_and_si128(v, mask));
+            for (int b = 0; b < nb; b++) {
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(x[b] + 32 * c));
+                dot[b] = _mm256_add_epi32(dot[b],
+                                          _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv), ones));
+            }
+        }
+        __m256 sg = _mm256_set1_ps(s[g]);
+        for (int b = 0; b < nb; b++) {
+            acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[b]), sg, acc[b]);
+            corr[b] += s[g] * (float)(zp[g] * xgsum[b][g]);
+        }
+    }
+    for (int b = 0; b < nb; b++) out[b] = hsum_ps(acc[b]) - corr[b];
 }
 #endif
 
@@ -106,30 +155,6 @@ static float int4_row_c(const uint8_t *w, const int8_t *x, const float *s, const
     return acc;
 }
 
-#ifdef __x86_64__
-__attribute__((target("avx2"))) static float int4_row_avx2(const uint8_t *w, const int8_t *x,
-                                                           const float *s, const int32_t *zp,
-                                                           const int32_t *xgsum, int64_t n_groups,
-                                                           int64_t chunks_per_group) {
-    const __m128i mask = _mm_set1_epi8(15);
-    const __m256i ones = _mm256_set1_epi16(1);
-    float acc = 0.0f;
-    for (int64_t g = 0; g < n_groups; g++) {
-        __m256i dot = _mm256_setzero_si256();
-        for (int64_t k = 0; k < chunks_per_group; k++) {
-            int64_t c = g * chunks_per_group + k;
-            __m128i v = _mm_loadu_si128((const __m128i *)(w + 16 * c));
-            __m128i lo = _mm_and_si128(v, mask);
-            __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-            __m256i codes = _mm256_set_m128i(hi, lo);
-            __m256i xv = _mm256_loadu_si256((const __m256i *)(x + 32 * c));
-            dot = _mm256_add_epi32(dot, _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv), ones));
-        }
-        acc += s[g] * (float)(hsum_epi32(dot) - zp[g] * xgsum[g]);
-    }
-    return acc;
-}
-#endif
 
 static int has_avx2(void) {
 #ifdef __x86_64__
@@ -146,7 +171,37 @@ static int has_avx2(void) {
 
 int qd_has_avx2(void) { return has_avx2(); }
 
-/* y[b*O + o] = sum_i c[o, i] * x[b, i]  (the caller subtracts sum_i x[b, i] for ternary) */
+/* Per-row symmetric int8 quantization, rounding exactly like IntFormat(8, axis="row"):
+ * scale = max(|x|) / 127 (at least 1e-12), q = nearbyint(x * (1 / scale)) clamped to +-127;
+ * rows are zero-padded to I_pad; rowsum gets sum_i q_i. */
+void qd_quantize_rows(const float *x, int8_t *xq, float *scale, int32_t *rowsum, int64_t rows,
+                      int64_t I, int64_t I_pad) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * I;
+        int8_t *qr = xq + r * I_pad;
+        float amax = 0.0f;
+        for (int64_t i = 0; i < I; i++) {
+            float a = xr[i] < 0 ? -xr[i] : xr[i];
+            if (a > amax) amax = a;
+        }
+        float s = amax / 127.0f;
+        if (s < 1e-12f) s = 1e-12f;
+        float inv = 1.0f / s;
+        int32_t sum = 0;
+        for (int64_t i = 0; i < I; i++) {
+            float q = nearbyintf(xr[i] * inv);
+            q = q > 127.0f ? 127.0f : (q < -127.0f ? -127.0f : q);
+            qr[i] = (int8_t)q;
+            sum += (int32_t)q;
+        }
+        memset(qr + I, 0, (size_t)(I_pad - I));
+        scale[r] = s;
+        rowsum[r] = sum;
+    }
+}
+
+/* The three products. Rows of the output are split over threads; inside a thread, NB batch
+ * rows share each weight load. y is int32 (ternary, int8) or float (int4). */
 void qd_ternary_gemm(const uint8_t *w, const int8_t *x, int32_t *y, int64_t B, int64_t O,
                      int64_t I_pad, int force_portable) {
     int64_t n_blocks = I_pad / 128, row_bytes = I_pad / 4;
@@ -154,13 +209,20 @@ void qd_ternary_gemm(const uint8_t *w, const int8_t *x, int32_t *y, int64_t B, i
 #pragma omp parallel for schedule(static)
     for (int64_t o = 0; o < O; o++) {
         const uint8_t *wr = w + o * row_bytes;
-        for (int64_t b = 0; b < B; b++) {
+        for (int64_t b0 = 0; b0 < B; b0 += 4) {
+            int nb = B - b0 < 4 ? (int)(B - b0) : 4;
 #ifdef __x86_64__
-            y[b * O + o] = avx2 ? ternary_row_avx2(wr, x + b * I_pad, n_blocks)
-                                : ternary_row_c(wr, x + b * I_pad, n_blocks);
-#else
-            y[b * O + o] = ternary_row_c(wr, x + b * I_pad, n_blocks);
+            if (avx2) {
+                const int8_t *xs[4];
+                int32_t out[4];
+                for (int b = 0; b < 4; b++) xs[b] = x + (b0 + (b < nb ? b : 0)) * I_pad;
+                ternary_rows_avx2(wr, xs, n_blocks, out, nb);
+                for (int b = 0; b < nb; b++) y[(b0 + b) * O + o] = out[b];
+                continue;
+            }
 #endif
+            for (int b = 0; b < nb; b++)
+                y[(b0 + b) * O + o] = ternary_row_c(wr, x + (b0 + b) * I_pad, n_blocks);
         }
     }
 }
@@ -171,12 +233,19 @@ void qd_int8_gemm(const int8_t *w, const int8_t *x, int32_t *y, int64_t B, int64
 #pragma omp parallel for schedule(static)
     for (int64_t o = 0; o < O; o++) {
         const int8_t *wr = w + o * I;
-        for (int64_t b = 0; b < B; b++) {
+        for (int64_t b0 = 0; b0 < B; b0 += 4) {
+            int nb = B - b0 < 4 ? (int)(B - b0) : 4;
 #ifdef __x86_64__
-            y[b * O + o] = avx2 ? int8_row_avx2(wr, x + b * I, I) : int8_row_c(wr, x + b * I, I);
-#else
-            y[b * O + o] = int8_row_c(wr, x + b * I, I);
+            if (avx2) {
+                const int8_t *xs[4];
+                int32_t out[4];
+                for (int b = 0; b < 4; b++) xs[b] = x + (b0 + (b < nb ? b : 0)) * I;
+                int8_rows_avx2(wr, xs, I, out, nb);
+                for (int b = 0; b < nb; b++) y[(b0 + b) * O + o] = out[b];
+                continue;
+            }
 #endif
+            for (int b = 0; b < nb; b++) y[(b0 + b) * O + o] = int8_row_c(wr, x + (b0 + b) * I, I);
         }
     }
 }
@@ -192,15 +261,28 @@ void qd_int4_gemm(const uint8_t *w, const int8_t *x, const float *s, const int32
         const uint8_t *wr = w + o * row_bytes;
         const float *so = s + o * n_groups;
         const int32_t *zo = zp + o * n_groups;
-        for (int64_t b = 0; b < B; b++) {
-            float v;
+        for (int64_t b0 = 0; b0 < B; b0 += 4) {
+            int nb = B - b0 < 4 ? (int)(B - b0) : 4;
 #ifdef __x86_64__
-            v = avx2 ? int4_row_avx2(wr, x + b * I, so, zo, xgsum + b * n_groups, n_groups, cpg)
-                     : int4_row_c(wr, x + b * I, so, zo, xgsum + b * n_groups, n_groups, cpg);
-#else
-            v = int4_row_c(wr, x + b * I, so, zo, xgsum + b * n_groups, n_groups, cpg);
+            if (avx2) {
+                const int8_t *xs[4];
+                const int32_t *gs[4];
+                float out[4];
+                for (int b = 0; b < 4; b++) {
+                    int64_t r = b0 + (b < nb ? b : 0);
+                    xs[b] = x + r * I;
+                    gs[b] = xgsum + r * n_groups;
+                }
+                int4_rows_avx2(wr, xs, so, zo, gs, n_groups, cpg, out, nb);
+                for (int b = 0; b < nb; b++) y[(b0 + b) * O + o] = out[b] * x_scale[b0 + b];
+                continue;
+            }
 #endif
-            y[b * O + o] = v * x_scale[b];
+            for (int b = 0; b < nb; b++) {
+                int64_t r = b0 + b;
+                y[r * O + o] = int4_row_c(wr, x + r * I, so, zo, xgsum + r * n_groups, n_groups,
+                                          cpg) * x_scale[r];
+            }
         }
     }
 }

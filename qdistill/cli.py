@@ -4,6 +4,8 @@
     qdistill run recipe.yaml         any recipe from a YAML file (--resume after a kill)
     qdistill eval FILE --dataset D   accuracy of a packed model file
     qdistill info FILE               what a packed file holds
+    qdistill bench FILE              latency of a packed file against its float twin
+    qdistill plan FILE --budget 60KB per-layer bit widths under a size budget
 
 User mistakes print one line (``error: ...``) and exit with status 2; ``--debug`` shows the
 traceback instead.
@@ -72,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--out", default="plan.yaml", help="where to write the QuantConfig (YAML)")
     _add_common(plan)
 
+    bench = sub.add_parser("bench", help="latency of a packed file against its float twin")
+    bench.add_argument("file")
+    bench.add_argument("--input-shape", default=None, help="e.g. 1,28,28 (default: from the file)")
+    bench.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    bench.add_argument("--reps", type=int, default=30)
+    _add_common(bench)
+
     info = sub.add_parser("info", help="show what a packed file holds")
     info.add_argument("file")
     _add_common(info)
@@ -130,6 +139,41 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from qdistill.errors import ConfigError
+    from qdistill.pack import load, read_header
+    from qdistill.report import markdown_table
+    from qdistill.report.runtime import bench, float_twin, memory_bandwidth_gbs
+
+    if args.input_shape:
+        shape = tuple(int(v) for v in args.input_shape.split(","))
+    else:
+        kw = (read_header(args.file).get("architecture") or {}).get("kwargs", {})
+        if "input_size" not in kw and "in_channels" not in kw:
+            raise ConfigError("the file does not record its input shape; pass --input-shape")
+        size = kw.get("input_size", 28)
+        shape = (kw.get("in_channels", 1), size, size)
+    bandwidth = memory_bandwidth_gbs()
+    rows = bench(
+        {"fp32": lambda: float_twin(load(args.file)), "packed": lambda: load(args.file)},
+        shape,
+        batches=tuple(args.batch),
+        reps=args.reps,
+        bandwidth=bandwidth,
+        file_bytes={"packed": os.path.getsize(args.file)},
+        model_name=os.path.basename(args.file),
+    )
+    print(f"measured read bandwidth {bandwidth:.1f} GB/s; {torch_threads()} threads")
+    print(markdown_table(rows))
+    return 0
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from qdistill.pack import read_header
 
@@ -183,6 +227,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 COMMANDS = {
     "demo": _cmd_demo,
     "plan": _cmd_plan,
+    "bench": _cmd_bench,
     "run": _cmd_run,
     "eval": _cmd_eval,
     "info": _cmd_info,

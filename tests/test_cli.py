@@ -183,3 +183,25 @@ def test_learned_recipes_from_yaml(tmp_path, example):
     else:
         assert header["layers"]["hidden"]["format"]["kind"] == "bucket_codebook"
         assert len(header["layers"]["hidden"]["format"]["points"]) == 4
+
+
+def test_bench_command_compares_packed_file_with_float_twin(tmp_path, capsys):
+    import torch
+
+    from qdistill.models import build_model
+    from qdistill.report.runtime import float_twin
+
+    torch.manual_seed(0)
+    model = qd.quantize_(
+        build_model("student-cnn", input_size=8),
+        qd.QuantConfig(weights=qd.IntFormat(4, symmetric=False, group_size=64)),
+    )
+    path = qd.save(model.eval(), tmp_path / "s.qd.safetensors")
+    packed = qd.load(path)
+    twin = float_twin(packed)
+    x = torch.randn(3, 1, 8, 8)
+    assert torch.allclose(twin(x), packed(x), atol=1e-5)  # the baseline is the same function
+    assert not any(isinstance(m, qd.pack.PackedLinear) for m in twin.modules())
+    assert main(["bench", str(path), "--batch", "1", "--reps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "| s.qd.safetensors | packed | 1 |" in out and "GB/s" in out

@@ -47,7 +47,7 @@ def test_kernel_matches_fake_quant_twin(tmp_path, fmt, shape):
 
 
 @needs_kernels
-def test_avx2_and_portable_paths_agree_exactly(tmp_path):
+def test_avx2_and_portable_paths_agree(tmp_path):
     for fmt in (
         qd.TernaryFormat(axis=0),
         qd.IntFormat(8, axis=0),
@@ -55,12 +55,15 @@ def test_avx2_and_portable_paths_agree_exactly(tmp_path):
     ):
         _, packed = packed_pair(fmt, in_f=320, out_f=19, tmp_path=tmp_path)
         layer = packed[0]
-        x = torch.randn(5, 320)
+        x = torch.randn(11, 320)  # 11 rows: two blocks of 4 and a remainder of 3
         with torch.no_grad():
             layer(x)
             a = kernels.linear(layer, layer._kernel, x, force_portable=False)
             b = kernels.linear(layer, layer._kernel, x, force_portable=True)
-        assert torch.equal(a, b)
+        if layer._kernel.kind == "int4":  # float accumulation in a different order
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+        else:  # integer dot products: bit for bit
+            assert torch.equal(a, b)
 
 
 def test_missing_extension_falls_back_with_one_warning(tmp_path, monkeypatch):
@@ -96,3 +99,14 @@ def test_ternary_repack_layout_by_hand():
     assert i_pad == 256 and packed.shape == (1, 64)
     byte = int(packed[0, 5])  # block 0, byte 5 holds weights 5, 37, 69, 101
     assert [(byte >> (2 * j)) & 3 for j in range(4)] == [w % 3 for w in (5, 37, 69, 101)]
+
+
+@needs_kernels
+def test_c_activation_rounding_equals_intformat():
+    x = torch.randn(9, 77) * torch.logspace(-3, 3, 9).reshape(9, 1)
+    x[0] = 0.0
+    xq, scale, rowsum = kernels.quantize_rows(x, 128)
+    q = ROW8.quantize(x)
+    assert torch.equal(xq[:, :77], (q.codes.to(torch.int16) - 128).to(torch.int8))
+    assert torch.equal(scale, q.scale) and not xq[:, 77:].any()
+    assert torch.equal(rowsum, xq.sum(1, dtype=torch.int32))

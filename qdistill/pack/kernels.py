@@ -53,6 +53,8 @@ def library() -> ctypes.CDLL | None:
                     fn.restype = None
                 lib.qd_int4_gemm.argtypes = [ptr] * 7 + [i64] * 4 + [ctypes.c_int]
                 lib.qd_int4_gemm.restype = None
+                lib.qd_quantize_rows.argtypes = [ptr] * 4 + [i64] * 3
+                lib.qd_quantize_rows.restype = None
                 _LIB = lib
             except OSError:
                 _LIB = None
@@ -145,14 +147,24 @@ def plan(layer: Any) -> KernelPlan | None:
     return KernelPlan(kind, weight, scale, in_f, i_pad)
 
 
-def quantize_rows(x: torch.Tensor, act_format: IntFormat, in_padded: int) -> tuple:
-    """Per-row int8 codes (zero-padded to ``in_padded``) and their scales, exactly as the
-    fake-quant layer rounds them."""
-    q = act_format.quantize(x)
-    xq = (q.codes.to(torch.int16) - 128).to(torch.int8).reshape(-1, x.shape[-1])
-    if in_padded != x.shape[-1]:
-        xq = torch.nn.functional.pad(xq, (0, in_padded - x.shape[-1]))
-    return xq.contiguous(), q.scale.float()
+def quantize_rows(x: torch.Tensor, in_padded: int) -> tuple[torch.Tensor, ...]:
+    """Per-row int8 codes (zero-padded to ``in_padded``), scales and code sums, rounded in C
+    exactly as ``IntFormat(8, axis="row")`` rounds them."""
+    x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
+    rows = x2.shape[0]
+    xq = torch.empty(rows, in_padded, dtype=torch.int8)
+    scale = torch.empty(rows, dtype=torch.float32)
+    rowsum = torch.empty(rows, dtype=torch.int32)
+    library().qd_quantize_rows(
+        x2.data_ptr(),
+        xq.data_ptr(),
+        scale.data_ptr(),
+        rowsum.data_ptr(),
+        rows,
+        x2.shape[1],
+        in_padded,
+    )
+    return xq, scale, rowsum
 
 
 def linear(
@@ -161,12 +173,11 @@ def linear(
     """``layer(x)`` through the C kernel."""
     lib = library()
     lead = x.shape[:-1]
-    xq, x_scale = quantize_rows(x.float(), layer.act_format, kp.in_padded)
+    xq, x_scale, rowsum = quantize_rows(x, kp.in_padded)
     rows, out_f = xq.shape[0], kp.weight.shape[0]
     if kp.kind == "int4":
         xgsum = xq.reshape(rows, -1, kp.group_size).sum(dim=2, dtype=torch.int32).contiguous()
         y = torch.empty(rows, out_f, dtype=torch.float32)
-        x_scale = x_scale.reshape(-1).expand(rows).contiguous()
         lib.qd_int4_gemm(
             kp.weight.data_ptr(),
             xq.data_ptr(),
@@ -182,7 +193,7 @@ def linear(
             int(force_portable),
         )
         if layer.bias is not None:
-            y = y + layer.bias
+            y += layer.bias
         return y.reshape(*lead, out_f)
     acc = torch.empty(rows, out_f, dtype=torch.int32)
     fn = lib.qd_ternary_gemm if kp.kind == "ternary" else lib.qd_int8_gemm
@@ -196,8 +207,8 @@ def linear(
         int(force_portable),
     )
     if kp.kind == "ternary":  # sum (c - 1) x = sum c x - sum x
-        acc = acc - xq.sum(dim=1, dtype=torch.int32, keepdim=True)
-    y = acc.float() * (x_scale.reshape(-1, 1) * kp.weight_scale.reshape(1, -1))
+        acc -= rowsum.reshape(-1, 1)
+    y = acc.float().mul_(x_scale.reshape(-1, 1)).mul_(kp.weight_scale.reshape(1, -1))
     if layer.bias is not None:
-        y = y + layer.bias
+        y += layer.bias
     return y.reshape(*lead, out_f)

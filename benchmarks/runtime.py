@@ -1,0 +1,141 @@
+"""Packed low-bit inference against fp32 on this CPU, side by side in one process.
+
+For each model, the float model and its packed variants (saved with ``qd.save`` and loaded back
+with ``qd.load``, as a user would) run on the same input with interleaved repetitions (median
+of 30), at batch 1 and 32, on 2 threads:
+
+* ``fp32``: ``nn.Linear`` / ``nn.Conv2d`` (PyTorch's own kernels);
+* ``int8``: W8A8, per-channel int8 weights, per-token int8 activations (our C kernel);
+* ``int4``: W4A8, 4-bit weights with a scale per group of 64, per-token int8 activations;
+* ``ternary``: W1.58A8 as BitNet b1.58 (absmean ternary weights, per-token int8 activations);
+* ``ternary-portable``: the same file through the portable path (unpack + float matmul), to
+  show what the kernel is worth.
+
+``bytes`` is the packed file's size on disk, ``peak_rss_mb`` the growth of the process's
+resident memory when that model is loaded and run once, ``fraction_of_bound`` the lower-bound
+latency (weight bytes read / measured memory bandwidth) divided by the measured latency.
+
+    python benchmarks/runtime.py          # ~2 min; writes benchmarks/results/runtime.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import qdistill as qd
+from qdistill.models import build_model
+from qdistill.report import markdown_table, write_csv
+from qdistill.report.runtime import bench, memory_bandwidth_gbs
+
+RESULTS = Path(__file__).parent / "results"
+ROW8 = qd.IntFormat(8, axis="row")
+VARIANTS = {
+    "int8": qd.QuantConfig(weights=qd.IntFormat(8, axis=0), activations=ROW8),
+    "int4": qd.QuantConfig(weights=qd.IntFormat(4, group_size=64), activations=ROW8),
+    "ternary": qd.QuantConfig(weights=qd.TernaryFormat(axis=0), activations=ROW8),
+}
+
+
+def linear_heavy() -> nn.Module:
+    """151 MB of fp32 weights: two 4096x4096 layers and one 1024x4096."""
+    return nn.Sequential(
+        nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 1024)
+    )
+
+
+class MiniLMBlock(nn.Module):
+    """The linear layers of one MiniLM-sized transformer block (hidden 384, FFN 1536)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(384, 384) for _ in range(4))
+        self.up, self.down = nn.Linear(384, 1536), nn.Linear(1536, 384)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # tokens [n, 384]; attention omitted
+        h = self.o(self.q(x) + self.k(x) + self.v(x))
+        return self.down(torch.nn.functional.gelu(self.up(h)))
+
+
+MODELS = {
+    "linear-heavy-151MB": (linear_heavy, (4096,)),
+    "minilm-block": (MiniLMBlock, (384,)),
+    "fmnist-teacher-cnn": (lambda: build_model("teacher-cnn"), (1, 28, 28)),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--reps", type=int, default=30)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    bandwidth = memory_bandwidth_gbs()
+    print(f"measured read bandwidth: {bandwidth:.1f} GB/s", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for model_name, (factory, shape) in MODELS.items():
+            torch.manual_seed(0)
+            reference = factory().eval()
+            files = {"fp32": qd.save(reference, Path(tmp) / f"{model_name}-fp32.qd.safetensors")}
+            for name, config in VARIANTS.items():
+                quantized = qd.quantize_(
+                    factory(),
+                    config,
+                )
+                quantized.load_state_dict(reference.state_dict(), strict=False)
+                files[name] = qd.save(
+                    quantized.eval(), Path(tmp) / f"{model_name}-{name}.qd.safetensors"
+                )
+                del quantized
+
+            def loader(path: Path, portable: bool = False, factory=factory):
+                def build() -> nn.Module:
+                    model = qd.load(path, model=factory())
+                    if portable:
+                        for m in model.modules():
+                            if hasattr(m, "_kernel"):
+                                m._kernel = None
+                    return model
+
+                return build
+
+            variants = {name: loader(path) for name, path in files.items()}
+            variants["ternary-portable"] = loader(files["ternary"], portable=True)
+            sizes = {name: os.path.getsize(p) for name, p in files.items()}
+            sizes["ternary-portable"] = sizes["ternary"]
+            got = bench(
+                variants,
+                shape,
+                reps=args.reps,
+                file_bytes=sizes,
+                bandwidth=bandwidth,
+                model_name=model_name,
+            )
+            rows += got
+            print(markdown_table(got), flush=True)
+    cols = [
+        "model",
+        "variant",
+        "batch",
+        "latency_ms",
+        "speedup_vs_fp32",
+        "bytes",
+        "peak_rss_mb",
+        "fraction_of_bound",
+    ]
+    write_csv(rows, Path(args.out) / "runtime.csv", columns=cols)
+    (Path(args.out) / "runtime.md").write_text(
+        f"measured read bandwidth {bandwidth:.1f} GB/s\n\n"
+        + markdown_table(rows, columns=cols)
+        + "\n"
+    )
+
+
+if __name__ == "__main__":
+    main()
