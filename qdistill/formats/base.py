@@ -128,6 +128,24 @@ def block_absmean(blocks: torch.Tensor, numel: int, eps: float = 1e-8) -> torch.
     return (blocks.abs().sum(dim=1).float() / counts).clamp_min(eps)
 
 
+def from_code_blocks(
+    fmt: Format,
+    x: torch.Tensor,
+    code_blocks: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None = None,
+) -> QuantizedTensor:
+    """Wrap per-block codes of ``x`` (as laid out by :func:`to_blocks`) as a QuantizedTensor."""
+    axis, group = getattr(fmt, "axis", None), getattr(fmt, "group_size", None)
+    return QuantizedTensor(
+        codes=from_blocks(code_blocks, tuple(x.shape), axis, group),
+        scale=scale,
+        zero_point=zero_point,
+        shape=tuple(x.shape),
+        fmt=fmt,
+    )
+
+
 def check_finite(x: torch.Tensor, name: str | None = None) -> None:
     """Raise, naming the tensor, instead of quantizing NaN or Inf into garbage codes."""
     if not torch.isfinite(x).all():

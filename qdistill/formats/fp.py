@@ -29,6 +29,7 @@ from qdistill.formats.base import (
     check_finite,
     check_granularity,
     from_blocks,
+    from_code_blocks,
     to_blocks,
 )
 
@@ -137,13 +138,7 @@ class FPFormat:
         blocks = to_blocks(x.float(), self.axis, self.group_size)
         scale = self.scales(blocks)
         codes = self.elem.encode(blocks / scale.reshape(-1, 1))
-        return QuantizedTensor(
-            codes=from_blocks(codes, tuple(x.shape), self.axis, self.group_size),
-            scale=scale,
-            zero_point=None,
-            shape=tuple(x.shape),
-            fmt=self,
-        )
+        return from_code_blocks(self, x, codes, scale)
 
     def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
         blocks = to_blocks(q.codes, self.axis, self.group_size)

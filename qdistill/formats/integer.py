@@ -26,6 +26,7 @@ from qdistill.formats.base import (
     check_finite,
     check_granularity,
     from_blocks,
+    from_code_blocks,
     round_values,
     to_blocks,
 )
@@ -115,13 +116,7 @@ class IntFormat:
         shift = self.offset if zero_point is None else zero_point.reshape(-1, 1)
         codes = round_values(blocks * inv, self.stochastic, generator) + shift
         codes = codes.clamp(self.qmin, self.qmax).to(torch.uint8)
-        return QuantizedTensor(
-            codes=from_blocks(codes, tuple(x.shape), self.axis, self.group_size),
-            scale=scale,
-            zero_point=zero_point,
-            shape=tuple(x.shape),
-            fmt=self,
-        )
+        return from_code_blocks(self, x, codes, scale, zero_point)
 
     def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
         """Float values of the codes: ``(code - zero_point) * scale``."""

@@ -23,6 +23,7 @@ from qdistill.formats.base import (
     check_finite,
     check_granularity,
     from_blocks,
+    from_code_blocks,
     to_blocks,
 )
 
@@ -56,13 +57,7 @@ class PowerFormat:
         t = (blocks.abs() / scale.reshape(-1, 1)).clamp(max=1.0) ** (1.0 / self.exponent)
         q = torch.round(t * self.qmax) * torch.sign(blocks)
         codes = (q + 2 ** (self.bits - 1)).to(torch.uint8)
-        return QuantizedTensor(
-            codes=from_blocks(codes, tuple(x.shape), self.axis, self.group_size),
-            scale=scale,
-            zero_point=None,
-            shape=tuple(x.shape),
-            fmt=self,
-        )
+        return from_code_blocks(self, x, codes, scale)
 
     def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
         blocks = to_blocks(q.codes.to(torch.int32), self.axis, self.group_size)
@@ -187,13 +182,7 @@ class BucketCodebookFormat:
         check_finite(x)
         v, lo, scale = self.normalise(x)
         codes = nearest_point(v, self.table()).to(torch.uint8)
-        return QuantizedTensor(
-            codes=from_blocks(codes, tuple(x.shape), None, self.group_size),
-            scale=scale,
-            zero_point=lo,
-            shape=tuple(x.shape),
-            fmt=self,
-        )
+        return from_code_blocks(self, x, codes, scale, lo)
 
     def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
         codes = to_blocks(q.codes.long(), None, self.group_size)

@@ -22,6 +22,7 @@ from qdistill.formats.base import (
     check_finite,
     check_granularity,
     from_blocks,
+    from_code_blocks,
     to_blocks,
 )
 
@@ -52,13 +53,7 @@ class TernaryFormat:
         scale = block_absmean(blocks, x.numel())
         q = torch.clamp(torch.round(blocks / scale.reshape(-1, 1)), -1, 1)
         codes = (q + 1).to(torch.uint8)
-        return QuantizedTensor(
-            codes=from_blocks(codes, tuple(x.shape), self.axis, self.group_size),
-            scale=scale,
-            zero_point=None,
-            shape=tuple(x.shape),
-            fmt=self,
-        )
+        return from_code_blocks(self, x, codes, scale)
 
     def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
         blocks = to_blocks(q.codes.to(torch.int32), self.axis, self.group_size)
@@ -97,13 +92,7 @@ class BinaryFormat:
         blocks = to_blocks(x.float(), self.axis, self.group_size)
         scale = block_absmean(blocks, x.numel())
         codes = (blocks >= 0).to(torch.uint8)
-        return QuantizedTensor(
-            codes=from_blocks(codes, tuple(x.shape), self.axis, self.group_size),
-            scale=scale,
-            zero_point=None,
-            shape=tuple(x.shape),
-            fmt=self,
-        )
+        return from_code_blocks(self, x, codes, scale)
 
     def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
         blocks = to_blocks(q.codes.to(torch.int32), self.axis, self.group_size)
