@@ -31,6 +31,7 @@ from qdistill.formats import (
     int8,
 )
 from qdistill.pack import freeze, load, save
+from qdistill.pack.onnx_export import export_onnx
 from qdistill.quant import QuantConfig, QuantPlan, calibrate, fold_batchnorm, quantize_
 from qdistill.quant.mixed_precision import layer_sensitivity, plan_mixed_precision
 from qdistill.train import evaluate, fit
@@ -60,6 +61,7 @@ __all__ = [
     "distill",
     "distilled_data",
     "evaluate",
+    "export_onnx",
     "fake_quantize",
     "fit",
     "fold_batchnorm",
