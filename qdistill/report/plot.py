@@ -101,7 +101,7 @@ def plot_grouped_bars(
             fontsize=8,
             color="grey",
         )
-    ax.set_xticks(range(len(groups)), groups, fontsize=8)
+    ax.set_xticks(range(len(groups)), groups, fontsize=8, rotation=12, ha="right")
     ax.set_ylabel(value)
     if ylim:
         ax.set_ylim(*ylim)
