@@ -32,7 +32,7 @@ from qdistill.formats import (
 )
 from qdistill.pack import freeze, load, save
 from qdistill.pack.onnx_export import export_onnx
-from qdistill.quant import QuantConfig, QuantPlan, calibrate, fold_batchnorm, quantize_
+from qdistill.quant import LayerRule, QuantConfig, QuantPlan, calibrate, fold_batchnorm, quantize_
 from qdistill.quant.mixed_precision import layer_sensitivity, plan_mixed_precision
 from qdistill.train import evaluate, fit
 
@@ -53,6 +53,7 @@ __all__ = [
     "Format",
     "FormatError",
     "IntFormat",
+    "LayerRule",
     "QDistillError",
     "QuantConfig",
     "QuantPlan",

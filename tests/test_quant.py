@@ -126,3 +126,26 @@ def test_format_problems_name_the_layer():
         m[6].weight[0, 0] = float("nan")
     with pytest.raises(qd.FormatError, match="'6.weight' contains NaN"):
         qd.quantize_(m, qd.QuantConfig(weights=qd.int8()))
+
+
+def test_rules_can_set_activation_formats_per_layer():
+    cfg = qd.QuantConfig.from_dict(
+        {
+            "weights": {"kind": "int", "bits": 4},
+            "rules": {
+                "0": {
+                    "weights": {"kind": "int", "bits": 8},
+                    "activations": {"kind": "int", "bits": 8, "axis": "row"},
+                },
+                "6": qd.LayerRule(qd.int8(), None),
+            },
+            "activations": {"kind": "int", "bits": 8, "symmetric": False},
+        }
+    )
+    m = qd.quantize_(small_net(), cfg)
+    assert m[0].weight_format.bits == 8 and m[0].act_format == qd.IntFormat(8, axis="row")
+    assert m[4].weight_format.bits == 4 and m[4].act_format == qd.IntFormat(8, symmetric=False)
+    assert m[6].act_format is None
+    assert qd.QuantConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="unknown key"):
+        qd.QuantConfig(rules={"0": {"weight": {"kind": "int", "bits": 4}}})

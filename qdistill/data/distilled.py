@@ -190,3 +190,26 @@ def distilled_data(
             p.requires_grad_(req)
         model.train(was_training)
     return torch.cat(batches)[:n]
+
+
+def distilled_loader(
+    teacher: nn.Module,
+    n: int,
+    input_shape: Sequence[int],
+    batch_size: int = 64,
+    **kwargs,
+) -> torch.utils.data.DataLoader:
+    """Distilled inputs labelled by the teacher's own predictions, for data-free training.
+
+    With ``KD(alpha=1)`` the teacher's soft targets are the only supervision (the labels only
+    feed the running accuracy in the progress bar), which is ZeroQ's data-free setting applied
+    to quantized distillation.
+    """
+    x = distilled_data(teacher, n, input_shape, **kwargs)
+    was = teacher.training
+    teacher.eval()
+    with torch.no_grad():
+        y = torch.cat([teacher(b).argmax(dim=-1) for b in x.split(256)])
+    teacher.train(was)
+    dataset = torch.utils.data.TensorDataset(x, y)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True)

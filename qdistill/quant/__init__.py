@@ -2,13 +2,14 @@
 
 from qdistill.quant.bn_fold import QuantConvBn2d, fold_batchnorm
 from qdistill.quant.calibrate import calibrate
-from qdistill.quant.config import QuantConfig
+from qdistill.quant.config import LayerRule, QuantConfig
 from qdistill.quant.modules import QuantConv2d, QuantLinear, deterministic, is_quantized
 from qdistill.quant.observers import OBSERVERS, make_observer
 from qdistill.quant.quantize import QuantPlan, quantize_
 
 __all__ = [
     "OBSERVERS",
+    "LayerRule",
     "QuantConfig",
     "QuantConv2d",
     "QuantConvBn2d",

@@ -28,6 +28,35 @@ def _as_format(value: Any, where: str) -> Format | None:
     )
 
 
+@dataclass(frozen=True)
+class LayerRule:
+    """A rule's formats for one group of layers: weights and (optionally) inputs."""
+
+    weights: Format | None
+    activations: Format | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "weights": None if self.weights is None else self.weights.to_dict(),
+            "activations": None if self.activations is None else self.activations.to_dict(),
+        }
+
+
+def _as_rule(value: Any, where: str) -> Format | LayerRule | None:
+    """A rule value: a weight format, None, or weights + activations (object or dict)."""
+    if isinstance(value, LayerRule):
+        return value
+    if isinstance(value, dict) and "kind" not in value:
+        unknown = sorted(set(value) - {"weights", "activations"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown}; use 'weights' and 'activations'")
+        return LayerRule(
+            _as_format(value.get("weights"), f"{where}.weights"),
+            _as_format(value.get("activations"), f"{where}.activations"),
+        )
+    return _as_format(value, where)
+
+
 @dataclass
 class QuantConfig:
     """What to quantize and how.
@@ -35,9 +64,11 @@ class QuantConfig:
     Args:
         weights: default weight format for every Linear / Conv2d layer (``None``: keep FP).
         activations: format for the inputs of quantized layers (``None``: keep FP).
-        rules: ``{glob pattern on module name: format or None}``; the first pattern (in order)
-            that matches a layer's name decides its weight format, ``None`` keeping it in full
-            precision. ``"classifier"`` matches that module only, ``"features.*"`` all below it.
+        rules: ``{glob pattern on module name: format, None or LayerRule}``; the first pattern
+            (in order) that matches a layer's name decides its weight format (``None`` keeps it
+            in full precision); a :class:`LayerRule` (in YAML ``{weights: ..., activations:
+            ...}``) also sets that layer's input format. ``"classifier"`` matches that module
+            only, ``"features.*"`` all below it.
         keep_first: keep the first quantizable layer in full precision (common practice; Polino
             et al. 2018, Sec. 5, leave the first and last layers unquantized in some runs).
         keep_last: keep the last quantizable layer in full precision.
@@ -50,7 +81,7 @@ class QuantConfig:
 
     weights: Format | None = None
     activations: Format | None = None
-    rules: dict[str, Format | None] = field(default_factory=dict)
+    rules: dict[str, Format | LayerRule | None] = field(default_factory=dict)
     keep_first: bool = False
     keep_last: bool = False
     unsupported: str = "warn"
@@ -64,7 +95,7 @@ class QuantConfig:
             raise ConfigError(
                 f"QuantConfig.rules must be a dict of pattern -> format, got {self.rules!r}"
             )
-        self.rules = {str(k): _as_format(v, f"rule {k!r}") for k, v in self.rules.items()}
+        self.rules = {str(k): _as_rule(v, f"rule {k!r}") for k, v in self.rules.items()}
         if self.unsupported not in UNSUPPORTED_POLICIES:
             raise ConfigError(
                 f"QuantConfig.unsupported={self.unsupported!r}; use one of {UNSUPPORTED_POLICIES}"
@@ -99,7 +130,10 @@ class QuantConfig:
         return {
             "weights": enc(self.weights),
             "activations": enc(self.activations),
-            "rules": {k: enc(v) for k, v in self.rules.items()},
+            "rules": {
+                k: v.to_dict() if isinstance(v, LayerRule) else enc(v)
+                for k, v in self.rules.items()
+            },
             "keep_first": self.keep_first,
             "keep_last": self.keep_last,
             "unsupported": self.unsupported,

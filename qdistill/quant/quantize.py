@@ -12,7 +12,7 @@ from qdistill.errors import ConfigError, FormatError, QDistillError
 from qdistill.formats import Format
 from qdistill.formats.base import check_finite
 from qdistill.quant.bn_fold import conv_bn_pairs, to_conv_bn
-from qdistill.quant.config import NO_RULE, QuantConfig
+from qdistill.quant.config import NO_RULE, LayerRule, QuantConfig
 from qdistill.quant.modules import QUANT_CLASSES, is_quantized, to_quant
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,11 @@ def quantize_(model: nn.Module, config: QuantConfig, incremental: bool = False) 
     first, last = (candidates[0][0], candidates[-1][0]) if candidates else ("", "")
     for name, module in candidates:
         rule = config.rule_for(name)
-        fmt = config.weights if rule is NO_RULE else rule
+        act = config.activations
+        if isinstance(rule, LayerRule):
+            fmt, act = rule.weights, rule.activations
+        else:
+            fmt = config.weights if rule is NO_RULE else rule
         if rule is NO_RULE and config.keep_first and name == first:
             plan.kept[name] = "first layer (keep_first)"
         elif rule is NO_RULE and config.keep_last and name == last:
@@ -105,7 +109,7 @@ def quantize_(model: nn.Module, config: QuantConfig, incremental: bool = False) 
             plan.kept[name] = "rule" if rule is not NO_RULE else "no weight format"
         else:
             _check_fits(name, module, fmt)
-            to_quant(module, fmt, config.activations, lsq=config.lsq)
+            to_quant(module, fmt, act, lsq=config.lsq)
             plan.quantized[name] = str(fmt)
     for conv_name, bn_name in bn_pairs:
         if conv_name in plan.quantized:

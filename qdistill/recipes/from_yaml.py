@@ -29,7 +29,7 @@ import torch
 import yaml
 from torch import nn
 
-from qdistill.data import DATASETS, make_loaders, split_validation
+from qdistill.data import DATASETS, distilled_loader, make_loaders, split_validation
 from qdistill.distill import KD
 from qdistill.errors import ConfigError
 from qdistill.models import build_model
@@ -66,6 +66,7 @@ _TOP = {
     "calibration",
     "learned",
     "mqat",
+    "distilled_data",
 }
 _MODEL = {"model", "kwargs", "file", "epochs"}
 _TRAIN = {"epochs", "lr"}
@@ -73,6 +74,7 @@ _DISTILL = {"temperature", "alpha"}
 _CALIBRATION = {"observer", "num_batches", "weights"}
 _LEARNED = {"bits", "group_size", "init", "alternate", "budget_bits", "points_lr"}
 _MQAT = {"modules", "order", "search_order"}
+_DISTILLED = {"samples", "steps", "method"}
 _NEEDS_TEACHER = ("quantized_distillation", "differentiable_quantization", "mqat")
 _NEEDS_QUANT = ("ptq", "qat", "quantized_distillation", "post_mortem")
 
@@ -116,6 +118,7 @@ def validate_recipe(spec: Any) -> None:
         ("calibration", _CALIBRATION),
         ("learned", _LEARNED),
         ("mqat", _MQAT),
+        ("distilled_data", _DISTILLED),
     ):
         _check_keys(section, spec.get(section) or {}, valid)
     if recipe in _NEEDS_TEACHER and not spec.get("teacher"):
@@ -188,6 +191,20 @@ def run_recipe(spec: dict[str, Any], resume: bool = False, progress: bool = True
 
     sspec = spec.get("student") or {}
     student = _model(sspec, arch, seed)
+    if spec.get("distilled_data") is not None:  # data-free: the teacher's statistics only
+        dspec = spec["distilled_data"] or {}
+        source = teacher if teacher is not None else student
+        train_loader = distilled_loader(
+            source,
+            int(dspec.get("samples", 1024)),
+            meta["input_shape"],
+            batch_size=int(spec.get("batch_size", 128)),
+            steps=int(dspec.get("steps", 200)),
+            method=dspec.get("method", "zeroq"),
+            seed=seed,
+            progress=progress,
+        )
+        metrics["trained_on"] = "distilled data"
     quant = QuantConfig.from_dict(spec.get("quant") or {}) if spec["recipe"] != "train" else None
     dcfg = spec.get("distill") or {}
     loss = KD(**dcfg) if teacher is not None else None
