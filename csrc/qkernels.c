@@ -2,20 +2,20 @@
  * qdistill CPU kernels: low-bit weight x int8 activation matrix products, computed on the
  * packed codes (the float weight matrix is never materialised).
  *
- *   ternary_gemm: weights in {-1, 0, +1} stored as 2-bit codes c = w + 1 in the "block128"
- *                 layout (per row, blocks of 128 weights in 32 bytes: byte b of block k holds
- *                 the codes of weights k*128 + b + 32*j in bits 2j..2j+1, j = 0..3), int8
+ *   ternary_gemm: weights in {-1, 0, +1} stored as 2-bit codes c = w + 1 in the "block256"
+ *                 layout (per row, blocks of 256 weights in 64 bytes: byte b of block k holds
+ *                 the codes of weights k*256 + b + 64*j in bits 2j..2j+1, j = 0..3), int8
  *                 activations. sum_i w_i x_i = sum_i c_i x_i - sum_i x_i.
  *   int8_gemm:    int8 weights, int8 activations.
  *   int4_gemm:    4-bit codes with a scale and zero point per group of G weights (G a multiple
- *                 of 32), int8 activations (W4A8, as llama.cpp's Q4 x Q8 dot products); layout
- *                 per row in chunks of 32 codes (16 bytes: byte j = code j | code j+16 << 4).
+ *                 of 64), int8 activations (W4A8, as llama.cpp's Q4 x Q8 dot products); layout
+ *                 per row in chunks of 64 codes (32 bytes: byte j = code j | code j+32 << 4).
  *                 Writes float outputs: sum_g s_g * (sum_i c_i x_i - zp_g * sum_i x_i) * x_scale.
  *
- * Both write int32 dot products y[b*O + o]; the caller applies the scales. AVX2 code paths
- * (_mm256_maddubs_epi16 multiply-accumulate, as in llama.cpp's and BitNet's CPU kernels) are
- * chosen at run time when the CPU has AVX2; otherwise portable C runs. Rows are split across
- * threads with OpenMP.
+ * Both write int32 dot products y[b*O + o]; the caller applies the scales. The fastest path the
+ * CPU has is chosen at run time: AVX-512 VNNI (_mm512_dpbusd_epi32, u8 x s8 -> s32 in one
+ * instruction), AVX2 (_mm256_maddubs_epi16 + _mm256_madd_epi16, as in llama.cpp's and BitNet's
+ * CPU kernels), or portable C. Rows are split across threads with OpenMP.
  */
 #include <stdint.h>
 #include <math.h>
@@ -27,11 +27,11 @@
 static int32_t ternary_row_c(const uint8_t *w, const int8_t *x, int64_t n_blocks) {
     int32_t acc = 0;
     for (int64_t k = 0; k < n_blocks; k++) {
-        const uint8_t *wb = w + 32 * k;
-        const int8_t *xb = x + 128 * k;
+        const uint8_t *wb = w + 64 * k;
+        const int8_t *xb = x + 256 * k;
         for (int j = 0; j < 4; j++)
-            for (int b = 0; b < 32; b++)
-                acc += (int32_t)((wb[b] >> (2 * j)) & 3) * xb[32 * j + b];
+            for (int b = 0; b < 64; b++)
+                acc += (int32_t)((wb[b] >> (2 * j)) & 3) * xb[64 * j + b];
     }
     return acc;
 }
@@ -66,24 +66,72 @@ __attribute__((target("avx2"))) static void ternary_rows_avx2(const uint8_t *w, 
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i acc[NB];
     for (int b = 0; b < nb; b++) acc[b] = _mm256_setzero_si256();
-    for (int64_t k = 0; k < n_blocks; k++) {
-        __m256i v = _mm256_loadu_si256((const __m256i *)(w + 32 * k));
+    for (int64_t h = 0; h < 2 * n_blocks; h++) { /* half h: 32 bytes of block h/2 */
+        int64_t k = h >> 1, off = 32 * (h & 1);
+        __m256i v = _mm256_loadu_si256((const __m256i *)(w + 32 * h));
         __m256i c0 = _mm256_and_si256(v, mask);
         __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(v, 2), mask);
         __m256i c2 = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
         __m256i c3 = _mm256_and_si256(_mm256_srli_epi16(v, 6), mask);
         for (int b = 0; b < nb; b++) {
-            const int8_t *xb = x[b] + 128 * k;
+            const int8_t *xb = x[b] + 256 * k + off;
             __m256i p0 = _mm256_maddubs_epi16(c0, _mm256_loadu_si256((const __m256i *)(xb)));
-            __m256i p1 = _mm256_maddubs_epi16(c1, _mm256_loadu_si256((const __m256i *)(xb + 32)));
-            __m256i p2 = _mm256_maddubs_epi16(c2, _mm256_loadu_si256((const __m256i *)(xb + 64)));
-            __m256i p3 = _mm256_maddubs_epi16(c3, _mm256_loadu_si256((const __m256i *)(xb + 96)));
+            __m256i p1 = _mm256_maddubs_epi16(c1, _mm256_loadu_si256((const __m256i *)(xb + 64)));
+            __m256i p2 = _mm256_maddubs_epi16(c2, _mm256_loadu_si256((const __m256i *)(xb + 128)));
+            __m256i p3 = _mm256_maddubs_epi16(c3, _mm256_loadu_si256((const __m256i *)(xb + 192)));
             /* each i16 lane is at most 2*2*128 = 512 in magnitude: four of them fit easily */
             __m256i s = _mm256_add_epi16(_mm256_add_epi16(p0, p1), _mm256_add_epi16(p2, p3));
             acc[b] = _mm256_add_epi32(acc[b], _mm256_madd_epi16(s, ones));
         }
     }
     for (int b = 0; b < nb; b++) out[b] = hsum_epi32(acc[b]);
+}
+
+#define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni")))
+
+VNNI_TARGET static void ternary_rows_vnni(const uint8_t *w, const int8_t **x, int64_t n_blocks,
+                                          int32_t *out, int nb) {
+    const __m512i mask = _mm512_set1_epi8(3);
+    __m512i acc[NB];
+    for (int b = 0; b < nb; b++) acc[b] = _mm512_setzero_si512();
+    for (int64_t k = 0; k < n_blocks; k++) {
+        __m512i v = _mm512_loadu_si512((const void *)(w + 64 * k));
+        __m512i c0 = _mm512_and_si512(v, mask);
+        __m512i c1 = _mm512_and_si512(_mm512_srli_epi16(v, 2), mask);
+        __m512i c2 = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+        __m512i c3 = _mm512_and_si512(_mm512_srli_epi16(v, 6), mask);
+        for (int b = 0; b < nb; b++) {
+            const int8_t *xb = x[b] + 256 * k;
+            __m512i a = acc[b];
+            a = _mm512_dpbusd_epi32(a, c0, _mm512_loadu_si512((const void *)(xb)));
+            a = _mm512_dpbusd_epi32(a, c1, _mm512_loadu_si512((const void *)(xb + 64)));
+            a = _mm512_dpbusd_epi32(a, c2, _mm512_loadu_si512((const void *)(xb + 128)));
+            acc[b] = _mm512_dpbusd_epi32(a, c3, _mm512_loadu_si512((const void *)(xb + 192)));
+        }
+    }
+    for (int b = 0; b < nb; b++) out[b] = _mm512_reduce_add_epi32(acc[b]);
+}
+
+/* int8 x int8 with VNNI: dpbusd wants u8 x s8, so x is shifted to u8 (x ^ 0x80 = x + 128)
+ * and 128 * sum_i w_i (wsum, precomputed per row) is subtracted afterwards. */
+VNNI_TARGET static void int8_rows_vnni(const int8_t *w, const int8_t **x, int64_t n, int32_t wsum,
+                                       int32_t *out, int nb) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512i acc[NB];
+    for (int b = 0; b < nb; b++) acc[b] = _mm512_setzero_si512();
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        __m512i wv = _mm512_loadu_si512((const void *)(w + i));
+        for (int b = 0; b < nb; b++) {
+            __m512i xu = _mm512_xor_si512(_mm512_loadu_si512((const void *)(x[b] + i)), flip);
+            acc[b] = _mm512_dpbusd_epi32(acc[b], xu, wv);
+        }
+    }
+    for (int b = 0; b < nb; b++) {
+        int32_t total = _mm512_reduce_add_epi32(acc[b]);
+        for (int64_t j = i; j < n; j++) total += (int32_t)w[j] * (x[b][j] + 128);
+        out[b] = total - 128 * wsum;
+    }
 }
 
 __attribute__((target("avx2"))) static void int8_rows_avx2(const int8_t *w, const int8_t **x,
@@ -110,7 +158,7 @@ __attribute__((target("avx2"))) static void int8_rows_avx2(const int8_t *w, cons
 __attribute__((target("avx2,fma"))) static void int4_rows_avx2(
     const uint8_t *w, const int8_t **x, const float *s, const int32_t *zp, const int32_t **xgsum,
     int64_t n_groups, int64_t chunks_per_group, float *out, int nb) {
-    const __m128i mask = _mm_set1_epi8(15);
+    const __m256i mask = _mm256_set1_epi8(15);
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[NB];
     float corr[NB];
@@ -120,13 +168,15 @@ __attribute__((target("avx2,fma"))) static void int4_rows_avx2(
         for (int b = 0; b < nb; b++) dot[b] = _mm256_setzero_si256();
         for (int64_t k = 0; k < chunks_per_group; k++) {
             int64_t c = g * chunks_per_group + k;
-            __m128i v = _mm_loadu_si128((const __m128i *)(w + 16 * c));
-            __m256i codes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), mask),
-                                             _mm_and_si128(v, mask));
+            __m256i v = _mm256_loadu_si256((const __m256i *)(w + 32 * c));
+            __m256i lo = _mm256_and_si256(v, mask);
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
             for (int b = 0; b < nb; b++) {
-                __m256i xv = _mm256_loadu_si256((const __m256i *)(x[b] + 32 * c));
-                dot[b] = _mm256_add_epi32(dot[b],
-                                          _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv), ones));
+                const int8_t *xc = x[b] + 64 * c;
+                __m256i p = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)xc)),
+                    _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xc + 32))));
+                dot[b] = _mm256_add_epi32(dot[b], _mm256_madd_epi16(p, ones));
             }
         }
         __m256 sg = _mm256_set1_ps(s[g]);
@@ -137,6 +187,35 @@ __attribute__((target("avx2,fma"))) static void int4_rows_avx2(
     }
     for (int b = 0; b < nb; b++) out[b] = hsum_ps(acc[b]) - corr[b];
 }
+
+VNNI_TARGET static void int4_rows_vnni(const uint8_t *w, const int8_t **x, const float *s,
+                                       const int32_t *zp, const int32_t **xgsum, int64_t n_groups,
+                                       int64_t chunks_per_group, float *out, int nb) {
+    const __m256i mask = _mm256_set1_epi8(15);
+    __m512 acc[NB];
+    float corr[NB];
+    for (int b = 0; b < nb; b++) { acc[b] = _mm512_setzero_ps(); corr[b] = 0.0f; }
+    for (int64_t g = 0; g < n_groups; g++) {
+        __m512i dot[NB];
+        for (int b = 0; b < nb; b++) dot[b] = _mm512_setzero_si512();
+        for (int64_t k = 0; k < chunks_per_group; k++) {
+            int64_t c = g * chunks_per_group + k;
+            __m256i v = _mm256_loadu_si256((const __m256i *)(w + 32 * c));
+            __m512i codes = _mm512_inserti64x4(
+                _mm512_castsi256_si512(_mm256_and_si256(v, mask)),
+                _mm256_and_si256(_mm256_srli_epi16(v, 4), mask), 1);
+            for (int b = 0; b < nb; b++)
+                dot[b] = _mm512_dpbusd_epi32(dot[b], codes,
+                                             _mm512_loadu_si512((const void *)(x[b] + 64 * c)));
+        }
+        __m512 sg = _mm512_set1_ps(s[g]);
+        for (int b = 0; b < nb; b++) {
+            acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[b]), sg, acc[b]);
+            corr[b] += s[g] * (float)(zp[g] * xgsum[b][g]);
+        }
+    }
+    for (int b = 0; b < nb; b++) out[b] = _mm512_reduce_add_ps(acc[b]) - corr[b];
+}
 #endif
 
 static float int4_row_c(const uint8_t *w, const int8_t *x, const float *s, const int32_t *zp,
@@ -145,10 +224,10 @@ static float int4_row_c(const uint8_t *w, const int8_t *x, const float *s, const
     for (int64_t g = 0; g < n_groups; g++) {
         int32_t dot = 0;
         for (int64_t k = 0; k < chunks_per_group; k++) {
-            const uint8_t *wc = w + 16 * (g * chunks_per_group + k);
-            const int8_t *xc = x + 32 * (g * chunks_per_group + k);
-            for (int j = 0; j < 16; j++)
-                dot += (int32_t)(wc[j] & 15) * xc[j] + (int32_t)(wc[j] >> 4) * xc[16 + j];
+            const uint8_t *wc = w + 32 * (g * chunks_per_group + k);
+            const int8_t *xc = x + 64 * (g * chunks_per_group + k);
+            for (int j = 0; j < 32; j++)
+                dot += (int32_t)(wc[j] & 15) * xc[j] + (int32_t)(wc[j] >> 4) * xc[32 + j];
         }
         acc += s[g] * (float)(dot - zp[g] * xgsum[g]);
     }
@@ -169,7 +248,28 @@ static int has_avx2(void) {
 #endif
 }
 
+static int has_vnni(void) {
+#ifdef __x86_64__
+    static int cached = -1;
+    if (cached < 0) {
+        __builtin_cpu_init();
+        cached = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") ? 1 : 0;
+    }
+    return cached;
+#else
+    return 0;
+#endif
+}
+
 int qd_has_avx2(void) { return has_avx2(); }
+int qd_has_vnni(void) { return has_vnni(); }
+
+/* level: 0 = the best the CPU has, 1 = portable C, 2 = at most AVX2 */
+static int pick(int level) {
+    if (level == 1) return 0;
+    if (level == 0 && has_vnni()) return 2;
+    return has_avx2() ? 1 : 0;
+}
 
 /* Per-row symmetric int8 quantization, rounding exactly like IntFormat(8, axis="row"):
  * scale = max(|x|) / 127 (at least 1e-12), q = nearbyint(x * (1 / scale)) clamped to +-127;
@@ -204,19 +304,22 @@ void qd_quantize_rows(const float *x, int8_t *xq, float *scale, int32_t *rowsum,
  * rows share each weight load. y is int32 (ternary, int8) or float (int4). */
 void qd_ternary_gemm(const uint8_t *w, const int8_t *x, int32_t *y, int64_t B, int64_t O,
                      int64_t I_pad, int force_portable) {
-    int64_t n_blocks = I_pad / 128, row_bytes = I_pad / 4;
-    int avx2 = has_avx2() && !force_portable;
+    int64_t n_blocks = I_pad / 256, row_bytes = I_pad / 4;
+    int path = pick(force_portable);
 #pragma omp parallel for schedule(static)
     for (int64_t o = 0; o < O; o++) {
         const uint8_t *wr = w + o * row_bytes;
         for (int64_t b0 = 0; b0 < B; b0 += 4) {
             int nb = B - b0 < 4 ? (int)(B - b0) : 4;
 #ifdef __x86_64__
-            if (avx2) {
+            if (path) {
                 const int8_t *xs[4];
                 int32_t out[4];
                 for (int b = 0; b < 4; b++) xs[b] = x + (b0 + (b < nb ? b : 0)) * I_pad;
-                ternary_rows_avx2(wr, xs, n_blocks, out, nb);
+                if (path == 2)
+                    ternary_rows_vnni(wr, xs, n_blocks, out, nb);
+                else
+                    ternary_rows_avx2(wr, xs, n_blocks, out, nb);
                 for (int b = 0; b < nb; b++) y[(b0 + b) * O + o] = out[b];
                 continue;
             }
@@ -227,20 +330,23 @@ void qd_ternary_gemm(const uint8_t *w, const int8_t *x, int32_t *y, int64_t B, i
     }
 }
 
-void qd_int8_gemm(const int8_t *w, const int8_t *x, int32_t *y, int64_t B, int64_t O, int64_t I,
-                  int force_portable) {
-    int avx2 = has_avx2() && !force_portable;
+void qd_int8_gemm(const int8_t *w, const int8_t *x, const int32_t *wsum, int32_t *y, int64_t B,
+                  int64_t O, int64_t I, int force_portable) {
+    int path = pick(force_portable);
 #pragma omp parallel for schedule(static)
     for (int64_t o = 0; o < O; o++) {
         const int8_t *wr = w + o * I;
         for (int64_t b0 = 0; b0 < B; b0 += 4) {
             int nb = B - b0 < 4 ? (int)(B - b0) : 4;
 #ifdef __x86_64__
-            if (avx2) {
+            if (path) {
                 const int8_t *xs[4];
                 int32_t out[4];
                 for (int b = 0; b < 4; b++) xs[b] = x + (b0 + (b < nb ? b : 0)) * I;
-                int8_rows_avx2(wr, xs, I, out, nb);
+                if (path == 2)
+                    int8_rows_vnni(wr, xs, I, wsum[o], out, nb);
+                else
+                    int8_rows_avx2(wr, xs, I, out, nb);
                 for (int b = 0; b < nb; b++) y[(b0 + b) * O + o] = out[b];
                 continue;
             }
@@ -254,8 +360,8 @@ void qd_int8_gemm(const int8_t *w, const int8_t *x, int32_t *y, int64_t B, int64
 void qd_int4_gemm(const uint8_t *w, const int8_t *x, const float *s, const int32_t *zp,
                   const int32_t *xgsum, const float *x_scale, float *y, int64_t B, int64_t O,
                   int64_t I, int64_t G, int force_portable) {
-    int64_t n_groups = I / G, cpg = G / 32, row_bytes = I / 2;
-    int avx2 = has_avx2() && !force_portable;
+    int64_t n_groups = I / G, cpg = G / 64, row_bytes = I / 2;
+    int path = pick(force_portable);
 #pragma omp parallel for schedule(static)
     for (int64_t o = 0; o < O; o++) {
         const uint8_t *wr = w + o * row_bytes;
@@ -264,7 +370,7 @@ void qd_int4_gemm(const uint8_t *w, const int8_t *x, const float *s, const int32
         for (int64_t b0 = 0; b0 < B; b0 += 4) {
             int nb = B - b0 < 4 ? (int)(B - b0) : 4;
 #ifdef __x86_64__
-            if (avx2) {
+            if (path) {
                 const int8_t *xs[4];
                 const int32_t *gs[4];
                 float out[4];
@@ -273,7 +379,10 @@ void qd_int4_gemm(const uint8_t *w, const int8_t *x, const float *s, const int32
                     xs[b] = x + r * I;
                     gs[b] = xgsum + r * n_groups;
                 }
-                int4_rows_avx2(wr, xs, so, zo, gs, n_groups, cpg, out, nb);
+                if (path == 2)
+                    int4_rows_vnni(wr, xs, so, zo, gs, n_groups, cpg, out, nb);
+                else
+                    int4_rows_avx2(wr, xs, so, zo, gs, n_groups, cpg, out, nb);
                 for (int b = 0; b < nb; b++) y[(b0 + b) * O + o] = out[b] * x_scale[b0 + b];
                 continue;
             }

@@ -30,14 +30,14 @@ def packed_pair(weight_format, in_f=129, out_f=37, seed=0, tmp_path=None):
         qd.TernaryFormat(),
         qd.IntFormat(8, axis=0),
         qd.IntFormat(8),
-        qd.IntFormat(4, group_size=32),
+        qd.IntFormat(4, group_size=128),
         qd.IntFormat(4, symmetric=False, group_size=64),
     ],
     ids=str,
 )
-@pytest.mark.parametrize("shape", [(1, 192), (7, 192), (3, 5, 192), (64, 192)])
+@pytest.mark.parametrize("shape", [(1, 384), (7, 384), (3, 5, 384), (64, 384)])
 def test_kernel_matches_fake_quant_twin(tmp_path, fmt, shape):
-    fq, packed = packed_pair(fmt, in_f=192, tmp_path=tmp_path)
+    fq, packed = packed_pair(fmt, in_f=384, tmp_path=tmp_path)
     x = torch.randn(*shape) * 3
     with torch.no_grad():
         y_ref, y = fq(x), packed(x)
@@ -51,19 +51,20 @@ def test_avx2_and_portable_paths_agree(tmp_path):
     for fmt in (
         qd.TernaryFormat(axis=0),
         qd.IntFormat(8, axis=0),
-        qd.IntFormat(4, symmetric=False, group_size=32),
+        qd.IntFormat(4, symmetric=False, group_size=64),
     ):
         _, packed = packed_pair(fmt, in_f=320, out_f=19, tmp_path=tmp_path)
         layer = packed[0]
         x = torch.randn(11, 320)  # 11 rows: two blocks of 4 and a remainder of 3
         with torch.no_grad():
             layer(x)
-            a = kernels.linear(layer, layer._kernel, x, force_portable=False)
-            b = kernels.linear(layer, layer._kernel, x, force_portable=True)
-        if layer._kernel.kind == "int4":  # float accumulation in a different order
-            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
-        else:  # integer dot products: bit for bit
-            assert torch.equal(a, b)
+            best = kernels.linear(layer, layer._kernel, x, level=0)
+            for level in (1, 2):  # portable C, AVX2
+                other = kernels.linear(layer, layer._kernel, x, level=level)
+                if layer._kernel.kind == "int4":  # float accumulation in a different order
+                    assert torch.allclose(best, other, rtol=1e-5, atol=1e-5)
+                else:  # integer dot products: bit for bit
+                    assert torch.equal(best, other)
 
 
 def test_missing_extension_falls_back_with_one_warning(tmp_path, monkeypatch):
@@ -86,7 +87,7 @@ def test_missing_extension_falls_back_with_one_warning(tmp_path, monkeypatch):
 
 
 def test_formats_without_a_kernel_use_the_portable_path(tmp_path):
-    _, packed = packed_pair(qd.IntFormat(4, group_size=43), tmp_path=tmp_path)
+    _, packed = packed_pair(qd.IntFormat(4, group_size=32), tmp_path=tmp_path)  # g < 64
     with torch.no_grad():
         packed(torch.randn(2, 129))
     assert packed[0]._kernel is None
@@ -97,8 +98,8 @@ def test_ternary_repack_layout_by_hand():
     codes = torch.arange(256, dtype=torch.uint8).remainder(3).reshape(1, 256)
     packed, i_pad = kernels.repack_ternary(codes, 256)
     assert i_pad == 256 and packed.shape == (1, 64)
-    byte = int(packed[0, 5])  # block 0, byte 5 holds weights 5, 37, 69, 101
-    assert [(byte >> (2 * j)) & 3 for j in range(4)] == [w % 3 for w in (5, 37, 69, 101)]
+    byte = int(packed[0, 5])  # block 0, byte 5 holds weights 5, 69, 133, 197
+    assert [(byte >> (2 * j)) & 3 for j in range(4)] == [w % 3 for w in (5, 69, 133, 197)]
 
 
 @needs_kernels

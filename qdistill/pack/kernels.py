@@ -7,7 +7,7 @@ return int32 dot products; the scales are applied here. Two paths exist:
 * W1.58A8 (BitNet b1.58 / BitDistill inference): ternary weights (``TernaryFormat``, per tensor
   or per output channel) with per-token int8 activations (``IntFormat(8, axis="row")``);
 * W8A8: symmetric int8 weights (per tensor or channel) with per-token int8 activations;
-* W4A8: 4-bit integer weights with a scale (and zero point) per group of 32, 64, 128... weights
+* W4A8: 4-bit integer weights with a scale (and zero point) per group of 64, 128, ... weights
   along the input dimension, with per-token int8 activations (llama.cpp's Q4 x Q8 scheme).
 
 Any other combination, or a missing extension (one warning, then silence), uses the portable
@@ -47,10 +47,10 @@ def library() -> ctypes.CDLL | None:
             try:
                 lib = ctypes.CDLL(found[0])
                 i64, ptr = ctypes.c_int64, ctypes.c_void_p
-                for name in ("qd_ternary_gemm", "qd_int8_gemm"):
-                    fn = getattr(lib, name)
-                    fn.argtypes = [ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
-                    fn.restype = None
+                lib.qd_ternary_gemm.argtypes = [ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+                lib.qd_ternary_gemm.restype = None
+                lib.qd_int8_gemm.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+                lib.qd_int8_gemm.restype = None
                 lib.qd_int4_gemm.argtypes = [ptr] * 7 + [i64] * 4 + [ctypes.c_int]
                 lib.qd_int4_gemm.restype = None
                 lib.qd_quantize_rows.argtypes = [ptr] * 4 + [i64] * 3
@@ -85,7 +85,7 @@ def kernel_kind(
         return None
     g = getattr(weight_format, "group_size", None)
     if isinstance(weight_format, IntFormat) and weight_format.bits == 4 and g:
-        return "int4" if g % 32 == 0 and in_features % g == 0 else None
+        return "int4" if g % 64 == 0 and in_features % g == 0 else None
     if not _per_row_scale(weight_format):
         return None
     if isinstance(weight_format, TernaryFormat) and weight_format.packing == "2bit":
@@ -96,12 +96,12 @@ def kernel_kind(
 
 
 def repack_ternary(codes: torch.Tensor, in_features: int) -> tuple[torch.Tensor, int]:
-    """2-bit codes ``[O, I]`` into the kernel's block128 layout, rows padded to 128."""
+    """2-bit codes ``[O, I]`` into the kernel's block256 layout, rows padded to 256."""
     out_features = codes.shape[0]
-    i_pad = -(-in_features // 128) * 128
+    i_pad = -(-in_features // 256) * 256
     c = torch.ones(out_features, i_pad, dtype=torch.uint8)  # padding code 1 = weight 0
     c[:, :in_features] = codes.reshape(out_features, in_features)
-    c = c.reshape(out_features, i_pad // 128, 4, 32)  # [o, block, j, b]
+    c = c.reshape(out_features, i_pad // 256, 4, 64)  # [o, block, j, b]
     packed = c[:, :, 0] | (c[:, :, 1] << 2) | (c[:, :, 2] << 4) | (c[:, :, 3] << 6)
     return packed.reshape(out_features, i_pad // 4).contiguous(), i_pad
 
@@ -117,6 +117,7 @@ class KernelPlan:
     in_padded: int
     zero_point: torch.Tensor | None = None
     group_size: int = 0
+    weight_sum: torch.Tensor | None = None
 
 
 def plan(layer: Any) -> KernelPlan | None:
@@ -132,7 +133,7 @@ def plan(layer: Any) -> KernelPlan | None:
     scale = scale.expand(out_f).contiguous() if scale.numel() == 1 else scale
     if kind == "int4":
         g = layer.weight_format.group_size
-        c = codes.reshape(out_f, in_f // 32, 2, 16)
+        c = codes.reshape(out_f, in_f // 64, 2, 32)  # chunks of 64: byte j = c[j] | c[j+32] << 4
         weight = (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(out_f, in_f // 2).contiguous()
         if layer.weight_zero_point is None:  # symmetric: codes carry an offset of 8
             zp = torch.full((out_f, in_f // g), layer.weight_format.offset, dtype=torch.int32)
@@ -144,6 +145,8 @@ def plan(layer: Any) -> KernelPlan | None:
         weight, i_pad = repack_ternary(codes, in_f)
     else:
         weight, i_pad = (codes.to(torch.int16) - 128).to(torch.int8).contiguous(), in_f
+        wsum = weight.sum(dim=1, dtype=torch.int32).contiguous()
+        return KernelPlan(kind, weight, scale, in_f, i_pad, weight_sum=wsum)
     return KernelPlan(kind, weight, scale, in_f, i_pad)
 
 
@@ -167,10 +170,9 @@ def quantize_rows(x: torch.Tensor, in_padded: int) -> tuple[torch.Tensor, ...]:
     return xq, scale, rowsum
 
 
-def linear(
-    layer: Any, kp: KernelPlan, x: torch.Tensor, force_portable: bool = False
-) -> torch.Tensor:
-    """``layer(x)`` through the C kernel."""
+def linear(layer: Any, kp: KernelPlan, x: torch.Tensor, level: int = 0) -> torch.Tensor:
+    """``layer(x)`` through the C kernel (``level`` 0: the fastest path the CPU has, 1: portable
+    C, 2: at most AVX2; the levels exist so that tests can compare the paths)."""
     lib = library()
     lead = x.shape[:-1]
     xq, x_scale, rowsum = quantize_rows(x, kp.in_padded)
@@ -190,22 +192,33 @@ def linear(
             out_f,
             kp.in_features,
             kp.group_size,
-            int(force_portable),
+            int(level),
         )
         if layer.bias is not None:
             y += layer.bias
         return y.reshape(*lead, out_f)
     acc = torch.empty(rows, out_f, dtype=torch.int32)
-    fn = lib.qd_ternary_gemm if kp.kind == "ternary" else lib.qd_int8_gemm
-    fn(
-        kp.weight.data_ptr(),
-        xq.data_ptr(),
-        acc.data_ptr(),
-        rows,
-        out_f,
-        kp.in_padded,
-        int(force_portable),
-    )
+    if kp.kind == "ternary":
+        lib.qd_ternary_gemm(
+            kp.weight.data_ptr(),
+            xq.data_ptr(),
+            acc.data_ptr(),
+            rows,
+            out_f,
+            kp.in_padded,
+            int(level),
+        )
+    else:
+        lib.qd_int8_gemm(
+            kp.weight.data_ptr(),
+            xq.data_ptr(),
+            kp.weight_sum.data_ptr(),
+            acc.data_ptr(),
+            rows,
+            out_f,
+            kp.in_padded,
+            int(level),
+        )
     if kp.kind == "ternary":  # sum (c - 1) x = sum c x - sum x
         acc -= rowsum.reshape(-1, 1)
     y = acc.float().mul_(x_scale.reshape(-1, 1)).mul_(kp.weight_scale.reshape(1, -1))
