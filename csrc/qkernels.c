@@ -303,9 +303,9 @@ void qd_quantize_rows(const float *x, int8_t *xq, float *scale, int32_t *rowsum,
 /* The three products. Rows of the output are split over threads; inside a thread, NB batch
  * rows share each weight load. y is int32 (ternary, int8) or float (int4). */
 void qd_ternary_gemm(const uint8_t *w, const int8_t *x, int32_t *y, int64_t B, int64_t O,
-                     int64_t I_pad, int force_portable) {
+                     int64_t I_pad, int level) {
     int64_t n_blocks = I_pad / 256, row_bytes = I_pad / 4;
-    int path = pick(force_portable);
+    int path = pick(level);
 #pragma omp parallel for schedule(static)
     for (int64_t o = 0; o < O; o++) {
         const uint8_t *wr = w + o * row_bytes;
@@ -331,8 +331,8 @@ void qd_ternary_gemm(const uint8_t *w, const int8_t *x, int32_t *y, int64_t B, i
 }
 
 void qd_int8_gemm(const int8_t *w, const int8_t *x, const int32_t *wsum, int32_t *y, int64_t B,
-                  int64_t O, int64_t I, int force_portable) {
-    int path = pick(force_portable);
+                  int64_t O, int64_t I, int level) {
+    int path = pick(level);
 #pragma omp parallel for schedule(static)
     for (int64_t o = 0; o < O; o++) {
         const int8_t *wr = w + o * I;
@@ -359,9 +359,9 @@ void qd_int8_gemm(const int8_t *w, const int8_t *x, const int32_t *wsum, int32_t
 /* y[b*O + o] = x_scale[b] * sum_g s[o, g] * (sum_{i in g} c[o, i] x[b, i] - zp[o, g] * xgsum[b, g]) */
 void qd_int4_gemm(const uint8_t *w, const int8_t *x, const float *s, const int32_t *zp,
                   const int32_t *xgsum, const float *x_scale, float *y, int64_t B, int64_t O,
-                  int64_t I, int64_t G, int force_portable) {
+                  int64_t I, int64_t G, int level) {
     int64_t n_groups = I / G, cpg = G / 64, row_bytes = I / 2;
-    int path = pick(force_portable);
+    int path = pick(level);
 #pragma omp parallel for schedule(static)
     for (int64_t o = 0; o < O; o++) {
         const uint8_t *wr = w + o * row_bytes;

@@ -163,15 +163,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         file_bytes={"packed": os.path.getsize(args.file)},
         model_name=os.path.basename(args.file),
     )
-    print(f"measured read bandwidth {bandwidth:.1f} GB/s; {torch_threads()} threads")
-    print(markdown_table(rows))
-    return 0
-
-
-def torch_threads() -> int:
     import torch
 
-    return torch.get_num_threads()
+    print(f"measured read bandwidth {bandwidth:.1f} GB/s; {torch.get_num_threads()} threads")
+    print(markdown_table(rows))
+    return 0
 
 
 def _cmd_info(args: argparse.Namespace) -> int:

@@ -111,3 +111,27 @@ def test_c_activation_rounding_equals_intformat():
     assert torch.equal(xq[:, :77], (q.codes.to(torch.int16) - 128).to(torch.int8))
     assert torch.equal(scale, q.scale) and not xq[:, 77:].any()
     assert torch.equal(rowsum, xq.sum(1, dtype=torch.int32))
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "fmt",
+    [qd.TernaryFormat(axis=0), qd.IntFormat(8, axis=0), qd.IntFormat(4, group_size=64)],
+    ids=str,
+)
+def test_one_copy_of_the_codes_after_the_kernel_is_prepared(tmp_path, fmt):
+    fq, packed = packed_pair(fmt, in_f=320, tmp_path=tmp_path)
+    layer = packed[0]
+    before = layer.weight_codes.clone()
+    w_before = layer.unpacked_weight()
+    x = torch.randn(2, 320)
+    with torch.no_grad():
+        y = packed(x)
+    assert layer.weight_codes.numel() == 0  # only the kernel's copy is resident now
+    assert torch.equal(layer.packed_codes(), before)
+    assert torch.equal(layer.unpacked_weight(), w_before)
+    again = qd.load(
+        qd.save(packed, tmp_path / "again.qd.safetensors"), model=nn.Sequential(nn.Linear(320, 37))
+    )
+    with torch.no_grad():
+        assert torch.equal(again(x), y)

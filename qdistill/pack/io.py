@@ -61,11 +61,13 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 def _packed_tensors(name: str, layer: PackedMixin) -> dict[str, torch.Tensor]:
-    return {
+    out = {
         f"{name}.{key}": getattr(layer, key)
         for key in PACKED_TENSORS
         if getattr(layer, key, None) is not None
     }
+    out[f"{name}.weight_codes"] = layer.packed_codes()
+    return out
 
 
 def save(model: nn.Module, path: str | os.PathLike[str], entropy_coding: str | None = None) -> Path:
@@ -115,14 +117,14 @@ def _huffman_encode(
     """Swap the layer's packed codes for their Huffman code when that is smaller."""
     fmt = layer.weight_format
     numel = int(torch.Size(layer.weight_shape).numel())
-    codes = unpack_for(layer.weight_codes, fmt, numel)
+    codes = unpack_for(layer.packed_codes(), fmt, numel)
     try:
         stream, lengths = huffman.encode(codes, 2**fmt.bits)
     except ValueError:  # a code longer than the decoder's table: keep fixed length
         return
     entropy = {"kind": "huffman", "lengths": lengths}
     header_cost = len(json.dumps({"entropy": entropy}, separators=(",", ":")))
-    if stream.numel() + header_cost < layer.weight_codes.numel():  # only where the file shrinks
+    if stream.numel() + header_cost < tensors[f"{name}.weight_codes"].numel():  # file shrinks
         tensors[f"{name}.weight_codes"] = stream
         meta["entropy"] = entropy
 
@@ -190,7 +192,7 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
                     raise FileFormatError(f"{path}: tensor {key!r} is missing; the file is corrupt")
                 return None
             try:
-                return f.get_tensor(key)
+                return f.get_tensor(key).clone()  # own memory: the file mapping can close
             except Exception as exc:
                 raise FileFormatError(f"{path}: cannot read tensor {key!r} ({exc})") from None
 
@@ -267,7 +269,7 @@ def _check_packed_sizes(path: Path, name: str, layer: PackedLinear | PackedConv2
     need = nbytes_for(layer.weight_format, numel)
     if layer.weight_codes.numel() != need:
         raise FileFormatError(
-            f"{path}: tensor '{name}.weight.codes' holds {layer.weight_codes.numel()} bytes, "
+            f"{path}: tensor '{name}.weight_codes' holds {layer.weight_codes.numel()} bytes, "
             f"expected {need}; the file is truncated or corrupt"
         )
     fmt = layer.weight_format

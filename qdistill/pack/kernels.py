@@ -225,3 +225,17 @@ def linear(layer: Any, kp: KernelPlan, x: torch.Tensor, level: int = 0) -> torch
     if layer.bias is not None:
         y += layer.bias
     return y.reshape(*lead, out_f)
+
+
+def unrepack(kp: KernelPlan, out_features: int) -> torch.Tensor:
+    """The file's codes ``[O, I]`` back from a kernel's layout (so only one copy is kept)."""
+    w = kp.weight
+    if kp.kind == "int8":
+        return (w.to(torch.int16) + 128).to(torch.uint8)
+    if kp.kind == "int4":
+        lo, hi = w & 15, w >> 4
+        c = torch.stack([lo.reshape(out_features, -1, 32), hi.reshape(out_features, -1, 32)], 2)
+        return c.reshape(out_features, -1)[:, : kp.in_features]
+    parts = [(w >> (2 * j)) & 3 for j in range(4)]  # ternary, block256
+    c = torch.stack([p.reshape(out_features, -1, 64) for p in parts], 2)
+    return c.reshape(out_features, -1)[:, : kp.in_features]

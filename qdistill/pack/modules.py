@@ -75,10 +75,18 @@ class PackedMixin:
                     t = t.to(torch.uint8)  # integer zero points fit a byte (codes are <= 8 bit)
             self.register_buffer(key, t)
 
+    def packed_codes(self) -> torch.Tensor:
+        """The codes in the file's layout (rebuilt from the kernel's copy once that is the
+        only one kept, see ``PackedLinear.forward``)."""
+        kp = getattr(self, "_kernel", None)
+        if self.weight_codes.numel() == 0 and kp:
+            return pack_for(kernels.unrepack(kp, self.weight_shape[0]), self.weight_format)
+        return self.weight_codes
+
     def unpacked_weight(self) -> torch.Tensor:
         """Dequantized weight, rebuilt from the packed codes (exactly the fake-quant weight)."""
         numel = int(torch.Size(self.weight_shape).numel())
-        codes = unpack_for(self.weight_codes, self.weight_format, numel)
+        codes = unpack_for(self.packed_codes(), self.weight_format, numel)
         zp = self.weight_zero_point
         if zp is not None and not zp.is_floating_point():
             zp = zp.to(torch.int32)
@@ -132,6 +140,8 @@ class PackedLinear(PackedMixin, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernel is False:
             self._kernel = kernels.plan(self)
+            if self._kernel is not None:  # keep one copy of the codes: the kernel's
+                self.weight_codes = torch.empty(0, dtype=torch.uint8)
         if self._kernel is not None and not (torch.is_grad_enabled() and x.requires_grad):
             return kernels.linear(self, self._kernel, x)  # integer kernel on the codes
         return F.linear(self.quantized_input(x), self.unpacked_weight(), self.bias)
