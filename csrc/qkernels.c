@@ -301,9 +301,15 @@ void qd_quantize_rows(const float *x, int8_t *xq, float *scale, int32_t *rowsum,
 }
 
 /* The three products. Rows of the output are split over threads; inside a thread, NB batch
- * rows share each weight load. y is int32 (ternary, int8) or float (int4). */
-void qd_ternary_gemm(const uint8_t *w, const int8_t *x, int32_t *y, int64_t B, int64_t O,
-                     int64_t I_pad, int level) {
+ * rows share each weight load. All three apply the scales and the bias and write float. */
+static inline float epilogue(int32_t dot, float xs, float ws, const float *bias, int64_t o) {
+    return (float)dot * xs * ws + (bias ? bias[o] : 0.0f);
+}
+
+/* y[b, o] = (sum_i c[o, i] x[b, i] - rowsum[b]) * x_scale[b] * w_scale[o] + bias[o] */
+void qd_ternary_gemm(const uint8_t *w, const int8_t *x, const int32_t *rowsum,
+                     const float *x_scale, const float *w_scale, const float *bias, float *y,
+                     int64_t B, int64_t O, int64_t I_pad, int level) {
     int64_t n_blocks = I_pad / 256, row_bytes = I_pad / 4;
     int path = pick(level);
 #pragma omp parallel for schedule(static)
@@ -320,18 +326,26 @@ void qd_ternary_gemm(const uint8_t *w, const int8_t *x, int32_t *y, int64_t B, i
                     ternary_rows_vnni(wr, xs, n_blocks, out, nb);
                 else
                     ternary_rows_avx2(wr, xs, n_blocks, out, nb);
-                for (int b = 0; b < nb; b++) y[(b0 + b) * O + o] = out[b];
+                for (int b = 0; b < nb; b++) {
+                    int64_t r = b0 + b;
+                    y[r * O + o] = epilogue(out[b] - rowsum[r], x_scale[r], w_scale[o], bias, o);
+                }
                 continue;
             }
 #endif
-            for (int b = 0; b < nb; b++)
-                y[(b0 + b) * O + o] = ternary_row_c(wr, x + (b0 + b) * I_pad, n_blocks);
+            for (int b = 0; b < nb; b++) {
+                int64_t r = b0 + b;
+                int32_t dot = ternary_row_c(wr, x + r * I_pad, n_blocks) - rowsum[r];
+                y[r * O + o] = epilogue(dot, x_scale[r], w_scale[o], bias, o);
+            }
         }
     }
 }
 
-void qd_int8_gemm(const int8_t *w, const int8_t *x, const int32_t *wsum, int32_t *y, int64_t B,
-                  int64_t O, int64_t I, int level) {
+/* y[b, o] = (sum_i w[o, i] x[b, i]) * x_scale[b] * w_scale[o] + bias[o] */
+void qd_int8_gemm(const int8_t *w, const int8_t *x, const int32_t *wsum, const float *x_scale,
+                  const float *w_scale, const float *bias, float *y, int64_t B, int64_t O,
+                  int64_t I, int level) {
     int path = pick(level);
 #pragma omp parallel for schedule(static)
     for (int64_t o = 0; o < O; o++) {
@@ -347,19 +361,23 @@ void qd_int8_gemm(const int8_t *w, const int8_t *x, const int32_t *wsum, int32_t
                     int8_rows_vnni(wr, xs, I, wsum[o], out, nb);
                 else
                     int8_rows_avx2(wr, xs, I, out, nb);
-                for (int b = 0; b < nb; b++) y[(b0 + b) * O + o] = out[b];
+                for (int b = 0; b < nb; b++)
+                    y[(b0 + b) * O + o] = epilogue(out[b], x_scale[b0 + b], w_scale[o], bias, o);
                 continue;
             }
 #endif
-            for (int b = 0; b < nb; b++) y[(b0 + b) * O + o] = int8_row_c(wr, x + (b0 + b) * I, I);
+            for (int b = 0; b < nb; b++) {
+                int64_t r = b0 + b;
+                y[r * O + o] = epilogue(int8_row_c(wr, x + r * I, I), x_scale[r], w_scale[o], bias, o);
+            }
         }
     }
 }
 
 /* y[b*O + o] = x_scale[b] * sum_g s[o, g] * (sum_{i in g} c[o, i] x[b, i] - zp[o, g] * xgsum[b, g]) */
 void qd_int4_gemm(const uint8_t *w, const int8_t *x, const float *s, const int32_t *zp,
-                  const int32_t *xgsum, const float *x_scale, float *y, int64_t B, int64_t O,
-                  int64_t I, int64_t G, int level) {
+                  const int32_t *xgsum, const float *x_scale, const float *bias, float *y,
+                  int64_t B, int64_t O, int64_t I, int64_t G, int level) {
     int64_t n_groups = I / G, cpg = G / 64, row_bytes = I / 2;
     int path = pick(level);
 #pragma omp parallel for schedule(static)
@@ -383,14 +401,15 @@ void qd_int4_gemm(const uint8_t *w, const int8_t *x, const float *s, const int32
                     int4_rows_vnni(wr, xs, so, zo, gs, n_groups, cpg, out, nb);
                 else
                     int4_rows_avx2(wr, xs, so, zo, gs, n_groups, cpg, out, nb);
-                for (int b = 0; b < nb; b++) y[(b0 + b) * O + o] = out[b] * x_scale[b0 + b];
+                for (int b = 0; b < nb; b++)
+                    y[(b0 + b) * O + o] = out[b] * x_scale[b0 + b] + (bias ? bias[o] : 0.0f);
                 continue;
             }
 #endif
             for (int b = 0; b < nb; b++) {
                 int64_t r = b0 + b;
                 y[r * O + o] = int4_row_c(wr, x + r * I, so, zo, xgsum + r * n_groups, n_groups,
-                                          cpg) * x_scale[r];
+                                          cpg) * x_scale[r] + (bias ? bias[o] : 0.0f);
             }
         }
     }

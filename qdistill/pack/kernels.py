@@ -47,11 +47,11 @@ def library() -> ctypes.CDLL | None:
             try:
                 lib = ctypes.CDLL(found[0])
                 i64, ptr = ctypes.c_int64, ctypes.c_void_p
-                lib.qd_ternary_gemm.argtypes = [ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+                lib.qd_ternary_gemm.argtypes = [ptr] * 7 + [i64] * 3 + [ctypes.c_int]
                 lib.qd_ternary_gemm.restype = None
-                lib.qd_int8_gemm.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+                lib.qd_int8_gemm.argtypes = [ptr] * 7 + [i64] * 3 + [ctypes.c_int]
                 lib.qd_int8_gemm.restype = None
-                lib.qd_int4_gemm.argtypes = [ptr] * 7 + [i64] * 4 + [ctypes.c_int]
+                lib.qd_int4_gemm.argtypes = [ptr] * 8 + [i64] * 4 + [ctypes.c_int]
                 lib.qd_int4_gemm.restype = None
                 lib.qd_quantize_rows.argtypes = [ptr] * 4 + [i64] * 3
                 lib.qd_quantize_rows.restype = None
@@ -172,14 +172,16 @@ def quantize_rows(x: torch.Tensor, in_padded: int) -> tuple[torch.Tensor, ...]:
 
 def linear(layer: Any, kp: KernelPlan, x: torch.Tensor, level: int = 0) -> torch.Tensor:
     """``layer(x)`` through the C kernel (``level`` 0: the fastest path the CPU has, 1: portable
-    C, 2: at most AVX2; the levels exist so that tests can compare the paths)."""
+    C, 2: at most AVX2; the levels exist so that tests can compare the paths). The kernels
+    apply the scales and the bias themselves, so a call is two C calls and no torch ops."""
     lib = library()
     lead = x.shape[:-1]
     xq, x_scale, rowsum = quantize_rows(x, kp.in_padded)
     rows, out_f = xq.shape[0], kp.weight.shape[0]
+    y = torch.empty(rows, out_f, dtype=torch.float32)
+    bias = None if layer.bias is None else layer.bias.data_ptr()
     if kp.kind == "int4":
         xgsum = xq.reshape(rows, -1, kp.group_size).sum(dim=2, dtype=torch.int32).contiguous()
-        y = torch.empty(rows, out_f, dtype=torch.float32)
         lib.qd_int4_gemm(
             kp.weight.data_ptr(),
             xq.data_ptr(),
@@ -187,6 +189,7 @@ def linear(layer: Any, kp: KernelPlan, x: torch.Tensor, level: int = 0) -> torch
             kp.zero_point.data_ptr(),
             xgsum.data_ptr(),
             x_scale.data_ptr(),
+            bias,
             y.data_ptr(),
             rows,
             out_f,
@@ -194,15 +197,15 @@ def linear(layer: Any, kp: KernelPlan, x: torch.Tensor, level: int = 0) -> torch
             kp.group_size,
             int(level),
         )
-        if layer.bias is not None:
-            y += layer.bias
-        return y.reshape(*lead, out_f)
-    acc = torch.empty(rows, out_f, dtype=torch.int32)
-    if kp.kind == "ternary":
+    elif kp.kind == "ternary":  # sum (c - 1) x = sum c x - sum x: the kernel subtracts rowsum
         lib.qd_ternary_gemm(
             kp.weight.data_ptr(),
             xq.data_ptr(),
-            acc.data_ptr(),
+            rowsum.data_ptr(),
+            x_scale.data_ptr(),
+            kp.weight_scale.data_ptr(),
+            bias,
+            y.data_ptr(),
             rows,
             out_f,
             kp.in_padded,
@@ -213,17 +216,15 @@ def linear(layer: Any, kp: KernelPlan, x: torch.Tensor, level: int = 0) -> torch
             kp.weight.data_ptr(),
             xq.data_ptr(),
             kp.weight_sum.data_ptr(),
-            acc.data_ptr(),
+            x_scale.data_ptr(),
+            kp.weight_scale.data_ptr(),
+            bias,
+            y.data_ptr(),
             rows,
             out_f,
             kp.in_padded,
             int(level),
         )
-    if kp.kind == "ternary":  # sum (c - 1) x = sum c x - sum x
-        acc -= rowsum.reshape(-1, 1)
-    y = acc.float().mul_(x_scale.reshape(-1, 1)).mul_(kp.weight_scale.reshape(1, -1))
-    if layer.bias is not None:
-        y += layer.bias
     return y.reshape(*lead, out_f)
 
 
