@@ -1,0 +1,90 @@
+"""MiniLM multi-head attention-relation distillation (as used by BitNet Distillation, stage 3).
+
+Wang et al. (2021), "MiniLMv2: Multi-Head Self-Attention Relation Distillation", Sec. 3: for
+one chosen layer, the queries, keys and values of teacher and student are each split into the
+same number of relation heads ``h`` (whatever their own head counts), and for every head the
+scaled dot-product relation ``softmax(A A^T / sqrt(d_r))`` is formed; the loss is the KL
+divergence from the teacher's relations to the student's, summed over Q-Q, K-K and V-V.
+The Q/K/V projections are read with forward hooks, so any model whose projections are named
+modules works.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qdistill.errors import QDistillError
+
+QKV_NAMES: dict[str, tuple[str, str, str]] = {
+    "bert": ("attention.self.query", "attention.self.key", "attention.self.value"),
+    "llama": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+}
+LAYER_PREFIX: dict[str, str] = {"bert": "encoder.layer.{i}.", "llama": "layers.{i}."}
+
+
+def relation_log_probs(
+    x: torch.Tensor, heads: int, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Log of ``softmax(A A^T / sqrt(d))`` per relation head: ``[B, heads, T, T]``."""
+    b, t, dim = x.shape
+    if dim % heads:
+        raise QDistillError(f"hidden size {dim} does not split into {heads} relation heads")
+    a = x.reshape(b, t, heads, dim // heads).transpose(1, 2)
+    scores = a @ a.transpose(-1, -2) / (dim // heads) ** 0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask.bool()[:, None, None, :], float("-inf"))
+    return F.log_softmax(scores.float(), dim=-1)
+
+
+def relation_kl(
+    student: torch.Tensor, teacher: torch.Tensor, heads: int, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """KL(teacher relations || student relations), averaged over batch, heads and positions."""
+    ls = relation_log_probs(student, heads, mask)
+    lt = relation_log_probs(teacher, heads, mask)
+    kl = (lt.exp() * (lt - ls)).nan_to_num(0.0).sum(-1)  # masked keys contribute 0
+    if mask is not None:
+        rows = mask.bool()[:, None, :].expand_as(kl)
+        return kl[rows].mean()
+    return kl.mean()
+
+
+class QKVCapture:
+    """Forward hooks that keep the Q, K, V projection outputs of one layer of a model."""
+
+    def __init__(self, model: nn.Module, layer: int, kind: str | None = None) -> None:
+        kind = kind or getattr(getattr(model, "config", None), "model_type", None)
+        if kind not in QKV_NAMES:
+            raise QDistillError(f"attention capture knows {sorted(QKV_NAMES)}, not {kind!r}")
+        prefix = LAYER_PREFIX[kind].format(i=layer)
+        modules = dict(model.named_modules())
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.handles = []
+        for role, suffix in zip("qkv", QKV_NAMES[kind], strict=True):
+            matches = [n for n in modules if re.search(re.escape(prefix + suffix) + "$", n)]
+            if not matches:
+                raise QDistillError(f"layer {layer}: no module named like {prefix + suffix!r}")
+            self.handles.append(modules[matches[0]].register_forward_hook(self._hook(role)))
+
+    def _hook(self, role: str):
+        def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+            self.outputs[role] = output
+
+        return hook
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def attention_relation_loss(
+    student: QKVCapture, teacher: QKVCapture, heads: int, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Sum over Q-Q, K-K, V-V of the relation KL, from the last forward passes captured."""
+    return sum(
+        relation_kl(student.outputs[r], teacher.outputs[r].detach(), heads, mask) for r in "qkv"
+    )
