@@ -14,6 +14,15 @@ import torch.nn.functional as F
 from qdistill.errors import ConfigError, QDistillError
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_temperature(temperature: object) -> None:
+    if not _is_number(temperature) or not temperature > 0:  # also rejects NaN
+        raise ConfigError(f"KD temperature={temperature!r} must be a positive number (e.g. 2)")
+
+
 def _check_logits(student: torch.Tensor, teacher: torch.Tensor | None) -> None:
     if teacher is not None and student.shape != teacher.shape:
         raise QDistillError(
@@ -25,7 +34,12 @@ def _check_logits(student: torch.Tensor, teacher: torch.Tensor | None) -> None:
 def kd_kl(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
 ) -> torch.Tensor:
-    """KL(softmax(teacher/T) || softmax(student/T)), summed over classes, averaged over samples."""
+    """KL(softmax(teacher/T) || softmax(student/T)), summed over classes, averaged over samples.
+
+    Logits are ``[N, C]``. This is the soft-target term of Hinton et al. (2015), Sec. 2, without
+    the ``T^2`` factor (which :class:`KD` applies).
+    """
+    _check_temperature(temperature)
     _check_logits(student_logits, teacher_logits)
     log_p_student = F.log_softmax(student_logits / temperature, dim=-1)
     log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=-1)
@@ -33,14 +47,17 @@ def kd_kl(
 
 
 class KD:
-    """Soft-target distillation plus hard-label cross-entropy (Hinton et al. 2015)."""
+    """Soft-target distillation plus hard-label cross-entropy (Hinton et al. 2015).
+
+    ``KD(T, alpha)(s, t, y) = alpha * T^2 * kd_kl(s, t, T) + (1 - alpha) * CE(s, y)`` on ``[N, C]``
+    logits. With ``alpha=1`` the labels are not used and may be ``None`` (data-free distillation).
+    """
 
     needs_teacher = True
 
     def __init__(self, temperature: float = 2.0, alpha: float = 0.7) -> None:
-        if not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ConfigError(f"KD temperature={temperature!r} must be a positive number (e.g. 2)")
-        if not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        _check_temperature(temperature)
+        if not _is_number(alpha) or not 0.0 <= alpha <= 1.0:
             raise ConfigError(f"KD alpha={alpha!r} must be between 0 and 1 (e.g. 0.7)")
         self.temperature = float(temperature)
         self.alpha = float(alpha)

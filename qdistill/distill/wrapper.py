@@ -23,6 +23,8 @@ class Distiller:
     def __init__(self, teacher: nn.Module | None, student: nn.Module, loss: Any) -> None:
         if getattr(loss, "needs_teacher", False) and teacher is None:
             raise ConfigError(f"{loss!r} needs a teacher; pass one or use CrossEntropy()")
+        if teacher is student:
+            raise ConfigError("teacher and student are the same module; pass a copy as teacher")
         self.teacher = teacher
         self.student = student
         self.loss = loss
@@ -31,6 +33,7 @@ class Distiller:
             teacher.eval()
 
     def train(self, mode: bool = True) -> Distiller:
+        """Switch the student's mode; the teacher stays in eval mode (no dropout, fixed BN)."""
         self.student.train(mode)
         if self.teacher is not None:
             self.teacher.eval()
@@ -43,8 +46,11 @@ class Distiller:
         return (p for p in self.student.parameters() if p.requires_grad)
 
     def teacher_logits(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The frozen teacher's logits for ``x`` (no graph), or ``None`` without a teacher."""
         if self.teacher is None:
             return None
+        if self.teacher.training:  # someone switched it (e.g. model.train() on a parent)
+            self.teacher.eval()
         with torch.no_grad():
             return self.teacher(x)
 
@@ -55,7 +61,12 @@ class Distiller:
         return self.loss(student_logits, teacher_logits, y), student_logits
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Student logits (what is evaluated and shipped)."""
         return self.student(x)
+
+    def __repr__(self) -> str:
+        teacher = type(self.teacher).__name__ if self.teacher is not None else None
+        return f"Distiller(teacher={teacher}, student={type(self.student).__name__}, {self.loss!r})"
 
 
 def distill(teacher: nn.Module, student: nn.Module, loss: Any = None) -> Distiller:

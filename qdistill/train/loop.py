@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qdistill.errors import ConfigError
+from qdistill.errors import ConfigError, FileFormatError
 from qdistill.train.checkpoint import load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,54 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return seed * 100_003 + epoch
 
 
+def _start(
+    run: Any,
+    ckpt: Path | None,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    resume: bool,
+    seed: int,
+    epochs: int,
+    desc: str,
+) -> tuple[History, int]:
+    """History so far and the first epoch to run: restored from ``ckpt`` when resuming."""
+    if ckpt is None:
+        if resume:
+            log.warning("%s: resume asked for but no checkpoint_dir given; starting fresh", desc)
+        return History(), 0
+    if not ckpt.exists():
+        if resume:
+            log.warning("%s: no checkpoint at %s to resume from; starting fresh", desc, ckpt)
+        return History(), 0
+    if not resume:
+        log.warning("%s: starting fresh; the checkpoint %s will be overwritten", desc, ckpt)
+        return History(), 0
+    meta = load_checkpoint(ckpt, model=run.student, optimizer=optimizer, scheduler=scheduler)
+    try:
+        done = int(meta["epoch"])
+        history = History(**meta.get("history", {}))
+    except (KeyError, TypeError, ValueError):
+        raise FileFormatError(
+            f"{ckpt} has no training progress (epoch, history) in its meta; it was not written "
+            "by fit, so delete it or train without resume"
+        ) from None
+    if meta.get("seed", seed) != seed:
+        log.warning(
+            "%s: checkpoint was trained with seed=%s, this run uses seed=%s; the resumed run "
+            "will not match an uninterrupted one",
+            desc,
+            meta["seed"],
+            seed,
+        )
+    if done + 1 >= epochs:
+        log.warning(
+            "%s: checkpoint %s already holds %d epochs; nothing to train", desc, ckpt, done + 1
+        )
+    else:
+        log.warning("%s: resuming from epoch %d/%d (%s)", desc, done + 2, epochs, ckpt)
+    return history, done + 1
+
+
 def fit(
     run: Any,
     train_loader: Iterable,
@@ -79,28 +127,22 @@ def fit(
 ) -> History:
     """Train ``run`` (a :class:`~qdistill.distill.Distiller`) for ``epochs`` epochs.
 
-    A checkpoint is written atomically to ``checkpoint_dir/last.safetensors`` after every epoch;
-    ``resume=True`` continues from it. ``callbacks`` are called as ``cb(event, info)`` with events
-    ``"step"`` and ``"epoch_end"``.
+    ``run`` needs ``.step(x, y) -> (loss, logits)``, ``.train()``, ``.eval()``, ``.parameters()``
+    and ``.student``. The optimizer defaults to ``Adam(run.parameters(), lr)``; ``scheduler`` is
+    stepped once per epoch. A checkpoint (student, optimizer, scheduler, epoch, seed, history) is
+    written atomically to ``checkpoint_dir/last.safetensors`` after every epoch; ``resume=True``
+    continues after the epoch it holds, with the same result as a run that was never stopped
+    (same ``seed``, data and settings assumed). ``resume=False`` starts fresh and overwrites it.
+    ``callbacks`` are called as ``cb(event, info)``: ``"step"`` after every optimizer step
+    (info: epoch, step) and ``"epoch_end"`` after the checkpoint (info: epoch, history).
+    The student is left in eval mode.
     """
-    if not isinstance(epochs, int) or epochs < 1:
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"epochs={epochs!r} must be a positive integer")
-    optimizer = optimizer or torch.optim.Adam(run.parameters(), lr=lr)
-    history = History()
-    start = 0
+    if optimizer is None:
+        optimizer = torch.optim.Adam(run.parameters(), lr=lr)
     ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-    if ckpt is not None and ckpt.exists():
-        if resume:
-            meta = load_checkpoint(
-                ckpt, model=run.student, optimizer=optimizer, scheduler=scheduler
-            )
-            start = int(meta["epoch"]) + 1
-            history = History(**meta.get("history", {}))
-            log.warning("%s: resuming from %s after epoch %d", desc, ckpt, start)
-        else:
-            log.warning("%s: starting fresh; the checkpoint in %s will be overwritten", desc, ckpt)
-    elif resume:
-        log.warning("%s: --resume given but no checkpoint at %s; starting fresh", desc, ckpt)
+    history, start = _start(run, ckpt, optimizer, scheduler, resume, seed, epochs, desc)
 
     for epoch in range(start, epochs):
         torch.manual_seed(_epoch_seed(seed, epoch))
@@ -139,7 +181,7 @@ def fit(
                 model=run.student,
                 optimizer=optimizer,
                 scheduler=scheduler,
-                meta={"epoch": epoch, "history": history.to_dict()},
+                meta={"epoch": epoch, "seed": seed, "history": history.to_dict()},
             )
         for cb in callbacks or ():
             cb("epoch_end", {"epoch": epoch, "history": history})
