@@ -271,3 +271,12 @@ def test_resume_after_sigkill_ends_with_identical_weights(tmp_path):
     torch.manual_seed(7)
     init = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 3))
     assert not torch.allclose(a["0.weight"], init[0].weight)
+
+
+def test_checkpoint_gets_the_usual_file_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = save_checkpoint(tmp_path / "c.safetensors", model=_net(), meta={"epoch": 0})
+    finally:
+        os.umask(umask)
+    assert (path.stat().st_mode & 0o777) == 0o644
