@@ -125,3 +125,16 @@ def test_loading_never_unpickles(tmp_path, monkeypatch):
     m = qd.quantize_(net(), qd.QuantConfig(weights=qd.int2(symmetric=False)))
     loaded = qd.load(qd.save(m, tmp_path / "m.qd.safetensors"), model=net())
     assert isinstance(loaded[4], PackedLinear)
+
+
+def test_a_bn_folded_model_loads_from_its_recorded_architecture(tmp_path):
+    from qdistill.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("teacher-cnn", input_size=8)
+    qd.fold_batchnorm(model)  # BatchNorm slots become Identity, convs carry the folded weights
+    qd.quantize_(model, qd.QuantConfig(weights=qd.int8(axis=0)))
+    model.eval()
+    loaded = qd.load(qd.save(model, tmp_path / "folded.qd.safetensors"))  # no template given
+    x = torch.randn(3, 1, 8, 8)
+    assert torch.equal(loaded(x), model(x))

@@ -105,6 +105,9 @@ def save(model: nn.Module, path: str | os.PathLike[str], entropy_coding: str | N
         "format_version": FORMAT_VERSION,
         "architecture": getattr(model, "qd_arch", None),
         "layers": layers,
+        # modules replaced by Identity (e.g. BatchNorm folded into its conv before quantizing),
+        # so that a model rebuilt from the architecture can be given the same shape
+        "identity": [n for n, m in model.named_modules() if n and isinstance(m, nn.Identity)],
     }
     return atomic_save_safetensors(
         tensors, path, metadata={META_KEY: json.dumps(header, separators=(",", ":"))}
@@ -197,6 +200,15 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
                 raise FileFormatError(f"{path}: cannot read tensor {key!r} ({exc})") from None
 
         used: set[str] = set()
+        for name in header.get("identity", []):
+            try:
+                if not isinstance(model.get_submodule(name), nn.Identity):
+                    _set_module(model, name, nn.Identity())
+            except AttributeError:
+                raise FileFormatError(
+                    f"{path}: module {name!r} in the file does not exist in the given "
+                    f"{type(model).__name__}; pass the model the file was saved from"
+                ) from None
         for name, meta in header.get("layers", {}).items():
             try:
                 target = model.get_submodule(name)
