@@ -4,18 +4,25 @@ For each model, the float model and its packed variants (saved with ``qd.save`` 
 with ``qd.load``, as a user would) run on the same input with interleaved repetitions (median
 of 30), at batch 1 and 32, on 2 threads:
 
-* ``fp32``: ``nn.Linear`` / ``nn.Conv2d`` (PyTorch's own kernels);
-* ``int8``: W8A8, per-channel int8 weights, per-token int8 activations (our C kernel);
+* ``fp32``: ``nn.Linear`` / ``nn.Conv2d`` (PyTorch's own kernels, oneDNN/MKL);
+* ``int8``: W8A8, per-channel int8 weights, per-token int8 activations (our AVX-512 VNNI C
+  kernel at batch < 8, torch._int_mm on the same codes above);
+* ``int8-wo``: int8 weights only, fp32 activations (C kernel);
 * ``int4``: W4A8, 4-bit weights with a scale per group of 64, per-token int8 activations;
+* ``int4-wo``: W4A16 style, 4-bit weights with a scale per group of 64, fp32 activations
+  (table-lookup C kernel on the file's own layout);
 * ``ternary``: W1.58A8 as BitNet b1.58 (absmean ternary weights, per-token int8 activations);
-* ``ternary-portable``: the same file through the portable path (unpack + float matmul), to
+* ``int2``: 2-bit integer weights per channel, per-token int8 activations (same kernel);
+* ``ternary-portable``: the ternary file through the portable path (unpack + float matmul), to
   show what the kernel is worth.
+
+Conv2d layers have no kernel yet: the CNN's convolutions take the portable path.
 
 ``bytes`` is the packed file's size on disk, ``peak_rss_mb`` the growth of the process's
 resident memory when that model is loaded and run once, ``fraction_of_bound`` the lower-bound
 latency (weight bytes read / measured memory bandwidth) divided by the measured latency.
 
-    python benchmarks/runtime.py          # ~2 min; writes benchmarks/results/runtime.csv
+    python benchmarks/runtime.py          # ~3 min; writes benchmarks/results/runtime.csv
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from torch import nn
 
 import qdistill as qd
 from qdistill.models import build_model
+from qdistill.pack.kernels import cpu_path
 from qdistill.report import markdown_table, write_csv
 from qdistill.report.runtime import bench, memory_bandwidth_gbs
 
@@ -37,8 +45,11 @@ RESULTS = Path(__file__).parent / "results"
 ROW8 = qd.IntFormat(8, axis="row")
 VARIANTS = {
     "int8": qd.QuantConfig(weights=qd.IntFormat(8, axis=0), activations=ROW8),
+    "int8-wo": qd.QuantConfig(weights=qd.IntFormat(8, axis=0)),
     "int4": qd.QuantConfig(weights=qd.IntFormat(4, group_size=64), activations=ROW8),
+    "int4-wo": qd.QuantConfig(weights=qd.IntFormat(4, group_size=64)),
     "ternary": qd.QuantConfig(weights=qd.TernaryFormat(axis=0), activations=ROW8),
+    "int2": qd.QuantConfig(weights=qd.IntFormat(2, axis=0), activations=ROW8),
 }
 
 
@@ -76,7 +87,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     bandwidth = memory_bandwidth_gbs()
-    print(f"measured read bandwidth: {bandwidth:.1f} GB/s", flush=True)
+    print(f"measured read bandwidth: {bandwidth:.1f} GB/s; kernels: {cpu_path()}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for model_name, (factory, shape) in MODELS.items():
@@ -131,7 +142,8 @@ def main() -> None:
     ]
     write_csv(rows, Path(args.out) / "runtime.csv", columns=cols)
     (Path(args.out) / "runtime.md").write_text(
-        f"measured read bandwidth {bandwidth:.1f} GB/s\n\n"
+        f"measured read bandwidth {bandwidth:.1f} GB/s; 2 threads; kernels: {cpu_path()}; "
+        f"median of {args.reps} interleaved repetitions\n\n"
         + markdown_table(rows, columns=cols)
         + "\n"
     )

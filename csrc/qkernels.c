@@ -1,25 +1,37 @@
 /*
- * qdistill CPU kernels: low-bit weight x int8 activation matrix products, computed on the
- * packed codes (the float weight matrix is never materialised).
+ * qdistill CPU kernels: low-bit weight matrix products computed on the packed codes (the float
+ * weight matrix is never materialised). Plain C, no torch headers; called through ctypes.
  *
- *   ternary_gemm: weights in {-1, 0, +1} stored as 2-bit codes c = w + 1 in the "block256"
- *                 layout (per row, blocks of 256 weights in 64 bytes: byte b of block k holds
- *                 the codes of weights k*256 + b + 64*j in bits 2j..2j+1, j = 0..3), int8
- *                 activations. sum_i w_i x_i = sum_i c_i x_i - sum_i x_i.
- *   int8_gemm:    int8 weights, int8 activations.
- *   int4_gemm:    4-bit codes with a scale and zero point per group of G weights (G a multiple
- *                 of 64), int8 activations (W4A8, as llama.cpp's Q4 x Q8 dot products); layout
- *                 per row in chunks of 64 codes (32 bytes: byte j = code j | code j+32 << 4).
- *                 Writes float outputs: sum_g s_g * (sum_i c_i x_i - zp_g * sum_i x_i) * x_scale.
+ * Integer activations (per-token int8 codes q, scale sx, as IntFormat(8, axis="row")):
+ *   qd_ternary_gemm: 2-bit codes c (ternary c = w + 1, or IntFormat(2) with offset/zero point zp
+ *                    per row) in the "block256" layout (per row, blocks of 256 weights in 64
+ *                    bytes: byte b of block k holds the codes of weights k*256 + b + 64*j in bits
+ *                    2j..2j+1, j = 0..3). sum_i (c_i - zp) q_i = sum_i c_i q_i - zp * sum_i q_i.
+ *   qd_int8_gemm:    int8 weights (code - 128), row layout.
+ *   qd_int4_gemm:    4-bit codes with a scale and zero point per group of g weights (g a multiple
+ *                    of 8) in the "tile16" layout: 16 output rows interleaved so that one 64-byte
+ *                    vector holds, for each of the 16 rows, 8 consecutive codes (byte 4r + j =
+ *                    code[r, 8k + j] | code[r, 8k + 4 + j] << 4). One VNNI instruction then
+ *                    multiplies 4 codes of 16 rows by 4 broadcast activations, and the 16 output
+ *                    rows live in the 16 lanes: no horizontal sums, and the group scales are
+ *                    applied as vectors (the "interleaved rows" layout of oneDNN / FBGEMM GEMV
+ *                    kernels, after llama.cpp's Q4 x Q8 arithmetic: s_g * (sum c q - zp * sum q)).
+ * Float activations (weight-only, "W4A16"-style; the activations stay fp32):
+ *   qd_lut_gemm:     2- or 4-bit codes in the file's own "lsb" layout; each group's 16 possible
+ *                    weight values (c - zp) * s go in one AVX-512 register and
+ *                    _mm512_permutexvar_ps looks the codes up (the table-lookup dequantization
+ *                    of T-MAC, Wei et al. 2024, used here on fp32), then FMA with the activations.
+ *   qd_int8w_gemm:   int8 weights, per-row scale, float activations.
  *
- * Both write int32 dot products y[b*O + o]; the caller applies the scales. The fastest path the
- * CPU has is chosen at run time: AVX-512 VNNI (_mm512_dpbusd_epi32, u8 x s8 -> s32 in one
- * instruction), AVX2 (_mm256_maddubs_epi16 + _mm256_madd_epi16, as in llama.cpp's and BitNet's
- * CPU kernels), or portable C. Rows are split across threads with OpenMP.
+ * The fastest path the CPU has is chosen at run time: AVX-512 VNNI (_mm512_dpbusd_epi32,
+ * u8 x s8 -> s32), AVX2 (_mm256_maddubs_epi16 + _mm256_madd_epi16, as in llama.cpp's and BitNet's
+ * CPU kernels), or portable C. Output rows are split across threads with OpenMP (the torch wheel
+ * ships libgomp.so.1 with the same soname, so the two share one thread pool).
  */
 #include <stdint.h>
 #include <math.h>
 #include <string.h>
+#include <stdlib.h>
 #ifdef __x86_64__
 #include <immintrin.h>
 #endif
@@ -155,85 +167,7 @@ __attribute__((target("avx2"))) static void int8_rows_avx2(const int8_t *w, cons
     }
 }
 
-__attribute__((target("avx2,fma"))) static void int4_rows_avx2(
-    const uint8_t *w, const int8_t **x, const float *s, const int32_t *zp, const int32_t **xgsum,
-    int64_t n_groups, int64_t chunks_per_group, float *out, int nb) {
-    const __m256i mask = _mm256_set1_epi8(15);
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[NB];
-    float corr[NB];
-    for (int b = 0; b < nb; b++) { acc[b] = _mm256_setzero_ps(); corr[b] = 0.0f; }
-    for (int64_t g = 0; g < n_groups; g++) {
-        __m256i dot[NB];
-        for (int b = 0; b < nb; b++) dot[b] = _mm256_setzero_si256();
-        for (int64_t k = 0; k < chunks_per_group; k++) {
-            int64_t c = g * chunks_per_group + k;
-            __m256i v = _mm256_loadu_si256((const __m256i *)(w + 32 * c));
-            __m256i lo = _mm256_and_si256(v, mask);
-            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-            for (int b = 0; b < nb; b++) {
-                const int8_t *xc = x[b] + 64 * c;
-                __m256i p = _mm256_add_epi16(
-                    _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)xc)),
-                    _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xc + 32))));
-                dot[b] = _mm256_add_epi32(dot[b], _mm256_madd_epi16(p, ones));
-            }
-        }
-        __m256 sg = _mm256_set1_ps(s[g]);
-        for (int b = 0; b < nb; b++) {
-            acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[b]), sg, acc[b]);
-            corr[b] += s[g] * (float)(zp[g] * xgsum[b][g]);
-        }
-    }
-    for (int b = 0; b < nb; b++) out[b] = hsum_ps(acc[b]) - corr[b];
-}
-
-VNNI_TARGET static void int4_rows_vnni(const uint8_t *w, const int8_t **x, const float *s,
-                                       const int32_t *zp, const int32_t **xgsum, int64_t n_groups,
-                                       int64_t chunks_per_group, float *out, int nb) {
-    const __m256i mask = _mm256_set1_epi8(15);
-    __m512 acc[NB];
-    float corr[NB];
-    for (int b = 0; b < nb; b++) { acc[b] = _mm512_setzero_ps(); corr[b] = 0.0f; }
-    for (int64_t g = 0; g < n_groups; g++) {
-        __m512i dot[NB];
-        for (int b = 0; b < nb; b++) dot[b] = _mm512_setzero_si512();
-        for (int64_t k = 0; k < chunks_per_group; k++) {
-            int64_t c = g * chunks_per_group + k;
-            __m256i v = _mm256_loadu_si256((const __m256i *)(w + 32 * c));
-            __m512i codes = _mm512_inserti64x4(
-                _mm512_castsi256_si512(_mm256_and_si256(v, mask)),
-                _mm256_and_si256(_mm256_srli_epi16(v, 4), mask), 1);
-            for (int b = 0; b < nb; b++)
-                dot[b] = _mm512_dpbusd_epi32(dot[b], codes,
-                                             _mm512_loadu_si512((const void *)(x[b] + 64 * c)));
-        }
-        __m512 sg = _mm512_set1_ps(s[g]);
-        for (int b = 0; b < nb; b++) {
-            acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[b]), sg, acc[b]);
-            corr[b] += s[g] * (float)(zp[g] * xgsum[b][g]);
-        }
-    }
-    for (int b = 0; b < nb; b++) out[b] = _mm512_reduce_add_ps(acc[b]) - corr[b];
-}
 #endif
-
-static float int4_row_c(const uint8_t *w, const int8_t *x, const float *s, const int32_t *zp,
-                        const int32_t *xgsum, int64_t n_groups, int64_t chunks_per_group) {
-    float acc = 0.0f;
-    for (int64_t g = 0; g < n_groups; g++) {
-        int32_t dot = 0;
-        for (int64_t k = 0; k < chunks_per_group; k++) {
-            const uint8_t *wc = w + 32 * (g * chunks_per_group + k);
-            const int8_t *xc = x + 64 * (g * chunks_per_group + k);
-            for (int j = 0; j < 32; j++)
-                dot += (int32_t)(wc[j] & 15) * xc[j] + (int32_t)(wc[j] >> 4) * xc[32 + j];
-        }
-        acc += s[g] * (float)(dot - zp[g] * xgsum[g]);
-    }
-    return acc;
-}
-
 
 static int has_avx2(void) {
 #ifdef __x86_64__
@@ -300,19 +234,24 @@ void qd_quantize_rows(const float *x, int8_t *xq, float *scale, int32_t *rowsum,
     }
 }
 
+/* Products smaller than this many multiply-adds run on the calling thread: waking the OpenMP
+ * pool costs more than it saves (MiniLM-sized layers at batch 1). */
+#define PARALLEL_MIN_WORK (1 << 20)
+
 /* The three products. Rows of the output are split over threads; inside a thread, NB batch
  * rows share each weight load. All three apply the scales and the bias and write float. */
 static inline float epilogue(int32_t dot, float xs, float ws, const float *bias, int64_t o) {
     return (float)dot * xs * ws + (bias ? bias[o] : 0.0f);
 }
 
-/* y[b, o] = (sum_i c[o, i] x[b, i] - rowsum[b]) * x_scale[b] * w_scale[o] + bias[o] */
-void qd_ternary_gemm(const uint8_t *w, const int8_t *x, const int32_t *rowsum,
+/* y[b, o] = (sum_i c[o, i] x[b, i] - zp[o] * rowsum[b]) * x_scale[b] * w_scale[o] + bias[o]
+ * (zp NULL: 1, the ternary offset) */
+void qd_ternary_gemm(const uint8_t *w, const int8_t *x, const int32_t *rowsum, const int32_t *zp,
                      const float *x_scale, const float *w_scale, const float *bias, float *y,
                      int64_t B, int64_t O, int64_t I_pad, int level) {
     int64_t n_blocks = I_pad / 256, row_bytes = I_pad / 4;
     int path = pick(level);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (B * O * I_pad >= PARALLEL_MIN_WORK)
     for (int64_t o = 0; o < O; o++) {
         const uint8_t *wr = w + o * row_bytes;
         for (int64_t b0 = 0; b0 < B; b0 += 4) {
@@ -328,14 +267,15 @@ void qd_ternary_gemm(const uint8_t *w, const int8_t *x, const int32_t *rowsum,
                     ternary_rows_avx2(wr, xs, n_blocks, out, nb);
                 for (int b = 0; b < nb; b++) {
                     int64_t r = b0 + b;
-                    y[r * O + o] = epilogue(out[b] - rowsum[r], x_scale[r], w_scale[o], bias, o);
+                    int32_t dot = out[b] - (zp ? zp[o] : 1) * rowsum[r];
+                    y[r * O + o] = epilogue(dot, x_scale[r], w_scale[o], bias, o);
                 }
                 continue;
             }
 #endif
             for (int b = 0; b < nb; b++) {
                 int64_t r = b0 + b;
-                int32_t dot = ternary_row_c(wr, x + r * I_pad, n_blocks) - rowsum[r];
+                int32_t dot = ternary_row_c(wr, x + r * I_pad, n_blocks) - (zp ? zp[o] : 1) * rowsum[r];
                 y[r * O + o] = epilogue(dot, x_scale[r], w_scale[o], bias, o);
             }
         }
@@ -347,7 +287,7 @@ void qd_int8_gemm(const int8_t *w, const int8_t *x, const int32_t *wsum, const f
                   const float *w_scale, const float *bias, float *y, int64_t B, int64_t O,
                   int64_t I, int level) {
     int path = pick(level);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (B * O * I >= PARALLEL_MIN_WORK)
     for (int64_t o = 0; o < O; o++) {
         const int8_t *wr = w + o * I;
         for (int64_t b0 = 0; b0 < B; b0 += 4) {
@@ -374,43 +314,358 @@ void qd_int8_gemm(const int8_t *w, const int8_t *x, const int32_t *wsum, const f
     }
 }
 
-/* y[b*O + o] = x_scale[b] * sum_g s[o, g] * (sum_{i in g} c[o, i] x[b, i] - zp[o, g] * xgsum[b, g]) */
-void qd_int4_gemm(const uint8_t *w, const int8_t *x, const float *s, const int32_t *zp,
-                  const int32_t *xgsum, const float *x_scale, const float *bias, float *y,
-                  int64_t B, int64_t O, int64_t I, int64_t G, int level) {
-    int64_t n_groups = I / G, cpg = G / 64, row_bytes = I / 2;
+
+/* ------------------------------------------------------------------------------------------
+ * W4A8: 4-bit codes in the tile16 layout x per-token int8 activations
+ * ------------------------------------------------------------------------------------------ */
+
+static inline int32_t load_i32(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+#ifdef __x86_64__
+__attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"))) static inline void
+int4_tile_impl(const uint8_t *w, const float *s, const uint8_t *zp, const int8_t **x,
+               const int32_t **xgsum, int64_t G, int64_t cpg, const int nb, float *out) {
+    const __m512i mask = _mm512_set1_epi8(15);
+    __m512 acc[NB];
+    for (int b = 0; b < nb; b++) acc[b] = _mm512_setzero_ps();
+    for (int64_t gi = 0; gi < G; gi++) {
+        __m512i d0[NB], d1[NB];
+        for (int b = 0; b < nb; b++) { d0[b] = _mm512_setzero_si512(); d1[b] = _mm512_setzero_si512(); }
+        for (int64_t kk = 0; kk < cpg; kk++) {
+            int64_t k = gi * cpg + kk;
+            __m512i v = _mm512_loadu_si512((const void *)(w + 64 * k));
+            __m512i lo = _mm512_and_si512(v, mask);
+            __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+            for (int b = 0; b < nb; b++) {
+                const int8_t *xk = x[b] + 8 * k;
+                d0[b] = _mm512_dpbusd_epi32(d0[b], lo, _mm512_set1_epi32(load_i32(xk)));
+                d1[b] = _mm512_dpbusd_epi32(d1[b], hi, _mm512_set1_epi32(load_i32(xk + 4)));
+            }
+        }
+        __m512i zv = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(zp + 16 * gi)));
+        __m512 sv = _mm512_loadu_ps(s + 16 * gi);
+        for (int b = 0; b < nb; b++) {
+            __m512i d = _mm512_add_epi32(d0[b], d1[b]);
+            d = _mm512_sub_epi32(d, _mm512_mullo_epi32(zv, _mm512_set1_epi32(xgsum[b][gi])));
+            acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sv, acc[b]);
+        }
+    }
+    for (int b = 0; b < nb; b++) _mm512_storeu_ps(out + 16 * b, acc[b]);
+}
+
+#define NB_SWITCH(nb, CALL) \
+    switch (nb) { case 1: CALL(1); break; case 2: CALL(2); break; case 3: CALL(3); break; default: CALL(4); }
+
+/* One tile of 16 output rows for nb (<= NB) batch rows; out[b][r] before x_scale and bias. */
+VNNI_TARGET static void int4_tile_vnni(const uint8_t *w, const float *s, const uint8_t *zp,
+                                       const int8_t **x, const int32_t **xgsum, int64_t G,
+                                       int64_t cpg, int nb, float *out) {
+#define I4(n) int4_tile_impl(w, s, zp, x, xgsum, G, cpg, n, out)
+    NB_SWITCH(nb, I4)
+#undef I4
+}
+
+__attribute__((target("avx2,fma"))) static void int4_tile_avx2(
+    const uint8_t *w, const float *s, const uint8_t *zp, const int8_t **x, const int32_t **xgsum,
+    int64_t G, int64_t cpg, int nb, float *out) {
+    const __m256i mask = _mm256_set1_epi8(15);
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int h = 0; h < 2; h++) { /* rows 8h .. 8h + 7: the h-th 32 bytes of each 64 */
+        __m256 acc[NB];
+        for (int b = 0; b < nb; b++) acc[b] = _mm256_setzero_ps();
+        for (int64_t gi = 0; gi < G; gi++) {
+            __m256i d[NB];
+            for (int b = 0; b < nb; b++) d[b] = _mm256_setzero_si256();
+            for (int64_t kk = 0; kk < cpg; kk++) {
+                int64_t k = gi * cpg + kk;
+                __m256i v = _mm256_loadu_si256((const __m256i *)(w + 64 * k + 32 * h));
+                __m256i lo = _mm256_and_si256(v, mask);
+                __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                for (int b = 0; b < nb; b++) {
+                    const int8_t *xk = x[b] + 8 * k;
+                    /* pair sums <= 2 * 15 * 128: lo + hi fits int16 */
+                    __m256i p = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(lo, _mm256_set1_epi32(load_i32(xk))),
+                        _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load_i32(xk + 4))));
+                    d[b] = _mm256_add_epi32(d[b], _mm256_madd_epi16(p, ones));
+                }
+            }
+            __m256i zv = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zp + 16 * gi + 8 * h)));
+            __m256 sv = _mm256_loadu_ps(s + 16 * gi + 8 * h);
+            for (int b = 0; b < nb; b++) {
+                __m256i dd = _mm256_sub_epi32(d[b], _mm256_mullo_epi32(zv, _mm256_set1_epi32(xgsum[b][gi])));
+                acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dd), sv, acc[b]);
+            }
+        }
+        for (int b = 0; b < nb; b++) _mm256_storeu_ps(out + 16 * b + 8 * h, acc[b]);
+    }
+}
+#endif
+
+static void int4_tile_c(const uint8_t *w, const float *s, const uint8_t *zp, const int8_t **x,
+                        const int32_t **xgsum, int64_t G, int64_t cpg, int nb, float *out) {
+    for (int b = 0; b < nb; b++) {
+        for (int r = 0; r < 16; r++) {
+            float acc = 0.0f;
+            for (int64_t gi = 0; gi < G; gi++) {
+                int32_t dot = 0;
+                for (int64_t kk = 0; kk < cpg; kk++) {
+                    int64_t k = gi * cpg + kk;
+                    const uint8_t *wk = w + 64 * k + 4 * r;
+                    const int8_t *xk = x[b] + 8 * k;
+                    for (int j = 0; j < 4; j++)
+                        dot += (int32_t)(wk[j] & 15) * xk[j] + (int32_t)(wk[j] >> 4) * xk[4 + j];
+                }
+                dot -= (int32_t)zp[16 * gi + r] * xgsum[b][gi];
+                acc += (float)dot * s[16 * gi + r];
+            }
+            out[16 * b + r] = acc;
+        }
+    }
+}
+
+/* y[b, o] = x_scale[b] * sum_g s[o, g] * (sum_{i in g} c[o, i] x[b, i] - zp[o, g] * sum_{i in g} x[b, i])
+ *           + bias[o]
+ * w: tile16 codes, s / zp: [ceil(O/16)][G][16] (G = I / g groups a row), x: [B][I] int8. */
+void qd_int4_gemm(const uint8_t *w, const float *s, const uint8_t *zp, const int8_t *x,
+                  const float *x_scale, const float *bias, float *y, int64_t B, int64_t O,
+                  int64_t I, int64_t g, int level) {
+    int64_t G = I / g, cpg = g / 8, T = (O + 15) / 16;
     int path = pick(level);
-#pragma omp parallel for schedule(static)
+    int32_t *xgsum = (int32_t *)malloc((size_t)(B * G) * sizeof(int32_t));
+    if (!xgsum) return;
+    for (int64_t r = 0; r < B; r++)
+        for (int64_t gi = 0; gi < G; gi++) {
+            int32_t sum = 0;
+            for (int64_t i = 0; i < g; i++) sum += x[r * I + gi * g + i];
+            xgsum[r * G + gi] = sum;
+        }
+#pragma omp parallel for schedule(static) if (B * O * I >= PARALLEL_MIN_WORK)
+    for (int64_t t = 0; t < T; t++) {
+        const uint8_t *wt = w + t * (I / 8) * 64;
+        const float *st = s + t * G * 16;
+        const uint8_t *zt = zp + t * G * 16;
+        int rows = O - 16 * t < 16 ? (int)(O - 16 * t) : 16;
+        float out[NB * 16];
+        for (int64_t b0 = 0; b0 < B; b0 += NB) {
+            int nb = B - b0 < NB ? (int)(B - b0) : NB;
+            const int8_t *xs[NB];
+            const int32_t *gs[NB];
+            for (int b = 0; b < NB; b++) {
+                int64_t r = b0 + (b < nb ? b : 0);
+                xs[b] = x + r * I;
+                gs[b] = xgsum + r * G;
+            }
+#ifdef __x86_64__
+            if (path == 2)
+                int4_tile_vnni(wt, st, zt, xs, gs, G, cpg, nb, out);
+            else if (path == 1)
+                int4_tile_avx2(wt, st, zt, xs, gs, G, cpg, nb, out);
+            else
+#endif
+                int4_tile_c(wt, st, zt, xs, gs, G, cpg, nb, out);
+            for (int b = 0; b < nb; b++) {
+                float xs_b = x_scale[b0 + b];
+                float *yr = y + (b0 + b) * O + 16 * t;
+                for (int r = 0; r < rows; r++)
+                    yr[r] = out[16 * b + r] * xs_b + (bias ? bias[16 * t + r] : 0.0f);
+            }
+        }
+    }
+    free(xgsum);
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Weight-only: 2- or 4-bit codes (file layout "lsb") x float activations, by table lookup
+ * ------------------------------------------------------------------------------------------ */
+
+/* x rows [B][I] -> chunks of 128/bits weights (16 bytes of codes): within chunk c, part p (the
+ * p-th code of each byte, bits p*bits..) lane l is x[c * 16 * per + per * l + p]. */
+static void deinterleave(const float *x, float *xd, int64_t B, int64_t I, int per) {
+    int64_t n_chunks = I / (16 * per);
+    for (int64_t r = 0; r < B; r++)
+        for (int64_t c = 0; c < n_chunks; c++)
+            for (int p = 0; p < per; p++)
+                for (int l = 0; l < 16; l++)
+                    xd[r * I + (c * per + p) * 16 + l] = x[r * I + c * 16 * per + per * l + p];
+}
+
+#ifdef __x86_64__
+#define AVX512_TARGET __attribute__((target("avx512f,avx512bw")))
+
+/* nb and bits are compile-time constants in every instantiation (always_inline + switch), so
+ * that the accumulators live in registers. */
+__attribute__((always_inline, target("avx512f,avx512bw"))) static inline void lut_row_impl(
+    const uint8_t *w, const float *s, const uint8_t *zp, int zp_const, const int bits,
+    const float **xd, int64_t G, int64_t chunks_per_group, const int nb, float *out) {
+    const int per = 8 / bits;
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i codes_of_lane = _mm512_and_si512(iota, _mm512_set1_epi32((1 << bits) - 1));
+    __m512 acc[NB][8];
+    for (int b = 0; b < nb; b++)
+        for (int a = 0; a < 2 * per; a++) acc[b][a] = _mm512_setzero_ps();
+    for (int64_t gi = 0; gi < G; gi++) {
+        int32_t z = zp ? (int32_t)zp[gi] : zp_const;
+        /* table[i] = ((i & mask) - zp) * s: the dequantized value exactly as IntFormat makes it */
+        __m512 table = _mm512_mul_ps(
+            _mm512_cvtepi32_ps(_mm512_sub_epi32(codes_of_lane, _mm512_set1_epi32(z))),
+            _mm512_set1_ps(s[gi]));
+        int64_t c = gi * chunks_per_group, c_end = c + chunks_per_group;
+        for (; c < c_end; c++) {
+            __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + 16 * c)));
+            const int h = (int)(c & 1) * per; /* two sets of accumulators: shorter FMA chains */
+            for (int p = 0; p < per; p++) {
+                /* vpermps reads only the low 4 bits of each index; the code above it is harmless
+                   because the table repeats with period 2**bits */
+                __m512 wv = _mm512_permutexvar_ps(p ? _mm512_srli_epi32(v, bits * p) : v, table);
+                for (int b = 0; b < nb; b++) {
+                    __m512 xv = _mm512_loadu_ps(xd[b] + (c * per + p) * 16);
+                    if (h) acc[b][per + p] = _mm512_fmadd_ps(wv, xv, acc[b][per + p]);
+                    else acc[b][p] = _mm512_fmadd_ps(wv, xv, acc[b][p]);
+                }
+            }
+        }
+    }
+    for (int b = 0; b < nb; b++) {
+        __m512 t = acc[b][0];
+        for (int a = 1; a < 2 * per; a++) t = _mm512_add_ps(t, acc[b][a]);
+        out[b] = _mm512_reduce_add_ps(t);
+    }
+}
+
+AVX512_TARGET static void lut_row_avx512(const uint8_t *w, const float *s, const uint8_t *zp,
+                                         int zp_const, int bits, const float **xd, int64_t G,
+                                         int64_t cpg, int nb, float *out) {
+#define LUT4(n) lut_row_impl(w, s, zp, zp_const, 4, xd, G, cpg, n, out)
+#define LUT2(n) lut_row_impl(w, s, zp, zp_const, 2, xd, G, cpg, n, out)
+    if (bits == 4) { NB_SWITCH(nb, LUT4) } else { NB_SWITCH(nb, LUT2) }
+#undef LUT4
+#undef LUT2
+}
+
+__attribute__((always_inline, target("avx512f,avx512bw"))) static inline void int8w_row_impl(
+    const int8_t *w, float s, const float **x, int64_t I, const int nb, float *out) {
+    __m512 acc[NB][2];
+    const __m512 sv = _mm512_set1_ps(s);
+    for (int b = 0; b < nb; b++) acc[b][0] = acc[b][1] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= I; i += 32) {
+        for (int h = 0; h < 2; h++) {
+            /* (code - 128) * s: the dequantized weight exactly as IntFormat computes it */
+            __m512 wv = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                          _mm_loadu_si128((const __m128i *)(w + i + 16 * h)))), sv);
+            for (int b = 0; b < nb; b++)
+                acc[b][h] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x[b] + i + 16 * h), acc[b][h]);
+        }
+    }
+    for (int b = 0; b < nb; b++) {
+        float total = _mm512_reduce_add_ps(_mm512_add_ps(acc[b][0], acc[b][1]));
+        for (int64_t j = i; j < I; j++) total += ((float)w[j] * s) * x[b][j];
+        out[b] = total;
+    }
+}
+
+AVX512_TARGET static void int8w_row_avx512(const int8_t *w, float s, const float **x, int64_t I,
+                                           int nb, float *out) {
+#define I8W(n) int8w_row_impl(w, s, x, I, n, out)
+    NB_SWITCH(nb, I8W)
+#undef I8W
+}
+
+static int has_avx512(void) {
+    static int cached = -1;
+    if (cached < 0) {
+        __builtin_cpu_init();
+        cached = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") ? 1 : 0;
+    }
+    return cached;
+}
+#endif
+
+static void lut_row_c(const uint8_t *w, const float *s, const uint8_t *zp, int zp_const, int bits,
+                      const float **xd, int64_t G, int64_t chunks_per_group, int nb, float *out) {
+    const int per = 8 / bits, mask = (1 << bits) - 1;
+    for (int b = 0; b < nb; b++) {
+        float acc = 0.0f;
+        for (int64_t gi = 0; gi < G; gi++) {
+            int32_t z = zp ? (int32_t)zp[gi] : zp_const;
+            for (int64_t cc = 0; cc < chunks_per_group; cc++) {
+                int64_t c = gi * chunks_per_group + cc;
+                for (int p = 0; p < per; p++)
+                    for (int l = 0; l < 16; l++) {
+                        int code = (w[16 * c + l] >> (bits * p)) & mask;
+                        acc += ((float)(code - z) * s[gi]) * xd[b][(c * per + p) * 16 + l];
+                    }
+            }
+        }
+        out[b] = acc;
+    }
+}
+
+/* y[b, o] = sum_i ((c[o, i] - zp[o, g(i)]) * s[o, g(i)]) x[b, i] + bias[o]
+ * w: [O][I * bits / 8] lsb codes; s: [O][G]; zp: [O][G] or NULL (then zp_const for all). */
+void qd_lut_gemm(const uint8_t *w, const float *s, const uint8_t *zp, int zp_const, int bits,
+                 const float *x, const float *bias, float *y, int64_t B, int64_t O, int64_t I,
+                 int64_t g, int level) {
+    int per = 8 / bits;
+    int64_t G = I / g, cpg = g / (16 * per), row_bytes = I * bits / 8;
+    float *xd = (float *)malloc((size_t)(B * I) * sizeof(float));
+    if (!xd) return;
+    deinterleave(x, xd, B, I, per);
+#ifdef __x86_64__
+    int fast = level == 0 && has_avx512(); /* no AVX2 variant: level 2 runs C */
+#endif
+#pragma omp parallel for schedule(static) if (B * O * I >= PARALLEL_MIN_WORK)
     for (int64_t o = 0; o < O; o++) {
         const uint8_t *wr = w + o * row_bytes;
-        const float *so = s + o * n_groups;
-        const int32_t *zo = zp + o * n_groups;
-        for (int64_t b0 = 0; b0 < B; b0 += 4) {
-            int nb = B - b0 < 4 ? (int)(B - b0) : 4;
+        const float *so = s + o * G;
+        const uint8_t *zo = zp ? zp + o * G : NULL;
+        for (int64_t b0 = 0; b0 < B; b0 += NB) {
+            int nb = B - b0 < NB ? (int)(B - b0) : NB;
+            const float *xs[NB];
+            float out[NB];
+            for (int b = 0; b < NB; b++) xs[b] = xd + (b0 + (b < nb ? b : 0)) * I;
 #ifdef __x86_64__
-            if (path) {
-                const int8_t *xs[4];
-                const int32_t *gs[4];
-                float out[4];
-                for (int b = 0; b < 4; b++) {
-                    int64_t r = b0 + (b < nb ? b : 0);
-                    xs[b] = x + r * I;
-                    gs[b] = xgsum + r * n_groups;
-                }
-                if (path == 2)
-                    int4_rows_vnni(wr, xs, so, zo, gs, n_groups, cpg, out, nb);
-                else
-                    int4_rows_avx2(wr, xs, so, zo, gs, n_groups, cpg, out, nb);
-                for (int b = 0; b < nb; b++)
-                    y[(b0 + b) * O + o] = out[b] * x_scale[b0 + b] + (bias ? bias[o] : 0.0f);
-                continue;
-            }
+            if (fast)
+                lut_row_avx512(wr, so, zo, zp_const, bits, xs, G, cpg, nb, out);
+            else
 #endif
-            for (int b = 0; b < nb; b++) {
-                int64_t r = b0 + b;
-                y[r * O + o] = int4_row_c(wr, x + r * I, so, zo, xgsum + r * n_groups, n_groups,
-                                          cpg) * x_scale[r] + (bias ? bias[o] : 0.0f);
-            }
+                lut_row_c(wr, so, zo, zp_const, bits, xs, G, cpg, nb, out);
+            for (int b = 0; b < nb; b++) y[(b0 + b) * O + o] = out[b] + (bias ? bias[o] : 0.0f);
+        }
+    }
+    free(xd);
+}
+
+/* y[b, o] = sum_i (w[o, i] * s[o]) x[b, i] + bias[o], int8 w (code - 128), float x */
+void qd_int8w_gemm(const int8_t *w, const float *w_scale, const float *x, const float *bias,
+                   float *y, int64_t B, int64_t O, int64_t I, int level) {
+#ifdef __x86_64__
+    int fast = level == 0 && has_avx512(); /* no AVX2 variant: level 2 runs C */
+#endif
+#pragma omp parallel for schedule(static) if (B * O * I >= PARALLEL_MIN_WORK)
+    for (int64_t o = 0; o < O; o++) {
+        const int8_t *wr = w + o * I;
+        for (int64_t b0 = 0; b0 < B; b0 += NB) {
+            int nb = B - b0 < NB ? (int)(B - b0) : NB;
+            const float *xs[NB];
+            float out[NB];
+            for (int b = 0; b < NB; b++) xs[b] = x + (b0 + (b < nb ? b : 0)) * I;
+#ifdef __x86_64__
+            if (fast)
+                int8w_row_avx512(wr, w_scale[o], xs, I, nb, out);
+            else
+#endif
+                for (int b = 0; b < nb; b++) {
+                    float acc = 0.0f;
+                    for (int64_t i = 0; i < I; i++) acc += ((float)wr[i] * w_scale[o]) * xs[b][i];
+                    out[b] = acc;
+                }
+            for (int b = 0; b < nb; b++) y[(b0 + b) * O + o] = out[b] + (bias ? bias[o] : 0.0f);
         }
     }
 }

@@ -1,4 +1,13 @@
-"""The C kernels against the fake-quant layers they replace, and the fallback without them."""
+"""The packed fast paths (C kernels, torch._int_mm) against the fake-quant layers they replace,
+and the fallback without them.
+
+Tolerance: both sides use exactly the same integer codes (weights from the file, activations
+rounded in C exactly as ``IntFormat(8, axis="row")`` rounds them, checked below), so the
+integer dot products are identical; the outputs differ only by float rounding in the final
+scaling (W8A8 / W1.58A8 / W4A8) or by the order of the fp32 sums (weight-only paths). Both are a
+few ulps of the largest terms: we allow 1e-5 of the output's largest magnitude (a wrong code
+anywhere changes the output by ~1e-2 of it).
+"""
 
 import warnings
 
@@ -11,60 +20,68 @@ from qdistill.pack import kernels
 
 ROW8 = qd.IntFormat(8, axis="row")
 needs_kernels = pytest.mark.skipif(kernels.library() is None, reason="C kernels not built")
+RTOL = 1e-5
 
 
-def packed_pair(weight_format, in_f=129, out_f=37, seed=0, tmp_path=None):
+def close(y: torch.Tensor, ref: torch.Tensor) -> bool:
+    return bool((y - ref).abs().max() <= RTOL * ref.abs().max() + 1e-6)
+
+
+def packed_pair(weight_format, act_format=ROW8, in_f=129, out_f=37, seed=0, tmp_path=None):
     torch.manual_seed(seed)
     fq = nn.Sequential(nn.Linear(in_f, out_f))
-    qd.quantize_(fq, qd.QuantConfig(weights=weight_format, activations=ROW8))
+    qd.quantize_(fq, qd.QuantConfig(weights=weight_format, activations=act_format))
     fq.eval()
     path = qd.save(fq, tmp_path / "m.qd.safetensors")
     return fq, qd.load(path, model=nn.Sequential(nn.Linear(in_f, out_f)))
 
 
+# (weight format, activation format, in_features, expected kind)
+CASES = [
+    (qd.TernaryFormat(axis=0), ROW8, 129, "ternary"),
+    (qd.TernaryFormat(), ROW8, 384, "ternary"),
+    (qd.IntFormat(2, axis=0), ROW8, 129, "ternary"),
+    (qd.IntFormat(2, symmetric=False, axis=0), ROW8, 129, "ternary"),
+    (qd.IntFormat(8, axis=0), ROW8, 129, "int8"),
+    (qd.IntFormat(8), ROW8, 384, "int8"),
+    (qd.IntFormat(4, group_size=128), ROW8, 384, "int4"),
+    (qd.IntFormat(4, symmetric=False, group_size=32), ROW8, 96, "int4"),
+    (qd.IntFormat(4, symmetric=False, axis=0), ROW8, 136, "int4"),
+    (qd.IntFormat(4, group_size=64), None, 384, "lut"),
+    (qd.IntFormat(4, symmetric=False, group_size=32), None, 96, "lut"),
+    (qd.IntFormat(2, symmetric=False, group_size=64), None, 128, "lut"),
+    (qd.TernaryFormat(axis=0), None, 320, "lut"),
+    (qd.IntFormat(8, axis=0), None, 129, "int8w"),
+]
+
+
 @needs_kernels
-@pytest.mark.parametrize(
-    "fmt",
-    [
-        qd.TernaryFormat(axis=0),
-        qd.TernaryFormat(),
-        qd.IntFormat(8, axis=0),
-        qd.IntFormat(8),
-        qd.IntFormat(4, group_size=128),
-        qd.IntFormat(4, symmetric=False, group_size=64),
-    ],
-    ids=str,
-)
-@pytest.mark.parametrize("shape", [(1, 384), (7, 384), (3, 5, 384), (64, 384)])
-def test_kernel_matches_fake_quant_twin(tmp_path, fmt, shape):
-    fq, packed = packed_pair(fmt, in_f=384, tmp_path=tmp_path)
-    x = torch.randn(*shape) * 3
+@pytest.mark.parametrize("wfmt,afmt,in_f,kind", CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 5), (40,)], ids=str)
+def test_kernel_matches_fake_quant_twin(tmp_path, wfmt, afmt, in_f, kind, shape):
+    fq, packed = packed_pair(wfmt, afmt, in_f=in_f, tmp_path=tmp_path)
+    x = torch.randn(*shape, in_f) * 3
     with torch.no_grad():
         y_ref, y = fq(x), packed(x)
-    assert packed[0]._kernel is not None and packed[0]._kernel.kind in ("ternary", "int8", "int4")
-    # same integer codes on both sides; only the float rounding of the last step differs
-    assert torch.allclose(y, y_ref, atol=1e-4 * float(y_ref.abs().max()), rtol=1e-5)
+    assert packed[0]._kernel is not None and packed[0]._kernel.kind == kind
+    assert y.shape == y_ref.shape and close(y, y_ref)
 
 
 @needs_kernels
-def test_avx2_and_portable_paths_agree(tmp_path):
-    for fmt in (
-        qd.TernaryFormat(axis=0),
-        qd.IntFormat(8, axis=0),
-        qd.IntFormat(4, symmetric=False, group_size=64),
-    ):
-        _, packed = packed_pair(fmt, in_f=320, out_f=19, tmp_path=tmp_path)
-        layer = packed[0]
-        x = torch.randn(11, 320)  # 11 rows: two blocks of 4 and a remainder of 3
-        with torch.no_grad():
-            layer(x)
-            best = kernels.linear(layer, layer._kernel, x, level=0)
-            for level in (1, 2):  # portable C, AVX2
-                other = kernels.linear(layer, layer._kernel, x, level=level)
-                if layer._kernel.kind == "int4":  # float accumulation in a different order
-                    assert torch.allclose(best, other, rtol=1e-5, atol=1e-5)
-                else:  # integer dot products: bit for bit
-                    assert torch.equal(best, other)
+@pytest.mark.parametrize("wfmt,afmt,in_f,kind", CASES, ids=lambda v: str(v))
+def test_vnni_avx2_and_portable_paths_agree(tmp_path, wfmt, afmt, in_f, kind):
+    _, packed = packed_pair(wfmt, afmt, in_f=in_f, out_f=19, tmp_path=tmp_path)
+    layer = packed[0]
+    x = torch.randn(11, in_f)  # 11 rows: two blocks of 4 and a remainder of 3
+    with torch.no_grad():
+        layer(x)
+        best = kernels.linear(layer, layer._kernel, x, level=0)
+        for level in (1, 2):  # portable C, at most AVX2
+            other = kernels.linear(layer, layer._kernel, x, level=level)
+            if kind in ("ternary", "int8"):  # integer dot products, same epilogue: bit for bit
+                assert torch.equal(best, other)
+            else:  # float sums in another order
+                assert close(other, best)
 
 
 def test_missing_extension_falls_back_with_one_warning(tmp_path, monkeypatch):
@@ -81,17 +98,44 @@ def test_missing_extension_falls_back_with_one_warning(tmp_path, monkeypatch):
     assert torch.allclose(y, fq(x), atol=1e-5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        other = packed_pair(qd.IntFormat(8, axis=0), tmp_path=tmp_path)[1]
+        other = packed_pair(qd.IntFormat(4, group_size=64), None, in_f=128, tmp_path=tmp_path)
         with torch.no_grad():
-            other(x)  # no second warning
+            other[1](x[:, :128])  # no second warning
+    assert other[1][0]._kernel is None
+
+
+def test_disable_env_uses_the_portable_path(tmp_path, monkeypatch):
+    monkeypatch.setenv(kernels.DISABLE_ENV, "1")
+    fq, packed = packed_pair(qd.IntFormat(8, axis=0), tmp_path=tmp_path)
+    x = torch.randn(3, 129)
+    with torch.no_grad():
+        assert close(packed(x), fq(x))
+    assert packed[0]._kernel is None
 
 
 def test_formats_without_a_kernel_use_the_portable_path(tmp_path):
-    _, packed = packed_pair(qd.IntFormat(4, group_size=32), tmp_path=tmp_path)  # g < 64
-    with torch.no_grad():
-        packed(torch.randn(2, 129))
-    assert packed[0]._kernel is None
-    assert kernels.kernel_kind(qd.TernaryFormat(axis=0), None, True) is None  # float inputs
+    cases = [
+        (qd.IntFormat(4, group_size=4), ROW8),  # group not a multiple of 8
+        (qd.IntFormat(4, group_size=16), None),  # lut needs groups of 32
+        (qd.IntFormat(8, symmetric=False, axis=0), ROW8),
+        (qd.IntFormat(3, axis=0), ROW8),
+        (qd.FPFormat(), None),
+        (qd.IntFormat(5, axis=0), None),
+        (qd.TernaryFormat(axis=0), qd.IntFormat(8)),  # per-tensor dynamic activations
+    ]
+    for wfmt, afmt in cases:
+        fq, packed = packed_pair(wfmt, afmt, in_f=128, tmp_path=tmp_path)
+        x = torch.randn(2, 128)
+        with torch.no_grad():
+            assert torch.allclose(packed(x), fq(x), atol=1e-5)
+        assert packed[0]._kernel is None, wfmt
+
+
+def test_inputs_that_need_gradients_use_the_portable_path(tmp_path):
+    _, packed = packed_pair(qd.TernaryFormat(axis=0), tmp_path=tmp_path)
+    x = torch.randn(2, 129, requires_grad=True)
+    packed(x).sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
 
 
 def test_ternary_repack_layout_by_hand():
@@ -100,6 +144,16 @@ def test_ternary_repack_layout_by_hand():
     assert i_pad == 256 and packed.shape == (1, 64)
     byte = int(packed[0, 5])  # block 0, byte 5 holds weights 5, 69, 133, 197
     assert [(byte >> (2 * j)) & 3 for j in range(4)] == [w % 3 for w in (5, 69, 133, 197)]
+
+
+def test_int4_tile16_layout_by_hand_and_round_trip():
+    codes = torch.randint(0, 16, (21, 24), dtype=torch.uint8)
+    packed = kernels.repack_int4(codes)
+    assert packed.numel() == 2 * 16 * 24 // 2  # two tiles of 16 rows (rows padded)
+    # tile 1, chunk 2, row 3, j = 1: codes[19, 17] (low nibble) and codes[19, 21] (high)
+    byte = int(packed[(1 * 3 + 2) * 64 + 4 * 3 + 1])
+    assert byte & 15 == codes[19, 17] and byte >> 4 == codes[19, 21]
+    assert torch.equal(kernels.unrepack_int4(packed, 21, 24), codes)
 
 
 @needs_kernels
@@ -114,20 +168,42 @@ def test_c_activation_rounding_equals_intformat():
 
 
 @needs_kernels
+def test_int_mm_and_vnni_agree_for_w8a8(tmp_path):
+    _, packed = packed_pair(qd.IntFormat(8, axis=0), in_f=256, tmp_path=tmp_path)
+    layer = packed[0]
+    x = torch.randn(kernels.INT_MM_MIN_ROWS + 3, 256)
+    with torch.no_grad():
+        layer(x[:1])
+        via_int_mm = kernels.linear(layer, layer._kernel, x, level=0)
+        via_c = kernels.linear(layer, layer._kernel, x, level=2)
+    assert torch.allclose(via_int_mm, via_c, rtol=1e-6, atol=1e-6)
+
+
+@needs_kernels
 @pytest.mark.parametrize(
-    "fmt",
-    [qd.TernaryFormat(axis=0), qd.IntFormat(8, axis=0), qd.IntFormat(4, group_size=64)],
+    "wfmt,afmt",
+    [
+        (qd.TernaryFormat(axis=0), ROW8),
+        (qd.IntFormat(8, axis=0), ROW8),
+        (qd.IntFormat(4, group_size=64), ROW8),
+        (qd.IntFormat(4, group_size=64), None),
+    ],
     ids=str,
 )
-def test_one_copy_of_the_codes_after_the_kernel_is_prepared(tmp_path, fmt):
-    fq, packed = packed_pair(fmt, in_f=320, tmp_path=tmp_path)
+def test_one_copy_of_the_codes_after_the_kernel_is_prepared(tmp_path, wfmt, afmt):
+    fq, packed = packed_pair(wfmt, afmt, in_f=320, tmp_path=tmp_path)
     layer = packed[0]
     before = layer.weight_codes.clone()
     w_before = layer.unpacked_weight()
     x = torch.randn(2, 320)
     with torch.no_grad():
         y = packed(x)
-    assert layer.weight_codes.numel() == 0  # only the kernel's copy is resident now
+    kp = layer._kernel
+    if kp.kind == "lut":  # reads the file's layout itself
+        assert kp.weight.data_ptr() == layer.weight_codes.data_ptr()
+    else:
+        assert layer.weight_codes.numel() == 0  # only the kernel's copy is resident now
+    assert kp.nbytes() <= 1.3 * (before.numel() + layer.weight_scale.numel() * 4) + 64 * 16
     assert torch.equal(layer.packed_codes(), before)
     assert torch.equal(layer.unpacked_weight(), w_before)
     again = qd.load(
@@ -135,3 +211,41 @@ def test_one_copy_of_the_codes_after_the_kernel_is_prepared(tmp_path, fmt):
     )
     with torch.no_grad():
         assert torch.equal(again(x), y)
+
+
+@pytest.mark.parametrize(
+    "wfmt,afmt",
+    [(qd.IntFormat(8, axis=0), ROW8), (qd.IntFormat(4, group_size=8), None)],
+    ids=str,
+)
+def test_conv2d_with_stride_padding_and_groups(tmp_path, wfmt, afmt):
+    torch.manual_seed(0)
+
+    def net():
+        return nn.Sequential(nn.Conv2d(6, 8, 3, stride=2, padding=1, groups=2), nn.ReLU())
+
+    fq = qd.quantize_(net(), qd.QuantConfig(weights=wfmt, activations=afmt)).eval()
+    packed = qd.load(qd.save(fq, tmp_path / "c.qd.safetensors"), model=net())
+    for batch in (1, 5):
+        x = torch.randn(batch, 6, 9, 11)
+        with torch.no_grad():
+            y, ref = packed(x), fq(x)
+        assert y.shape == ref.shape == (batch, 8, 5, 6) and close(y, ref)
+
+
+def test_cmd_bench_runs_on_a_packed_file(tmp_path, capsys):
+    import argparse
+
+    from qdistill.models import build_model
+    from qdistill.report.runtime import add_bench_parser, cmd_bench
+
+    model = qd.quantize_(
+        build_model("teacher-cnn"), qd.QuantConfig(weights=qd.IntFormat(8, axis=0))
+    )
+    path = qd.save(model.eval(), tmp_path / "t.qd.safetensors")  # records its architecture
+    parser = argparse.ArgumentParser()
+    add_bench_parser(parser.add_subparsers(dest="cmd"))
+    args = parser.parse_args(["bench", str(path), "--batch", "1", "--reps", "2", "--portable"])
+    assert cmd_bench(args) == 0
+    out = capsys.readouterr().out
+    assert "packed-portable" in out and "fraction_of_bound" in out

@@ -59,3 +59,47 @@ def test_low_bit_formats_export_as_their_float_values(tmp_path):
     x = torch.randn(3, 1, 10, 10)
     with torch.no_grad():
         assert torch.allclose(run_onnx(path, x), model(x), atol=1e-5)
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 10))
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [
+        qd.IntFormat(4, group_size=32),
+        qd.IntFormat(4, symmetric=False, group_size=32),
+        qd.IntFormat(4, axis=0),
+    ],
+    ids=str,
+)
+def test_int4_weights_export_as_uint4_dequantize_linear(tmp_path, weights):
+    model = qd.quantize_(_mlp(), qd.QuantConfig(weights=weights)).eval()
+    packed = qd.load(qd.save(model, tmp_path / "m.qd.safetensors"), model=_mlp())
+    path = export_onnx(packed, tmp_path / "m.onnx")  # example input from the first Linear
+    proto = onnx.load(str(path))
+    assert any(i.version >= 21 for i in proto.opset_import if i.domain in ("", "ai.onnx"))
+    uint4 = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.UINT4]
+    assert len(uint4) >= 4  # codes and zero points of both layers
+    assert [n.op_type for n in proto.graph.node].count("DequantizeLinear") >= 2
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        expected = model(x)
+    # same codes and scales; onnxruntime sums in its own order
+    assert torch.allclose(run_onnx(path, x), expected, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_per_token_int8_activations_are_reproduced(tmp_path):
+    row8 = qd.IntFormat(8, axis="row")
+    model = qd.quantize_(
+        _mlp(), qd.QuantConfig(weights=qd.IntFormat(8, axis=0), activations=row8)
+    ).eval()
+    path = export_onnx(model, tmp_path / "w8a8.onnx")
+    x = torch.randn(6, 64) * 3
+    with torch.no_grad():
+        expected = model(x)
+    got = run_onnx(path, x)
+    # the same rounding in ONNX ops; a tie rounded the other way moves one code by one
+    assert torch.allclose(got, expected, atol=1e-3 * float(expected.abs().max()))

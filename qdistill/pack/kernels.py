@@ -1,18 +1,34 @@
-"""Fast CPU paths for packed layers: integer matrix products on the codes themselves.
+"""Fast CPU paths for packed layers: matrix products computed on the low-bit codes themselves.
 
-The C kernels (``csrc/qkernels.c``, built at install time as ``qdistill._qkernels`` and called
-through ctypes, which releases the GIL) multiply low-bit weight codes with int8 activations and
-return int32 dot products; the scales are applied here. Two paths exist:
+The C kernels (``csrc/qkernels.c``, built at install time as ``qdistill._qkernels`` by
+``setup.py`` and called through ctypes, which releases the GIL) never build the float weight
+matrix. Which path a packed ``Linear`` takes depends on its weight format and on its input
+format (``act_format``):
 
-* W1.58A8 (BitNet b1.58 / BitDistill inference): ternary weights (``TernaryFormat``, per tensor
-  or per output channel) with per-token int8 activations (``IntFormat(8, axis="row")``);
-* W8A8: symmetric int8 weights (per tensor or channel) with per-token int8 activations;
-* W4A8: 4-bit integer weights with a scale (and zero point) per group of 64, 128, ... weights
-  along the input dimension, with per-token int8 activations (llama.cpp's Q4 x Q8 scheme).
+========  ===============================================  ==================================
+kind      weights                                          inputs
+========  ===============================================  ==================================
+ternary   ``TernaryFormat`` (2-bit packing) or             per-token int8 (W1.58A8, BitNet
+          ``IntFormat(2)``, per tensor or output channel   b1.58 / BitDistill)
+int8      ``IntFormat(8)`` symmetric, per tensor/channel   per-token int8 (W8A8); from batch
+                                                           ``INT_MM_MIN_ROWS`` on, torch's
+                                                           ``_int_mm`` (oneDNN, AMX where the
+                                                           CPU has it) on the same int8 codes
+int4      ``IntFormat(4)``, groups of a multiple of 8      per-token int8 (W4A8, llama.cpp's
+          along the input (or per channel/tensor),         Q4 x Q8 arithmetic)
+          symmetric or with zero points
+lut       ``IntFormat(4)`` / ``IntFormat(2)`` /            float (weight-only, "W4A16" style:
+          ``TernaryFormat``, groups of a multiple of 32    fp32 activations, fp32 accumulation)
+          (4 bit) / 64 (2 bit) or per channel/tensor
+int8w     ``IntFormat(8)`` symmetric, per tensor/channel   float (weight-only)
+========  ===============================================  ==================================
 
-Any other combination, or a missing extension (one warning, then silence), uses the portable
-path of :class:`~qdistill.pack.modules.PackedMixin` (unpack, dequantize, float matmul). Both
-paths compute the same quantized model; they differ only by float rounding in the last step.
+The per-token int8 activation codes are made in C exactly as ``IntFormat(8, axis="row")``
+makes them, so the integer dot products are exactly those of the fake-quant model; only the
+float rounding of the final scaling (and, for float inputs, the order of the float sums)
+differs. Any other combination, an input that needs a gradient, or a missing extension (one
+``RuntimeWarning``, then silence) uses the portable path of
+:class:`~qdistill.pack.modules.PackedMixin` (unpack, dequantize, float matmul).
 """
 
 from __future__ import annotations
@@ -32,32 +48,45 @@ _LIB: ctypes.CDLL | None = None
 _LOADED = False
 _WARNED = False
 DISABLE_ENV = "QDISTILL_NO_KERNELS"
+# From this many rows on, W8A8 runs torch._int_mm (oneDNN; AMX on CPUs that have it): it
+# needs more than 16 rows, and it beats the VNNI GEMV kernel from about 8 rows (measured on a
+# 2-core Sapphire Rapids VM, 4096x4096); fewer rows are padded up to 17.
+INT_MM_MIN_ROWS = 8
+
+_P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_SIGNATURES: dict[str, list[Any]] = {
+    "qd_ternary_gemm": [_P] * 8 + [_I64] * 3 + [_INT],
+    "qd_int8_gemm": [_P] * 7 + [_I64] * 3 + [_INT],
+    "qd_int4_gemm": [_P] * 7 + [_I64] * 4 + [_INT],
+    "qd_lut_gemm": [_P] * 3 + [_INT] * 2 + [_P] * 3 + [_I64] * 4 + [_INT],
+    "qd_int8w_gemm": [_P] * 5 + [_I64] * 3 + [_INT],
+    "qd_quantize_rows": [_P] * 4 + [_I64] * 3,
+}
+
+
+def _load() -> ctypes.CDLL | None:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for path in sorted(glob.glob(os.path.join(here, "_qkernels*.so"))):
+        try:
+            lib = ctypes.CDLL(path)
+            for name, argtypes in _SIGNATURES.items():
+                fn = getattr(lib, name)
+                fn.argtypes, fn.restype = argtypes, None
+            lib.qd_has_vnni.restype = lib.qd_has_avx2.restype = ctypes.c_int
+            return lib
+        except (OSError, AttributeError):  # foreign/stale build: use the portable path
+            continue
+    return None
 
 
 def library() -> ctypes.CDLL | None:
-    """The compiled kernels, or None (with one warning) when they are not available."""
+    """The compiled kernels, or None (with one warning per process) when not available."""
     global _LIB, _LOADED, _WARNED
     if os.environ.get(DISABLE_ENV):
         return None
     if not _LOADED:
         _LOADED = True
-        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        found = glob.glob(os.path.join(here, "_qkernels*.so"))
-        if found:
-            try:
-                lib = ctypes.CDLL(found[0])
-                i64, ptr = ctypes.c_int64, ctypes.c_void_p
-                lib.qd_ternary_gemm.argtypes = [ptr] * 7 + [i64] * 3 + [ctypes.c_int]
-                lib.qd_ternary_gemm.restype = None
-                lib.qd_int8_gemm.argtypes = [ptr] * 7 + [i64] * 3 + [ctypes.c_int]
-                lib.qd_int8_gemm.restype = None
-                lib.qd_int4_gemm.argtypes = [ptr] * 8 + [i64] * 4 + [ctypes.c_int]
-                lib.qd_int4_gemm.restype = None
-                lib.qd_quantize_rows.argtypes = [ptr] * 4 + [i64] * 3
-                lib.qd_quantize_rows.restype = None
-                _LIB = lib
-            except OSError:
-                _LIB = None
+        _LIB = _load()
     if _LIB is None and not _WARNED:
         _WARNED = True
         warnings.warn(
@@ -69,29 +98,61 @@ def library() -> ctypes.CDLL | None:
     return _LIB
 
 
+def cpu_path() -> str:
+    """The instruction set the kernels use on this CPU: ``avx512-vnni``, ``avx2`` or ``c``."""
+    lib = library()
+    if lib is None:
+        return "none"
+    return "avx512-vnni" if lib.qd_has_vnni() else "avx2" if lib.qd_has_avx2() else "c"
+
+
 def _is_row_int8(fmt: Any) -> bool:
     return isinstance(fmt, IntFormat) and fmt.bits == 8 and fmt.symmetric and fmt.axis == "row"
 
 
 def _per_row_scale(fmt: Any) -> bool:
+    """One scale per output channel or per tensor (expandable to per channel)."""
     return getattr(fmt, "group_size", None) is None and getattr(fmt, "axis", None) in (None, 0)
+
+
+def _group(fmt: Any, in_features: int) -> int | None:
+    """Weights per scale along a row: the group size, or the whole row; None if groups straddle
+    rows (then no kernel applies)."""
+    g = getattr(fmt, "group_size", None)
+    if g:
+        return g if in_features % g == 0 else None
+    return in_features if _per_row_scale(fmt) else None
+
+
+def _two_bit(fmt: Any) -> bool:
+    return (isinstance(fmt, TernaryFormat) and fmt.packing == "2bit") or (
+        isinstance(fmt, IntFormat) and fmt.bits == 2
+    )
 
 
 def kernel_kind(
     weight_format: Any, act_format: Any, is_linear: bool, in_features: int = 0
 ) -> str | None:
-    """Which fast path fits a packed layer, if any."""
-    if not is_linear or not _is_row_int8(act_format):
+    """Which fast path fits a packed layer (see the module docstring), or None."""
+    if not is_linear or getattr(weight_format, "stochastic", False):
         return None
-    g = getattr(weight_format, "group_size", None)
-    if isinstance(weight_format, IntFormat) and weight_format.bits == 4 and g:
-        return "int4" if g % 64 == 0 and in_features % g == 0 else None
-    if not _per_row_scale(weight_format):
+    fmt, g = weight_format, _group(weight_format, in_features)
+    if g is None:
         return None
-    if isinstance(weight_format, TernaryFormat) and weight_format.packing == "2bit":
-        return "ternary"
-    if isinstance(weight_format, IntFormat) and weight_format.bits == 8 and weight_format.symmetric:
-        return "int8"
+    if act_format is None:  # weight-only: float activations
+        if isinstance(fmt, IntFormat) and fmt.bits == 8 and fmt.symmetric:
+            return "int8w" if _per_row_scale(fmt) else None
+        if (isinstance(fmt, IntFormat) and fmt.bits == 4) or _two_bit(fmt):
+            return "lut" if g % (128 // fmt.bits) == 0 else None
+        return None
+    if not _is_row_int8(act_format):
+        return None
+    if _two_bit(fmt):
+        return "ternary" if _per_row_scale(fmt) else None
+    if isinstance(fmt, IntFormat) and fmt.bits == 8 and fmt.symmetric:
+        return "int8" if _per_row_scale(fmt) else None
+    if isinstance(fmt, IntFormat) and fmt.bits == 4:
+        return "int4" if g % 8 == 0 else None
     return None
 
 
@@ -99,11 +160,35 @@ def repack_ternary(codes: torch.Tensor, in_features: int) -> tuple[torch.Tensor,
     """2-bit codes ``[O, I]`` into the kernel's block256 layout, rows padded to 256."""
     out_features = codes.shape[0]
     i_pad = -(-in_features // 256) * 256
-    c = torch.ones(out_features, i_pad, dtype=torch.uint8)  # padding code 1 = weight 0
+    c = torch.ones(out_features, i_pad, dtype=torch.uint8)  # padding: its inputs are 0
     c[:, :in_features] = codes.reshape(out_features, in_features)
     c = c.reshape(out_features, i_pad // 256, 4, 64)  # [o, block, j, b]
     packed = c[:, :, 0] | (c[:, :, 1] << 2) | (c[:, :, 2] << 4) | (c[:, :, 3] << 6)
     return packed.reshape(out_features, i_pad // 4).contiguous(), i_pad
+
+
+def _tiles16(t: torch.Tensor, fill: float = 0) -> torch.Tensor:
+    """``[O, G]`` per-(row, group) values into ``[ceil(O/16), G, 16]`` (rows in lanes)."""
+    o, g = t.shape
+    pad = torch.full(((-o) % 16, g), fill, dtype=t.dtype)
+    return torch.cat([t, pad]).reshape(-1, 16, g).transpose(1, 2).contiguous()
+
+
+def repack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes ``[O, I]`` (I a multiple of 8) into the tile16 layout of ``qd_int4_gemm``:
+    tile t, chunk k is 64 bytes; byte 4r + j = code[16t + r, 8k + j] | code[.., 8k + 4 + j] << 4."""
+    o, i = codes.shape
+    c = torch.cat([codes, torch.zeros((-o) % 16, i, dtype=torch.uint8)])
+    c = c.reshape(-1, 16, i // 8, 2, 4)  # [t, r, k, half, j]
+    byte = c[:, :, :, 0] | (c[:, :, :, 1] << 4)  # [t, r, k, j]
+    return byte.permute(0, 2, 1, 3).contiguous().reshape(-1)
+
+
+def unrepack_int4(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """Inverse of :func:`repack_int4`."""
+    byte = packed.reshape(-1, in_features // 8, 16, 4).permute(0, 2, 1, 3)  # [t, r, k, j]
+    c = torch.stack([byte & 15, byte >> 4], dim=3)  # [t, r, k, half, j]
+    return c.reshape(-1, in_features)[:out_features].contiguous()
 
 
 @dataclass
@@ -117,37 +202,76 @@ class KernelPlan:
     in_padded: int
     zero_point: torch.Tensor | None = None
     group_size: int = 0
-    weight_sum: torch.Tensor | None = None
+    zp_const: int = 0
+    bits: int = 8
+    weight_sum: torch.Tensor | None = None  # int8: sum of each row's codes (VNNI's u8 shift)
+
+    def nbytes(self) -> int:
+        """Bytes of weights, scales and zero points the kernel reads on every call."""
+        ts = (self.weight, self.weight_scale, self.zero_point)
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+def _row_scales(layer: Any, out_f: int) -> torch.Tensor:
+    scale = layer.weight_scale.float().reshape(-1)
+    return scale.expand(out_f).contiguous() if scale.numel() == 1 else scale.contiguous()
 
 
 def plan(layer: Any) -> KernelPlan | None:
     """Prepare the fast path of a packed Linear once (None: use the portable path)."""
     out_f, in_f = layer.weight_shape[0], int(torch.Size(layer.weight_shape[1:]).numel())
-    kind = kernel_kind(layer.weight_format, layer.act_format, not hasattr(layer, "conv"), in_f)
+    fmt = layer.weight_format
+    kind = kernel_kind(fmt, layer.act_format, not hasattr(layer, "conv"), in_f)
     if kind is None or library() is None:
         return None
     from qdistill.pack.bits import unpack_for
 
-    codes = unpack_for(layer.weight_codes, layer.weight_format, out_f * in_f).reshape(out_f, in_f)
-    scale = layer.weight_scale.float().reshape(-1)
-    scale = scale.expand(out_f).contiguous() if scale.numel() == 1 else scale
+    zp_file = layer.weight_zero_point
+    offset = int(getattr(fmt, "offset", 1))  # symmetric IntFormat: 2**(b-1); ternary: 1
+    if kind == "lut":  # reads the file's own layout: nothing to repack
+        g = _group(fmt, in_f)
+        scale = layer.weight_scale.float().reshape(-1)
+        if scale.numel() == 1:
+            scale = scale.expand(out_f)
+        zp = None if zp_file is None else zp_file.to(torch.uint8).reshape(-1)
+        if zp is not None and zp.numel() == 1:
+            zp = zp.expand(out_f)
+        return KernelPlan(
+            kind,
+            layer.weight_codes,
+            scale.contiguous(),
+            in_f,
+            in_f,
+            None if zp is None else zp.contiguous(),
+            g,
+            offset,
+            fmt.bits,
+        )
+    codes = unpack_for(layer.weight_codes, fmt, out_f * in_f).reshape(out_f, in_f)
     if kind == "int4":
-        g = layer.weight_format.group_size
-        c = codes.reshape(out_f, in_f // 64, 2, 32)  # chunks of 64: byte j = c[j] | c[j+32] << 4
-        weight = (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(out_f, in_f // 2).contiguous()
-        if layer.weight_zero_point is None:  # symmetric: codes carry an offset of 8
-            zp = torch.full((out_f, in_f // g), layer.weight_format.offset, dtype=torch.int32)
+        g = _group(fmt, in_f)
+        scales = layer.weight_scale.float().reshape(-1)
+        scales = scales.expand(out_f) if scales.numel() == 1 else scales
+        if zp_file is None:
+            zp = torch.full((out_f, in_f // g), offset, dtype=torch.uint8)
         else:
-            zp = layer.weight_zero_point.to(torch.int32).reshape(out_f, in_f // g).contiguous()
-        scales = layer.weight_scale.float().reshape(out_f, in_f // g).contiguous()
-        return KernelPlan(kind, weight, scales, in_f, in_f, zp, g)
+            zp = zp_file.to(torch.uint8).reshape(-1)
+            zp = (zp.expand(out_f) if zp.numel() == 1 else zp).reshape(out_f, in_f // g)
+        s = _tiles16(scales.reshape(out_f, in_f // g).float())
+        return KernelPlan(kind, repack_int4(codes), s, in_f, in_f, _tiles16(zp), g, bits=4)
     if kind == "ternary":
         weight, i_pad = repack_ternary(codes, in_f)
-    else:
-        weight, i_pad = (codes.to(torch.int16) - 128).to(torch.int8).contiguous(), in_f
-        wsum = weight.sum(dim=1, dtype=torch.int32).contiguous()
-        return KernelPlan(kind, weight, scale, in_f, i_pad, weight_sum=wsum)
-    return KernelPlan(kind, weight, scale, in_f, i_pad)
+        zp = None
+        if isinstance(fmt, IntFormat):
+            zp = (
+                torch.full((out_f,), offset, dtype=torch.int32)
+                if zp_file is None
+                else zp_file.to(torch.int32).reshape(-1).expand(out_f).contiguous()
+            )
+        return KernelPlan(kind, weight, _row_scales(layer, out_f), in_f, i_pad, zp, bits=2)
+    weight = (codes.to(torch.int16) - 128).to(torch.int8).contiguous()  # int8 / int8w
+    wsum = weight.sum(dim=1, dtype=torch.int32) if kind == "int8" else None
+    return KernelPlan(kind, weight, _row_scales(layer, out_f), in_f, in_f, weight_sum=wsum)
 
 
 def quantize_rows(x: torch.Tensor, in_padded: int) -> tuple[torch.Tensor, ...]:
@@ -159,84 +283,85 @@ def quantize_rows(x: torch.Tensor, in_padded: int) -> tuple[torch.Tensor, ...]:
     scale = torch.empty(rows, dtype=torch.float32)
     rowsum = torch.empty(rows, dtype=torch.int32)
     library().qd_quantize_rows(
-        x2.data_ptr(),
-        xq.data_ptr(),
-        scale.data_ptr(),
-        rowsum.data_ptr(),
-        rows,
-        x2.shape[1],
+        x2.data_ptr(), xq.data_ptr(), scale.data_ptr(), rowsum.data_ptr(), rows, x2.shape[1],
         in_padded,
-    )
+    )  # fmt: skip
     return xq, scale, rowsum
 
 
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _int_mm_linear(kp: KernelPlan, xq: torch.Tensor, x_scale: torch.Tensor, bias: Any) -> Any:
+    """W8A8 through torch._int_mm (int8 x int8 -> int32, exact), then the same float epilogue
+    as the C kernel: ``dot * x_scale * w_scale + bias``."""
+    rows = xq.shape[0]
+    a = xq if rows > 16 else torch.cat([xq, xq.new_zeros(17 - rows, xq.shape[1])])
+    acc = torch._int_mm(a, kp.weight.t())[:rows]
+    y = acc.float() * x_scale.unsqueeze(1) * kp.weight_scale
+    return y if bias is None else y + bias
+
+
 def linear(layer: Any, kp: KernelPlan, x: torch.Tensor, level: int = 0) -> torch.Tensor:
-    """``layer(x)`` through the C kernel (``level`` 0: the fastest path the CPU has, 1: portable
-    C, 2: at most AVX2; the levels exist so that tests can compare the paths). The kernels
-    apply the scales and the bias themselves, so a call is two C calls and no torch ops."""
+    """``layer(x)`` through its kernel. ``level`` 0: the fastest path the CPU has; 1: portable
+    C; 2: at most AVX2 (the levels exist so that tests can compare the paths). The kernels
+    apply the scales and the bias themselves: one or two C calls and no other torch ops."""
     lib = library()
     lead = x.shape[:-1]
+    out_f = layer.weight_shape[0]
+    bias = layer.bias
+    if bias is not None and bias.dtype != torch.float32:
+        bias = bias.float()
+    if kp.kind in ("lut", "int8w"):
+        x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
+        rows = x2.shape[0]
+        y = torch.empty(rows, out_f, dtype=torch.float32)
+        if kp.kind == "lut":
+            lib.qd_lut_gemm(
+                kp.weight.data_ptr(), kp.weight_scale.data_ptr(), _ptr(kp.zero_point),
+                kp.zp_const, kp.bits, x2.data_ptr(), _ptr(bias), y.data_ptr(), rows, out_f,
+                kp.in_features, kp.group_size, int(level),
+            )  # fmt: skip
+        else:
+            lib.qd_int8w_gemm(
+                kp.weight.data_ptr(), kp.weight_scale.data_ptr(), x2.data_ptr(), _ptr(bias),
+                y.data_ptr(), rows, out_f, kp.in_features, int(level),
+            )  # fmt: skip
+        return y.reshape(*lead, out_f)
     xq, x_scale, rowsum = quantize_rows(x, kp.in_padded)
-    rows, out_f = xq.shape[0], kp.weight.shape[0]
+    rows = xq.shape[0]
+    if kp.kind == "int8" and level == 0 and rows >= INT_MM_MIN_ROWS:
+        return _int_mm_linear(kp, xq, x_scale, bias).reshape(*lead, out_f)
     y = torch.empty(rows, out_f, dtype=torch.float32)
-    bias = None if layer.bias is None else layer.bias.data_ptr()
     if kp.kind == "int4":
-        xgsum = xq.reshape(rows, -1, kp.group_size).sum(dim=2, dtype=torch.int32).contiguous()
         lib.qd_int4_gemm(
-            kp.weight.data_ptr(),
-            xq.data_ptr(),
-            kp.weight_scale.data_ptr(),
-            kp.zero_point.data_ptr(),
-            xgsum.data_ptr(),
-            x_scale.data_ptr(),
-            bias,
-            y.data_ptr(),
-            rows,
-            out_f,
-            kp.in_features,
-            kp.group_size,
-            int(level),
-        )
-    elif kp.kind == "ternary":  # sum (c - 1) x = sum c x - sum x: the kernel subtracts rowsum
+            kp.weight.data_ptr(), kp.weight_scale.data_ptr(), kp.zero_point.data_ptr(),
+            xq.data_ptr(), x_scale.data_ptr(), _ptr(bias), y.data_ptr(), rows, out_f,
+            kp.in_features, kp.group_size, int(level),
+        )  # fmt: skip
+    elif kp.kind == "ternary":  # sum (c - zp) x = sum c x - zp * sum x: the kernel subtracts
         lib.qd_ternary_gemm(
-            kp.weight.data_ptr(),
-            xq.data_ptr(),
-            rowsum.data_ptr(),
-            x_scale.data_ptr(),
-            kp.weight_scale.data_ptr(),
-            bias,
-            y.data_ptr(),
-            rows,
-            out_f,
-            kp.in_padded,
-            int(level),
-        )
+            kp.weight.data_ptr(), xq.data_ptr(), rowsum.data_ptr(), _ptr(kp.zero_point),
+            x_scale.data_ptr(), kp.weight_scale.data_ptr(), _ptr(bias), y.data_ptr(), rows,
+            out_f, kp.in_padded, int(level),
+        )  # fmt: skip
     else:
         lib.qd_int8_gemm(
-            kp.weight.data_ptr(),
-            xq.data_ptr(),
-            kp.weight_sum.data_ptr(),
-            x_scale.data_ptr(),
-            kp.weight_scale.data_ptr(),
-            bias,
-            y.data_ptr(),
-            rows,
-            out_f,
-            kp.in_padded,
+            kp.weight.data_ptr(), xq.data_ptr(), kp.weight_sum.data_ptr(), x_scale.data_ptr(),
+            kp.weight_scale.data_ptr(), _ptr(bias), y.data_ptr(), rows, out_f, kp.in_padded,
             int(level),
-        )
+        )  # fmt: skip
     return y.reshape(*lead, out_f)
 
 
 def unrepack(kp: KernelPlan, out_features: int) -> torch.Tensor:
     """The file's codes ``[O, I]`` back from a kernel's layout (so only one copy is kept)."""
     w = kp.weight
-    if kp.kind == "int8":
+    if kp.kind in ("int8", "int8w"):
         return (w.to(torch.int16) + 128).to(torch.uint8)
     if kp.kind == "int4":
-        lo, hi = w & 15, w >> 4
-        c = torch.stack([lo.reshape(out_features, -1, 32), hi.reshape(out_features, -1, 32)], 2)
-        return c.reshape(out_features, -1)[:, : kp.in_features]
+        return unrepack_int4(w, out_features, kp.in_features)
     parts = [(w >> (2 * j)) & 3 for j in range(4)]  # ternary, block256
     c = torch.stack([p.reshape(out_features, -1, 64) for p in parts], 2)
     return c.reshape(out_features, -1)[:, : kp.in_features]

@@ -1,9 +1,13 @@
 """Inference layers that hold their weights as packed low-bit codes.
 
 A packed layer stores exactly what the file stores (packed codes, scales, zero points) and reads
-them on every forward pass; it never keeps a float copy of its weight. This first cut unpacks and
-dequantizes with portable torch code, which is correct for every format but not yet fast; the
-CPU kernels that compute on the codes directly plug in here.
+them on every forward pass; it never keeps a float copy of its weight. On its first call a
+``PackedLinear`` asks :mod:`qdistill.pack.kernels` for a fast path that computes on the codes
+(C kernels for W8A8, W4A8, W1.58A8 / W2A8 and weight-only int8 / int4 / 2-bit; torch._int_mm
+for W8A8 batches); the kernel may keep the codes in its own layout, and then that copy is the
+only one (``packed_codes()`` rebuilds the file's layout for saving). Every other format, every
+``PackedConv2d`` and any input that needs a gradient take the portable path: unpack, dequantize
+(exactly the fake-quant weight) and a float matmul/convolution.
 """
 
 from __future__ import annotations
@@ -140,8 +144,9 @@ class PackedLinear(PackedMixin, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernel is False:
             self._kernel = kernels.plan(self)
-            if self._kernel is not None:  # keep one copy of the codes: the kernel's
-                self.weight_codes = torch.empty(0, dtype=torch.uint8)
+            kp = self._kernel
+            if kp is not None and kp.weight is not self.weight_codes:
+                self.weight_codes = torch.empty(0, dtype=torch.uint8)  # one copy: the kernel's
         if self._kernel is not None and not (torch.is_grad_enabled() and x.requires_grad):
             return kernels.linear(self, self._kernel, x)  # integer kernel on the codes
         return F.linear(self.quantized_input(x), self.unpacked_weight(), self.bias)

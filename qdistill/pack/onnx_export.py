@@ -1,13 +1,22 @@
 """ONNX export with QuantizeLinear / DequantizeLinear pairs, for onnxruntime and other runtimes.
 
-Each quantized Linear / Conv2d (fake-quant or packed) is exported as a float layer whose weight
-passes through a QuantizeLinear/DequantizeLinear pair with the layer's own scales (int8: the
-standard "QDQ" representation that onnxruntime folds into integer kernels), and whose input
-passes through a uint8 QDQ pair when the layer has a calibrated static asymmetric 8-bit range.
-Formats ONNX cannot express this way (4-bit and lower, ternary, FP8, learned points, per-row
-dynamic activations) are exported as their dequantized float values, so the ONNX model computes
-the same function, in float. The export uses torch's TorchScript-based exporter (torch maps its
-fake-quantize ops to QDQ nodes).
+Each quantized Linear / Conv2d (fake-quant or packed) becomes a float layer whose weight comes
+out of a DequantizeLinear node with the layer's own codes and scales:
+
+* int8 symmetric weights (per tensor or channel): a QuantizeLinear/DequantizeLinear pair (the
+  standard "QDQ" representation that onnxruntime folds into integer kernels);
+* 4-bit integer weights (per channel, or per group along the input): a ``uint4`` initializer
+  holding the very codes of the packed file, with its scales and zero points, dequantized by
+  DequantizeLinear with ``block_size`` (ONNX opset 21; the file is exported at opset 20 and its
+  default-domain import raised to 21, whose changes over 20 only add types and attributes);
+* inputs with a calibrated static asymmetric 8-bit range: a uint8 QDQ pair; per-token dynamic
+  int8 inputs (``IntFormat(8, axis="row")``, W8A8 / W1.58A8): the same rounding in plain ONNX
+  ops (ReduceMax, Div, Round, Clip, Mul), so the ONNX model computes what qdistill computes.
+
+Formats ONNX cannot express this way (ternary, 2/3-bit, FP8, learned points) are exported as
+their dequantized float values: the same function, in float. The export uses torch's
+TorchScript-based exporter (torch maps its fake-quantize ops to QDQ nodes). Spec:
+https://onnx.ai/onnx/operators/onnx__DequantizeLinear.html
 """
 
 from __future__ import annotations
@@ -21,10 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qdistill.errors import QDistillError
+from qdistill.errors import ConfigError, QDistillError
 from qdistill.formats import IntFormat
+from qdistill.pack.bits import unpack_for
 from qdistill.pack.modules import PackedMixin, pack_layer
 from qdistill.quant.modules import is_quantized
+
+INT4_OPSET = 21
 
 
 class _QDQLayer(nn.Module):
@@ -55,10 +67,18 @@ class _QDQLayer(nn.Module):
             and packed.act_scale is not None
         ):
             self.act_qdq = (float(packed.act_scale), int(packed.act_zero_point))
+        # per-token dynamic int8 (IntFormat(8, axis="row")), rounded as IntFormat rounds it
+        self.act_row = (
+            isinstance(act, IntFormat) and act.bits == 8 and act.symmetric and act.axis == "row"
+        )
+        self.int4 = _int4_codes(packed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_qdq is not None:
             x = torch.fake_quantize_per_tensor_affine(x, self.act_qdq[0], self.act_qdq[1], 0, 255)
+        elif self.act_row:
+            scale = torch.clamp(x.abs().amax(dim=-1, keepdim=True) / 127.0, min=1e-12)
+            x = torch.clamp(torch.round(x * (1.0 / scale)), -127.0, 127.0) * scale
         w = self.weight
         if self.weight_qdq is not None:
             w = torch.fake_quantize_per_channel_affine(w, self.w_scale, self.w_zero, 0, -128, 127)
@@ -66,6 +86,35 @@ class _QDQLayer(nn.Module):
             return F.linear(x, w, self.bias)
         c = self.conv
         return F.conv2d(x, w, self.bias, c["stride"], c["padding"], c["dilation"], c["groups"])
+
+
+def _int4_codes(packed: PackedMixin) -> dict | None:
+    """Codes ``[O, I]``, scales and zero points of a 4-bit integer weight whose scale blocks
+    ONNX can describe (per output channel, or groups within a row), else None."""
+    fmt = packed.weight_format
+    if not (isinstance(fmt, IntFormat) and fmt.bits == 4) or fmt.stochastic:
+        return None
+    shape = packed.weight_shape
+    out_f, per_row = shape[0], int(torch.Size(shape[1:]).numel())
+    g = fmt.group_size
+    if g is None and fmt.axis not in (0, None):
+        return None
+    if g is not None and per_row % g:
+        return None  # groups straddle rows
+    blocks = 1 if g is None else per_row // g
+    codes = unpack_for(packed.packed_codes(), fmt, out_f * per_row).reshape(out_f, per_row)
+    scale = packed.weight_scale.float().reshape(-1)
+    zp = packed.weight_zero_point
+    zp = torch.full_like(scale, fmt.offset, dtype=torch.uint8) if zp is None else zp.reshape(-1)
+    if scale.numel() == 1:  # per tensor: one scale for every row
+        scale, zp = scale.expand(out_f), zp.expand(out_f)
+    return {
+        "codes": codes,
+        "scale": scale.reshape(out_f, blocks).contiguous(),
+        "zero_point": zp.to(torch.uint8).reshape(out_f, blocks).contiguous(),
+        "group_size": g,
+        "shape": tuple(shape),
+    }
 
 
 def export_twin(model: nn.Module) -> nn.Module:
@@ -80,28 +129,115 @@ def export_twin(model: nn.Module) -> nn.Module:
     return twin
 
 
+def example_input_for(model: nn.Module) -> torch.Tensor:
+    """A batch-1 input for ``model``: from its recorded architecture (``qd_arch`` kwargs
+    ``in_channels`` / ``input_size``) or from a first layer that is a Linear."""
+    kw = (getattr(model, "qd_arch", None) or {}).get("kwargs", {})
+    if "input_size" in kw or "in_channels" in kw:
+        size = kw.get("input_size", 28)
+        return torch.randn(1, kw.get("in_channels", 1), size, size)
+    for m in model.modules():
+        shape = getattr(m, "weight_shape", None) or getattr(
+            getattr(m, "weight", None), "shape", None
+        )
+        if shape is None:
+            continue
+        if len(shape) == 2 and not hasattr(m, "conv"):
+            return torch.randn(1, int(shape[1]))
+        break
+    raise ConfigError("cannot tell the model's input shape; pass example_input=torch.randn(...)")
+
+
+def _int4_initializers(graph: object, twin: nn.Module) -> int:
+    """Swap each 4-bit layer's float weight initializer for uint4 codes + DequantizeLinear."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = {t.name: t for t in graph.initializer}  # type: ignore[attr-defined]
+    nodes = []
+    for name, m in twin.named_modules():
+        q = getattr(m, "int4", None)
+        key = f"{name}.weight"
+        if not q or key not in inits:
+            continue
+        out_f = q["shape"][0]
+        codes = q["codes"].reshape(out_f, -1).numpy()
+        base = key.replace(".", "_")
+        w = helper.make_tensor(
+            f"{base}_q", TensorProto.UINT4, list(codes.shape), codes.ravel().tolist()
+        )
+        grouped = q["group_size"] is not None
+        scale = q["scale"].numpy() if grouped else q["scale"].reshape(-1).numpy()
+        zp = q["zero_point"].numpy() if grouped else q["zero_point"].reshape(-1).numpy()
+        s = numpy_helper.from_array(scale, f"{base}_scale")
+        z = helper.make_tensor(f"{base}_zp", TensorProto.UINT4, list(zp.shape), zp.ravel().tolist())
+        attrs = {"axis": 1, "block_size": q["group_size"]} if grouped else {"axis": 0}
+        flat = f"{base}_dq"
+        nodes.append(
+            helper.make_node("DequantizeLinear", [w.name, s.name, z.name], [flat], **attrs)
+        )
+        shape = numpy_helper.from_array(
+            torch.tensor(q["shape"], dtype=torch.int64).numpy(), f"{base}_shape"
+        )
+        nodes.append(helper.make_node("Reshape", [flat, shape.name], [key]))
+        graph.initializer.remove(inits[key])  # type: ignore[attr-defined]
+        graph.initializer.extend([w, s, z, shape])  # type: ignore[attr-defined]
+    for i, node in enumerate(nodes):
+        graph.node.insert(i, node)  # type: ignore[attr-defined]
+    del onnx
+    return len(nodes) // 2
+
+
 def export_onnx(
-    model: nn.Module, path: str | os.PathLike[str], example_input: torch.Tensor, opset: int = 17
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    example_input: torch.Tensor | None = None,
+    opset: int | None = None,
 ) -> Path:
-    """Write ``model`` (fake-quant, packed or float) as an ONNX file with QDQ nodes."""
+    """Write ``model`` (fake-quant, packed or float) as an ONNX file with QDQ nodes.
+
+    ``example_input`` defaults to :func:`example_input_for`; the batch axis is dynamic.
+    ``opset`` defaults to 17, or 21 when the model has 4-bit layers (uint4 initializers).
+    """
     path = Path(path)
+    if example_input is None:
+        example_input = example_input_for(model)
     twin = export_twin(model)
+    has_int4 = any(getattr(m, "int4", None) for m in twin.modules())
+    if opset is None:
+        opset = INT4_OPSET if has_int4 else 17
+    if has_int4 and opset < INT4_OPSET:
+        raise ConfigError(f"4-bit weights need ONNX opset {INT4_OPSET} or later, not {opset}")
     try:
         with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore")
             torch.onnx.export(
                 twin,
                 (example_input,),
                 str(path),
                 dynamo=False,
-                opset_version=opset,
+                opset_version=min(opset, 20),  # the TorchScript exporter stops at 20
                 input_names=["input"],
                 output_names=["output"],
                 dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+                do_constant_folding=not has_int4,  # keep the weights' names for the rewrite
             )
+        if has_int4 or opset > 20:
+            import onnx
+
+            proto = onnx.load(str(path))
+            _int4_initializers(proto.graph, twin)
+            for imp in proto.opset_import:
+                if imp.domain in ("", "ai.onnx"):
+                    imp.version = opset
+            proto.ir_version = max(proto.ir_version, 10)  # uint4 needs IR 10
+            onnx.checker.check_model(proto)
+            onnx.save(proto, str(path))
+    except ConfigError:
+        raise
     except Exception as exc:  # the exporter's errors name torch internals; say what failed
         raise QDistillError(f"ONNX export of {type(model).__name__} failed: {exc}") from exc
     return path
 
 
-__all__ = ["export_onnx", "export_twin"]
+__all__ = ["example_input_for", "export_onnx", "export_twin"]

@@ -9,12 +9,14 @@ memory bandwidth (a lower bound on latency at batch 1, where the weights stream 
 
 from __future__ import annotations
 
+import argparse
 import copy
 import gc
 import os
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,14 +58,14 @@ def memory_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of weights a forward pass reads: packed codes and scales, or float weights."""
+    """Bytes of weights a forward pass reads: the kernel's codes, scales and zero points, the
+    file's packed codes and scales on the portable path, or float weights."""
     total = 0
     for m in model.modules():
         if isinstance(m, PackedMixin):
             kp = getattr(m, "_kernel", None)
-            if kp:  # the kernel reads its repacked copy
-                total += kp.weight.numel() * kp.weight.element_size()
-                total += kp.weight_scale.numel() * 4
+            if kp:  # the kernel reads its (repacked) copy
+                total += kp.nbytes()
             else:
                 total += m.weight_codes.numel() + m.weight_scale.numel() * 4
         elif isinstance(m, (nn.Linear, nn.Conv2d)):
@@ -165,3 +167,81 @@ def bench(
                 }
             )
     return rows
+
+
+def _portable(model: nn.Module) -> nn.Module:
+    """The same packed model forced onto the portable path (unpack, dequantize, matmul)."""
+    for m in model.modules():
+        if isinstance(m, PackedMixin) and hasattr(m, "_kernel"):
+            m._kernel = None
+    return model
+
+
+def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """``qdistill bench FILE``: a packed file against its float twin, side by side."""
+    p = subparsers.add_parser(
+        "bench",
+        help="latency and memory of a packed file against its float twin",
+        description=__doc__.splitlines()[0],
+    )
+    p.add_argument("file", help="a packed model written by qd.save")
+    p.add_argument("--input-shape", default=None, help="e.g. 1,28,28 (default: from the file)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--reps", type=int, default=30, help="interleaved repetitions (median)")
+    p.add_argument("--threads", type=int, default=2, help="torch and kernel threads")
+    p.add_argument("--portable", action="store_true", help="also time the portable path")
+    p.add_argument("--csv", default=None, help="also write the rows to this CSV file")
+    return p
+
+
+def _input_shape(args: argparse.Namespace) -> tuple[int, ...]:
+    from qdistill.errors import ConfigError
+    from qdistill.pack import read_header
+
+    if args.input_shape:
+        return tuple(int(v) for v in str(args.input_shape).split(","))
+    header = read_header(args.file)
+    kw = (header.get("architecture") or {}).get("kwargs", {})
+    if "input_size" in kw or "in_channels" in kw:
+        size = kw.get("input_size", 28)
+        return (kw.get("in_channels", 1), size, size)
+    layers = header.get("layers", {})
+    first = next(iter(layers.values()), None)
+    if first is not None and "conv" not in first and len(first["shape"]) == 2:
+        return (int(first["shape"][1]),)  # a model that starts with a Linear
+    raise ConfigError("the file does not record its input shape; pass --input-shape")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run ``qdistill bench``: print a markdown table (and write a CSV with ``--csv``)."""
+    from qdistill.pack import load
+    from qdistill.pack.kernels import cpu_path
+    from qdistill.report import markdown_table, write_csv
+
+    torch.set_num_threads(int(getattr(args, "threads", 2) or 2))
+    shape = _input_shape(args)
+    bandwidth = memory_bandwidth_gbs()
+    variants: dict[str, Callable[[], nn.Module]] = {
+        "fp32": lambda: float_twin(_portable(load(args.file))),
+        "packed": lambda: load(args.file),
+    }
+    if getattr(args, "portable", False):
+        variants["packed-portable"] = lambda: _portable(load(args.file))
+    size = os.path.getsize(args.file)
+    rows = bench(
+        variants,
+        shape,
+        batches=tuple(args.batch),
+        reps=args.reps,
+        bandwidth=bandwidth,
+        file_bytes={"packed": size, "packed-portable": size},
+        model_name=os.path.basename(args.file),
+    )
+    print(
+        f"measured read bandwidth {bandwidth:.1f} GB/s; {torch.get_num_threads()} threads; "
+        f"kernels: {cpu_path()}"
+    )
+    print(markdown_table(rows))
+    if getattr(args, "csv", None):
+        write_csv(rows, args.csv)
+    return 0
