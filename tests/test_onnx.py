@@ -23,9 +23,27 @@ def _net():
     )
 
 
-def run_onnx(path, x):
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def run_onnx(path, x, optimize=True):
+    opts = ort.SessionOptions()
+    if not optimize:  # the graph as written, no fusion into onnxruntime's integer kernels
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     return torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
+
+
+def _weight_dtypes(path):
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for n in graph.node:
+        if n.op_type == "Constant":
+            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    return {
+        str(consts[n.input[2]].dtype)
+        for n in graph.node
+        if n.op_type == "QuantizeLinear" and "weight" in n.input[0]
+    }
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -47,9 +65,34 @@ def test_w8a8_exports_qdq_and_matches_in_onnxruntime(tmp_path, packed):
     x = torch.randn(7, 1, 10, 10)
     with torch.no_grad():
         expected = model(x)
+    assert _weight_dtypes(path) == {"uint8"}
     got = run_onnx(path, x)
     # same codes; onnxruntime may round ties in its own order: a few LSBs of the outputs
     assert torch.allclose(got, expected, atol=2e-3 * float(expected.abs().max()))
+
+
+def test_signed_int8_weights_export_the_same_function(tmp_path):
+    model = qd.quantize_(
+        _net(),
+        qd.QuantConfig(
+            weights=qd.IntFormat(8, axis=0), activations=qd.IntFormat(8, symmetric=False)
+        ),
+    )
+    qd.calibrate(model, [torch.randn(16, 1, 10, 10) for _ in range(4)], progress=False)
+    model.eval()
+    path = export_onnx(model, tmp_path / "s.onnx", torch.randn(1, 1, 10, 10), weight_dtype="int8")
+    assert _weight_dtypes(path) == {"int8"}
+    x = torch.randn(7, 1, 10, 10)
+    with torch.no_grad():
+        expected = model(x)
+    # compared unfused: fused u8s8 kernels saturate on CPUs without VNNI (see export_onnx)
+    got = run_onnx(path, x, optimize=False)
+    assert torch.allclose(got, expected, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_unknown_weight_dtype_is_rejected(tmp_path):
+    with pytest.raises(qd.ConfigError, match="weight_dtype"):
+        export_onnx(_net(), tmp_path / "x.onnx", torch.randn(1, 1, 10, 10), weight_dtype="u4")
 
 
 def test_low_bit_formats_export_as_their_float_values(tmp_path):
