@@ -3,6 +3,7 @@
 Example::
 
     recipe: quantized_distillation      # train | ptq | qat | quantized_distillation | post_mortem
+                                        # (bitdistill: see qdistill.recipes.bitdistill_yaml)
     dataset: digits                     # fashion-mnist | digits
     output: runs/digits-4bit
     teacher: {model: teacher-cnn, epochs: 3}        # or {file: teacher.qd.safetensors}
@@ -35,6 +36,7 @@ from qdistill.errors import ConfigError
 from qdistill.models import build_model
 from qdistill.pack import load, save
 from qdistill.quant import QuantConfig
+from qdistill.recipes.bitdistill_yaml import run_bitdistill_recipe, validate_bitdistill
 from qdistill.recipes.learned import differentiable_quantization
 from qdistill.recipes.mqat import mqat
 from qdistill.recipes.post_mortem import ptq
@@ -49,6 +51,7 @@ RECIPES = (
     "post_mortem",
     "differentiable_quantization",
     "mqat",
+    "bitdistill",
 )
 _TOP = {
     "recipe",
@@ -104,6 +107,9 @@ def load_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def validate_recipe(spec: Any) -> None:
     """Reject unknown recipes, sections and keys before any training starts."""
+    if isinstance(spec, dict) and spec.get("recipe") == "bitdistill":  # transformers, text data
+        validate_bitdistill(spec)
+        return
     _check_keys("(top level)", spec, _TOP)
     recipe = spec.get("recipe")
     if recipe not in RECIPES:
@@ -145,6 +151,8 @@ def _model(section: dict[str, Any], arch: dict[str, Any], seed: int) -> nn.Modul
 def run_recipe(spec: dict[str, Any], resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run a validated recipe; writes the packed student and ``metrics.json`` to ``output``."""
     validate_recipe(spec)
+    if spec["recipe"] == "bitdistill":
+        return run_bitdistill_recipe(spec, resume=resume, progress=progress)
     out = Path(spec.get("output", "runs/recipe"))
     out.mkdir(parents=True, exist_ok=True)
     seed = int(spec.get("seed", 0))

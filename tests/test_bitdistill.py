@@ -1,0 +1,301 @@
+"""BitNet Distillation pipeline: data, loss, stages and recipe on tiny random transformers."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qdistill as qd
+from qdistill.data.fortunes import general_text, load_fortunes, read_fortune_file
+from qdistill.data.text import TokenBatches
+from qdistill.distill.bitdistill import BitDistiller, BitDistillLoss
+from qdistill.distill.losses import kd_kl
+from qdistill.errors import ConfigError, DataError
+from qdistill.models.subln import SubLN
+from qdistill.recipes.bitdistill import BitDistillConfig, bitdistill, mask_tokens
+
+transformers = pytest.importorskip("transformers")
+from qdistill.models.hf import (  # noqa: E402
+    bitnet_config,
+    classifier_from_config,
+    lm_view,
+)
+
+VOCAB = 64
+MASK_ID = 3
+
+
+def tiny_bert(seed=0, labels=2):
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+        num_labels=labels,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return classifier_from_config(cfg).eval()
+
+
+def tiny_llama(seed=0, labels=2):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+        num_labels=labels,
+        pad_token_id=0,
+        tie_word_embeddings=True,
+    )
+    return classifier_from_config(cfg).eval()
+
+
+def toy_task(n=96, length=10, seed=0):
+    """Label 1 when token 7 occurs in the sequence: learnable in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(8, VOCAB, (n, length), generator=g)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    pos = torch.randint(1, length, (n,), generator=g)
+    ids[labels == 1, pos[labels == 1]] = 7
+    ids[:, 0] = 1  # a CLS-like first token
+    mask = torch.ones_like(ids)
+    mask[: n // 4, -2:] = 0  # some padding
+    ids[mask == 0] = 0
+    return TokenBatches(ids, mask, labels)
+
+
+def loader(data, batch=16, shuffle=False):
+    return torch.utils.data.DataLoader(data, batch_size=batch, shuffle=shuffle)
+
+
+def text_batches(n=64, length=12):
+    data = toy_task(n, length, seed=9)
+    return loader(TokenBatches(data.input_ids, data.attention_mask), shuffle=True)
+
+
+# --- data ---------------------------------------------------------------------------------
+
+
+def write_fortunes(root, counts):
+    root.mkdir(exist_ok=True)
+    for name, n in counts.items():
+        entries = [f"{name} saying number {i}\n  second line\b\b of it" for i in range(n)]
+        (root / name).write_text("\n%\n".join(entries) + "\n%\n")
+        (root / f"{name}.dat").write_bytes(b"\0")
+
+
+def test_fortune_file_entries_are_split_on_percent_lines(tmp_path):
+    path = tmp_path / "f"
+    path.write_text("one\n  two\n%\n\n%\nthree 100%\n%\n")
+    assert read_fortune_file(path) == ["one two", "three 100%"]
+
+
+def test_fortunes_split_is_seeded_stratified_disjoint_and_complete(tmp_path):
+    root = tmp_path / "fortunes"
+    write_fortunes(root, {"a": 20, "b": 10, "c": 7, "other": 5})
+    kw = dict(topics=("a", "b", "c"), root=root, test_fraction=0.2)
+    train, test = load_fortunes("train", **kw), load_fortunes("test", **kw)
+    assert sorted(train.texts + test.texts) == sorted(
+        read_fortune_file(root / "a")
+        + read_fortune_file(root / "b")
+        + read_fortune_file(root / "c")
+    )
+    assert not set(train.texts) & set(test.texts)
+    assert [test.labels.count(i) for i in range(3)] == [4, 2, 1]  # round(0.2 * n) per class
+    assert all(
+        t.startswith(("a", "b", "c")[y]) for t, y in zip(train.texts, train.labels, strict=True)
+    )
+    assert load_fortunes("train", **kw) == train
+    assert load_fortunes("train", seed=1, **kw).texts != train.texts
+    capped = load_fortunes("train", max_per_class=3, **kw)
+    assert [capped.labels.count(i) for i in range(3)] == [3, 3, 3]
+    assert general_text(exclude=("a", "b", "c"), root=root)[0].startswith("other")
+    with pytest.raises(DataError, match="not in"):
+        load_fortunes(topics=("a", "zzz"), root=root)
+    with pytest.raises(DataError, match="apt-get install fortunes"):
+        load_fortunes(root=tmp_path / "missing")
+
+
+# --- BitLinear ------------------------------------------------------------------------------
+
+
+def test_bitnet_config_makes_every_linear_but_the_head_ternary_with_int8_tokens():
+    model = tiny_bert()
+    qd.quantize_(model, bitnet_config(model))
+    quantized = set(model.qd_plan.quantized)
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert quantized == linears - {"hf.classifier", "hf.bert.pooler.dense"}
+    for name in quantized:
+        layer = model.get_submodule(name)
+        w = layer.quantized_weight().detach()
+        scale = float(layer.weight_qtensor().scale)  # one absmean scale per tensor (BitNet)
+        assert scale == pytest.approx(float(layer.weight.detach().abs().mean()), rel=1e-4)
+        assert set((w / scale).round().unique().tolist()) <= {-1.0, 0.0, 1.0}
+        assert torch.allclose(w / scale, (w / scale).round(), atol=1e-5)
+    layer = model.get_submodule("hf.bert.encoder.layer.0.attention.self.query")
+    x = torch.randn(2, 5, 32)
+    xq = layer.act_format.quantize(x)
+    per_token = x.abs().amax(-1, keepdim=True) / 127  # absmax per token
+    expected = torch.round(x / per_token) * per_token
+    assert torch.allclose(layer.act_format.dequantize(xq), expected, atol=1e-6)
+
+
+# --- stage 2 --------------------------------------------------------------------------------
+
+
+def test_mask_tokens_follows_bert_80_10_10_and_skips_padding_and_specials():
+    torch.manual_seed(0)
+    ids = torch.randint(10, 1000, (200, 100))
+    ids[:, 0] = 1
+    att = torch.ones_like(ids)
+    att[:, -20:] = 0
+    out, labels = mask_tokens(ids, att, mask_token_id=5, vocab_size=1000, special_ids=[1])
+    chosen = labels != -100
+    assert not chosen[:, -20:].any() and not chosen[:, 0].any()
+    assert torch.equal(labels[chosen], ids[chosen])
+    assert chosen.float().sum() / (200 * 79) == pytest.approx(0.15, abs=0.01)
+    masked = (out[chosen] == 5).float().mean()
+    kept = (out[chosen] == ids[chosen]).float().mean()
+    assert masked == pytest.approx(0.8, abs=0.03) and kept == pytest.approx(0.1, abs=0.02)
+    assert torch.equal(out[~chosen], ids[~chosen])
+
+
+@pytest.mark.parametrize("factory", [tiny_bert, tiny_llama])
+def test_lm_view_shares_the_backbone_and_ties_the_head(factory):
+    model = factory()
+    lm = lm_view(model)
+    body = model.hf.base_model
+    assert getattr(lm, lm.base_model_prefix) is body
+    assert lm.get_output_embeddings().weight is body.get_input_embeddings().weight
+    kind = "MaskedLM" if factory is tiny_bert else "CausalLM"
+    assert type(lm).__name__.endswith(kind)
+
+
+# --- stage 3 loss ----------------------------------------------------------------------------
+
+
+def test_bitdistill_loss_is_ce_plus_weighted_kl_plus_weighted_relations():
+    teacher = tiny_bert(seed=0)
+    batch = next(iter(loader(toy_task(16))))
+    x, y = batch
+    same = BitDistiller(teacher, copy.deepcopy(teacher), BitDistillLoss(lam=10, gamma=100))
+    loss, logits = same.step(x, y)
+    assert same.last_parts["ld"] == pytest.approx(0.0, abs=1e-6)
+    assert same.last_parts["ad"] == pytest.approx(0.0, abs=1e-6)
+    assert float(loss.detach()) == pytest.approx(float(F.cross_entropy(logits.detach(), y)))
+    other = tiny_bert(seed=1)
+    run = BitDistiller(teacher, other, BitDistillLoss(lam=10, gamma=100, temperature=3))
+    loss, logits = run.step(x, y)
+    with torch.no_grad():
+        t_logits = teacher(x)
+    ld = float(kd_kl(logits.detach(), t_logits, 3.0))
+    parts = run.last_parts
+    assert parts["ld"] == pytest.approx(ld) and ld > 0 and parts["ad"] > 0
+    expected = parts["ce"] + 10 * ld + 100 * parts["ad"]
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-5)
+    run.close()
+    same.close()
+    assert not teacher.hf.bert.encoder.layer[1].attention.self.query._forward_hooks
+    no_ad = BitDistiller(teacher, other, BitDistillLoss(gamma=0))
+    no_ad.step(x, y)
+    assert no_ad.captures is None and "ad" not in no_ad.last_parts
+
+
+def test_bitdistill_loss_rejects_bad_weights():
+    with pytest.raises(ConfigError, match="gamma"):
+        BitDistillLoss(gamma=-1)
+    with pytest.raises(ConfigError, match="layer 5"):
+        BitDistiller(tiny_bert(), tiny_bert(1), BitDistillLoss(layer=5))
+    with pytest.raises(ConfigError, match="unknown bitdistill key"):
+        BitDistillConfig.from_dict({"sub_ln": True})
+
+
+# --- the whole pipeline -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("factory", [tiny_bert, tiny_llama])
+def test_pipeline_end_to_end_learns_the_task_and_ships_packed(factory, tmp_path):
+    train, val = loader(toy_task(192), shuffle=True), loader(toy_task(96, seed=1))
+    teacher = factory(0)
+    qd.recipes.bitdistill.finetune(teacher, train, val, epochs=6, lr=3e-3, progress=False)
+    student = factory(0)
+    head_before = copy.deepcopy(
+        student.hf.get_submodule("classifier" if factory is tiny_bert else "score").state_dict()
+    )
+    config = BitDistillConfig(
+        pretrain_tokens=1500, epochs=4, lr=3e-3, mask_token_id=MASK_ID, gamma=10, progress=False
+    )
+    student, report = bitdistill(
+        student, train, val, teacher=teacher, text_loader=text_batches(), config=config
+    )
+    assert len(report["subln"]) == 4 and all(
+        isinstance(student.get_submodule(n), SubLN) for n in report["subln"]
+    )
+    assert report["pretrain"]["tokens"] >= 1500
+    assert report["history"]["val_acc"][-1] >= 0.75  # chance is 0.5
+    assert set(report["loss_parts_last"]) == {"ce", "ld", "ad"}
+    head = student.hf.get_submodule("classifier" if factory is tiny_bert else "score")
+    assert not isinstance(head, qd.quant.modules.QuantLinear)
+    assert any(not torch.equal(head_before[k], v) for k, v in head.state_dict().items())
+    path = qd.save(student, tmp_path / "student.qd.safetensors")
+    shipped = qd.load(path, model=copy.deepcopy(student))
+    x, _ = next(iter(val))
+    with torch.no_grad():
+        a, b = student(x), shipped(x)
+    assert torch.allclose(a, b, atol=1e-3 * float(a.abs().max()))
+    assert qd.train.evaluate(shipped, val) == pytest.approx(
+        report["history"]["val_acc"][-1], abs=0.03
+    )
+
+
+def test_ablation_switches_and_bitnet_sft(tmp_path):
+    train = loader(toy_task(64), shuffle=True)
+    student = tiny_bert()
+    config = BitDistillConfig(
+        subln=False, pretrain_tokens=0, distill=False, epochs=1, progress=False
+    )
+    student, report = bitdistill(student, train, config=config)  # BitNet-SFT: no teacher needed
+    assert "subln" not in report and "pretrain" not in report and "loss_parts_last" not in report
+    assert not any(isinstance(m, SubLN) for m in student.modules())
+    with pytest.raises(ConfigError, match="teacher"):
+        bitdistill(tiny_bert(), train, config=BitDistillConfig(progress=False))
+    with pytest.raises(ConfigError, match="text_loader"):
+        bitdistill(tiny_bert(), train, teacher=tiny_bert(), config=BitDistillConfig(progress=False))
+
+
+def test_resumed_run_skips_finished_stage_2_and_matches(tmp_path):
+    train = loader(toy_task(64), shuffle=True)
+    teacher = tiny_bert(seed=3)
+
+    def run(resume, epochs):
+        config = BitDistillConfig(
+            pretrain_tokens=600,
+            epochs=epochs,
+            lr=3e-3,
+            mask_token_id=MASK_ID,
+            gamma=10,
+            checkpoint_dir=tmp_path / "ck",
+            resume=resume,
+            progress=False,
+        )
+        return bitdistill(
+            tiny_bert(), train, teacher=teacher, text_loader=text_batches(), config=config
+        )
+
+    first, _ = run(False, 1)  # "killed" after one epoch of stage 3
+    resumed, report = run(True, 2)
+    fresh_dir = tmp_path / "ck"
+    import shutil
+
+    shutil.rmtree(fresh_dir)
+    whole, _ = run(False, 2)
+    assert report["pretrain"]["tokens"] >= 600
+    for (name, a), b in zip(resumed.state_dict().items(), whole.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name
