@@ -23,10 +23,11 @@ from collections.abc import Sequence
 from qdistill.errors import QDistillError
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_common(p: argparse.ArgumentParser, threads: bool = True) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    if threads:
+        p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,12 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--out", default="plan.yaml", help="where to write the QuantConfig (YAML)")
     _add_common(plan)
 
-    bench = sub.add_parser("bench", help="latency of a packed file against its float twin")
-    bench.add_argument("file")
-    bench.add_argument("--input-shape", default=None, help="e.g. 1,28,28 (default: from the file)")
-    bench.add_argument("--batch", type=int, nargs="+", default=[1, 32])
-    bench.add_argument("--reps", type=int, default=30)
-    _add_common(bench)
+    from qdistill.report.runtime import add_bench_parser
+
+    _add_common(add_bench_parser(sub), threads=False)  # bench has its own --threads (2)
 
     info = sub.add_parser("info", help="show what a packed file holds")
     info.add_argument("file")
@@ -140,34 +138,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from qdistill.errors import ConfigError
-    from qdistill.pack import load, read_header
-    from qdistill.report import markdown_table
-    from qdistill.report.runtime import bench, float_twin, memory_bandwidth_gbs
+    from qdistill.report.runtime import cmd_bench
 
-    if args.input_shape:
-        shape = tuple(int(v) for v in args.input_shape.split(","))
-    else:
-        kw = (read_header(args.file).get("architecture") or {}).get("kwargs", {})
-        if "input_size" not in kw and "in_channels" not in kw:
-            raise ConfigError("the file does not record its input shape; pass --input-shape")
-        size = kw.get("input_size", 28)
-        shape = (kw.get("in_channels", 1), size, size)
-    bandwidth = memory_bandwidth_gbs()
-    rows = bench(
-        {"fp32": lambda: float_twin(load(args.file)), "packed": lambda: load(args.file)},
-        shape,
-        batches=tuple(args.batch),
-        reps=args.reps,
-        bandwidth=bandwidth,
-        file_bytes={"packed": os.path.getsize(args.file)},
-        model_name=os.path.basename(args.file),
-    )
-    import torch
-
-    print(f"measured read bandwidth {bandwidth:.1f} GB/s; {torch.get_num_threads()} threads")
-    print(markdown_table(rows))
-    return 0
+    return cmd_bench(args)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:

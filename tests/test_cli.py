@@ -202,9 +202,13 @@ def test_bench_command_compares_packed_file_with_float_twin(tmp_path, capsys):
     x = torch.randn(3, 1, 8, 8)
     assert torch.allclose(twin(x), packed(x), atol=1e-5)  # the baseline is the same function
     assert not any(isinstance(m, qd.pack.PackedLinear) for m in twin.modules())
-    assert main(["bench", str(path), "--batch", "1", "--reps", "3"]) == 0
+    csv = tmp_path / "bench.csv"
+    assert main(["bench", str(path), "--batch", "1", "--reps", "3", "--csv", str(csv)]) == 0
     out = capsys.readouterr().out
     assert "| s.qd.safetensors | packed | 1 |" in out and "GB/s" in out
+    rows = qd.report.read_csv(csv)
+    assert [r["variant"] for r in rows] == ["fp32", "packed"]
+    assert rows[1]["bytes"] == path.stat().st_size
 
 
 def test_data_free_quantized_distillation_from_yaml(tmp_path):

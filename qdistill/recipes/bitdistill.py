@@ -45,14 +45,16 @@ log = logging.getLogger(__name__)
 @dataclass
 class BitDistillConfig:
     """Switches and weights of the three stages (defaults: the paper's classification setup,
-    lambda = 10, gamma = 1e5, tau = 5, attention relations at the last layer)."""
+    lambda = 10, tau = 5, attention relations at the last layer; gamma = 1 rather than the
+    paper's 1e5, for our per-position normalisation of the relation loss, see
+    :mod:`qdistill.distill.bitdistill`)."""
 
     subln: bool = True
     pretrain_tokens: int = 200_000
     distill: bool = True
     attention: bool = True
     lam: float = 10.0
-    gamma: float = 1e5
+    gamma: float = 1.0
     temperature: float = 5.0
     layer: int = -1
     heads: int | None = None
