@@ -75,7 +75,7 @@ def main() -> int:
     p.add_argument("--teacher-epochs", type=int, default=3)
     p.add_argument("--teacher-lr", type=float, default=1e-4)
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--pretrain-tokens", type=int, default=40_000)
     p.add_argument("--gamma", type=float, default=None, help="attention-loss weight")
     p.add_argument("--lam", type=float, default=None, help="logits-KL weight")

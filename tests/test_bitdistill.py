@@ -1,6 +1,7 @@
 """BitNet Distillation pipeline: data, loss, stages and recipe on tiny random transformers."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -299,3 +300,44 @@ def test_resumed_run_skips_finished_stage_2_and_matches(tmp_path):
     assert report["pretrain"]["tokens"] >= 600
     for (name, a), b in zip(resumed.state_dict().items(), whole.state_dict().values(), strict=True):
         assert torch.allclose(a, b, atol=1e-6), name
+
+
+# --- the YAML recipe, on a local tiny model folder and fortune files ---------------------------
+
+
+def test_bitdistill_recipe_from_yaml_on_local_files(tmp_path):
+    from qdistill.data.fortunes import TOPICS
+    from qdistill.recipes.from_yaml import load_recipe, run_recipe
+
+    words = [f"w{t}{i}" for t in range(len(TOPICS)) for i in range(4)] + ["common", "other"]
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tok = transformers.BertTokenizer(vocab=str(vocab))  # transformers 5 spelling
+    model_dir = tmp_path / "tiny-bert"
+    hf = tiny_bert(labels=len(TOPICS)).hf
+    hf.config.vocab_size = len(words) + 5
+    hf.resize_token_embeddings(len(words) + 5)
+    hf.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    root = tmp_path / "fortunes"
+    root.mkdir()
+    for t, name in enumerate([*TOPICS, "extra"]):
+        lines = [f"common w{t % 10}{i % 4} other w{t % 10}{(i + 1) % 4}" for i in range(30)]
+        (root / name).write_text("\n%\n".join(lines) + "\n")
+        (root / f"{name}.dat").write_bytes(b"\0")
+    recipe = tmp_path / "bd.yaml"
+    recipe.write_text(
+        f"recipe: bitdistill\nmodel: {model_dir}\ndata_dir: {root}\noutput: {tmp_path / 'out'}\n"
+        "max_length: 8\nbatch_size: 16\nteacher: {epochs: 8, lr: 3.0e-3}\n"
+        "bitdistill: {pretrain_tokens: 300, epochs: 12, lr: 1.0e-2}\n"
+    )
+    metrics = run_recipe(load_recipe(recipe), progress=False)
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert saved["student_accuracy"] == metrics["student_accuracy"]
+    assert metrics["teacher_accuracy"] >= 0.5 and metrics["student_accuracy"] >= 0.3  # chance 0.1
+    assert metrics["stages"]["pretrain"]["tokens"] >= 300
+    header = qd.pack.read_header(metrics["student_file"])
+    assert len(header["layers"]) == 12  # every encoder Linear, packed ternary
+    recipe.write_text(recipe.read_text().replace("pretrain_tokens", "pretrain_tokenz"))
+    with pytest.raises(ConfigError, match="pretrain_tokenz"):
+        load_recipe(recipe)
