@@ -10,6 +10,11 @@ packed. The whole API in one breath::
     qd.fit(run, train_loader, epochs=10)                   # progress bar, checkpoints, resume
     qd.save(student, "student.qd.safetensors")             # truly packed
     fast = qd.load("student.qd.safetensors")               # runs on packed weights
+
+Transformers to ternary (BitNet Distillation)::
+
+    student, report = qd.bitdistill(qd.load_classifier("minilm", 10), train_loader,
+                                    teacher=finetuned_fp, text_loader=general_text)
 """
 
 from qdistill.data import distilled_data
@@ -30,10 +35,12 @@ from qdistill.formats import (
     int4,
     int8,
 )
+from qdistill.models.hf import bitnet_config, load_classifier
 from qdistill.pack import freeze, load, save
 from qdistill.pack.onnx_export import export_onnx
 from qdistill.quant import LayerRule, QuantConfig, QuantPlan, calibrate, fold_batchnorm, quantize_
 from qdistill.quant.mixed_precision import layer_sensitivity, plan_mixed_precision
+from qdistill.recipes.bitdistill import BitDistillConfig, bitdistill
 from qdistill.train import evaluate, fit
 
 __version__ = "0.1.0"
@@ -41,6 +48,7 @@ __version__ = "0.1.0"
 __all__ = [
     "KD",
     "BinaryFormat",
+    "BitDistillConfig",
     "CodebookFormat",
     "FPFormat",
     "PowerFormat",
@@ -58,6 +66,8 @@ __all__ = [
     "QuantConfig",
     "QuantPlan",
     "QuantizedTensor",
+    "bitdistill",
+    "bitnet_config",
     "calibrate",
     "distill",
     "distilled_data",
@@ -73,6 +83,7 @@ __all__ = [
     "int8",
     "layer_sensitivity",
     "load",
+    "load_classifier",
     "plan_mixed_precision",
     "quantize_",
     "save",

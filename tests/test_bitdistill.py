@@ -231,7 +231,7 @@ def test_pipeline_end_to_end_learns_the_task_and_ships_packed(factory, tmp_path)
         student.hf.get_submodule("classifier" if factory is tiny_bert else "score").state_dict()
     )
     config = BitDistillConfig(
-        pretrain_tokens=1500, epochs=4, lr=3e-3, mask_token_id=MASK_ID, gamma=10, progress=False
+        pretrain_tokens=1500, epochs=6, lr=3e-3, mask_token_id=MASK_ID, gamma=10, progress=False
     )
     student, report = bitdistill(
         student, train, val, teacher=teacher, text_loader=text_batches(), config=config
@@ -325,7 +325,9 @@ def test_bitdistill_recipe_from_yaml_on_local_files(tmp_path):
     root = tmp_path / "fortunes"
     root.mkdir()
     for t, name in enumerate([*TOPICS, "extra"]):
-        lines = [f"common w{t % 10}{i % 4} other w{t % 10}{(i + 1) % 4}" for i in range(30)]
+        lines = [f"common w{t}{i % 4} other w{t}{(i + 1) % 4} n{i}" for i in range(30)]
+        if name == "extra":  # general text for stage 2
+            lines = [f"other common {i}" for i in range(30)]
         (root / name).write_text("\n%\n".join(lines) + "\n")
         (root / f"{name}.dat").write_bytes(b"\0")
     recipe = tmp_path / "bd.yaml"

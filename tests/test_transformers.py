@@ -135,3 +135,30 @@ def test_bitlinear_w158a8_on_a_llama_and_packed_round_trip(tmp_path):
     with torch.no_grad():
         a, b = model(IDS).logits, loaded(IDS).logits
     assert torch.allclose(a, b, atol=1e-3 * float(a.abs().max()))
+
+
+def test_matched_subln_takes_its_input_statistics_and_stays_closer_to_the_model():
+    from qdistill.models.subln import match_subln_scale
+
+    reference = tiny_bert()
+    inputs = {}
+    target = reference.encoder.layer[1].output.dense
+    hook = target.register_forward_pre_hook(lambda m, a: inputs.setdefault("x", a[0]))
+    with torch.no_grad():
+        expected = reference(IDS).last_hidden_state
+    hook.remove()
+    plain, matched = copy.deepcopy(reference), copy.deepcopy(reference)
+    insert_subln(plain)
+    insert_subln(matched)
+    assert match_subln_scale(matched, [IDS]) == 4
+    norm = matched.encoder.layer[1].output.dense.norm
+    x = inputs["x"].reshape(-1, inputs["x"].shape[-1])
+    assert float(norm.weight.detach()[0]) == pytest.approx(
+        float(x.std(-1, unbiased=False).mean()), rel=1e-5
+    )
+    assert torch.allclose(norm.bias, x.mean(0), atol=1e-6)
+    assert not any(m.bypass for m in matched.modules() if isinstance(m, SubLN))
+    with torch.no_grad():
+        err_plain = (plain(IDS).last_hidden_state - expected).abs().mean()
+        err_matched = (matched(IDS).last_hidden_state - expected).abs().mean()
+    assert err_matched < 0.5 * err_plain

@@ -7,11 +7,20 @@ module replacement, without touching the transformers source: the projection bec
 ``SubLN(norm, linear)``. With ``identity_init=True`` a learnable gate starts at 0
 (``x + gate * (norm(x) - x)``), so the model computes exactly what it did before and training
 moves into the normalized regime; with ``False`` (BitNet's design) the norm applies fully.
+
+A fresh norm (gain 1, bias 0) rescales the projection's input to unit variance, which a
+pretrained projection has never seen (attention outputs of MiniLM have a standard deviation
+near 0.1): the model's function is lost until long continual pre-training restores it (the
+paper spends 10B tokens on stage 2). :func:`match_subln_scale` sets each new norm's gain (and
+LayerNorm bias) from the statistics of its input on a few batches, so the normalized input has
+the scale and offset the projection expects while the architecture stays BitNet's plain SubLN.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,12 +51,58 @@ class SubLN(nn.Module):
             raise QDistillError(f"norm={norm!r}; use 'layernorm' or 'rmsnorm'")
         self.linear = linear
         self.gate = nn.Parameter(torch.zeros(())) if identity_init else None
+        self.bypass = False  # set while match_subln_scale measures the model without norms
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bypass:
+            return self.linear(x)
         n = self.norm(x)
         if self.gate is not None:
             n = x + self.gate * (n - x)
         return self.linear(n)
+
+
+@torch.no_grad()
+def match_subln_scale(model: nn.Module, batches: Iterable[Any], max_batches: int = 4) -> int:
+    """Set every :class:`SubLN` norm's gain to the mean per-token standard deviation (RMS for
+    RMSNorm) of its input, and a LayerNorm's bias to the input's per-channel mean, measured by
+    running ``model`` with the norms bypassed (the inputs the pretrained model produces) on up
+    to ``max_batches`` of ``batches`` (items ``x`` or ``(x, y)``). Returns the norms set."""
+    subs = [m for m in model.modules() if isinstance(m, SubLN)]
+    stats: dict[int, list[torch.Tensor]] = {id(m): [] for m in subs}
+
+    def hook(module: nn.Module, inputs: tuple) -> None:
+        x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
+        if isinstance(module.norm, nn.LayerNorm):
+            spread = x.std(dim=-1, unbiased=False).mean()
+        else:
+            spread = x.pow(2).mean(dim=-1).sqrt().mean()
+        stats[id(module)].append(torch.cat([spread.reshape(1), x.mean(dim=0)]))
+
+    handles = [m.register_forward_pre_hook(hook) for m in subs]
+    for m in subs:
+        m.bypass = True
+    was_training = model.training
+    model.eval()
+    try:
+        for i, batch in enumerate(batches):
+            if i >= max_batches:
+                break
+            model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+    finally:
+        for h in handles:
+            h.remove()
+        for m in subs:
+            m.bypass = False
+        model.train(was_training)
+    for m in subs:
+        if not stats[id(m)]:
+            continue
+        mean = torch.stack(stats[id(m)]).mean(dim=0)
+        m.norm.weight.fill_(float(mean[0]))
+        if getattr(m.norm, "bias", None) is not None:
+            m.norm.bias.copy_(mean[1:].to(m.norm.bias.dtype))
+    return sum(1 for m in subs if stats[id(m)])
 
 
 def model_kind(model: nn.Module) -> str:

@@ -34,12 +34,17 @@ from qdistill.distill import supervised
 from qdistill.distill.bitdistill import BitDistiller, BitDistillLoss
 from qdistill.errors import ConfigError
 from qdistill.models.hf import bitnet_config, is_causal, lm_view
-from qdistill.models.subln import insert_subln
+from qdistill.models.subln import insert_subln, match_subln_scale
 from qdistill.quant import QuantConfig, quantize_
 from qdistill.train import History, fit
 from qdistill.train.checkpoint import load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
+
+
+# how new SubLN norms start: gain/bias from the input statistics (default), plain (gain 1,
+# bias 0, as BitNet), or behind a zero gate (exactly the pretrained function)
+SUBLN_INITS = ("matched", "plain", "identity")
 
 
 @dataclass
@@ -50,6 +55,7 @@ class BitDistillConfig:
     :mod:`qdistill.distill.bitdistill`)."""
 
     subln: bool = True
+    subln_init: str = "matched"
     pretrain_tokens: int = 200_000
     distill: bool = True
     attention: bool = True
@@ -75,6 +81,8 @@ class BitDistillConfig:
             raise ConfigError(f"pretrain_tokens={self.pretrain_tokens!r} must be an integer")
         if self.pretrain_tokens < 0:
             raise ConfigError(f"pretrain_tokens={self.pretrain_tokens} must be >= 0 (0: skip)")
+        if self.subln_init not in SUBLN_INITS:
+            raise ConfigError(f"subln_init={self.subln_init!r}; use one of {SUBLN_INITS}")
         if not 0.0 < self.mlm_probability < 1.0:
             raise ConfigError(f"mlm_probability={self.mlm_probability} must be in (0, 1)")
 
@@ -246,7 +254,9 @@ def bitdistill(
 
     # stage 1: SubLN, then every Linear but the head becomes a BitLinear
     if config.subln:
-        report["subln"] = insert_subln(student)
+        report["subln"] = insert_subln(student, identity_init=config.subln_init == "identity")
+        if config.subln_init == "matched":
+            match_subln_scale(student, train_loader)
     quantize_(student, config.quant or bitnet_config(student))
     report["quantized_layers"] = len(student.qd_plan.quantized)
 
