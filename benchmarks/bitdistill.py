@@ -77,6 +77,7 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--pretrain-tokens", type=int, default=40_000)
+    p.add_argument("--pretrain-lr", type=float, default=1e-4)
     p.add_argument("--gamma", type=float, default=None, help="attention-loss weight")
     p.add_argument("--lam", type=float, default=None, help="logits-KL weight")
     p.add_argument("--reps", type=int, default=30, help="latency repetitions")
@@ -125,7 +126,7 @@ def main() -> int:
         spec = {
             "epochs": args.epochs,
             "lr": args.lr,
-            "pretrain_lr": args.lr,
+            "pretrain_lr": args.pretrain_lr,
             "pretrain_tokens": args.pretrain_tokens,
             "mask_token_id": tok.mask_token_id,
             **weights,

@@ -66,7 +66,7 @@ class BitDistillConfig:
     heads: int | None = None
     epochs: int = 3
     lr: float = 2e-4
-    pretrain_lr: float = 2e-4
+    pretrain_lr: float = 1e-4
     weight_decay: float = 0.01
     mlm_probability: float = 0.15
     mask_token_id: int | None = None
