@@ -397,3 +397,25 @@ def test_texts_filed_under_two_topics_or_repeated_are_dropped(tmp_path):
     texts = load_fortunes("train", **kw).texts + load_fortunes("test", **kw).texts
     assert "shared" not in texts and texts.count("repeat") == 1 and len(texts) == 13
     assert "shared" not in general_text(exclude=("a", "b"), root=root)
+
+
+def test_load_classifier_draws_the_new_head_from_its_seed(tmp_path):
+    from qdistill.models.hf import load_classifier
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+    )
+    transformers.BertModel(cfg).save_pretrained(tmp_path / "body")  # no task head in the file
+    state = torch.random.get_rng_state()
+    a = load_classifier(str(tmp_path / "body"), num_labels=3)
+    b = load_classifier(str(tmp_path / "body"), num_labels=3)
+    c = load_classifier(str(tmp_path / "body"), num_labels=3, seed=1)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(a.hf.classifier.weight, b.hf.classifier.weight)
+    assert not torch.equal(a.hf.classifier.weight, c.hf.classifier.weight)
+    assert a.hf.classifier.out_features == 3
