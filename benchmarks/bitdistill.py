@@ -72,7 +72,7 @@ def main() -> int:
     p.add_argument("--per-class", type=int, default=80, help="training examples per class")
     p.add_argument("--max-length", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--teacher-epochs", type=int, default=3)
+    p.add_argument("--teacher-epochs", type=int, default=5)
     p.add_argument("--teacher-lr", type=float, default=1e-4)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-3)
