@@ -20,8 +20,9 @@
  *   qd_lut_gemm:     2- or 4-bit codes in the file's own "lsb" layout; each group's 16 possible
  *                    weight values (c - zp) * s go in one AVX-512 register and
  *                    _mm512_permutexvar_ps looks the codes up (the table-lookup dequantization
- *                    of T-MAC, Wei et al. 2024, used here on fp32), then FMA with the activations.
- *   qd_int8w_gemm:   int8 weights, per-row scale, float activations.
+ *                    of T-MAC, Wei et al. 2024, used here on fp32), then FMA with the activations;
+ *                    with AVX2, two 8-entry _mm256_permutevar8x32_ps lookups and a blend.
+ *   qd_int8w_gemm:   int8 weights, per-row scale, float activations (AVX-512 or AVX2).
  *
  * The fastest path the CPU has is chosen at run time: AVX-512 VNNI (_mm512_dpbusd_epi32,
  * u8 x s8 -> s32), AVX2 (_mm256_maddubs_epi16 + _mm256_madd_epi16, as in llama.cpp's and BitNet's
@@ -576,6 +577,82 @@ AVX512_TARGET static void int8w_row_avx512(const int8_t *w, float s, const float
 #undef I8W
 }
 
+/* The same table lookup with 8-lane AVX2: vpermps looks up 8 entries, so a 4-bit code takes
+ * two lookups (codes 0-7 and 8-15) and a blend on the code's bit 3. */
+__attribute__((always_inline, target("avx2,fma"))) static inline void lut_row_impl_avx2(
+    const uint8_t *w, const float *s, const uint8_t *zp, int zp_const, const int bits,
+    const float **xd, int64_t G, int64_t chunks_per_group, const int nb, float *out) {
+    const int per = 8 / bits;
+    const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
+    const __m256i iota = _mm256_and_si256(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), mask);
+    __m256 acc[NB][2];
+    for (int b = 0; b < nb; b++) acc[b][0] = acc[b][1] = _mm256_setzero_ps();
+    for (int64_t gi = 0; gi < G; gi++) {
+        __m256i z = _mm256_set1_epi32(zp ? (int32_t)zp[gi] : zp_const);
+        __m256 sv = _mm256_set1_ps(s[gi]);
+        __m256 t_lo = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(iota, z)), sv);
+        __m256 t_hi = _mm256_mul_ps(
+            _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_add_epi32(iota, _mm256_set1_epi32(8)), z)), sv);
+        int64_t c = gi * chunks_per_group, c_end = c + chunks_per_group;
+        for (; c < c_end; c++) {
+            for (int h = 0; h < 2; h++) {
+                __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w + 16 * c + 8 * h)));
+                for (int p = 0; p < per; p++) {
+                    __m256i idx = _mm256_and_si256(p ? _mm256_srli_epi32(v, bits * p) : v, mask);
+                    __m256 wv = _mm256_permutevar8x32_ps(t_lo, idx);
+                    if (bits == 4)
+                        wv = _mm256_blendv_ps(wv, _mm256_permutevar8x32_ps(t_hi, idx),
+                                              _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+                    for (int b = 0; b < nb; b++)
+                        acc[b][h] = _mm256_fmadd_ps(
+                            wv, _mm256_loadu_ps(xd[b] + (c * per + p) * 16 + 8 * h), acc[b][h]);
+                }
+            }
+        }
+    }
+    for (int b = 0; b < nb; b++) out[b] = hsum_ps(_mm256_add_ps(acc[b][0], acc[b][1]));
+}
+
+__attribute__((target("avx2,fma"))) static void lut_row_avx2(const uint8_t *w, const float *s,
+                                                              const uint8_t *zp, int zp_const,
+                                                              int bits, const float **xd, int64_t G,
+                                                              int64_t cpg, int nb, float *out) {
+#define LUT4A(n) lut_row_impl_avx2(w, s, zp, zp_const, 4, xd, G, cpg, n, out)
+#define LUT2A(n) lut_row_impl_avx2(w, s, zp, zp_const, 2, xd, G, cpg, n, out)
+    if (bits == 4) { NB_SWITCH(nb, LUT4A) } else { NB_SWITCH(nb, LUT2A) }
+#undef LUT4A
+#undef LUT2A
+}
+
+__attribute__((always_inline, target("avx2,fma"))) static inline void int8w_row_impl_avx2(
+    const int8_t *w, float s, const float **x, int64_t I, const int nb, float *out) {
+    __m256 acc[NB][2];
+    const __m256 sv = _mm256_set1_ps(s);
+    for (int b = 0; b < nb; b++) acc[b][0] = acc[b][1] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= I; i += 16) {
+        for (int h = 0; h < 2; h++) {
+            __m256 wv = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                          _mm_loadl_epi64((const __m128i *)(w + i + 8 * h)))), sv);
+            for (int b = 0; b < nb; b++)
+                acc[b][h] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x[b] + i + 8 * h), acc[b][h]);
+        }
+    }
+    for (int b = 0; b < nb; b++) {
+        float total = hsum_ps(_mm256_add_ps(acc[b][0], acc[b][1]));
+        for (int64_t j = i; j < I; j++) total += ((float)w[j] * s) * x[b][j];
+        out[b] = total;
+    }
+}
+
+__attribute__((target("avx2,fma"))) static void int8w_row_avx2(const int8_t *w, float s,
+                                                                const float **x, int64_t I, int nb,
+                                                                float *out) {
+#define I8W2(n) int8w_row_impl_avx2(w, s, x, I, n, out)
+    NB_SWITCH(nb, I8W2)
+#undef I8W2
+}
+
 static int has_avx512(void) {
     static int cached = -1;
     if (cached < 0) {
@@ -617,7 +694,8 @@ void qd_lut_gemm(const uint8_t *w, const float *s, const uint8_t *zp, int zp_con
     if (!xd) return;
     deinterleave(x, xd, B, I, per);
 #ifdef __x86_64__
-    int fast = level == 0 && has_avx512(); /* no AVX2 variant: level 2 runs C */
+    int fast = level == 0 && has_avx512();
+    int fast2 = !fast && level != 1 && has_avx2();
 #endif
 #pragma omp parallel for schedule(static) if (B * O * I >= PARALLEL_MIN_WORK)
     for (int64_t o = 0; o < O; o++) {
@@ -632,6 +710,8 @@ void qd_lut_gemm(const uint8_t *w, const float *s, const uint8_t *zp, int zp_con
 #ifdef __x86_64__
             if (fast)
                 lut_row_avx512(wr, so, zo, zp_const, bits, xs, G, cpg, nb, out);
+            else if (fast2)
+                lut_row_avx2(wr, so, zo, zp_const, bits, xs, G, cpg, nb, out);
             else
 #endif
                 lut_row_c(wr, so, zo, zp_const, bits, xs, G, cpg, nb, out);
@@ -645,7 +725,8 @@ void qd_lut_gemm(const uint8_t *w, const float *s, const uint8_t *zp, int zp_con
 void qd_int8w_gemm(const int8_t *w, const float *w_scale, const float *x, const float *bias,
                    float *y, int64_t B, int64_t O, int64_t I, int level) {
 #ifdef __x86_64__
-    int fast = level == 0 && has_avx512(); /* no AVX2 variant: level 2 runs C */
+    int fast = level == 0 && has_avx512();
+    int fast2 = !fast && level != 1 && has_avx2();
 #endif
 #pragma omp parallel for schedule(static) if (B * O * I >= PARALLEL_MIN_WORK)
     for (int64_t o = 0; o < O; o++) {
@@ -658,6 +739,8 @@ void qd_int8w_gemm(const int8_t *w, const float *w_scale, const float *x, const 
 #ifdef __x86_64__
             if (fast)
                 int8w_row_avx512(wr, w_scale[o], xs, I, nb, out);
+            else if (fast2)
+                int8w_row_avx2(wr, w_scale[o], xs, I, nb, out);
             else
 #endif
                 for (int b = 0; b < nb; b++) {

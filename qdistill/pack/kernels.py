@@ -48,9 +48,9 @@ _LIB: ctypes.CDLL | None = None
 _LOADED = False
 _WARNED = False
 DISABLE_ENV = "QDISTILL_NO_KERNELS"
-# From this many rows on, W8A8 runs torch._int_mm (oneDNN; AMX on CPUs that have it): it
-# needs more than 16 rows, and it beats the VNNI GEMV kernel from about 8 rows (measured on a
-# 2-core Sapphire Rapids VM, 4096x4096); fewer rows are padded up to 17.
+# From this many rows on, W8A8 runs torch._int_mm (oneDNN; AMX on CPUs that have it) on CPUs
+# with VNNI: it needs more than 16 rows, and it beats the VNNI GEMV kernel from about 8 rows
+# (measured on a 2-core Sapphire Rapids VM, 4096x4096); fewer rows are padded up to 17.
 INT_MM_MIN_ROWS = 8
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -303,6 +303,13 @@ def _int_mm_linear(kp: KernelPlan, xq: torch.Tensor, x_scale: torch.Tensor, bias
     return y if bias is None else y + bias
 
 
+def _int_mm_is_fast() -> bool:
+    """torch._int_mm beats our kernel only where oneDNN has VNNI (or AMX) int8 instructions:
+    on an AVX2-only AMD EPYC it ran W8A8 at batch 32 eight times *slower* than fp32."""
+    lib = library()
+    return bool(lib is not None and lib.qd_has_vnni())
+
+
 def linear(layer: Any, kp: KernelPlan, x: torch.Tensor, level: int = 0) -> torch.Tensor:
     """``layer(x)`` through its kernel. ``level`` 0: the fastest path the CPU has; 1: portable
     C; 2: at most AVX2 (the levels exist so that tests can compare the paths). The kernels
@@ -331,7 +338,7 @@ def linear(layer: Any, kp: KernelPlan, x: torch.Tensor, level: int = 0) -> torch
         return y.reshape(*lead, out_f)
     xq, x_scale, rowsum = quantize_rows(x, kp.in_padded)
     rows = xq.shape[0]
-    if kp.kind == "int8" and level == 0 and rows >= INT_MM_MIN_ROWS:
+    if kp.kind == "int8" and level == 0 and rows >= INT_MM_MIN_ROWS and _int_mm_is_fast():
         return _int_mm_linear(kp, xq, x_scale, bias).reshape(*lead, out_f)
     y = torch.empty(rows, out_f, dtype=torch.float32)
     if kp.kind == "int4":
