@@ -417,3 +417,17 @@ def test_load_classifier_draws_the_new_head_from_its_seed(tmp_path):
     assert torch.equal(a.hf.classifier.weight, b.hf.classifier.weight)
     assert not torch.equal(a.hf.classifier.weight, c.hf.classifier.weight)
     assert a.hf.classifier.out_features == 3
+
+
+def test_masked_positions_only_loss_equals_the_full_masked_lm_loss():
+    from qdistill.recipes.bitdistill import lm_loss
+
+    model = tiny_bert()
+    lm = lm_view(model)
+    torch.manual_seed(0)
+    data = toy_task(8, 12)
+    ids, labels = mask_tokens(data.input_ids, data.attention_mask, MASK_ID, VOCAB, 0.3, [0, 1])
+    ours = lm_loss(lm, ids, data.attention_mask, labels)
+    full = lm(input_ids=ids, attention_mask=data.attention_mask, labels=labels).loss
+    assert float(ours) == pytest.approx(float(full), rel=1e-5)
+    assert lm_loss(lm, ids, data.attention_mask, torch.full_like(labels, -100)) is None
