@@ -205,6 +205,9 @@ class KernelPlan:
     zp_const: int = 0
     bits: int = 8
     weight_sum: torch.Tensor | None = None  # int8: sum of each row's codes (VNNI's u8 shift)
+    # int8: many rows go through torch._int_mm, which beats our kernel only where oneDNN has
+    # VNNI (or AMX); on an AVX2-only AMD EPYC it ran W8A8 at batch 32 8x slower than fp32
+    int_mm: bool = False
 
     def nbytes(self) -> int:
         """Bytes of weights, scales and zero points the kernel reads on every call."""
@@ -271,7 +274,10 @@ def plan(layer: Any) -> KernelPlan | None:
         return KernelPlan(kind, weight, _row_scales(layer, out_f), in_f, i_pad, zp, bits=2)
     weight = (codes.to(torch.int16) - 128).to(torch.int8).contiguous()  # int8 / int8w
     wsum = weight.sum(dim=1, dtype=torch.int32) if kind == "int8" else None
-    return KernelPlan(kind, weight, _row_scales(layer, out_f), in_f, in_f, weight_sum=wsum)
+    int_mm = kind == "int8" and bool(library().qd_has_vnni())
+    return KernelPlan(
+        kind, weight, _row_scales(layer, out_f), in_f, in_f, weight_sum=wsum, int_mm=int_mm
+    )
 
 
 def quantize_rows(x: torch.Tensor, in_padded: int) -> tuple[torch.Tensor, ...]:
@@ -303,13 +309,6 @@ def _int_mm_linear(kp: KernelPlan, xq: torch.Tensor, x_scale: torch.Tensor, bias
     return y if bias is None else y + bias
 
 
-def _int_mm_is_fast() -> bool:
-    """torch._int_mm beats our kernel only where oneDNN has VNNI (or AMX) int8 instructions:
-    on an AVX2-only AMD EPYC it ran W8A8 at batch 32 eight times *slower* than fp32."""
-    lib = library()
-    return bool(lib is not None and lib.qd_has_vnni())
-
-
 def linear(layer: Any, kp: KernelPlan, x: torch.Tensor, level: int = 0) -> torch.Tensor:
     """``layer(x)`` through its kernel. ``level`` 0: the fastest path the CPU has; 1: portable
     C; 2: at most AVX2 (the levels exist so that tests can compare the paths). The kernels
@@ -338,7 +337,7 @@ def linear(layer: Any, kp: KernelPlan, x: torch.Tensor, level: int = 0) -> torch
         return y.reshape(*lead, out_f)
     xq, x_scale, rowsum = quantize_rows(x, kp.in_padded)
     rows = xq.shape[0]
-    if kp.kind == "int8" and level == 0 and rows >= INT_MM_MIN_ROWS and _int_mm_is_fast():
+    if kp.kind == "int8" and level == 0 and rows >= INT_MM_MIN_ROWS and kp.int_mm:
         return _int_mm_linear(kp, xq, x_scale, bias).reshape(*lead, out_f)
     y = torch.empty(rows, out_f, dtype=torch.float32)
     if kp.kind == "int4":
