@@ -17,6 +17,8 @@ from qdistill.models.subln import SubLN
 from qdistill.recipes.bitdistill import BitDistillConfig, bitdistill, mask_tokens
 
 transformers = pytest.importorskip("transformers")
+from tiny_transformers import bert_config, llama_config  # noqa: E402
+
 from qdistill.models.hf import (  # noqa: E402
     bitnet_config,
     classifier_from_config,
@@ -29,11 +31,8 @@ MASK_ID = 3
 
 def tiny_bert(seed=0, labels=2):
     torch.manual_seed(seed)
-    cfg = transformers.BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
+    cfg = bert_config(
+        transformers,
         vocab_size=VOCAB,
         num_labels=labels,
         hidden_dropout_prob=0.0,
@@ -44,16 +43,8 @@ def tiny_bert(seed=0, labels=2):
 
 def tiny_llama(seed=0, labels=2):
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        vocab_size=VOCAB,
-        num_labels=labels,
-        pad_token_id=0,
-        tie_word_embeddings=True,
+    cfg = llama_config(
+        transformers, vocab_size=VOCAB, num_labels=labels, pad_token_id=0, tie_word_embeddings=True
     )
     return classifier_from_config(cfg).eval()
 
@@ -401,13 +392,7 @@ def test_load_classifier_draws_the_new_head_from_its_seed(tmp_path):
     from qdistill.models.hf import load_classifier
 
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        intermediate_size=64,
-        vocab_size=VOCAB,
-    )
+    cfg = bert_config(transformers, num_hidden_layers=1, vocab_size=VOCAB)
     transformers.BertModel(cfg).save_pretrained(tmp_path / "body")  # no task head in the file
     state = torch.random.get_rng_state()
     a = load_classifier(str(tmp_path / "body"), num_labels=3)

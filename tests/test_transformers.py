@@ -10,30 +10,18 @@ from qdistill.distill.attention import QKVCapture, attention_relation_loss, rela
 from qdistill.models.subln import SubLN, insert_subln
 
 transformers = pytest.importorskip("transformers")
+from tiny_transformers import bert_config, llama_config  # noqa: E402
 
 
 def tiny_bert(hidden=32, seed=0):
     torch.manual_seed(seed)
-    cfg = transformers.BertConfig(
-        hidden_size=hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=2 * hidden,
-        vocab_size=100,
-    )
+    cfg = bert_config(transformers, hidden, vocab_size=100)
     return transformers.BertModel(cfg).eval()
 
 
 def tiny_llama(seed=0):
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        vocab_size=100,
-    )
+    cfg = llama_config(transformers, vocab_size=100)
     return transformers.LlamaForCausalLM(cfg).eval()
 
 

@@ -154,7 +154,7 @@ def continual_pretrain(
     text: Iterable[dict[str, torch.Tensor]],
     tokens: int,
     *,
-    lr: float = 2e-4,
+    lr: float = 1e-4,
     weight_decay: float = 0.01,
     mask_token_id: int | None = None,
     mlm_probability: float = 0.15,
