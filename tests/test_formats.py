@@ -126,3 +126,16 @@ def test_row_axis_gives_one_scale_per_token():
     assert fmt.dequantize(q).shape == x.shape
     with pytest.raises(FormatError, match="not understood"):
         IntFormat(8, axis="token")
+
+
+@pytest.mark.parametrize(
+    "shape,axis,group",
+    [((10, 3, 3, 3), None, None), ((10, 3, 3, 3), 0, None), ((10, 3, 3, 3), 1, None),
+     ((10, 3, 3, 3), "row", None), ((10, 3, 3, 3), None, 8), ((7, 129), None, 64),
+     ((5,), "row", None), ((4, 6), -1, None)],
+    ids=str,
+)  # fmt: skip
+def test_block_count_from_the_shape_equals_to_blocks(shape, axis, group):
+    from qdistill.formats.base import block_count, to_blocks
+
+    assert block_count(shape, axis, group) == to_blocks(torch.zeros(shape), axis, group).shape[0]

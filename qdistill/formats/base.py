@@ -105,6 +105,24 @@ def to_blocks(x: torch.Tensor, axis: Axis, group_size: int | None) -> torch.Tens
     return x.reshape(1, -1)
 
 
+def block_count(shape: tuple[int, ...], axis: Axis, group_size: int | None) -> int:
+    """Rows of :func:`to_blocks` for a tensor of ``shape`` (the number of scales it needs),
+    computed from the shape alone."""
+    numel = math.prod(shape)
+    if group_size is not None:
+        return -(-numel // group_size)
+    if axis == "row":
+        return numel // shape[-1] if shape and shape[-1] else 1
+    if axis is not None:
+        if not -len(shape) <= axis < len(shape):
+            raise FormatError(
+                f"axis={axis} is out of range for a tensor of shape {tuple(shape)}; "
+                "use axis=0 for per-output-channel scales"
+            )
+        return shape[axis]
+    return 1
+
+
 def from_blocks(
     blocks: torch.Tensor, shape: tuple[int, ...], axis: Axis, group_size: int | None
 ) -> torch.Tensor:
