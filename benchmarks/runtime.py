@@ -5,8 +5,8 @@ with ``qd.load``, as a user would) run on the same input with interleaved repeti
 of 30), at batch 1 and 32, on 2 threads:
 
 * ``fp32``: ``nn.Linear`` / ``nn.Conv2d`` (PyTorch's own kernels, oneDNN/MKL);
-* ``int8``: W8A8, per-channel int8 weights, per-token int8 activations (our AVX-512 VNNI C
-  kernel at batch < 8, torch._int_mm on the same codes above);
+* ``int8``: W8A8, per-channel int8 weights, per-token int8 activations (our C kernel; on CPUs
+  with VNNI, torch._int_mm on the same codes from batch 8);
 * ``int8-wo``: int8 weights only, fp32 activations (C kernel);
 * ``int4``: W4A8, 4-bit weights with a scale per group of 64, per-token int8 activations;
 * ``int4-wo``: W4A16 style, 4-bit weights with a scale per group of 64, fp32 activations
@@ -16,13 +16,16 @@ of 30), at batch 1 and 32, on 2 threads:
 * ``ternary-portable``: the ternary file through the portable path (unpack + float matmul), to
   show what the kernel is worth.
 
-Conv2d layers have no kernel yet: the CNN's convolutions take the portable path.
+Conv2d layers read their codes one tile of output channels at a time (``qdistill.pack.conv``:
+one C call dequantizes the tile, then PyTorch's float convolution), and W8A8 convolutions round
+their inputs in C.
 
 ``bytes`` is the packed file's size on disk, ``peak_rss_mb`` the growth of the process's
 resident memory when that model is loaded and run once, ``fraction_of_bound`` the lower-bound
 latency (weight bytes read / measured memory bandwidth) divided by the measured latency.
 
     python benchmarks/runtime.py          # ~3 min; writes benchmarks/results/runtime.csv
+    python benchmarks/runtime.py --models fmnist-teacher-cnn --out /tmp/rt   # one model
 """
 
 from __future__ import annotations
@@ -84,13 +87,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     args = parser.parse_args()
     torch.set_num_threads(2)
     bandwidth = memory_bandwidth_gbs()
     print(f"measured read bandwidth: {bandwidth:.1f} GB/s; kernels: {cpu_path()}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for model_name, (factory, shape) in MODELS.items():
+        for model_name in args.models:
+            factory, shape = MODELS[model_name]
             torch.manual_seed(0)
             reference = factory().eval()
             files = {"fp32": qd.save(reference, Path(tmp) / f"{model_name}-fp32.qd.safetensors")}
@@ -110,8 +115,9 @@ def main() -> None:
                     model = qd.load(path, model=factory())
                     if portable:
                         for m in model.modules():
-                            if hasattr(m, "_kernel"):
-                                m._kernel = None
+                            for attr in ("_kernel", "_tiles"):  # Linear kernels, Conv2d tiles
+                                if hasattr(m, attr):
+                                    setattr(m, attr, None)
                     return model
 
                 return build

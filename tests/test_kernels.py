@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import qdistill as qd
+from qdistill.pack import conv as packed_conv
 from qdistill.pack import kernels
 
 ROW8 = qd.IntFormat(8, axis="row")
@@ -215,24 +216,93 @@ def test_one_copy_of_the_codes_after_the_kernel_is_prepared(tmp_path, wfmt, afmt
         assert torch.equal(again(x), y)
 
 
-@pytest.mark.parametrize(
-    "wfmt,afmt",
-    [(qd.IntFormat(8, axis=0), ROW8), (qd.IntFormat(4, group_size=8), None)],
-    ids=str,
-)
-def test_conv2d_with_stride_padding_and_groups(tmp_path, wfmt, afmt):
+CONV_CASES = [
+    (qd.IntFormat(8, axis=0), ROW8),
+    (qd.IntFormat(4, group_size=8), None),
+    (qd.TernaryFormat(axis=0), ROW8),
+    (qd.IntFormat(2, symmetric=False, axis=0), None),
+]
+
+
+@pytest.mark.parametrize("wfmt,afmt", CONV_CASES, ids=str)
+@pytest.mark.parametrize("tile", [packed_conv.TILE_WEIGHTS, 60], ids=["one-tile", "tiles"])
+def test_conv2d_with_stride_padding_and_groups(tmp_path, monkeypatch, wfmt, afmt, tile):
+    monkeypatch.setattr(packed_conv, "TILE_WEIGHTS", tile)
     torch.manual_seed(0)
 
-    def net():
-        return nn.Sequential(nn.Conv2d(6, 8, 3, stride=2, padding=1, groups=2), nn.ReLU())
+    def net(groups):
+        conv = nn.Conv2d(6, 8, 3, stride=2, padding=1, dilation=(1, 2), groups=groups)
+        return nn.Sequential(conv, nn.ReLU())
 
-    fq = qd.quantize_(net(), qd.QuantConfig(weights=wfmt, activations=afmt)).eval()
-    packed = qd.load(qd.save(fq, tmp_path / "c.qd.safetensors"), model=net())
-    for batch in (1, 5):
-        x = torch.randn(batch, 6, 9, 11)
+    for groups in (1, 2):
+        fq = qd.quantize_(net(groups), qd.QuantConfig(weights=wfmt, activations=afmt)).eval()
+        packed = qd.load(qd.save(fq, tmp_path / "c.qd.safetensors"), model=net(groups))
+        for batch in (1, 5):
+            x = torch.randn(batch, 6, 9, 11)
+            with torch.no_grad():
+                y, ref = packed(x), fq(x)
+            assert y.shape == ref.shape == (batch, 8, 5, 5) and close(y, ref)
+        plan = packed[0]._tiles
+        if kernels.library() is not None:  # the tiled path ran, in several tiles when asked
+            assert plan and (len(plan.tiles) > 1) == (tile == 60)
+            bounds = [t[0] for t in plan.tiles] + [plan.tiles[-1][1]]
+            assert bounds == sorted(set(bounds)) and bounds[0] == 0 and bounds[-1] == 8
+
+
+def test_conv_tiles_by_hand():
+    # 2 groups of 4 channels x 27 weights = 108 > 100: one group a tile
+    assert packed_conv.conv_tiles(8, 2, 27, 100) == [(0, 4, 1), (4, 8, 1)]
+    assert packed_conv.conv_tiles(8, 2, 27, 1000) == [(0, 8, 2)]
+    assert packed_conv.conv_tiles(10, 1, 27, 100) == [(0, 3, 1), (3, 6, 1), (6, 9, 1), (9, 10, 1)]
+    assert packed_conv.conv_tiles(6, 3, 5, 25) == [(0, 4, 2), (4, 6, 1)]
+
+
+DEQUANT_FORMATS = [
+    qd.IntFormat(8, axis=0),
+    qd.IntFormat(4, group_size=8),
+    qd.IntFormat(3, symmetric=False, axis=0),
+    qd.IntFormat(2, symmetric=False, group_size=6),  # buckets straddle output channels
+    qd.IntFormat(5),
+    qd.IntFormat(4, axis="row"),
+    qd.IntFormat(7, symmetric=False),
+    qd.TernaryFormat(axis=0),
+    qd.TernaryFormat(packing="trits", group_size=9),
+    qd.BinaryFormat(axis=0),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", DEQUANT_FORMATS, ids=str)
+def test_c_dequantize_rows_equals_the_formats_dequantize(fmt):
+    from qdistill.pack.bits import pack_for
+
+    torch.manual_seed(1)
+    w = torch.randn(10, 3, 3, 3)
+    q = fmt.quantize(w)
+    codes = pack_for(q.codes, fmt)
+    dp = packed_conv.dequant_plan(fmt, tuple(w.shape), q.scale, q.zero_point)
+    ref = fmt.dequantize(q).reshape(10, 27)
+    assert torch.equal(packed_conv.dequantize_rows(codes, dp, 0, 10), ref)
+    assert torch.equal(packed_conv.dequantize_rows(codes, dp, 3, 7), ref[3:7])
+    with pytest.raises(ValueError, match="truncated"):
+        packed_conv.dequantize_rows(codes[:-1], dp, 0, 10)
+
+
+@needs_kernels
+def test_c_row_fake_quant_equals_intformat():
+    x = torch.randn(2, 3, 5, 7) * 4
+    assert torch.equal(kernels.fake_quantize_rows(x), ROW8.dequantize(ROW8.quantize(x)))
+
+
+def test_conv_formats_without_a_tiled_path_use_the_portable_one(tmp_path):
+    for wfmt in (qd.FPFormat(), qd.IntFormat(4, axis=1)):
+        net = lambda: nn.Sequential(nn.Conv2d(4, 6, 3))  # noqa: E731
+        fq = qd.quantize_(net(), qd.QuantConfig(weights=wfmt)).eval()
+        packed = qd.load(qd.save(fq, tmp_path / "c.qd.safetensors"), model=net())
+        x = torch.randn(2, 4, 7, 7)
         with torch.no_grad():
-            y, ref = packed(x), fq(x)
-        assert y.shape == ref.shape == (batch, 8, 5, 6) and close(y, ref)
+            assert close(packed(x), fq(x))
+        assert packed[0]._tiles is None
 
 
 def test_cmd_bench_runs_on_a_packed_file(tmp_path, capsys):

@@ -5,9 +5,10 @@ them on every forward pass; it never keeps a float copy of its weight. On its fi
 ``PackedLinear`` asks :mod:`qdistill.pack.kernels` for a fast path that computes on the codes
 (C kernels for W8A8, W4A8, W1.58A8 / W2A8 and weight-only int8 / int4 / 2-bit; torch._int_mm
 for W8A8 batches); the kernel may keep the codes in its own layout, and then that copy is the
-only one (``packed_codes()`` rebuilds the file's layout for saving). Every other format, every
-``PackedConv2d`` and any input that needs a gradient take the portable path: unpack, dequantize
-(exactly the fake-quant weight) and a float matmul/convolution.
+only one (``packed_codes()`` rebuilds the file's layout for saving). A ``PackedConv2d`` reads its
+codes one tile of output channels at a time (:mod:`qdistill.pack.conv`). Every other format and
+any input that needs a gradient take the portable path: unpack, dequantize (exactly the
+fake-quant weight) and a float matmul/convolution.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qdistill.formats import Format, QuantizedTensor, format_from_dict
+from qdistill.pack import conv as packed_conv
 from qdistill.pack import kernels
 from qdistill.pack.bits import pack_for, unpack_for
 from qdistill.quant.modules import QuantConv2d, QuantLinear, deterministic
@@ -108,6 +110,14 @@ class PackedMixin:
         if self.act_format is None:
             return x
         fmt = deterministic(self.act_format)
+        if (
+            self.act_scale is None
+            and kernels._is_row_int8(fmt)
+            and x.dtype == torch.float32
+            and not (torch.is_grad_enabled() and x.requires_grad)
+            and kernels.library() is not None
+        ):
+            return kernels.fake_quantize_rows(x)
         if self.act_scale is None:
             return fmt.dequantize(fmt.quantize(x))
         return fmt.dequantize(fmt.quantize(x, scale=self.act_scale, zero_point=self.act_zero_point))
@@ -170,7 +180,13 @@ class PackedConv2d(PackedMixin, nn.Module):
         self.conv = {k: tuple(v) if isinstance(v, list) else v for k, v in conv.items()}
         self._init_packed(fmt, act_format, weight_shape, tensors)
 
+    _tiles: packed_conv.DequantPlan | None | bool = False  # False: not prepared yet
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._tiles is False:
+            self._tiles = packed_conv.plan(self)
+        if self._tiles is not None and not (torch.is_grad_enabled() and x.requires_grad):
+            return packed_conv.conv2d(self, self._tiles, self.quantized_input(x))
         c = self.conv
         return F.conv2d(
             self.quantized_input(x),
