@@ -14,7 +14,11 @@ of 30), at batch 1 and 32, on 2 threads:
 * ``ternary``: W1.58A8 as BitNet b1.58 (absmean ternary weights, per-token int8 activations);
 * ``int2``: 2-bit integer weights per channel, per-token int8 activations (same kernel);
 * ``ternary-portable``: the ternary file through the portable path (unpack + float matmul), to
-  show what the kernel is worth.
+  show what the kernel is worth;
+* ``fp32-compile``: the float model under ``torch.compile`` (inductor), reported apart from
+  eager fp32, which stays the baseline of every ratio;
+* ``onnx-int8``: the W8A8 model exported with ``qd.export_onnx`` (QDQ, uint8 weights) in an
+  onnxruntime session on 2 threads: the fastest off-the-shelf int8 runtime, side by side.
 
 Conv2d layers read their codes one tile of output channels at a time (``qdistill.pack.conv``:
 one C call dequantizes the tile, then PyTorch's float convolution), and W8A8 convolutions round
@@ -56,6 +60,40 @@ VARIANTS = {
 }
 
 
+class OrtModule(nn.Module):
+    """An onnxruntime session behind ``nn.Module``'s call, so that it runs in the same loop."""
+
+    def __init__(self, path: Path, threads: int = 2) -> None:
+        super().__init__()
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.weight_nbytes = os.path.getsize(path)  # initializers: codes, scales, float rest
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input_name: x.numpy()})[0])
+
+
+def compiled(factory, reference: nn.Module):
+    """The float model under torch.compile, or None where inductor cannot build here."""
+
+    def build() -> nn.Module:
+        model = factory().eval()
+        model.load_state_dict(reference.state_dict())
+        return torch.compile(model)
+
+    try:
+        with torch.no_grad():
+            build()(torch.randn(1, *MODELS_SHAPES[factory]))
+    except Exception as err:  # noqa: BLE001 - inductor needs a C++ toolchain; report, go on
+        print(f"torch.compile unavailable here ({type(err).__name__}: {err}); row skipped")
+        return None
+    return build
+
+
 def linear_heavy() -> nn.Module:
     """151 MB of fp32 weights: two 4096x4096 layers and one 1024x4096."""
     return nn.Sequential(
@@ -76,11 +114,16 @@ class MiniLMBlock(nn.Module):
         return self.down(torch.nn.functional.gelu(self.up(h)))
 
 
+def teacher_cnn() -> nn.Module:
+    return build_model("teacher-cnn")
+
+
 MODELS = {
     "linear-heavy-151MB": (linear_heavy, (4096,)),
     "minilm-block": (MiniLMBlock, (384,)),
-    "fmnist-teacher-cnn": (lambda: build_model("teacher-cnn"), (1, 28, 28)),
+    "fmnist-teacher-cnn": (teacher_cnn, (1, 28, 28)),
 }
+MODELS_SHAPES = {factory: shape for factory, shape in MODELS.values()}
 
 
 def main() -> None:
@@ -126,6 +169,14 @@ def main() -> None:
             variants["ternary-portable"] = loader(files["ternary"], portable=True)
             sizes = {name: os.path.getsize(p) for name, p in files.items()}
             sizes["ternary-portable"] = sizes["ternary"]
+            compiled_build = compiled(factory, reference)
+            if compiled_build is not None:
+                variants["fp32-compile"], sizes["fp32-compile"] = compiled_build, sizes["fp32"]
+            onnx_path = qd.export_onnx(
+                qd.load(files["int8"], model=factory()), Path(tmp) / f"{model_name}-int8.onnx"
+            )
+            variants["onnx-int8"] = lambda p=onnx_path: OrtModule(p)
+            sizes["onnx-int8"] = os.path.getsize(onnx_path)
             got = bench(
                 variants,
                 shape,

@@ -32,17 +32,17 @@ def run_onnx(path, x, optimize=True):
 
 
 def _weight_dtypes(path):
+    """dtypes of the weight codes that DequantizeLinear nodes read from initializers; no float
+    weight matrix may be left in the file."""
     from onnx import numpy_helper
 
     graph = onnx.load(str(path)).graph
-    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    for n in graph.node:
-        if n.op_type == "Constant":
-            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    assert not [k for k, v in inits.items() if v.ndim >= 2 and v.dtype.kind == "f"]
     return {
-        str(consts[n.input[2]].dtype)
+        str(inits[n.input[0]].dtype)
         for n in graph.node
-        if n.op_type == "QuantizeLinear" and "weight" in n.input[0]
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].ndim >= 2
     }
 
 
@@ -61,7 +61,8 @@ def test_w8a8_exports_qdq_and_matches_in_onnxruntime(tmp_path, packed):
         model = qd.load(qd.save(model, tmp_path / "m.qd.safetensors"), model=_net())
     path = export_onnx(model, tmp_path / "m.onnx", torch.randn(1, 1, 10, 10))
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
-    assert ops.count("QuantizeLinear") >= 6 and ops.count("DequantizeLinear") >= 6
+    # weights: DequantizeLinear of stored codes; inputs: a QuantizeLinear/DequantizeLinear pair
+    assert ops.count("QuantizeLinear") >= 3 and ops.count("DequantizeLinear") >= 6
     x = torch.randn(7, 1, 10, 10)
     with torch.no_grad():
         expected = model(x)
@@ -146,3 +147,18 @@ def test_per_token_int8_activations_are_reproduced(tmp_path):
     got = run_onnx(path, x)
     # the same rounding in ONNX ops; a tie rounded the other way moves one code by one
     assert torch.allclose(got, expected, atol=1e-3 * float(expected.abs().max()))
+
+
+def test_int8_weights_are_stored_as_one_byte_codes(tmp_path):
+    def big():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 64))
+
+    fp = export_onnx(big(), tmp_path / "fp.onnx", torch.randn(1, 256))
+    model = qd.quantize_(big(), qd.QuantConfig(weights=qd.IntFormat(8, axis=0))).eval()
+    q = export_onnx(model, tmp_path / "q.onnx", torch.randn(1, 256))
+    assert _weight_dtypes(q) == {"uint8"}
+    assert q.stat().st_size < 0.3 * fp.stat().st_size
+    x = torch.randn(5, 256)
+    with torch.no_grad():
+        assert torch.allclose(run_onnx(q, x), model(x), atol=1e-5)

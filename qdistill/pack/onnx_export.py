@@ -3,8 +3,10 @@
 Each quantized Linear / Conv2d (fake-quant or packed) becomes a float layer whose weight comes
 out of a DequantizeLinear node with the layer's own codes and scales:
 
-* int8 symmetric weights (per tensor or channel): a QuantizeLinear/DequantizeLinear pair (the
-  standard "QDQ" representation that onnxruntime folds into integer kernels). By default the
+* int8 symmetric weights (per tensor or channel): a DequantizeLinear reading the one-byte codes
+  from an initializer (the standard "QDQ" form that onnxruntime folds into integer kernels;
+  torch exports a QuantizeLinear of the float weight, which the export replaces by the codes it
+  computes, so the file holds a byte per weight). By default the
   codes are stored as uint8 with zero point 128 (the same values): onnxruntime's u8s8 kernels
   on x86 CPUs without VNNI (AVX2, AVX-512F) add pairs of products in saturating int16 and lose
   a few percent of the output (past a 0.2% tolerance on a small CNN in our tests), while its
@@ -165,6 +167,57 @@ def example_input_for(model: nn.Module) -> torch.Tensor:
     raise ConfigError("cannot tell the model's input shape; pass example_input=torch.randn(...)")
 
 
+def _constant(graph: object, name: str) -> object | None:
+    """The numpy value of an initializer or Constant node output called ``name``, or None."""
+    from onnx import numpy_helper
+
+    for t in graph.initializer:  # type: ignore[attr-defined]
+        if t.name == name:
+            return numpy_helper.to_array(t)
+    for node in graph.node:  # type: ignore[attr-defined]
+        if node.output and node.output[0] == name:
+            if node.op_type == "Identity":  # the exporter shares equal zero points this way
+                return _constant(graph, node.input[0])
+            if node.op_type == "Constant":
+                return next(
+                    (numpy_helper.to_array(a.t) for a in node.attribute if a.name == "value"), None
+                )
+    return None
+
+
+def _int8_initializers(graph: object) -> int:
+    """Store 8-bit weights as codes: each QuantizeLinear of a float weight initializer (what
+    torch exports for fake_quantize_per_channel_affine) is replaced by the int8 / uint8 codes it
+    would compute, which its DequantizeLinear then reads, so the file holds one byte per weight
+    instead of four (the usual QDQ form of a quantized model's weights)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in graph.initializer}  # type: ignore[attr-defined]
+    done = 0
+    for node in list(graph.node):  # type: ignore[attr-defined]
+        if node.op_type != "QuantizeLinear" or node.input[0] not in inits:
+            continue
+        w = numpy_helper.to_array(inits[node.input[0]])
+        scale = _constant(graph, node.input[1])
+        zp = _constant(graph, node.input[2]) if len(node.input) > 2 else None
+        if w.ndim < 2 or scale is None or zp is None:
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        shape = [1] * w.ndim
+        if scale.size > 1:
+            shape[axis] = -1
+        info = np.iinfo(zp.dtype)
+        q = np.rint(w / scale.reshape(shape)) + zp.reshape(shape).astype(np.int32)
+        codes = np.clip(q, info.min, info.max).astype(zp.dtype)
+        init = numpy_helper.from_array(codes, node.output[0])
+        graph.initializer.remove(inits[node.input[0]])  # type: ignore[attr-defined]
+        graph.initializer.append(init)  # type: ignore[attr-defined]
+        graph.node.remove(node)  # type: ignore[attr-defined]
+        done += 1
+    return done
+
+
 def _int4_initializers(graph: object, twin: nn.Module) -> int:
     """Swap each 4-bit layer's float weight initializer for uint4 codes + DequantizeLinear."""
     import onnx
@@ -243,11 +296,13 @@ def export_onnx(
                 dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
                 do_constant_folding=not has_int4,  # keep the weights' names for the rewrite
             )
-        if has_int4 or opset > 20:
+        has_int8 = any(getattr(m, "weight_qdq", None) for m in twin.modules())
+        if has_int4 or has_int8 or opset > 20:
             import onnx
 
             proto = onnx.load(str(path))
             _int4_initializers(proto.graph, twin)
+            _int8_initializers(proto.graph)
             for imp in proto.opset_import:
                 if imp.domain in ("", "ai.onnx"):
                     imp.version = opset

@@ -59,7 +59,10 @@ def memory_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
 
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of weights a forward pass reads: the kernel's codes, scales and zero points, the
-    file's packed codes and scales on the portable path, or float weights."""
+    file's packed codes and scales on the portable path, or float weights. A module that runs
+    elsewhere (an onnxruntime session) states its own ``weight_nbytes``."""
+    if hasattr(model, "weight_nbytes"):
+        return int(model.weight_nbytes)
     total = 0
     for m in model.modules():
         if isinstance(m, PackedMixin):
@@ -172,8 +175,9 @@ def bench(
 def _portable(model: nn.Module) -> nn.Module:
     """The same packed model forced onto the portable path (unpack, dequantize, matmul)."""
     for m in model.modules():
-        if isinstance(m, PackedMixin) and hasattr(m, "_kernel"):
-            m._kernel = None
+        for attr in ("_kernel", "_tiles"):  # Linear kernels, Conv2d tiles
+            if isinstance(m, PackedMixin) and hasattr(m, attr):
+                setattr(m, attr, None)
     return model
 
 
