@@ -17,8 +17,12 @@ of 30), at batch 1 and 32, on 2 threads:
   show what the kernel is worth;
 * ``fp32-compile``: the float model under ``torch.compile`` (inductor), reported apart from
   eager fp32, which stays the baseline of every ratio;
-* ``onnx-int8``: the W8A8 model exported with ``qd.export_onnx`` (QDQ, uint8 weights) in an
-  onnxruntime session on 2 threads: the fastest off-the-shelf int8 runtime, side by side.
+* ``onnx-int8``: the W8A8 model exported with ``qd.export_onnx`` (uint8 weight codes, the
+  per-token input rounding in plain ONNX ops) in an onnxruntime session on 2 threads: what a
+  user who deploys our export gets (onnxruntime has no fused kernel for per-token int8 inputs);
+* ``ort-dynamic``: onnxruntime's own ``quantize_dynamic`` on the fp32 export (int8 weights,
+  per-tensor dynamic uint8 inputs, MatMulInteger / ConvInteger): the off-the-shelf int8
+  runtime, side by side (its numbers are not ours: per-tensor, not per-token, inputs).
 
 Conv2d layers read their codes one tile of output channels at a time (``qdistill.pack.conv``:
 one C call dequantizes the tile, then PyTorch's float convolution), and W8A8 convolutions round
@@ -75,6 +79,15 @@ class OrtModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.session.run(None, {self.input_name: x.numpy()})[0])
+
+
+def ort_dynamic(reference: nn.Module, path: Path) -> Path:
+    """The fp32 model exported, then int8-quantized by onnxruntime's own quantize_dynamic."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    fp32 = qd.export_onnx(reference, path.with_suffix(".fp32.onnx"))
+    quantize_dynamic(str(fp32), str(path))
+    return path
 
 
 def compiled(factory, reference: nn.Module):
@@ -177,6 +190,9 @@ def main() -> None:
             )
             variants["onnx-int8"] = lambda p=onnx_path: OrtModule(p)
             sizes["onnx-int8"] = os.path.getsize(onnx_path)
+            ort_path = ort_dynamic(reference, Path(tmp) / f"{model_name}-ort.onnx")
+            variants["ort-dynamic"] = lambda p=ort_path: OrtModule(p)
+            sizes["ort-dynamic"] = os.path.getsize(ort_path)
             got = bench(
                 variants,
                 shape,
