@@ -321,3 +321,20 @@ def test_cmd_bench_runs_on_a_packed_file(tmp_path, capsys):
     assert cmd_bench(args) == 0
     out = capsys.readouterr().out
     assert "packed-portable" in out and "fraction_of_bound" in out
+
+
+@needs_kernels
+def test_reused_input_buffers_across_batch_sizes_and_threads(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    fq, packed = packed_pair(qd.TernaryFormat(axis=0), tmp_path=tmp_path)
+    xs = [torch.randn(n, 129) for n in (3, 5, 3, 1, 5) * 4]
+    with torch.no_grad():
+        refs = [fq(x) for x in xs]
+
+        def run(i: int) -> bool:
+            return close(packed(xs[i]), refs[i])
+
+        assert all(run(i) for i in range(len(xs)))  # one thread, changing batch sizes
+        with ThreadPoolExecutor(4) as pool:  # each thread its own buffers
+            assert all(pool.map(run, range(len(xs))))

@@ -36,8 +36,9 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
+import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -209,6 +210,21 @@ class KernelPlan:
     # int8: many rows go through torch._int_mm, which beats our kernel only where oneDNN has
     # VNNI (or AMX); on an AVX2-only AMD EPYC it ran W8A8 at batch 32 8x slower than fp32
     int_mm: bool = False
+    # per-thread int8 input buffers, reused while the batch shape stays the same: at batch 1 a
+    # MiniLM-sized layer spent more time allocating them than in its kernel
+    _scratch: threading.local = field(default_factory=threading.local, repr=False, compare=False)
+
+    def input_buffers(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(int8 codes ``[rows, in_padded]``, scales ``[rows]``, code sums ``[rows]``)."""
+        bufs = getattr(self._scratch, "bufs", None)
+        if bufs is None or bufs[1].shape[0] != rows:
+            bufs = (
+                torch.empty(rows, self.in_padded, dtype=torch.int8),
+                torch.empty(rows, dtype=torch.float32),
+                torch.empty(rows, dtype=torch.int32),
+            )
+            self._scratch.bufs = bufs
+        return bufs
 
     def nbytes(self) -> int:
         """Bytes of weights, scales and zero points the kernel reads on every call."""
@@ -281,15 +297,23 @@ def plan(layer: Any) -> KernelPlan | None:
     )
 
 
-def quantize_rows(x: torch.Tensor, in_padded: int) -> tuple[torch.Tensor, ...]:
+def quantize_rows(
+    x: torch.Tensor, in_padded: int, out: tuple[torch.Tensor, ...] | None = None
+) -> tuple[torch.Tensor, ...]:
     """Per-row int8 codes (zero-padded to ``in_padded``), scales and code sums, rounded in C
-    exactly as ``IntFormat(8, axis="row")`` rounds them."""
-    x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
+    exactly as ``IntFormat(8, axis="row")`` rounds them (into ``out`` when given)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = x2.float().contiguous()
     rows = x2.shape[0]
-    xq = torch.empty(rows, in_padded, dtype=torch.int8)
-    scale = torch.empty(rows, dtype=torch.float32)
-    rowsum = torch.empty(rows, dtype=torch.int32)
-    library().qd_quantize_rows(
+    if out is None:
+        out = (
+            torch.empty(rows, in_padded, dtype=torch.int8),
+            torch.empty(rows, dtype=torch.float32),
+            torch.empty(rows, dtype=torch.int32),
+        )
+    xq, scale, rowsum = out
+    (_LIB or library()).qd_quantize_rows(
         x2.data_ptr(), xq.data_ptr(), scale.data_ptr(), rowsum.data_ptr(), rows, x2.shape[1],
         in_padded,
     )  # fmt: skip
@@ -321,7 +345,7 @@ def linear(layer: Any, kp: KernelPlan, x: torch.Tensor, level: int = 0) -> torch
     """``layer(x)`` through its kernel. ``level`` 0: the fastest path the CPU has; 1: portable
     C; 2: at most AVX2 (the levels exist so that tests can compare the paths). The kernels
     apply the scales and the bias themselves: one or two C calls and no other torch ops."""
-    lib = library()
+    lib = _LIB or library()  # a plan exists, so the library loaded (no env lookup per call)
     lead = x.shape[:-1]
     out_f = layer.weight_shape[0]
     bias = layer.bias
@@ -343,8 +367,8 @@ def linear(layer: Any, kp: KernelPlan, x: torch.Tensor, level: int = 0) -> torch
                 y.data_ptr(), rows, out_f, kp.in_features, int(level),
             )  # fmt: skip
         return y.reshape(*lead, out_f)
-    xq, x_scale, rowsum = quantize_rows(x, kp.in_padded)
-    rows = xq.shape[0]
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    xq, x_scale, rowsum = quantize_rows(x, kp.in_padded, kp.input_buffers(rows))
     if kp.kind == "int8" and level == 0 and rows >= INT_MM_MIN_ROWS and kp.int_mm:
         return _int_mm_linear(kp, xq, x_scale, bias).reshape(*lead, out_f)
     y = torch.empty(rows, out_f, dtype=torch.float32)

@@ -61,7 +61,7 @@ def memory_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
             fn()
             times.append(time.perf_counter() - t)
         rates.append(n * 4 / statistics.median(times) / 1e9)
-    del buf, mat
+    del buf
     return max(rates)
 
 
