@@ -3,9 +3,9 @@ time, and only that tile ever exists in fp32.
 
 Why not an integer convolution: the Conv2d layers of the CNNs we ship (and most CNNs) hold a
 few hundred KB of weights that sit in the cache, so the convolution is compute-bound and the
-low-bit saving is in memory, not in time. Measured on the Fashion-MNIST CNN here, running its
-convolutions as im2col + our integer GEMV kernels (which stream the codes once per few rows)
-was 3-12x slower than PyTorch's own float convolution, because a convolution has hundreds of
+low-bit saving is in memory, not in time. In a one-off trial on the Fashion-MNIST CNN's layers,
+im2col + our integer GEMV kernels (which stream the codes once per few rows) was slower than
+PyTorch's own float convolution at every size tried, because a convolution has hundreds of
 patch rows per image. So each call dequantizes a tile of at most :data:`TILE_WEIGHTS` weights
 (whole convolution groups) with one C call (``qd_dequant_rows``: the formats' own arithmetic,
 bit-exact with their ``dequantize``) into a transient buffer and hands it to ``F.conv2d``

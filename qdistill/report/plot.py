@@ -113,7 +113,8 @@ def plot_grouped_bars(
     groups = list(dict.fromkeys(r[group] for r in rows))
     names = list(dict.fromkeys(r[series] for r in rows))
     width = 0.8 / max(len(names), 1)
-    fig = _figure((max(7, 1.1 * len(groups)), 4.5))
+    many = len(names) > 6  # then the legend goes beside the axes, where it hides no bar
+    fig = _figure((max(7, 1.1 * len(groups), 0.13 * len(groups) * len(names) + 2 * many), 4.5))
     ax = fig.subplots()
     for i, name in enumerate(names):
         xs, ys = [], []
@@ -142,7 +143,10 @@ def plot_grouped_bars(
         ax.set_ylim(*ylim)
     if title:
         ax.set_title(title)
-    ax.legend(fontsize=8, loc="lower left")
+    if many:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=8, loc="lower left")
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
