@@ -753,40 +753,55 @@ void qd_int8w_gemm(const int8_t *w, const float *w_scale, const float *x, const 
     }
 }
 
-/* Dequantize output rows o0 .. o1 - 1 of a weight stored in the file's own layout (rows of K
- * codes, row-major): out[(o - o0) * K + i] = (float)(c * mul - zp) * scale[bucket], where c is
- * code n = o * K + i, bucket = n / G (G = K: per output channel; G = O * K: per tensor; else
- * the group size), zp = zp_arr[bucket] or zp_const. bits 1..8: the "lsb" bit stream (code n in
- * bits n*bits ..); bits 0: base-3 trits, five a byte (byte = c0 + 3 c1 + 9 c2 + 27 c3 + 81 c4).
- * n_bytes bounds every read. The arithmetic is the formats' own (integer shift, then one fp32
- * multiply), so the result equals their dequantize() exactly. Used for Conv2d tiles. */
+/* Dequantize row o of a weight stored in the file's own layout (rows of K codes, row-major)
+ * into dst: dst[i] = (float)(c * mul - zp) * scale[bucket], where c is code n = o * K + i,
+ * bucket = n / G (G = K: per output channel; G = O * K: per tensor; else the group size), zp =
+ * zp_arr[bucket] or zp_const. bits 1..8: the "lsb" bit stream (code n in bits n*bits ..);
+ * bits 0: base-3 trits, five a byte (byte = c0 + 3 c1 + 9 c2 + 27 c3 + 81 c4). n_bytes bounds
+ * every read. The arithmetic is the formats' own (integer shift, then one fp32 multiply), so
+ * the result equals their dequantize() exactly. */
+static void dequant_row(const uint8_t *codes, int64_t n_bytes, int bits, int mul,
+                        const float *scale, const uint8_t *zp_arr, int zp_const, int64_t o,
+                        int64_t K, int64_t G, float *dst) {
+    static const uint8_t pow3[5] = {1, 3, 9, 27, 81};
+    const uint32_t mask = bits ? (1u << bits) - 1u : 0u;
+    int64_t n = o * K, bucket = n / G, left = G - n % G;
+    for (int64_t i = 0; i < K; i++, n++) {
+        uint32_t c;
+        if (bits == 0) {
+            c = (uint32_t)(codes[n / 5] / pow3[n % 5]) % 3u;
+        } else if (bits == 8) {
+            c = codes[n];
+        } else {
+            int64_t bit = n * bits, byte = bit >> 3;
+            uint32_t v = codes[byte];
+            if (byte + 1 < n_bytes) v |= (uint32_t)codes[byte + 1] << 8;
+            c = (v >> (bit & 7)) & mask;
+        }
+        int32_t zp = zp_arr ? (int32_t)zp_arr[bucket] : zp_const;
+        dst[i] = (float)((int32_t)c * mul - zp) * scale[bucket];
+        if (--left == 0) {
+            bucket++;
+            left = G;
+        }
+    }
+}
+
+/* Rows o0 .. o1 - 1 into out [o1 - o0, K] (Conv2d tiles). */
 void qd_dequant_rows(const uint8_t *codes, int64_t n_bytes, int bits, int mul, const float *scale,
                      const uint8_t *zp_arr, int zp_const, int64_t o0, int64_t o1, int64_t K,
                      int64_t G, float *out) {
-    static const uint8_t pow3[5] = {1, 3, 9, 27, 81};
-    const uint32_t mask = bits ? (1u << bits) - 1u : 0u;
 #pragma omp parallel for schedule(static) if ((o1 - o0) * K >= PARALLEL_MIN_WORK)
-    for (int64_t o = o0; o < o1; o++) {
-        int64_t n = o * K, bucket = n / G, left = G - n % G;
-        float *dst = out + (o - o0) * K;
-        for (int64_t i = 0; i < K; i++, n++) {
-            uint32_t c;
-            if (bits == 0) {
-                c = (uint32_t)(codes[n / 5] / pow3[n % 5]) % 3u;
-            } else if (bits == 8) {
-                c = codes[n];
-            } else {
-                int64_t bit = n * bits, byte = bit >> 3;
-                uint32_t v = codes[byte];
-                if (byte + 1 < n_bytes) v |= (uint32_t)codes[byte + 1] << 8;
-                c = (v >> (bit & 7)) & mask;
-            }
-            int32_t zp = zp_arr ? (int32_t)zp_arr[bucket] : zp_const;
-            dst[i] = (float)((int32_t)c * mul - zp) * scale[bucket];
-            if (--left == 0) {
-                bucket++;
-                left = G;
-            }
-        }
-    }
+    for (int64_t o = o0; o < o1; o++)
+        dequant_row(codes, n_bytes, bits, mul, scale, zp_arr, zp_const, o, K, G, out + (o - o0) * K);
+}
+
+/* Rows idx[0 .. n_idx - 1] into out [n_idx, K] (Embedding lookups; indices checked by the
+ * caller to lie in 0 .. O - 1). */
+void qd_dequant_gather(const uint8_t *codes, int64_t n_bytes, int bits, int mul,
+                       const float *scale, const uint8_t *zp_arr, int zp_const,
+                       const int64_t *idx, int64_t n_idx, int64_t K, int64_t G, float *out) {
+#pragma omp parallel for schedule(static) if (n_idx * K >= PARALLEL_MIN_WORK)
+    for (int64_t r = 0; r < n_idx; r++)
+        dequant_row(codes, n_bytes, bits, mul, scale, zp_arr, zp_const, idx[r], K, G, out + r * K);
 }

@@ -18,7 +18,7 @@ from torch import nn
 
 import qdistill as qd
 from qdistill.pack import conv as packed_conv
-from qdistill.pack import kernels
+from qdistill.pack import dequant, kernels
 
 ROW8 = qd.IntFormat(8, axis="row")
 needs_kernels = pytest.mark.skipif(kernels.library() is None, reason="C kernels not built")
@@ -280,12 +280,12 @@ def test_c_dequantize_rows_equals_the_formats_dequantize(fmt):
     w = torch.randn(10, 3, 3, 3)
     q = fmt.quantize(w)
     codes = pack_for(q.codes, fmt)
-    dp = packed_conv.dequant_plan(fmt, tuple(w.shape), q.scale, q.zero_point)
+    dp = dequant.dequant_plan(fmt, tuple(w.shape), q.scale, q.zero_point)
     ref = fmt.dequantize(q).reshape(10, 27)
-    assert torch.equal(packed_conv.dequantize_rows(codes, dp, 0, 10), ref)
-    assert torch.equal(packed_conv.dequantize_rows(codes, dp, 3, 7), ref[3:7])
+    assert torch.equal(dequant.dequantize_rows(codes, dp, 0, 10), ref)
+    assert torch.equal(dequant.dequantize_rows(codes, dp, 3, 7), ref[3:7])
     with pytest.raises(ValueError, match="truncated"):
-        packed_conv.dequantize_rows(codes[:-1], dp, 0, 10)
+        dequant.dequantize_rows(codes[:-1], dp, 0, 10)
 
 
 @needs_kernels

@@ -21,108 +21,15 @@ takes the portable path of :class:`~qdistill.pack.modules.PackedMixin`.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from qdistill.errors import FileFormatError
-from qdistill.formats import BinaryFormat, IntFormat, TernaryFormat
-from qdistill.pack import kernels
+from qdistill.pack.dequant import DequantPlan, dequant_plan, dequantize_rows
 
 # fp32 weights per tile: 64K weights = 256 KB, a core's L2 on most x86 server CPUs
 TILE_WEIGHTS = 1 << 16
-
-
-@dataclass
-class DequantPlan:
-    """How to read a packed weight back: ``(code * mul - zero_point) * scale[bucket]``."""
-
-    bits: int  # 1..8: lsb bit stream; 0: base-3 trits, five a byte
-    mul: int
-    scale: torch.Tensor  # fp32, one per bucket
-    zero_point: torch.Tensor | None  # uint8, one per bucket (None: zp_const)
-    zp_const: int
-    bucket: int  # consecutive weights (row-major) per scale
-    rows: int
-    row_len: int
-    tiles: list[tuple[int, int, int]] = field(default_factory=list)  # (o0, o1, conv groups)
-
-
-def _code_layout(fmt: Any) -> tuple[int, int, int] | None:
-    """(bits, mul, zp_const) of a format whose values are ``(c * mul - zp) * scale``."""
-    if isinstance(fmt, IntFormat):
-        return fmt.bits, 1, fmt.offset
-    if isinstance(fmt, TernaryFormat):
-        return (2 if fmt.packing == "2bit" else 0), 1, 1
-    if isinstance(fmt, BinaryFormat):
-        return 1, 2, 1
-    return None
-
-
-def _bucket(fmt: Any, shape: tuple[int, ...]) -> int | None:
-    """Consecutive weights sharing one scale, or None when scales do not follow memory order."""
-    group, axis = getattr(fmt, "group_size", None), getattr(fmt, "axis", None)
-    if group:
-        return int(group)
-    if axis is None:
-        return math.prod(shape)
-    if axis == 0:
-        return math.prod(shape[1:])
-    if axis == "row":
-        return shape[-1]
-    return None
-
-
-def dequant_plan(
-    fmt: Any,
-    shape: tuple[int, ...],
-    scale: torch.Tensor,
-    zero_point: torch.Tensor | None,
-) -> DequantPlan | None:
-    """Prepare :func:`dequantize_rows` for one packed weight (None: no C path for it)."""
-    layout, bucket = _code_layout(fmt), _bucket(fmt, shape)
-    if layout is None or bucket is None or kernels.library() is None:
-        return None
-    rows, row_len = shape[0], math.prod(shape[1:])
-    n_buckets = -(-rows * row_len // bucket)
-    scale = scale.detach().float().reshape(-1).contiguous()
-    if scale.numel() != n_buckets:
-        return None
-    zp = None
-    if zero_point is not None:
-        if zero_point.is_floating_point():
-            return None
-        zp = zero_point.to(torch.uint8).reshape(-1)
-        zp = zp.expand(n_buckets).contiguous() if zp.numel() == 1 else zp.contiguous()
-        if zp.numel() != n_buckets:
-            return None
-    bits, mul, zp_const = layout
-    return DequantPlan(bits, mul, scale, zp, zp_const, bucket, rows, row_len)
-
-
-def dequantize_rows(codes: torch.Tensor, dp: DequantPlan, o0: int, o1: int) -> torch.Tensor:
-    """Rows ``o0 .. o1 - 1`` of the dequantized weight, ``[o1 - o0, row_len]`` fp32, from the
-    packed codes (equal to the format's own ``dequantize`` of those rows)."""
-    numel = dp.rows * dp.row_len
-    expected = -(-numel // 5) if dp.bits == 0 else -(-numel * dp.bits // 8)
-    if codes.numel() != expected:
-        raise FileFormatError(
-            f"packed weight holds {codes.numel()} bytes, its shape needs {expected}; "
-            "the file is truncated or does not belong to this layer"
-        )
-    if not 0 <= o0 <= o1 <= dp.rows:
-        raise IndexError(f"rows {o0}..{o1} outside a weight of {dp.rows} rows")
-    out = torch.empty(o1 - o0, dp.row_len, dtype=torch.float32)
-    zp = dp.zero_point
-    kernels.library().qd_dequant_rows(
-        codes.data_ptr(), codes.numel(), dp.bits, dp.mul, dp.scale.data_ptr(),
-        None if zp is None else zp.data_ptr(), dp.zp_const, o0, o1, dp.row_len, dp.bucket,
-        out.data_ptr(),
-    )  # fmt: skip
-    return out
 
 
 def conv_tiles(out_channels: int, groups: int, row_len: int, budget: int) -> list[tuple]:

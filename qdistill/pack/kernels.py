@@ -63,6 +63,7 @@ _SIGNATURES: dict[str, list[Any]] = {
     "qd_int8w_gemm": [_P] * 5 + [_I64] * 3 + [_INT],
     "qd_quantize_rows": [_P] * 4 + [_I64] * 3,
     "qd_dequant_rows": [_P, _I64, _INT, _INT, _P, _P, _INT] + [_I64] * 4 + [_P],
+    "qd_dequant_gather": [_P, _I64, _INT, _INT, _P, _P, _INT, _P] + [_I64] * 3 + [_P],
 }
 
 

@@ -1,0 +1,137 @@
+"""Reading packed weights back to float, a few rows at a time, in C.
+
+For layers whose fast path is "dequantize what this call needs, then a float op": a tile of a
+Conv2d's output channels (:mod:`qdistill.pack.conv`) or the rows an Embedding looks up
+(:class:`~qdistill.pack.modules.PackedEmbedding`). ``qd_dequant_rows`` / ``qd_dequant_gather``
+apply the formats' own arithmetic, ``(code * mul - zero_point) * scale``, so the rows equal the
+format's ``dequantize`` bit for bit. Formats: IntFormat (1..8 bits, symmetric or with zero
+points), TernaryFormat (2-bit or trit packing) and BinaryFormat, per tensor, per output
+channel, per bucket or per row; anything else has no plan (callers use the portable path).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from qdistill.errors import FileFormatError
+from qdistill.formats import BinaryFormat, IntFormat, TernaryFormat
+from qdistill.pack import kernels
+
+
+@dataclass
+class DequantPlan:
+    """How to read a packed weight back: ``(code * mul - zero_point) * scale[bucket]``."""
+
+    bits: int  # 1..8: lsb bit stream; 0: base-3 trits, five a byte
+    mul: int
+    scale: torch.Tensor  # fp32, one per bucket
+    zero_point: torch.Tensor | None  # uint8, one per bucket (None: zp_const)
+    zp_const: int
+    bucket: int  # consecutive weights (row-major) per scale
+    rows: int
+    row_len: int
+    tiles: list[tuple[int, int, int]] = field(default_factory=list)  # (o0, o1, conv groups)
+
+
+def _code_layout(fmt: Any) -> tuple[int, int, int] | None:
+    """(bits, mul, zp_const) of a format whose values are ``(c * mul - zp) * scale``."""
+    if isinstance(fmt, IntFormat):
+        return fmt.bits, 1, fmt.offset
+    if isinstance(fmt, TernaryFormat):
+        return (2 if fmt.packing == "2bit" else 0), 1, 1
+    if isinstance(fmt, BinaryFormat):
+        return 1, 2, 1
+    return None
+
+
+def _bucket(fmt: Any, shape: tuple[int, ...]) -> int | None:
+    """Consecutive weights sharing one scale, or None when scales do not follow memory order."""
+    group, axis = getattr(fmt, "group_size", None), getattr(fmt, "axis", None)
+    if group:
+        return int(group)
+    if axis is None:
+        return math.prod(shape)
+    if axis == 0:
+        return math.prod(shape[1:])
+    if axis == "row":
+        return shape[-1]
+    return None
+
+
+def dequant_plan(
+    fmt: Any,
+    shape: tuple[int, ...],
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+) -> DequantPlan | None:
+    """Prepare :func:`dequantize_rows` for one packed weight (None: no C path for it)."""
+    layout, bucket = _code_layout(fmt), _bucket(fmt, shape)
+    if layout is None or bucket is None or kernels.library() is None:
+        return None
+    rows, row_len = shape[0], math.prod(shape[1:])
+    n_buckets = -(-rows * row_len // bucket)
+    scale = scale.detach().float().reshape(-1).contiguous()
+    if scale.numel() != n_buckets:
+        return None
+    zp = None
+    if zero_point is not None:
+        if zero_point.is_floating_point():
+            return None
+        zp = zero_point.to(torch.uint8).reshape(-1)
+        zp = zp.expand(n_buckets).contiguous() if zp.numel() == 1 else zp.contiguous()
+        if zp.numel() != n_buckets:
+            return None
+    bits, mul, zp_const = layout
+    return DequantPlan(bits, mul, scale, zp, zp_const, bucket, rows, row_len)
+
+
+def _check_codes(codes: torch.Tensor, dp: DequantPlan) -> None:
+    numel = dp.rows * dp.row_len
+    expected = -(-numel // 5) if dp.bits == 0 else -(-numel * dp.bits // 8)
+    if codes.numel() != expected:
+        raise FileFormatError(
+            f"packed weight holds {codes.numel()} bytes, its shape needs {expected}; "
+            "the file is truncated or does not belong to this layer"
+        )
+
+
+def dequantize_rows(codes: torch.Tensor, dp: DequantPlan, o0: int, o1: int) -> torch.Tensor:
+    """Rows ``o0 .. o1 - 1`` of the dequantized weight, ``[o1 - o0, row_len]`` fp32, from the
+    packed codes (equal to the format's own ``dequantize`` of those rows)."""
+    _check_codes(codes, dp)
+    if not 0 <= o0 <= o1 <= dp.rows:
+        raise IndexError(f"rows {o0}..{o1} outside a weight of {dp.rows} rows")
+    out = torch.empty(o1 - o0, dp.row_len, dtype=torch.float32)
+    zp = dp.zero_point
+    kernels.library().qd_dequant_rows(
+        codes.data_ptr(), codes.numel(), dp.bits, dp.mul, dp.scale.data_ptr(),
+        None if zp is None else zp.data_ptr(), dp.zp_const, o0, o1, dp.row_len, dp.bucket,
+        out.data_ptr(),
+    )  # fmt: skip
+    return out
+
+
+def gather_rows(codes: torch.Tensor, dp: DequantPlan, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` (any shape of integers) of the dequantized weight: ``[*index.shape,
+    row_len]`` fp32, as ``F.embedding`` of the dequantized table would give them."""
+    _check_codes(codes, dp)
+    if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+        raise TypeError(f"embedding indices must be integers, got {index.dtype}")
+    flat = index.reshape(-1).to(torch.int64).contiguous()
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= dp.rows):
+        raise IndexError(
+            f"embedding index out of range: got {int(flat.min())}..{int(flat.max())} for a "
+            f"table of {dp.rows} rows"
+        )
+    out = torch.empty(flat.numel(), dp.row_len, dtype=torch.float32)
+    zp = dp.zero_point
+    kernels.library().qd_dequant_gather(
+        codes.data_ptr(), codes.numel(), dp.bits, dp.mul, dp.scale.data_ptr(),
+        None if zp is None else zp.data_ptr(), dp.zp_const, flat.data_ptr(), flat.numel(),
+        dp.row_len, dp.bucket, out.data_ptr(),
+    )  # fmt: skip
+    return out.reshape(*index.shape, dp.row_len)
