@@ -69,19 +69,19 @@ def test_gradient_reaches_full_precision_shadow_weights():
 
 
 def test_unsupported_layers_are_listed_warned_or_raise():
-    m = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 4))
-    with pytest.warns(UserWarning, match="0 \\(Embedding\\)"):
+    m = nn.Sequential(nn.Conv1d(2, 8, 3), nn.Linear(8, 4))
+    with pytest.warns(UserWarning, match="0 \\(Conv1d\\)"):
         qd.quantize_(m, qd.QuantConfig(weights=qd.int8()))
-    assert m.qd_plan.unsupported == {"0": "Embedding"}
-    with pytest.raises(QDistillError, match="Embedding"):
+    assert m.qd_plan.unsupported == {"0": "Conv1d"}
+    with pytest.raises(QDistillError, match="Conv1d"):
         qd.quantize_(
-            nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 4)),
+            nn.Sequential(nn.Conv1d(2, 8, 3), nn.Linear(8, 4)),
             qd.QuantConfig(weights=qd.int8(), unsupported="error"),
         )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         qd.quantize_(
-            nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 4)),
+            nn.Sequential(nn.Conv1d(2, 8, 3), nn.Linear(8, 4)),
             qd.QuantConfig(weights=qd.int8(), unsupported="ignore"),
         )
 

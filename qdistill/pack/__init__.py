@@ -2,10 +2,11 @@
 
 from qdistill.pack.bits import pack_codes, packed_nbytes, unpack_codes
 from qdistill.pack.io import freeze, load, read_header, save
-from qdistill.pack.modules import PackedConv2d, PackedLinear, pack_layer
+from qdistill.pack.modules import PackedConv2d, PackedEmbedding, PackedLinear, pack_layer
 
 __all__ = [
     "PackedConv2d",
+    "PackedEmbedding",
     "PackedLinear",
     "freeze",
     "load",

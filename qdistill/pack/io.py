@@ -31,8 +31,6 @@ from qdistill.pack import huffman
 from qdistill.pack.bits import pack_for, unpack_for
 from qdistill.pack.modules import (
     PACKED_TENSORS,
-    PackedConv2d,
-    PackedLinear,
     PackedMixin,
     pack_layer,
     packed_from_meta,
@@ -272,7 +270,7 @@ def _huffman_decode(
     return pack_for(codes, fmt)
 
 
-def _check_packed_sizes(path: Path, name: str, layer: PackedLinear | PackedConv2d) -> None:
+def _check_packed_sizes(path: Path, name: str, layer: PackedMixin) -> None:
     """Catch a truncated or tampered codes/scale tensor at load time, naming it."""
     from qdistill.formats.base import block_count
     from qdistill.pack.bits import nbytes_for

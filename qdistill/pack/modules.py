@@ -21,9 +21,9 @@ from torch import nn
 
 from qdistill.formats import Format, QuantizedTensor, format_from_dict
 from qdistill.pack import conv as packed_conv
-from qdistill.pack import kernels
+from qdistill.pack import dequant, kernels
 from qdistill.pack.bits import pack_for, unpack_for
-from qdistill.quant.modules import QuantConv2d, QuantLinear, deterministic
+from qdistill.quant.modules import QuantConv2d, QuantEmbedding, QuantLinear, deterministic
 
 LAYOUT = "lsb"
 
@@ -208,6 +208,42 @@ class PackedConv2d(PackedMixin, nn.Module):
         return f"shape={self.weight_shape}, {self.conv}, weight={self.weight_format}"
 
 
+class PackedEmbedding(PackedMixin, nn.Module):
+    """Embedding table held as packed codes: each lookup dequantizes only the rows it reads
+    (one C call, :func:`qdistill.pack.dequant.gather_rows`), so a 4-bit vocabulary stays 4-bit
+    in memory. Formats without a C reader dequantize the whole table per call (portable)."""
+
+    def __init__(
+        self,
+        fmt: Format,
+        act_format: Format | None,
+        weight_shape: tuple[int, int],
+        tensors: dict[str, torch.Tensor | None],
+        embedding: dict[str, Any],
+    ) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = weight_shape
+        self.padding_idx = embedding.get("padding_idx")
+        self._init_packed(fmt, None, weight_shape, tensors)
+
+    _rows: dequant.DequantPlan | None | bool = False  # False: not prepared yet
+
+    def forward(self, index: torch.Tensor) -> torch.Tensor:
+        if self._rows is False:
+            self._rows = dequant.dequant_plan(
+                self.weight_format, self.weight_shape, self.weight_scale, self.weight_zero_point
+            )
+        if self._rows is not None:
+            return dequant.gather_rows(self.weight_codes, self._rows, index)
+        return F.embedding(index, self.unpacked_weight(), self.padding_idx)
+
+    def layer_meta(self) -> dict[str, Any]:
+        return {**super().layer_meta(), "embedding": {"padding_idx": self.padding_idx}}
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, weight={self.weight_format}"
+
+
 def conv_params(module: nn.Conv2d) -> dict[str, Any]:
     """The geometry of a Conv2d that a packed file must remember."""
     if module.padding_mode != "zeros":
@@ -224,13 +260,15 @@ def conv_params(module: nn.Conv2d) -> dict[str, Any]:
     }
 
 
-def pack_layer(module: QuantLinear | QuantConv2d) -> PackedLinear | PackedConv2d:
+def pack_layer(module: QuantLinear | QuantConv2d | QuantEmbedding) -> PackedMixin:
     """Freeze a fake-quant layer into its packed inference twin (deterministic rounding)."""
     fmt = deterministic(module.weight_format)
     shape = tuple(module.weight.shape)
     tensors = packed_tensors(module)
-    layer: PackedLinear | PackedConv2d
-    if isinstance(module, QuantConv2d):
+    layer: PackedMixin
+    if isinstance(module, QuantEmbedding):
+        layer = PackedEmbedding(fmt, None, shape, tensors, {"padding_idx": module.padding_idx})
+    elif isinstance(module, QuantConv2d):
         layer = PackedConv2d(fmt, module.act_format, shape, tensors, conv_params(module))
     else:
         layer = PackedLinear(fmt, module.act_format, shape, tensors)
@@ -238,15 +276,15 @@ def pack_layer(module: QuantLinear | QuantConv2d) -> PackedLinear | PackedConv2d
     return layer
 
 
-def packed_from_meta(
-    meta: dict[str, Any], tensors: dict[str, torch.Tensor | None]
-) -> PackedLinear | PackedConv2d:
+def packed_from_meta(meta: dict[str, Any], tensors: dict[str, torch.Tensor | None]) -> PackedMixin:
     """Rebuild a packed layer from a file's tensors and header entry (no re-quantization)."""
     fmt = format_from_dict(meta["format"])
     act = None if meta.get("activations") is None else format_from_dict(meta["activations"])
     shape = tuple(int(s) for s in meta["shape"])
-    layer: PackedLinear | PackedConv2d
-    if "conv" in meta:
+    layer: PackedMixin
+    if "embedding" in meta:
+        layer = PackedEmbedding(fmt, None, shape, tensors, meta["embedding"])  # type: ignore[arg-type]
+    elif "conv" in meta:
         layer = PackedConv2d(fmt, act, shape, tensors, meta["conv"])  # type: ignore[arg-type]
     else:
         layer = PackedLinear(fmt, act, shape, tensors)  # type: ignore[arg-type]

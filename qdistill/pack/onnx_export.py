@@ -20,9 +20,10 @@ out of a DequantizeLinear node with the layer's own codes and scales:
   int8 inputs (``IntFormat(8, axis="row")``, W8A8 / W1.58A8): the same rounding in plain ONNX
   ops (ReduceMax, Div, Round, Clip, Mul), so the ONNX model computes what qdistill computes.
 
-Formats ONNX cannot express this way (ternary, 2/3-bit, FP8, learned points) are exported as
-their dequantized float values: the same function, in float. The export uses torch's
-TorchScript-based exporter (torch maps its fake-quantize ops to QDQ nodes). Spec:
+Formats ONNX cannot express this way (ternary, 2/3-bit, FP8, learned points) and quantized
+embedding tables are exported as their dequantized float values: the same function, in float.
+The export uses torch's TorchScript-based exporter (torch maps its fake-quantize ops to QDQ
+nodes). Spec:
 https://onnx.ai/onnx/operators/onnx__DequantizeLinear.html
 """
 
@@ -40,7 +41,7 @@ from torch import nn
 from qdistill.errors import ConfigError, QDistillError
 from qdistill.formats import IntFormat
 from qdistill.pack.bits import unpack_for
-from qdistill.pack.modules import PackedMixin, pack_layer
+from qdistill.pack.modules import PackedEmbedding, PackedMixin, pack_layer
 from qdistill.quant.modules import is_quantized
 
 INT4_OPSET = 21
@@ -142,9 +143,12 @@ def export_twin(model: nn.Module, weight_dtype: str = "uint8") -> nn.Module:
             m = pack_layer(m)
         if isinstance(m, PackedMixin):
             parent, _, child = name.rpartition(".")
-            setattr(
-                twin.get_submodule(parent) if parent else twin, child, _QDQLayer(m, weight_dtype)
+            new: nn.Module = (
+                nn.Embedding.from_pretrained(m.unpacked_weight(), padding_idx=m.padding_idx)
+                if isinstance(m, PackedEmbedding)  # a Gather of the dequantized table
+                else _QDQLayer(m, weight_dtype)
             )
+            setattr(twin.get_submodule(parent) if parent else twin, child, new)
     return twin
 
 

@@ -3,7 +3,13 @@
 from qdistill.quant.bn_fold import QuantConvBn2d, fold_batchnorm
 from qdistill.quant.calibrate import calibrate
 from qdistill.quant.config import LayerRule, QuantConfig
-from qdistill.quant.modules import QuantConv2d, QuantLinear, deterministic, is_quantized
+from qdistill.quant.modules import (
+    QuantConv2d,
+    QuantEmbedding,
+    QuantLinear,
+    deterministic,
+    is_quantized,
+)
 from qdistill.quant.observers import OBSERVERS, make_observer
 from qdistill.quant.quantize import QuantPlan, quantize_
 
@@ -13,6 +19,7 @@ __all__ = [
     "QuantConfig",
     "QuantConv2d",
     "QuantConvBn2d",
+    "QuantEmbedding",
     "QuantLinear",
     "QuantPlan",
     "calibrate",

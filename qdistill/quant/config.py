@@ -73,10 +73,15 @@ class QuantConfig:
             et al. 2018, Sec. 5, leave the first and last layers unquantized in some runs).
         keep_last: keep the last quantizable layer in full precision.
         unsupported: what to do with layers that hold weights but that qdistill cannot quantize
-            (e.g. Embedding, Conv1d): ``"warn"`` (list them, keep FP), ``"error"``, ``"ignore"``.
+            (e.g. Conv1d, Conv3d): ``"warn"`` (list them, keep FP), ``"error"``, ``"ignore"``.
         lsq: learn the step sizes (LSQ, Esser et al. 2020) of symmetric integer formats.
         fold_bn: fold each BatchNorm2d into the Conv2d before it and quantize the folded weight
             (Krishnamoorthi 2018, Sec. 3.2); BatchNorm statistics keep updating in training.
+        embeddings: weight format for every ``nn.Embedding`` (``None``: keep them FP, the
+            default, as BitNet and most PTQ recipes do). Weight-only: a lookup has no input to
+            quantize. One scale per row (``IntFormat(8, axis=0)``) or per group along a row
+            keeps the packed lookup cheap; rules apply to embeddings by name as to other
+            layers. A transformer's vocabulary table is often most of its file.
     """
 
     weights: Format | None = None
@@ -87,9 +92,11 @@ class QuantConfig:
     unsupported: str = "warn"
     lsq: bool = False
     fold_bn: bool = False
+    embeddings: Format | None = None
 
     def __post_init__(self) -> None:
         self.weights = _as_format(self.weights, "QuantConfig.weights")
+        self.embeddings = _as_format(self.embeddings, "QuantConfig.embeddings")
         self.activations = _as_format(self.activations, "QuantConfig.activations")
         if not isinstance(self.rules, dict):
             raise ConfigError(
@@ -139,6 +146,7 @@ class QuantConfig:
             "unsupported": self.unsupported,
             "lsq": self.lsq,
             "fold_bn": self.fold_bn,
+            "embeddings": enc(self.embeddings),
         }
 
 

@@ -1,4 +1,4 @@
-"""Fake-quant Linear and Conv2d layers with full-precision shadow weights.
+"""Fake-quant Linear, Conv2d and Embedding layers with full-precision shadow weights.
 
 The layer keeps its full-precision weight as the trainable parameter; each forward pass quantizes
 it (and optionally the input) and computes with the quantized values, and the straight-through
@@ -181,16 +181,39 @@ class QuantConv2d(QuantMixin, nn.Conv2d):
         return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
 
 
+class QuantEmbedding(QuantMixin, nn.Embedding):
+    """``nn.Embedding`` that looks rows up in its quantized table (weight-only: the input is
+    indices, so there are no activations to quantize)."""
+
+    def float_bias(self) -> torch.Tensor | None:
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.embedding(
+            x, self.quantized_weight(), self.padding_idx, self.max_norm, self.norm_type,
+            self.scale_grad_by_freq, self.sparse,
+        )  # fmt: skip
+
+
 QUANT_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: QuantLinear,
     nn.Conv2d: QuantConv2d,
+    nn.Embedding: QuantEmbedding,
 }
 
 
 def to_quant(
     module: nn.Module, weight_format: Format, act_format: Format | None, lsq: bool = False
 ) -> nn.Module:
-    """Turn a Linear/Conv2d into its fake-quant twin in place (class swap) and return it."""
+    """Turn a Linear/Conv2d/Embedding into its fake-quant twin in place (class swap)."""
+    if type(module) is nn.Embedding:
+        if act_format is not None:
+            raise ConfigError("an Embedding's input is indices: give it no activation format")
+        if module.max_norm is not None:
+            raise ConfigError(
+                "quantizing an Embedding with max_norm is not supported (it rescales rows in "
+                "place at lookup); set max_norm=None or keep the layer in full precision"
+            )
     module.__class__ = QUANT_CLASSES[type(module)]
     module._init_quant(weight_format, act_format, lsq)  # type: ignore[attr-defined]
     return module

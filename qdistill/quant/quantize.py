@@ -60,7 +60,8 @@ def _check_fits(name: str, module: nn.Module, fmt: Format) -> None:
 
 
 def quantize_(model: nn.Module, config: QuantConfig, incremental: bool = False) -> nn.Module:
-    """Swap every Linear/Conv2d of ``model`` for its fake-quant twin, in place, per ``config``.
+    """Swap every Linear/Conv2d of ``model`` (and Embedding, if ``config.embeddings`` or a rule
+    says so) for its fake-quant twin, in place, per ``config``.
 
     Returns the same model, with the plan of what was done in ``model.qd_plan`` (also logged).
     ``incremental=True`` quantizes more layers of a partly quantized model (as MQAT does stage
@@ -93,15 +94,21 @@ def quantize_(model: nn.Module, config: QuantConfig, incremental: bool = False) 
 
     plan = QuantPlan()
     bn_pairs = conv_bn_pairs(model) if config.fold_bn else []
-    first, last = (candidates[0][0], candidates[-1][0]) if candidates else ("", "")
+    compute = [name for name, m in candidates if not isinstance(m, nn.Embedding)]
+    first, last = (compute[0], compute[-1]) if compute else ("", "")
     for name, module in candidates:
         rule = config.rule_for(name)
-        act = config.activations
+        lookup = isinstance(module, nn.Embedding)  # weight-only: its input is indices
+        act = None if lookup else config.activations
         if isinstance(rule, LayerRule):
             fmt, act = rule.weights, rule.activations
+        elif rule is NO_RULE:
+            fmt = config.embeddings if lookup else config.weights
         else:
-            fmt = config.weights if rule is NO_RULE else rule
-        if rule is NO_RULE and config.keep_first and name == first:
+            fmt = rule
+        if lookup and fmt is None and rule is NO_RULE:
+            plan.kept[name] = "Embedding (QuantConfig.embeddings not set)"
+        elif rule is NO_RULE and config.keep_first and name == first:
             plan.kept[name] = "first layer (keep_first)"
         elif rule is NO_RULE and config.keep_last and name == last:
             plan.kept[name] = "last layer (keep_last)"

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qdistill.pack.modules import PackedMixin
+from qdistill.pack.modules import PackedEmbedding, PackedMixin
 
 
 def _release_freed_memory() -> None:
@@ -107,9 +107,11 @@ def float_twin(model: nn.Module) -> nn.Module:
         if not isinstance(m, PackedMixin):
             continue
         w = m.unpacked_weight()
-        if hasattr(m, "conv"):
+        if isinstance(m, PackedEmbedding):
+            new: nn.Module = nn.Embedding.from_pretrained(w, padding_idx=m.padding_idx)
+        elif hasattr(m, "conv"):
             c = m.conv
-            new: nn.Module = nn.Conv2d(
+            new = nn.Conv2d(
                 w.shape[1] * c["groups"],
                 w.shape[0],
                 w.shape[2:],
