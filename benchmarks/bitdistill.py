@@ -9,7 +9,9 @@ ternary, int8 per-token activations):
 * ``bitdistill``: SubLN + continual pre-training (masked LM on the other fortune categories)
   + distillation fine-tuning (CE + logits KL + attention relations at the last layer);
 * ``bitdistill-no-subln``, ``bitdistill-no-stage2``, ``bitdistill-no-attention``: one stage
-  off at a time.
+  off at a time;
+* ``bitdistill+emb-int8``, ``bitdistill+emb-int4``: the ``bitdistill`` student with its
+  embedding tables quantized after training (``QuantConfig(embeddings=...)``, packed lookups).
 
 Accuracy is on the held-out split, measured with the packed file loaded back (the ternary
 students through the packed CPU kernels); bytes is that file's size; latency is one sequence
@@ -49,6 +51,13 @@ VARIANTS = {
     "bitdistill-no-subln": dict(subln=False),
     "bitdistill-no-stage2": dict(pretrain_tokens=0),
     "bitdistill-no-attention": dict(attention=False),
+}
+
+# post-training quantization of the bitdistill student's embedding tables (the word embedding is
+# most of its file): no retraining, one scale per row / per 32 values
+EMBEDDING_FORMATS = {
+    "emb-int8": qd.IntFormat(8, axis=0),
+    "emb-int4": qd.IntFormat(4, group_size=32),
 }
 
 
@@ -152,6 +161,17 @@ def main() -> int:
         accuracy[name] = evaluate(shipped, test_loader)
         parts = report.get("loss_parts_last", {})
         print(f"{name}: {accuracy[name]:.4f} (end loss parts {parts}; {time.time() - t0:.0f} s)")
+        if name != "bitdistill":
+            continue
+        for suffix, fmt in EMBEDDING_FORMATS.items():  # the same student, its tables quantized
+            small = qd.quantize_(
+                copy.deepcopy(student), qd.QuantConfig(embeddings=fmt), incremental=True
+            )
+            tag = f"{name}+{suffix}"
+            path = qd.save(small.eval(), work / f"{tag}.qd.safetensors")
+            files[tag], models[tag] = path, qd.load(path, model=copy.deepcopy(student))
+            accuracy[tag] = evaluate(models[tag], test_loader)
+            print(f"{tag}: {accuracy[tag]:.4f}")
 
     sample = next(iter(classification_loader(tok, test.texts[:1], test.labels[:1], length, 1)))[0]
     lat = latency_ms(models, sample, args.reps)
