@@ -21,6 +21,7 @@ takes the portable path of :class:`~qdistill.pack.modules.PackedMixin`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -47,23 +48,31 @@ def conv_tiles(out_channels: int, groups: int, row_len: int, budget: int) -> lis
     return tiles
 
 
-def plan(layer: Any) -> DequantPlan | None:
+@dataclass
+class ConvPlan:
+    """How a PackedConv2d reads its weight: the row reader and the tiles of output channels."""
+
+    rows: DequantPlan
+    tiles: list[tuple[int, int, int]]  # (first channel, end channel, convolution groups)
+
+
+def plan(layer: Any) -> ConvPlan | None:
     """The tiled path of a PackedConv2d, or None (portable path)."""
     dp = dequant_plan(
         layer.weight_format, layer.weight_shape, layer.weight_scale, layer.weight_zero_point
     )
-    if dp is not None:
-        dp.tiles = conv_tiles(dp.rows, layer.conv["groups"], dp.row_len, TILE_WEIGHTS)
-    return dp
+    if dp is None:
+        return None
+    return ConvPlan(dp, conv_tiles(dp.rows, layer.conv["groups"], dp.row_len, TILE_WEIGHTS))
 
 
-def conv2d(layer: Any, dp: DequantPlan, x: torch.Tensor) -> torch.Tensor:
+def conv2d(layer: Any, cp: ConvPlan, x: torch.Tensor) -> torch.Tensor:
     """``layer``'s convolution of an already quantized input, one weight tile at a time."""
     c, shape, bias = layer.conv, layer.weight_shape, layer.bias
     in_per_group = shape[1]
     outs = []
-    for o0, o1, n_groups in dp.tiles:
-        w = dequantize_rows(layer.weight_codes, dp, o0, o1).reshape(o1 - o0, *shape[1:])
+    for o0, o1, n_groups in cp.tiles:
+        w = dequantize_rows(layer.weight_codes, cp.rows, o0, o1).reshape(o1 - o0, *shape[1:])
         if c["groups"] > 1:
             g0 = o0 // (shape[0] // c["groups"])
             xt = x[:, g0 * in_per_group : (g0 + n_groups) * in_per_group]

@@ -12,7 +12,7 @@ channel, per bucket or per row; anything else has no plan (callers use the porta
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,7 +34,6 @@ class DequantPlan:
     bucket: int  # consecutive weights (row-major) per scale
     rows: int
     row_len: int
-    tiles: list[tuple[int, int, int]] = field(default_factory=list)  # (o0, o1, conv groups)
 
 
 def _code_layout(fmt: Any) -> tuple[int, int, int] | None:

@@ -180,7 +180,7 @@ class PackedConv2d(PackedMixin, nn.Module):
         self.conv = {k: tuple(v) if isinstance(v, list) else v for k, v in conv.items()}
         self._init_packed(fmt, act_format, weight_shape, tensors)
 
-    _tiles: packed_conv.DequantPlan | None | bool = False  # False: not prepared yet
+    _tiles: packed_conv.ConvPlan | None | bool = False  # False: not prepared yet
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._tiles is False:
