@@ -18,7 +18,7 @@ students through the packed CPU kernels); bytes is that file's size; latency is 
 (batch 1, ``max_length`` tokens) through the loaded model, median of interleaved repetitions
 against the FP teacher in the same process, 2 threads.
 
-    python benchmarks/bitdistill.py            # about 30 min on 2 cores
+    python benchmarks/bitdistill.py            # about 23 min on 2 cores
     python benchmarks/bitdistill.py --quick    # a few minutes, tiny budgets (numbers are noise)
 """
 

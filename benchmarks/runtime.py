@@ -32,7 +32,7 @@ their inputs in C.
 resident memory when that model is loaded and run once, ``fraction_of_bound`` the lower-bound
 latency (weight bytes read / measured memory bandwidth) divided by the measured latency.
 
-    python benchmarks/runtime.py          # ~3 min; writes benchmarks/results/runtime.csv
+    python benchmarks/runtime.py          # ~6 min; writes benchmarks/results/runtime.csv
     python benchmarks/runtime.py --models fmnist-teacher-cnn --out /tmp/rt   # one model
 """
 
