@@ -132,3 +132,9 @@ def test_onnx_export_of_a_quantized_table(tmp_path):
     got = torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
     with torch.no_grad():
         assert torch.allclose(got, fq(x), atol=1e-5)
+
+
+def test_recipes_that_choose_widths_still_see_only_compute_layers():
+    from qdistill.quant.mixed_precision import quantizable_layers
+
+    assert [n for n, _ in quantizable_layers(bag())] == ["fc1", "fc2"]

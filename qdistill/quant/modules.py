@@ -195,11 +195,14 @@ class QuantEmbedding(QuantMixin, nn.Embedding):
         )  # fmt: skip
 
 
+# the compute layers every recipe quantizes (MQAT stages, learned points, mixed precision) ...
 QUANT_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: QuantLinear,
     nn.Conv2d: QuantConv2d,
-    nn.Embedding: QuantEmbedding,
 }
+# ... and lookup tables, which quantize_ converts only when QuantConfig.embeddings or a rule
+# asks for them
+LOOKUP_CLASSES: dict[type[nn.Module], type[nn.Module]] = {nn.Embedding: QuantEmbedding}
 
 
 def to_quant(
@@ -214,7 +217,7 @@ def to_quant(
                 "quantizing an Embedding with max_norm is not supported (it rescales rows in "
                 "place at lookup); set max_norm=None or keep the layer in full precision"
             )
-    module.__class__ = QUANT_CLASSES[type(module)]
+    module.__class__ = {**QUANT_CLASSES, **LOOKUP_CLASSES}[type(module)]
     module._init_quant(weight_format, act_format, lsq)  # type: ignore[attr-defined]
     return module
 

@@ -13,7 +13,7 @@ from qdistill.formats import Format
 from qdistill.formats.base import check_finite
 from qdistill.quant.bn_fold import conv_bn_pairs, to_conv_bn
 from qdistill.quant.config import NO_RULE, LayerRule, QuantConfig
-from qdistill.quant.modules import QUANT_CLASSES, is_quantized, to_quant
+from qdistill.quant.modules import LOOKUP_CLASSES, QUANT_CLASSES, is_quantized, to_quant
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,9 @@ def quantize_(model: nn.Module, config: QuantConfig, incremental: bool = False) 
     if not isinstance(config, QuantConfig):
         raise ConfigError(f"quantize_ expects a qd.QuantConfig, got {type(config).__name__}")
     candidates = [
-        (name, m) for name, m in model.named_modules() if type(m) in QUANT_CLASSES and name
+        (name, m)
+        for name, m in model.named_modules()
+        if name and (type(m) in QUANT_CLASSES or type(m) in LOOKUP_CLASSES)
     ]
     already = [name for name, m in model.named_modules() if is_quantized(m)]
     if already and not incremental:
