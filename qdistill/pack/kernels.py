@@ -194,6 +194,15 @@ def unrepack_int4(packed: torch.Tensor, out_features: int, in_features: int) -> 
     return c.reshape(-1, in_features)[:out_features].contiguous()
 
 
+def new_input_buffers(rows: int, in_padded: int) -> tuple[torch.Tensor, ...]:
+    """Room for ``rows`` per-token int8 inputs: codes, scales, code sums."""
+    return (
+        torch.empty(rows, in_padded, dtype=torch.int8),
+        torch.empty(rows, dtype=torch.float32),
+        torch.empty(rows, dtype=torch.int32),
+    )
+
+
 @dataclass
 class KernelPlan:
     """A packed layer's weights in the layout its kernel reads, with the scales to apply."""
@@ -215,16 +224,11 @@ class KernelPlan:
     # MiniLM-sized layer spent more time allocating them than in its kernel
     _scratch: threading.local = field(default_factory=threading.local, repr=False, compare=False)
 
-    def input_buffers(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def input_buffers(self, rows: int) -> tuple[torch.Tensor, ...]:
         """(int8 codes ``[rows, in_padded]``, scales ``[rows]``, code sums ``[rows]``)."""
         bufs = getattr(self._scratch, "bufs", None)
         if bufs is None or bufs[1].shape[0] != rows:
-            bufs = (
-                torch.empty(rows, self.in_padded, dtype=torch.int8),
-                torch.empty(rows, dtype=torch.float32),
-                torch.empty(rows, dtype=torch.int32),
-            )
-            self._scratch.bufs = bufs
+            bufs = self._scratch.bufs = new_input_buffers(rows, self.in_padded)
         return bufs
 
     def nbytes(self) -> int:
@@ -307,13 +311,7 @@ def quantize_rows(
     if x2.dtype != torch.float32 or not x2.is_contiguous():
         x2 = x2.float().contiguous()
     rows = x2.shape[0]
-    if out is None:
-        out = (
-            torch.empty(rows, in_padded, dtype=torch.int8),
-            torch.empty(rows, dtype=torch.float32),
-            torch.empty(rows, dtype=torch.int32),
-        )
-    xq, scale, rowsum = out
+    xq, scale, rowsum = out or new_input_buffers(rows, in_padded)
     (_LIB or library()).qd_quantize_rows(
         x2.data_ptr(), xq.data_ptr(), scale.data_ptr(), rowsum.data_ptr(), rows, x2.shape[1],
         in_padded,
