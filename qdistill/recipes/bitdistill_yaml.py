@@ -36,19 +36,9 @@ from qdistill.errors import ConfigError
 from qdistill.recipes.bitdistill import BitDistillConfig, bitdistill, finetune
 from qdistill.train import evaluate
 
-TOP_KEYS = {
-    "recipe",
-    "dataset",
-    "data_dir",
-    "output",
-    "batch_size",
-    "subset",
-    "seed",
-    "model",
-    "max_length",
-    "teacher",
-    "bitdistill",
-}
+# top-level keys every YAML recipe takes (from_yaml's recipes add theirs to these)
+RUN_KEYS = {"recipe", "dataset", "data_dir", "output", "batch_size", "subset", "seed", "teacher"}
+TOP_KEYS = RUN_KEYS | {"model", "max_length", "bitdistill"}
 TEACHER_KEYS = {"epochs", "lr"}
 
 

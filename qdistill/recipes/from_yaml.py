@@ -36,7 +36,7 @@ from qdistill.errors import ConfigError
 from qdistill.models import build_model
 from qdistill.pack import load, save
 from qdistill.quant import QuantConfig
-from qdistill.recipes.bitdistill_yaml import run_bitdistill_recipe, validate_bitdistill
+from qdistill.recipes.bitdistill_yaml import RUN_KEYS, run_bitdistill_recipe, validate_bitdistill
 from qdistill.recipes.learned import differentiable_quantization
 from qdistill.recipes.mqat import mqat
 from qdistill.recipes.post_mortem import ptq
@@ -53,15 +53,7 @@ RECIPES = (
     "mqat",
     "bitdistill",
 )
-_TOP = {
-    "recipe",
-    "dataset",
-    "data_dir",
-    "output",
-    "batch_size",
-    "subset",
-    "seed",
-    "teacher",
+_TOP = RUN_KEYS | {
     "student",
     "quant",
     "train",
