@@ -29,6 +29,17 @@ float rounding of the final scaling (and, for float inputs, the order of the flo
 differs. Any other combination, an input that needs a gradient, or a missing extension (one
 ``RuntimeWarning``, then silence) uses the portable path of
 :class:`~qdistill.pack.modules.PackedMixin` (unpack, dequantize, float matmul).
+
+Bad inputs (issue #12 items 1-2, #15 item 6). Shapes, dtypes and devices are checked before any
+C call (:mod:`qdistill.pack.inputs`): a wrong width raises ``InputError`` naming the layer, never
+reads out of bounds. NaN and Inf follow the fake-quant twin exactly: where the twin quantizes
+its input to per-token int8 (ternary, int8, int4 kinds) it raises ``FormatError`` on a
+non-finite input (``IntFormat.quantize`` checks), and so does the packed layer: the C quantize
+step flags non-finite rows during the max pass it makes anyway (no extra pass), gives them a NaN
+scale and zero codes (never the undefined ``(int8_t)NaN``) and ``quantize_rows`` raises naming
+the layer and the rows. Where the twin keeps float inputs (weight-only ``lut`` / ``int8w``),
+NaN and Inf propagate through the float products as in ``F.linear``. A failed allocation in C
+raises ``MemoryError`` (the output is never left as uninitialised memory).
 """
 
 from __future__ import annotations
@@ -43,7 +54,9 @@ from typing import Any
 
 import torch
 
+from qdistill.errors import FormatError, InputError
 from qdistill.formats import IntFormat, TernaryFormat
+from qdistill.pack.inputs import describe, float_input, on_cpu
 
 _LIB: ctypes.CDLL | None = None
 _LOADED = False
@@ -65,6 +78,10 @@ _SIGNATURES: dict[str, list[Any]] = {
     "qd_dequant_rows": [_P, _I64, _INT, _INT, _P, _P, _INT] + [_I64] * 4 + [_P],
     "qd_dequant_gather": [_P, _I64, _INT, _INT, _P, _P, _INT, _P] + [_I64] * 3 + [_P],
 }
+# return values: rows with NaN/Inf (quantize), 0 or -1 for a failed allocation (the gemms)
+_RESTYPES: dict[str, Any] = {"qd_quantize_rows": _I64, "qd_int4_gemm": _INT, "qd_lut_gemm": _INT}
+# bumped whenever the C ABI changes, so that a stale build is not called with the wrong one
+ABI_VERSION = 2
 
 
 def _load() -> ctypes.CDLL | None:
@@ -72,9 +89,12 @@ def _load() -> ctypes.CDLL | None:
     for path in sorted(glob.glob(os.path.join(here, "_qkernels*.so"))):
         try:
             lib = ctypes.CDLL(path)
+            lib.qd_abi_version.restype = ctypes.c_int
+            if lib.qd_abi_version() != ABI_VERSION:
+                continue
             for name, argtypes in _SIGNATURES.items():
                 fn = getattr(lib, name)
-                fn.argtypes, fn.restype = argtypes, None
+                fn.argtypes, fn.restype = argtypes, _RESTYPES.get(name)
             lib.qd_has_vnni.restype = lib.qd_has_avx2.restype = ctypes.c_int
             return lib
         except (OSError, AttributeError):  # foreign/stale build: use the portable path
@@ -224,6 +244,17 @@ class KernelPlan:
     # MiniLM-sized layer spent more time allocating them than in its kernel
     _scratch: threading.local = field(default_factory=threading.local, repr=False, compare=False)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but the per-thread buffers (a ``threading.local`` cannot be pickled or
+        deep-copied): ``copy.deepcopy(model)`` and ``torch.save(model)`` work after a forward."""
+        state = dict(self.__dict__)
+        state.pop("_scratch", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._scratch = threading.local()
+
     def input_buffers(self, rows: int) -> tuple[torch.Tensor, ...]:
         """(int8 codes ``[rows, in_padded]``, scales ``[rows]``, code sums ``[rows]``)."""
         bufs = getattr(self._scratch, "bufs", None)
@@ -247,7 +278,8 @@ def plan(layer: Any) -> KernelPlan | None:
     out_f, in_f = layer.weight_shape[0], int(torch.Size(layer.weight_shape[1:]).numel())
     fmt = layer.weight_format
     kind = kernel_kind(fmt, layer.act_format, not hasattr(layer, "conv"), in_f)
-    if kind is None or library() is None:
+    tensors = (layer.weight_codes, layer.weight_scale, layer.weight_zero_point, layer.bias)
+    if kind is None or not on_cpu(*tensors) or library() is None:  # C reads CPU memory only
         return None
     from qdistill.pack.bits import unpack_for
 
@@ -302,27 +334,54 @@ def plan(layer: Any) -> KernelPlan | None:
     )
 
 
+def _non_finite(layer: Any, scale: torch.Tensor, n_bad: int) -> FormatError:
+    """The error ``IntFormat.quantize`` raises on NaN/Inf, naming the layer and the rows."""
+    rows = torch.nonzero(torch.isnan(scale)).flatten()[:8].tolist()
+    where = describe(layer) if layer is not None else "per-token int8 activation quantization"
+    return FormatError(
+        f"{where}: {n_bad} input row(s) contain NaN or Inf (rows {rows}"
+        f"{', ...' if n_bad > len(rows) else ''}); int8 activations cannot represent them and "
+        "the fake-quant model raises too; check the data or the layer before this one"
+    )
+
+
 def quantize_rows(
-    x: torch.Tensor, in_padded: int, out: tuple[torch.Tensor, ...] | None = None
+    x: torch.Tensor,
+    in_padded: int,
+    out: tuple[torch.Tensor, ...] | None = None,
+    layer: Any = None,
 ) -> tuple[torch.Tensor, ...]:
     """Per-row int8 codes (zero-padded to ``in_padded``), scales and code sums, rounded in C
-    exactly as ``IntFormat(8, axis="row")`` rounds them (into ``out`` when given)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    if x2.dtype != torch.float32 or not x2.is_contiguous():
-        x2 = x2.float().contiguous()
+    exactly as ``IntFormat(8, axis="row")`` rounds them (into ``out`` when given). Raises
+    ``FormatError`` (naming ``layer``) if a row holds NaN or Inf, as ``IntFormat`` does."""
+    x = float_input(layer, x)
+    if x.dim() == 0 or x.shape[-1] > in_padded or not on_cpu(x):
+        raise InputError(
+            f"{describe(layer) if layer is not None else 'quantize_rows'}: rows of at most "
+            f"{in_padded} values on the CPU expected, got shape {tuple(x.shape)} on {x.device}"
+        )
+    x2 = x.reshape(-1, x.shape[-1]) if x.shape[-1] else x.reshape(-1, 0)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
     rows = x2.shape[0]
     xq, scale, rowsum = out or new_input_buffers(rows, in_padded)
-    (_LIB or library()).qd_quantize_rows(
+    if xq.shape != (rows, in_padded) or scale.shape != (rows,) or rowsum.shape != (rows,):
+        raise InputError(f"quantize_rows: buffers for {tuple(xq.shape)} given, {rows} rows")
+    if rows == 0:
+        return xq, scale, rowsum
+    n_bad = (_LIB or library()).qd_quantize_rows(
         x2.data_ptr(), xq.data_ptr(), scale.data_ptr(), rowsum.data_ptr(), rows, x2.shape[1],
         in_padded,
     )  # fmt: skip
+    if n_bad:
+        raise _non_finite(layer, scale, n_bad)
     return xq, scale, rowsum
 
 
-def fake_quantize_rows(x: torch.Tensor) -> torch.Tensor:
+def fake_quantize_rows(x: torch.Tensor, layer: Any = None) -> torch.Tensor:
     """``IntFormat(8, axis="row")``'s dequantize(quantize(x)), bit-exact, with the rounding done
     in C: one pass instead of torch's six (the conv input of a W8A8 CNN)."""
-    xq, scale, _ = quantize_rows(x, x.shape[-1])
+    xq, scale, _ = quantize_rows(x, x.shape[-1] if x.dim() else 0, layer=layer)
     return (xq.float() * scale.unsqueeze(1)).reshape(x.shape)
 
 
@@ -340,43 +399,59 @@ def _int_mm_linear(kp: KernelPlan, xq: torch.Tensor, x_scale: torch.Tensor, bias
     return y if bias is None else y + bias
 
 
+def _alloc_failed(layer: Any, rows: int) -> MemoryError:
+    return MemoryError(f"{describe(layer)}: out of memory for a batch of {rows} rows")
+
+
 def linear(layer: Any, kp: KernelPlan, x: torch.Tensor, level: int = 0) -> torch.Tensor:
     """``layer(x)`` through its kernel. ``level`` 0: the fastest path the CPU has; 1: portable
     C; 2: at most AVX2 (the levels exist so that tests can compare the paths). The kernels
-    apply the scales and the bias themselves: one or two C calls and no other torch ops."""
+    apply the scales and the bias themselves: one or two C calls and no other torch ops.
+    ``x``: ``[..., in_features]``, any float dtype, on the CPU (checked: ``InputError``)."""
     lib = _LIB or library()  # a plan exists, so the library loaded (no env lookup per call)
+    x = float_input(layer, x)
+    if x.dim() == 0 or x.shape[-1] != kp.in_features or x.device.type != "cpu":
+        raise InputError(
+            f"{describe(layer)} expects CPU inputs of shape [..., {kp.in_features}], got "
+            f"{tuple(x.shape)} on {x.device}"
+        )
     lead = x.shape[:-1]
     out_f = layer.weight_shape[0]
     bias = layer.bias
     if bias is not None and bias.dtype != torch.float32:
         bias = bias.float()
+    rows = x.numel() // kp.in_features
+    if rows == 0:
+        return x.new_empty(*lead, out_f)
     if kp.kind in ("lut", "int8w"):
-        x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
-        rows = x2.shape[0]
+        x2 = x.reshape(rows, kp.in_features).contiguous()
         y = torch.empty(rows, out_f, dtype=torch.float32)
         if kp.kind == "lut":
-            lib.qd_lut_gemm(
+            status = lib.qd_lut_gemm(
                 kp.weight.data_ptr(), kp.weight_scale.data_ptr(), _ptr(kp.zero_point),
                 kp.zp_const, kp.bits, x2.data_ptr(), _ptr(bias), y.data_ptr(), rows, out_f,
                 kp.in_features, kp.group_size, int(level),
             )  # fmt: skip
+            if status:
+                raise _alloc_failed(layer, rows)
         else:
             lib.qd_int8w_gemm(
                 kp.weight.data_ptr(), kp.weight_scale.data_ptr(), x2.data_ptr(), _ptr(bias),
                 y.data_ptr(), rows, out_f, kp.in_features, int(level),
             )  # fmt: skip
         return y.reshape(*lead, out_f)
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    xq, x_scale, rowsum = quantize_rows(x, kp.in_padded, kp.input_buffers(rows))
+    xq, x_scale, rowsum = quantize_rows(x, kp.in_padded, kp.input_buffers(rows), layer)
     if kp.kind == "int8" and level == 0 and rows >= INT_MM_MIN_ROWS and kp.int_mm:
         return _int_mm_linear(kp, xq, x_scale, bias).reshape(*lead, out_f)
     y = torch.empty(rows, out_f, dtype=torch.float32)
     if kp.kind == "int4":
-        lib.qd_int4_gemm(
+        status = lib.qd_int4_gemm(
             kp.weight.data_ptr(), kp.weight_scale.data_ptr(), kp.zero_point.data_ptr(),
             xq.data_ptr(), x_scale.data_ptr(), _ptr(bias), y.data_ptr(), rows, out_f,
             kp.in_features, kp.group_size, int(level),
         )  # fmt: skip
+        if status:
+            raise _alloc_failed(layer, rows)
     elif kp.kind == "ternary":  # sum (c - zp) x = sum c x - zp * sum x: the kernel subtracts
         lib.qd_ternary_gemm(
             kp.weight.data_ptr(), xq.data_ptr(), rowsum.data_ptr(), _ptr(kp.zero_point),
