@@ -199,8 +199,8 @@ static int has_vnni(void) {
 
 int qd_has_avx2(void) { return has_avx2(); }
 int qd_has_vnni(void) { return has_vnni(); }
-/* The ABI of this file (kernels.ABI_VERSION): 2 = quantize_rows returns its count of non-finite
- * rows, int4 / lut gemms return -1 when an allocation fails. */
+/* The ABI of this file (kernels.ABI_VERSION): 2 = quantize_rows takes eps and returns its count
+ * of non-finite rows, int4 / lut gemms return -1 when an allocation fails. */
 int qd_abi_version(void) { return 2; }
 
 /* level: 0 = the best the CPU has, 1 = portable C, 2 = at most AVX2 */
@@ -210,15 +210,16 @@ static int pick(int level) {
     return has_avx2() ? 1 : 0;
 }
 
-/* Per-row symmetric int8 quantization, rounding exactly like IntFormat(8, axis="row"):
- * scale = max(|x|) / 127 (at least 1e-12), q = nearbyint(x * (1 / scale)) clamped to +-127;
+/* Per-row symmetric int8 quantization, rounding exactly like IntFormat(8, axis="row", eps):
+ * scale = max(max(|x|), eps) / 127 (at least 1e-12), q = nearbyint(x * (1 / scale)) clamped
+ * to +-127 (eps: 0 for IntFormat's default, 1e-5 for the BitNet b1.58 reference);
  * rows are zero-padded to I_pad; rowsum gets sum_i q_i.
  * A row holding NaN or +-Inf has no int8 codes (casting NaN to int8 is undefined behaviour):
  * its codes and rowsum are 0 and its scale NaN, so every product that uses it is NaN, and the
  * number of such rows is returned (the caller raises, as IntFormat does; see kernels.py). The
  * check rides on the max pass that is needed anyway: !(|x| <= FLT_MAX) is true for NaN and Inf. */
 int64_t qd_quantize_rows(const float *x, int8_t *xq, float *scale, int32_t *rowsum, int64_t rows,
-                         int64_t I, int64_t I_pad) {
+                         int64_t I, int64_t I_pad, float eps) {
     int64_t bad_rows = 0;
     for (int64_t r = 0; r < rows; r++) {
         const float *xr = x + r * I;
@@ -237,6 +238,7 @@ int64_t qd_quantize_rows(const float *x, int8_t *xq, float *scale, int32_t *rows
             bad_rows++;
             continue;
         }
+        if (amax < eps) amax = eps;
         float s = amax / 127.0f;
         if (s < 1e-12f) s = 1e-12f;
         float inv = 1.0f / s;

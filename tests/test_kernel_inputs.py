@@ -107,7 +107,7 @@ def test_c_quantize_flags_non_finite_rows_and_writes_no_garbage():
     xq = torch.full((6, 128), 99, dtype=torch.int8)
     scale, rowsum = torch.zeros(6), torch.full((6,), 7, dtype=torch.int32)
     n_bad = lib.qd_quantize_rows(
-        x.data_ptr(), xq.data_ptr(), scale.data_ptr(), rowsum.data_ptr(), 6, 77, 128
+        x.data_ptr(), xq.data_ptr(), scale.data_ptr(), rowsum.data_ptr(), 6, 77, 128, 0.0
     )
     assert n_bad == 4
     bad = [1, 2, 3, 4]

@@ -74,7 +74,7 @@ _SIGNATURES: dict[str, list[Any]] = {
     "qd_int4_gemm": [_P] * 7 + [_I64] * 4 + [_INT],
     "qd_lut_gemm": [_P] * 3 + [_INT] * 2 + [_P] * 3 + [_I64] * 4 + [_INT],
     "qd_int8w_gemm": [_P] * 5 + [_I64] * 3 + [_INT],
-    "qd_quantize_rows": [_P] * 4 + [_I64] * 3,
+    "qd_quantize_rows": [_P] * 4 + [_I64] * 3 + [ctypes.c_float],
     "qd_dequant_rows": [_P, _I64, _INT, _INT, _P, _P, _INT] + [_I64] * 4 + [_P],
     "qd_dequant_gather": [_P, _I64, _INT, _INT, _P, _P, _INT, _P] + [_I64] * 3 + [_P],
 }
@@ -240,6 +240,7 @@ class KernelPlan:
     # int8: many rows go through torch._int_mm, which beats our kernel only where oneDNN has
     # VNNI (or AMX); on an AVX2-only AMD EPYC it ran W8A8 at batch 32 8x slower than fp32
     int_mm: bool = False
+    act_eps: float = 0.0  # floor of each input row's max |x| (IntFormat.eps; BitNet: 1e-5)
     # per-thread int8 input buffers, reused while the batch shape stays the same: at batch 1 a
     # MiniLM-sized layer spent more time allocating them than in its kernel
     _scratch: threading.local = field(default_factory=threading.local, repr=False, compare=False)
@@ -275,6 +276,13 @@ def _row_scales(layer: Any, out_f: int) -> torch.Tensor:
 
 def plan(layer: Any) -> KernelPlan | None:
     """Prepare the fast path of a packed Linear once (None: use the portable path)."""
+    kp = _plan(layer)
+    if kp is not None:
+        kp.act_eps = act_eps(layer.act_format)
+    return kp
+
+
+def _plan(layer: Any) -> KernelPlan | None:
     out_f, in_f = layer.weight_shape[0], int(torch.Size(layer.weight_shape[1:]).numel())
     fmt = layer.weight_format
     kind = kernel_kind(fmt, layer.act_format, not hasattr(layer, "conv"), in_f)
@@ -345,15 +353,21 @@ def _non_finite(layer: Any, scale: torch.Tensor, n_bad: int) -> FormatError:
     )
 
 
+def act_eps(fmt: Any) -> float:
+    """The floor of ``max|x|`` of a per-token int8 input format (0.0: none)."""
+    return float(getattr(fmt, "eps", None) or 0.0)
+
+
 def quantize_rows(
     x: torch.Tensor,
     in_padded: int,
     out: tuple[torch.Tensor, ...] | None = None,
     layer: Any = None,
+    eps: float = 0.0,
 ) -> tuple[torch.Tensor, ...]:
     """Per-row int8 codes (zero-padded to ``in_padded``), scales and code sums, rounded in C
-    exactly as ``IntFormat(8, axis="row")`` rounds them (into ``out`` when given). Raises
-    ``FormatError`` (naming ``layer``) if a row holds NaN or Inf, as ``IntFormat`` does."""
+    exactly as ``IntFormat(8, axis="row", eps=eps)`` rounds them (into ``out`` when given).
+    Raises ``FormatError`` (naming ``layer``) if a row holds NaN or Inf, as ``IntFormat`` does."""
     x = float_input(layer, x)
     if x.dim() == 0 or x.shape[-1] > in_padded or not on_cpu(x):
         raise InputError(
@@ -371,17 +385,17 @@ def quantize_rows(
         return xq, scale, rowsum
     n_bad = (_LIB or library()).qd_quantize_rows(
         x2.data_ptr(), xq.data_ptr(), scale.data_ptr(), rowsum.data_ptr(), rows, x2.shape[1],
-        in_padded,
+        in_padded, eps,
     )  # fmt: skip
     if n_bad:
         raise _non_finite(layer, scale, n_bad)
     return xq, scale, rowsum
 
 
-def fake_quantize_rows(x: torch.Tensor, layer: Any = None) -> torch.Tensor:
-    """``IntFormat(8, axis="row")``'s dequantize(quantize(x)), bit-exact, with the rounding done
-    in C: one pass instead of torch's six (the conv input of a W8A8 CNN)."""
-    xq, scale, _ = quantize_rows(x, x.shape[-1] if x.dim() else 0, layer=layer)
+def fake_quantize_rows(x: torch.Tensor, layer: Any = None, eps: float = 0.0) -> torch.Tensor:
+    """``IntFormat(8, axis="row", eps)``'s dequantize(quantize(x)), bit-exact, with the rounding
+    done in C: one pass instead of torch's six (the conv input of a W8A8 CNN)."""
+    xq, scale, _ = quantize_rows(x, x.shape[-1] if x.dim() else 0, layer=layer, eps=eps)
     return (xq.float() * scale.unsqueeze(1)).reshape(x.shape)
 
 
@@ -440,7 +454,7 @@ def linear(layer: Any, kp: KernelPlan, x: torch.Tensor, level: int = 0) -> torch
                 y.data_ptr(), rows, out_f, kp.in_features, int(level),
             )  # fmt: skip
         return y.reshape(*lead, out_f)
-    xq, x_scale, rowsum = quantize_rows(x, kp.in_padded, kp.input_buffers(rows), layer)
+    xq, x_scale, rowsum = quantize_rows(x, kp.in_padded, kp.input_buffers(rows), layer, kp.act_eps)
     if kp.kind == "int8" and level == 0 and rows >= INT_MM_MIN_ROWS and kp.int_mm:
         return _int_mm_linear(kp, xq, x_scale, bias).reshape(*lead, out_f)
     y = torch.empty(rows, out_f, dtype=torch.float32)

@@ -122,7 +122,7 @@ class PackedMixin:
             and not (torch.is_grad_enabled() and x.requires_grad)
             and kernels.library() is not None
         ):
-            return kernels.fake_quantize_rows(x, layer=self)
+            return kernels.fake_quantize_rows(x, layer=self, eps=kernels.act_eps(fmt))
         if self.act_scale is None:
             return fmt.dequantize(fmt.quantize(x))
         return fmt.dequantize(fmt.quantize(x, scale=self.act_scale, zero_point=self.act_zero_point))
