@@ -345,3 +345,28 @@ def test_failed_allocation_in_c_raises_memory_error(tmp_path):
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "MemoryError" in r.stdout and "out of memory for a batch of 131072 rows" in r.stdout
+
+
+@needs_kernels
+@pytest.mark.parametrize("wfmt,afmt,in_f,kind", KIND_CASES, ids=lambda v: str(v))
+def test_tensors_of_the_wrong_size_are_refused_before_the_kernel_reads_them(
+    tmp_path, wfmt, afmt, in_f, kind
+):
+    """A layer built by hand (or from a file the loader let through) with a short bias, scale,
+    zero point or code tensor: FileFormatError naming the tensor, not an out-of-bounds read."""
+    x = torch.randn(2, in_f)
+    for name in ("weight_codes", "weight_scale", "weight_zero_point", "bias"):
+        _, packed = packed_mlp(tmp_path, wfmt, afmt, in_f)
+        layer = packed[0]
+        t = getattr(layer, name)
+        if t is None:
+            continue
+        setattr(layer, name, t.reshape(-1)[:-1].clone() if t.numel() > 1 else t.repeat(3))
+        with torch.no_grad(), pytest.raises(qd.FileFormatError, match=name):
+            layer(x)
+    _, packed = packed_mlp(tmp_path, wfmt, afmt, in_f)
+    with torch.no_grad():
+        packed(x)
+        packed[0].bias = torch.zeros(3)  # replaced after the plan: checked per call
+        with pytest.raises(InputError, match="bias of 3 entries"):
+            packed(x)

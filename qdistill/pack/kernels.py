@@ -54,7 +54,7 @@ from typing import Any
 
 import torch
 
-from qdistill.errors import FormatError, InputError
+from qdistill.errors import FileFormatError, FormatError, InputError
 from qdistill.formats import IntFormat, TernaryFormat
 from qdistill.pack.inputs import describe, float_input, on_cpu
 
@@ -274,6 +274,29 @@ def _row_scales(layer: Any, out_f: int) -> torch.Tensor:
     return scale.expand(out_f).contiguous() if scale.numel() == 1 else scale.contiguous()
 
 
+def _check_sizes(layer: Any, fmt: Any, out_f: int, in_f: int) -> None:
+    """The kernels index codes, scales, zero points and bias by the layer's shape: refuse
+    tensors of any other size (one check per layer, at plan time) instead of reading past them."""
+    from qdistill.pack.bits import nbytes_for
+
+    g = _group(fmt, in_f) or in_f
+    per_tensor = getattr(fmt, "axis", None) is None and not getattr(fmt, "group_size", None)
+    n_scales = 1 if per_tensor else out_f * (in_f // g)
+    expected = {
+        "weight_codes": nbytes_for(fmt, out_f * in_f),
+        "weight_scale": n_scales,
+        "weight_zero_point": n_scales,
+        "bias": out_f,
+    }
+    for name, n in expected.items():
+        t = getattr(layer, name, None)
+        if t is not None and t.numel() != n:
+            raise FileFormatError(
+                f"{describe(layer)}: {name} has {t.numel()} entries, its shape and format "
+                f"need {n}; the file is corrupt or does not belong to this layer"
+            )
+
+
 def plan(layer: Any) -> KernelPlan | None:
     """Prepare the fast path of a packed Linear once (None: use the portable path)."""
     kp = _plan(layer)
@@ -289,6 +312,7 @@ def _plan(layer: Any) -> KernelPlan | None:
     tensors = (layer.weight_codes, layer.weight_scale, layer.weight_zero_point, layer.bias)
     if kind is None or not on_cpu(*tensors) or library() is None:  # C reads CPU memory only
         return None
+    _check_sizes(layer, fmt, out_f, in_f)
     from qdistill.pack.bits import unpack_for
 
     zp_file = layer.weight_zero_point
@@ -432,7 +456,9 @@ def linear(layer: Any, kp: KernelPlan, x: torch.Tensor, level: int = 0) -> torch
     lead = x.shape[:-1]
     out_f = layer.weight_shape[0]
     bias = layer.bias
-    if bias is not None and bias.dtype != torch.float32:
+    if bias is not None and (bias.dtype != torch.float32 or bias.numel() != out_f):
+        if bias.numel() != out_f:  # replaced after the plan was made: the kernels read out_f
+            raise InputError(f"{describe(layer)}: bias of {bias.numel()} entries, not {out_f}")
         bias = bias.float()
     rows = x.numel() // kp.in_features
     if rows == 0:
