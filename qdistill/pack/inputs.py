@@ -24,7 +24,10 @@ from qdistill.errors import InputError, InputTypeError
 
 
 def describe(layer: Any) -> str:
-    """``PackedLinear(in_features=64, out_features=16, int8-sym-axis=0 x int8-sym-axis=row)``."""
+    """``PackedLinear(in_features=64, out_features=16, int8-sym-axis=0 x int8-sym-axis=row)``
+    (``a kernel call`` when no layer is given)."""
+    if layer is None:
+        return "a kernel call"
     name = type(layer).__name__
     shape = tuple(getattr(layer, "weight_shape", ()))
     if hasattr(layer, "conv"):
