@@ -178,6 +178,8 @@ def test_quantize_rows_refuses_rows_wider_than_its_buffer():
         kernels.quantize_rows(torch.empty(3, 64, device="meta"), 64)
     xq, scale, rowsum = kernels.quantize_rows(torch.randn(0, 64), 64)
     assert xq.shape == (0, 64) and scale.shape == rowsum.shape == (0,)
+    xq, _, rowsum = kernels.quantize_rows(torch.randn(3, 0), 64)  # empty rows: zero codes
+    assert xq.shape == (3, 64) and not xq.any() and not rowsum.any()
 
 
 def test_flatten_mlp_on_images_of_the_wrong_size(tmp_path):

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import math
 import os
 import threading
 import warnings
@@ -398,7 +399,7 @@ def quantize_rows(
             f"{describe(layer) if layer is not None else 'quantize_rows'}: rows of at most "
             f"{in_padded} values on the CPU expected, got shape {tuple(x.shape)} on {x.device}"
         )
-    x2 = x.reshape(-1, x.shape[-1]) if x.shape[-1] else x.reshape(-1, 0)
+    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     rows = x2.shape[0]
