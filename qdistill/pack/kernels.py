@@ -399,15 +399,30 @@ def quantize_rows(
             f"{describe(layer) if layer is not None else 'quantize_rows'}: rows of at most "
             f"{in_padded} values on the CPU expected, got shape {tuple(x.shape)} on {x.device}"
         )
-    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
-    rows = x2.shape[0]
-    xq, scale, rowsum = out or new_input_buffers(rows, in_padded)
+    rows = math.prod(x.shape[:-1])
+    bufs = out or new_input_buffers(rows, in_padded)
+    xq, scale, rowsum = bufs
     if xq.shape != (rows, in_padded) or scale.shape != (rows,) or rowsum.shape != (rows,):
         raise InputError(f"quantize_rows: buffers for {tuple(xq.shape)} given, {rows} rows")
+    return _quantize_rows(x, rows, in_padded, bufs, layer, eps)
+
+
+def _quantize_rows(
+    x: torch.Tensor,
+    rows: int,
+    in_padded: int,
+    bufs: tuple[torch.Tensor, ...],
+    layer: Any,
+    eps: float,
+) -> tuple[torch.Tensor, ...]:
+    """:func:`quantize_rows` once its arguments are checked (float32 CPU ``x`` of ``rows`` rows
+    of at most ``in_padded`` values, buffers of that size)."""
+    xq, scale, rowsum = bufs
     if rows == 0:
-        return xq, scale, rowsum
+        return bufs
+    x2 = x.reshape(rows, x.shape[-1])
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
     n_bad = (_LIB or library()).qd_quantize_rows(
         x2.data_ptr(), xq.data_ptr(), scale.data_ptr(), rowsum.data_ptr(), rows, x2.shape[1],
         in_padded, eps,
@@ -447,13 +462,19 @@ def linear(layer: Any, kp: KernelPlan, x: torch.Tensor, level: int = 0) -> torch
     C; 2: at most AVX2 (the levels exist so that tests can compare the paths). The kernels
     apply the scales and the bias themselves: one or two C calls and no other torch ops.
     ``x``: ``[..., in_features]``, any float dtype, on the CPU (checked: ``InputError``)."""
-    lib = _LIB or library()  # a plan exists, so the library loaded (no env lookup per call)
     x = float_input(layer, x)
     if x.dim() == 0 or x.shape[-1] != kp.in_features or x.device.type != "cpu":
         raise InputError(
             f"{describe(layer)} expects CPU inputs of shape [..., {kp.in_features}], got "
             f"{tuple(x.shape)} on {x.device}"
         )
+    return checked_linear(layer, kp, x, level)
+
+
+def checked_linear(layer: Any, kp: KernelPlan, x: torch.Tensor, level: int = 0) -> torch.Tensor:
+    """:func:`linear` for an ``x`` already checked (float32, CPU, ``[..., in_features]``, as
+    :func:`qdistill.pack.inputs.linear_input` leaves it): one check per call, not two."""
+    lib = _LIB or library()  # a plan exists, so the library loaded (no env lookup per call)
     lead = x.shape[:-1]
     out_f = layer.weight_shape[0]
     bias = layer.bias
@@ -481,7 +502,8 @@ def linear(layer: Any, kp: KernelPlan, x: torch.Tensor, level: int = 0) -> torch
                 y.data_ptr(), rows, out_f, kp.in_features, int(level),
             )  # fmt: skip
         return y.reshape(*lead, out_f)
-    xq, x_scale, rowsum = quantize_rows(x, kp.in_padded, kp.input_buffers(rows), layer, kp.act_eps)
+    bufs = kp.input_buffers(rows)
+    xq, x_scale, rowsum = _quantize_rows(x, rows, kp.in_padded, bufs, layer, kp.act_eps)
     if kp.kind == "int8" and level == 0 and rows >= INT_MM_MIN_ROWS and kp.int_mm:
         return _int_mm_linear(kp, xq, x_scale, bias).reshape(*lead, out_f)
     y = torch.empty(rows, out_f, dtype=torch.float32)

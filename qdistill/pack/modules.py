@@ -168,7 +168,7 @@ class PackedLinear(PackedMixin, nn.Module):
             and x.device.type == "cpu"
             and not (torch.is_grad_enabled() and x.requires_grad)
         ):
-            return kernels.linear(self, self._kernel, x)  # integer kernel on the codes
+            return kernels.checked_linear(self, self._kernel, x)  # integer kernel, codes
         return F.linear(self.quantized_input(x), self.unpacked_weight(), self.bias)
 
     def extra_repr(self) -> str:
