@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qdistill.errors import FormatError
 from qdistill.formats import Format, QuantizedTensor, format_from_dict
 from qdistill.pack import conv as packed_conv
 from qdistill.pack import dequant, inputs, kernels
@@ -123,9 +124,19 @@ class PackedMixin:
             and kernels.library() is not None
         ):
             return kernels.fake_quantize_rows(x, layer=self, eps=kernels.act_eps(fmt))
-        if self.act_scale is None:
-            return fmt.dequantize(fmt.quantize(x))
-        return fmt.dequantize(fmt.quantize(x, scale=self.act_scale, zero_point=self.act_zero_point))
+        try:
+            if self.act_scale is None:
+                return fmt.dequantize(fmt.quantize(x))
+            q = fmt.quantize(x, scale=self.act_scale, zero_point=self.act_zero_point)
+            return fmt.dequantize(q)
+        except FormatError:
+            if torch.isfinite(x).all():
+                raise
+            raise FormatError(  # the same error as the C path: name the layer
+                f"{inputs.describe(self)}: the input contains NaN or Inf; {fmt} activations "
+                "cannot represent them and the fake-quant model raises too; check the data or "
+                "the layer before this one"
+            ) from None
 
     def layer_meta(self) -> dict[str, Any]:
         """What a file header needs to rebuild this layer."""
