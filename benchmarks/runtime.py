@@ -49,6 +49,7 @@ from torch import nn
 import qdistill as qd
 from qdistill.models import build_model
 from qdistill.pack.kernels import cpu_path
+from qdistill.pack.modules import use_portable_path
 from qdistill.report import markdown_table, plot_grouped_bars, read_csv, write_csv
 from qdistill.report.runtime import bench, memory_bandwidth_gbs
 
@@ -178,12 +179,7 @@ def main() -> None:
             def loader(path: Path, portable: bool = False, factory=factory):
                 def build() -> nn.Module:
                     model = qd.load(path, model=factory())
-                    if portable:
-                        for m in model.modules():
-                            for attr in ("_kernel", "_tiles"):  # Linear kernels, Conv2d tiles
-                                if hasattr(m, attr):
-                                    setattr(m, attr, None)
-                    return model
+                    return use_portable_path(model) if portable else model
 
                 return build
 

@@ -30,6 +30,7 @@
  * ships libgomp.so.1 with the same soname, so the two share one thread pool).
  */
 #include <stdint.h>
+#include <float.h>
 #include <math.h>
 #include <string.h>
 #include <stdlib.h>
@@ -198,6 +199,9 @@ static int has_vnni(void) {
 
 int qd_has_avx2(void) { return has_avx2(); }
 int qd_has_vnni(void) { return has_vnni(); }
+/* The ABI of this file (kernels.ABI_VERSION): 2 = quantize_rows takes eps and returns its count
+ * of non-finite rows, int4 / lut gemms return -1 when an allocation fails. */
+int qd_abi_version(void) { return 2; }
 
 /* level: 0 = the best the CPU has, 1 = portable C, 2 = at most AVX2 */
 static int pick(int level) {
@@ -206,19 +210,35 @@ static int pick(int level) {
     return has_avx2() ? 1 : 0;
 }
 
-/* Per-row symmetric int8 quantization, rounding exactly like IntFormat(8, axis="row"):
- * scale = max(|x|) / 127 (at least 1e-12), q = nearbyint(x * (1 / scale)) clamped to +-127;
- * rows are zero-padded to I_pad; rowsum gets sum_i q_i. */
-void qd_quantize_rows(const float *x, int8_t *xq, float *scale, int32_t *rowsum, int64_t rows,
-                      int64_t I, int64_t I_pad) {
+/* Per-row symmetric int8 quantization, rounding exactly like IntFormat(8, axis="row", eps):
+ * scale = max(max(|x|), eps) / 127 (at least 1e-12), q = nearbyint(x * (1 / scale)) clamped
+ * to +-127 (eps: 0 for IntFormat's default, 1e-5 for the BitNet b1.58 reference);
+ * rows are zero-padded to I_pad; rowsum gets sum_i q_i.
+ * A row holding NaN or +-Inf has no int8 codes (casting NaN to int8 is undefined behaviour):
+ * its codes and rowsum are 0 and its scale NaN, so every product that uses it is NaN, and the
+ * number of such rows is returned (the caller raises, as IntFormat does; see kernels.py). The
+ * check rides on the max pass that is needed anyway: !(|x| <= FLT_MAX) is true for NaN and Inf. */
+int64_t qd_quantize_rows(const float *x, int8_t *xq, float *scale, int32_t *rowsum, int64_t rows,
+                         int64_t I, int64_t I_pad, float eps) {
+    int64_t bad_rows = 0;
     for (int64_t r = 0; r < rows; r++) {
         const float *xr = x + r * I;
         int8_t *qr = xq + r * I_pad;
         float amax = 0.0f;
+        int bad = 0;
         for (int64_t i = 0; i < I; i++) {
-            float a = xr[i] < 0 ? -xr[i] : xr[i];
-            if (a > amax) amax = a;
+            float a = fabsf(xr[i]);
+            bad |= !(a <= FLT_MAX);
+            amax = a > amax ? a : amax;
         }
+        if (bad) {
+            memset(qr, 0, (size_t)I_pad);
+            scale[r] = NAN;
+            rowsum[r] = 0;
+            bad_rows++;
+            continue;
+        }
+        if (amax < eps) amax = eps;
         float s = amax / 127.0f;
         if (s < 1e-12f) s = 1e-12f;
         float inv = 1.0f / s;
@@ -233,6 +253,7 @@ void qd_quantize_rows(const float *x, int8_t *xq, float *scale, int32_t *rowsum,
         scale[r] = s;
         rowsum[r] = sum;
     }
+    return bad_rows;
 }
 
 /* Products smaller than this many multiply-adds run on the calling thread: waking the OpenMP
@@ -432,13 +453,14 @@ static void int4_tile_c(const uint8_t *w, const float *s, const uint8_t *zp, con
 /* y[b, o] = x_scale[b] * sum_g s[o, g] * (sum_{i in g} c[o, i] x[b, i] - zp[o, g] * sum_{i in g} x[b, i])
  *           + bias[o]
  * w: tile16 codes, s / zp: [ceil(O/16)][G][16] (G = I / g groups a row), x: [B][I] int8. */
-void qd_int4_gemm(const uint8_t *w, const float *s, const uint8_t *zp, const int8_t *x,
-                  const float *x_scale, const float *bias, float *y, int64_t B, int64_t O,
-                  int64_t I, int64_t g, int level) {
+int qd_int4_gemm(const uint8_t *w, const float *s, const uint8_t *zp, const int8_t *x,
+                 const float *x_scale, const float *bias, float *y, int64_t B, int64_t O,
+                 int64_t I, int64_t g, int level) {
     int64_t G = I / g, cpg = g / 8, T = (O + 15) / 16;
     int path = pick(level);
+    if (B <= 0 || O <= 0) return 0;
     int32_t *xgsum = (int32_t *)malloc((size_t)(B * G) * sizeof(int32_t));
-    if (!xgsum) return;
+    if (!xgsum) return -1; /* y untouched: the caller raises MemoryError */
     for (int64_t r = 0; r < B; r++)
         for (int64_t gi = 0; gi < G; gi++) {
             int32_t sum = 0;
@@ -478,6 +500,7 @@ void qd_int4_gemm(const uint8_t *w, const float *s, const uint8_t *zp, const int
         }
     }
     free(xgsum);
+    return 0;
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -685,13 +708,14 @@ static void lut_row_c(const uint8_t *w, const float *s, const uint8_t *zp, int z
 
 /* y[b, o] = sum_i ((c[o, i] - zp[o, g(i)]) * s[o, g(i)]) x[b, i] + bias[o]
  * w: [O][I * bits / 8] lsb codes; s: [O][G]; zp: [O][G] or NULL (then zp_const for all). */
-void qd_lut_gemm(const uint8_t *w, const float *s, const uint8_t *zp, int zp_const, int bits,
-                 const float *x, const float *bias, float *y, int64_t B, int64_t O, int64_t I,
-                 int64_t g, int level) {
+int qd_lut_gemm(const uint8_t *w, const float *s, const uint8_t *zp, int zp_const, int bits,
+                const float *x, const float *bias, float *y, int64_t B, int64_t O, int64_t I,
+                int64_t g, int level) {
     int per = 8 / bits;
     int64_t G = I / g, cpg = g / (16 * per), row_bytes = I * bits / 8;
+    if (B <= 0 || O <= 0) return 0;
     float *xd = (float *)malloc((size_t)(B * I) * sizeof(float));
-    if (!xd) return;
+    if (!xd) return -1; /* y untouched: the caller raises MemoryError */
     deinterleave(x, xd, B, I, per);
 #ifdef __x86_64__
     int fast = level == 0 && has_avx512();
@@ -719,6 +743,7 @@ void qd_lut_gemm(const uint8_t *w, const float *s, const uint8_t *zp, int zp_con
         }
     }
     free(xd);
+    return 0;
 }
 
 /* y[b, o] = sum_i (w[o, i] * s[o]) x[b, i] + bias[o], int8 w (code - 128), float x */

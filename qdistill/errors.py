@@ -26,3 +26,15 @@ class FileFormatError(QDistillError):
 
 class DataError(QDistillError):
     """A data set that is missing or malformed."""
+
+
+class InputError(QDistillError):
+    """A tensor a layer cannot take (wrong width, rank, dtype or device), named with the layer."""
+
+
+class InputIndexError(InputError, IndexError):
+    """An embedding index outside the table (an ``IndexError`` too, like ``nn.Embedding``'s)."""
+
+
+class InputTypeError(InputError, TypeError):
+    """An input of a kind a layer cannot take at all (a ``TypeError`` too, e.g. float indices)."""

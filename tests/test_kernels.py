@@ -338,3 +338,48 @@ def test_reused_input_buffers_across_batch_sizes_and_threads(tmp_path):
         assert all(run(i) for i in range(len(xs)))  # one thread, changing batch sizes
         with ThreadPoolExecutor(4) as pool:  # each thread its own buffers
             assert all(pool.map(run, range(len(xs))))
+
+
+ODD_ROWS = (1, 2, 3, 7, 33, 40)
+ODD_KINDS = {  # kind: (weight format, activation format, which widths it takes)
+    "ternary": (qd.TernaryFormat(axis=0), ROW8, lambda i: True),
+    "int8": (qd.IntFormat(8, axis=0), ROW8, lambda i: True),
+    "int4": (qd.IntFormat(4, symmetric=False, axis=0), ROW8, lambda i: i % 8 == 0),
+    "lut": (qd.IntFormat(4, axis=0), None, lambda i: i % 32 == 0),
+    "int8w": (qd.IntFormat(8, axis=0), None, lambda i: True),
+}
+
+
+def integer_reference(fq_layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """W8A8 / W1.58A8 by hand: exact integer dot products of the weight codes and
+    ``IntFormat(8, axis="row")``'s activation codes, then the kernels' epilogue
+    ``dot * x_scale * w_scale + bias`` in the same fp32 order: the kernels must match it bit for
+    bit (the fake-quant model's float matmul can only match it to rounding)."""
+    q = fq_layer.weight_qtensor()
+    offset = getattr(q.fmt, "offset", 1)  # symmetric IntFormat: 2**(b-1); ternary: 1
+    w = q.codes.to(torch.float64) - offset
+    xq = ROW8.quantize(x)
+    dot = (xq.codes.to(torch.float64) - 128) @ w.t()  # exact: |dot| < 2**53
+    y = dot.float() * xq.scale.reshape(-1, 1) * q.scale.float().reshape(1, -1)
+    return y + fq_layer.bias.detach()
+
+
+@pytest.mark.parametrize("kind", list(ODD_KINDS))
+@pytest.mark.parametrize("in_f", [100, 129, 384, 4096, 5000])
+def test_odd_sizes_against_the_fake_quant_twin(tmp_path, kind, in_f):
+    """Rows 1, 2, 3, 7, 33, 40 (remainders of the 4-row blocks, the 16-row tiles and the
+    _int_mm cut-over) and widths that are not multiples of any block (100, 129, 5000) or are
+    (384, 4096). Widths a kernel does not take run (and are checked) on the portable path."""
+    wfmt, afmt, takes = ODD_KINDS[kind]
+    fq, packed = packed_pair(wfmt, afmt, in_f=in_f, out_f=19, tmp_path=tmp_path)
+    torch.manual_seed(in_f)
+    for rows in ODD_ROWS:
+        x = torch.randn(rows, in_f) * 2
+        with torch.no_grad():
+            y, ref = packed(x), fq(x)
+            assert y.shape == ref.shape == (rows, 19) and close(y, ref), (kind, in_f, rows)
+            if kind in ("ternary", "int8") and kernels.library() is not None:
+                assert torch.equal(y, integer_reference(fq[0], x)), (kind, in_f, rows)
+    expected = kind if takes(in_f) and kernels.library() is not None else None
+    kp = packed[0]._kernel
+    assert (kp.kind if kp else None) == expected

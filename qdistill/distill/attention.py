@@ -43,14 +43,18 @@ def relation_log_probs(
 def relation_kl(
     student: torch.Tensor, teacher: torch.Tensor, heads: int, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """KL(teacher relations || student relations), averaged over batch, heads and positions."""
+    """KL(teacher relations || student relations): per sequence, the mean over its relation
+    heads and its valid positions (MiniLMv2 Eq. 3-4: ``1 / (A_r |x|)`` with ``|x|`` that
+    sequence's length), then the mean over the batch. With padding this is not the mean over
+    all valid tokens of the batch, which would weigh long sequences more than short ones."""
     ls = relation_log_probs(student, heads, mask)
     lt = relation_log_probs(teacher, heads, mask)
-    kl = (lt.exp() * (lt - ls)).nan_to_num(0.0).sum(-1)  # masked keys contribute 0
-    if mask is not None:
-        rows = mask.bool()[:, None, :].expand_as(kl)
-        return kl[rows].mean()
-    return kl.mean()
+    kl = (lt.exp() * (lt - ls)).nan_to_num(0.0).sum(-1)  # [B, heads, T]; masked keys give 0
+    if mask is None:
+        return kl.mean()
+    valid = mask.bool()[:, None, :].expand_as(kl)
+    per_seq = torch.where(valid, kl, 0.0).sum((1, 2)) / (heads * valid[:, 0].sum(-1)).clamp_min(1)
+    return per_seq.mean()
 
 
 class QKVCapture:

@@ -8,7 +8,9 @@ weights and activations. Each block is first divided by a scale:
 * ``scale="float"``: ``amax / max_value`` (the block's largest magnitude maps to the format's max);
 * ``scale="pow2"``: the MX shared scale ``2 ** (floor(log2(amax)) - emax)`` (OCP MX v1.0,
   Sec. 6.3), where ``emax`` is the element format's largest exponent; values above the format's
-  range after scaling saturate, as in the spec.
+  range after scaling saturate, as in the spec. ``floor(log2(amax))`` is read exactly from the
+  float's exponent field (``torch.frexp``): a float32 ``log2`` rounds 255.99998 up to 8.0,
+  which would put the scale one binade too high.
 
 Rounding is to nearest, ties to even, with saturation (never Inf/NaN). One minifloat routine
 serves all three element formats; the tests check it against torch's float8 casts and the E2M1
@@ -127,8 +129,9 @@ class FPFormat:
 
     def scales(self, blocks: torch.Tensor) -> torch.Tensor:
         amax = blocks.abs().amax(dim=1).float().clamp_min(1e-30)
-        if self.scale == "pow2":
-            return torch.exp2(torch.floor(torch.log2(amax)) - self.elem.emax)
+        if self.scale == "pow2":  # amax = m * 2**e, m in [0.5, 1): floor(log2(amax)) = e - 1
+            _, e = torch.frexp(amax)
+            return torch.ldexp(torch.ones_like(amax), e - 1 - self.elem.emax)
         return amax / self.elem.max_value
 
     def quantize(

@@ -45,6 +45,10 @@ class IntFormat:
         axis: per-channel scales along this dimension (``0`` = per output channel).
         group_size: per-bucket scales over this many consecutive values (Polino's buckets: 256).
         stochastic: stochastic rounding (unbiased; Polino et al. Sec. 2.1) instead of nearest.
+        eps: floor of each block's range statistic (``max|x|``, or ``max - min`` when
+            asymmetric) before it becomes a scale; None: no floor (the scale alone is kept above
+            1e-12). The BitNet b1.58 reference clamps ``max|x|`` at 1e-5 (transformers'
+            ``integrations/bitnet.py``), which :func:`~qdistill.models.hf.bitnet_config` uses.
     """
 
     bits: int
@@ -52,6 +56,7 @@ class IntFormat:
     axis: int | str | None = None
     group_size: int | None = None
     stochastic: bool = False
+    eps: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int):
@@ -64,6 +69,9 @@ class IntFormat:
                 "(ternary and binary formats cover 1.58 and 1 bit)"
             )
         check_granularity(self.axis, self.group_size)
+        number = isinstance(self.eps, (int, float)) and not isinstance(self.eps, bool)
+        if self.eps is not None and not (number and 0.0 <= self.eps < 1.0):
+            raise FormatError(f"IntFormat eps={self.eps!r}; use a float in [0, 1) or None")
 
     # ------------------------------------------------------------------ integer range
     @property
@@ -86,11 +94,14 @@ class IntFormat:
         """Scale (and zero point) of each row of ``blocks`` from its range."""
         if self.symmetric:
             amax = blocks.abs().amax(dim=1)
+            if self.eps is not None:
+                amax = amax.clamp_min(self.eps)
             scale = amax / (2 ** (self.bits - 1) - 1)
             return scale.clamp_min(_TINY_SCALE).float(), None
         lo = blocks.amin(dim=1).clamp_max(0.0)
         hi = blocks.amax(dim=1).clamp_min(0.0)
-        scale = ((hi - lo) / self.qmax).clamp_min(_TINY_SCALE).float()
+        span = hi - lo if self.eps is None else (hi - lo).clamp_min(self.eps)
+        scale = (span / self.qmax).clamp_min(_TINY_SCALE).float()
         zero_point = torch.clamp(torch.round(-lo / scale), 0, self.qmax).to(torch.int32)
         return scale, zero_point
 
@@ -127,7 +138,10 @@ class IntFormat:
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": "int", **asdict(self)}
+        d = asdict(self)
+        if d["eps"] is None:  # files of formats without a floor read as before
+            del d["eps"]
+        return {"kind": "int", **d}
 
     def __str__(self) -> str:
         parts = [f"int{self.bits}", "sym" if self.symmetric else "asym"]
@@ -137,6 +151,8 @@ class IntFormat:
             parts.append(f"g{self.group_size}")
         if self.stochastic:
             parts.append("stochastic")
+        if self.eps is not None:
+            parts.append(f"eps{self.eps:g}")
         return "-".join(parts)
 
 

@@ -34,11 +34,17 @@ class TernaryFormat:
     axis: int | str | None = None
     group_size: int | None = None
     packing: str = "2bit"
+    # floor of the absmean scale; None: 1e-8. The BitNet b1.58 reference (transformers'
+    # integrations/bitnet.py) uses 1e-5, and so does qdistill.models.hf.bitnet_config
+    eps: float | None = None
 
     def __post_init__(self) -> None:
         check_granularity(self.axis, self.group_size)
         if self.packing not in ("2bit", "trits"):
             raise FormatError(f"TernaryFormat packing={self.packing!r}; use '2bit' or 'trits'")
+        number = isinstance(self.eps, (int, float)) and not isinstance(self.eps, bool)
+        if self.eps is not None and not (number and 0.0 < self.eps < 1.0):
+            raise FormatError(f"TernaryFormat eps={self.eps!r}; use a float in (0, 1) or None")
 
     @property
     def bits(self) -> int:
@@ -50,7 +56,7 @@ class TernaryFormat:
     ) -> QuantizedTensor:
         check_finite(x)
         blocks = to_blocks(x.float(), self.axis, self.group_size)
-        scale = block_absmean(blocks, x.numel())
+        scale = block_absmean(blocks, x.numel(), *(() if self.eps is None else (self.eps,)))
         q = torch.clamp(torch.round(blocks / scale.reshape(-1, 1)), -1, 1)
         codes = (q + 1).to(torch.uint8)
         return from_code_blocks(self, x, codes, scale)
@@ -61,13 +67,17 @@ class TernaryFormat:
         return from_blocks(values, q.shape, self.axis, self.group_size)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": "ternary", **asdict(self)}
+        d = asdict(self)
+        if d["eps"] is None:  # files of the default format read as before
+            del d["eps"]
+        return {"kind": "ternary", **d}
 
     def __str__(self) -> str:
         return (
             "ternary"
             + (f"-axis={self.axis}" if self.axis is not None else "")
             + (f"-g{self.group_size}" if self.group_size else "")
+            + (f"-eps{self.eps:g}" if self.eps is not None else "")
         )
 
 

@@ -134,11 +134,19 @@ def classifier_from_config(config: Any) -> HFClassifier:
     return HFClassifier(tf.AutoModelForSequenceClassification.from_config(config))
 
 
+# the floor of both BitNet scales in the reference implementation (transformers'
+# integrations/bitnet.py: WeightQuant and ActQuant clamp at 1e-5)
+BITNET_EPS = 1e-5
+
+
 def bitnet_config(
     model: nn.Module | None = None, keep: tuple[str, ...] = FLOAT_MODULES, **overrides: Any
 ) -> QuantConfig:
     """W1.58A8 (BitNet b1.58, Ma et al. 2024, Sec. 2): ternary absmean weights, int8 per-token
     activations, on every Linear but the task head; other layers (embeddings) stay float.
+    Both scales are floored at 1e-5 (``mean|W|`` and each token's ``max|x|``), as in the
+    reference code (transformers' ``integrations/bitnet.py``, the BitNet b1.58 training recipe),
+    so a qdistill BitLinear and the reference agree also on near-zero weights and tokens.
 
     With ``model`` given, only the ``keep`` patterns that name one of its modules become rules
     (``quantize_`` rejects rules that match nothing, to catch typos).
@@ -149,8 +157,8 @@ def bitnet_config(
     rules = {pattern: None for pattern in keep}
     rules.update(overrides.pop("rules", {}))
     return QuantConfig(
-        weights=overrides.pop("weights", TernaryFormat()),
-        activations=overrides.pop("activations", IntFormat(8, axis="row")),
+        weights=overrides.pop("weights", TernaryFormat(eps=BITNET_EPS)),
+        activations=overrides.pop("activations", IntFormat(8, axis="row", eps=BITNET_EPS)),
         rules=rules,
         unsupported=overrides.pop("unsupported", "ignore"),
         **overrides,

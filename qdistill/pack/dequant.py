@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
-from qdistill.errors import FileFormatError
+from qdistill.errors import FileFormatError, InputIndexError, InputTypeError
 from qdistill.formats import BinaryFormat, IntFormat, TernaryFormat
 from qdistill.pack import kernels
+from qdistill.pack.inputs import describe, on_cpu
 
 
 @dataclass
@@ -69,7 +70,9 @@ def dequant_plan(
 ) -> DequantPlan | None:
     """Prepare :func:`dequantize_rows` for one packed weight (None: no C path for it)."""
     layout, bucket = _code_layout(fmt), _bucket(fmt, shape)
-    if layout is None or bucket is None or kernels.library() is None:
+    if layout is None or bucket is None or not on_cpu(scale, zero_point):
+        return None  # (C reads CPU memory only)
+    if kernels.library() is None:
         return None
     rows, row_len = shape[0], math.prod(shape[1:])
     n_buckets = -(-rows * row_len // bucket)
@@ -89,6 +92,11 @@ def dequant_plan(
 
 
 def _check_codes(codes: torch.Tensor, dp: DequantPlan) -> None:
+    if codes.device.type != "cpu" or codes.dtype != torch.uint8 or not codes.is_contiguous():
+        raise FileFormatError(
+            f"packed codes must be contiguous uint8 on the CPU for the C reader, got "
+            f"{codes.dtype} on {codes.device}; load the file with qdistill.load"
+        )
     numel = dp.rows * dp.row_len
     expected = -(-numel // 5) if dp.bits == 0 else -(-numel * dp.bits // 8)
     if codes.numel() != expected:
@@ -114,18 +122,30 @@ def dequantize_rows(codes: torch.Tensor, dp: DequantPlan, o0: int, o1: int) -> t
     return out
 
 
-def gather_rows(codes: torch.Tensor, dp: DequantPlan, index: torch.Tensor) -> torch.Tensor:
+def check_index(index: Any, rows: int, layer: Any = None) -> torch.Tensor:
+    """``index`` flattened to int64 on the CPU, after checking it is a tensor of integers in
+    ``0 .. rows - 1`` (``InputTypeError`` / ``InputIndexError``, naming ``layer``)."""
+    where = f"{describe(layer)}: " if layer is not None else ""
+    if not isinstance(index, torch.Tensor):
+        raise InputTypeError(f"{where}embedding indices must be a tensor, got {type(index)}")
+    if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+        raise InputTypeError(f"{where}embedding indices must be integers, got {index.dtype}")
+    flat = index.reshape(-1).to(device="cpu", dtype=torch.int64).contiguous()
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= rows):
+        raise InputIndexError(
+            f"{where}embedding index out of range: got {int(flat.min())}..{int(flat.max())} "
+            f"for a table of {rows} rows"
+        )
+    return flat
+
+
+def gather_rows(
+    codes: torch.Tensor, dp: DequantPlan, index: torch.Tensor, layer: Any = None
+) -> torch.Tensor:
     """Rows ``index`` (any shape of integers) of the dequantized weight: ``[*index.shape,
     row_len]`` fp32, as ``F.embedding`` of the dequantized table would give them."""
     _check_codes(codes, dp)
-    if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
-        raise TypeError(f"embedding indices must be integers, got {index.dtype}")
-    flat = index.reshape(-1).to(torch.int64).contiguous()
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= dp.rows):
-        raise IndexError(
-            f"embedding index out of range: got {int(flat.min())}..{int(flat.max())} for a "
-            f"table of {dp.rows} rows"
-        )
+    flat = check_index(index, dp.rows, layer)
     out = torch.empty(flat.numel(), dp.row_len, dtype=torch.float32)
     zp = dp.zero_point
     kernels.library().qd_dequant_gather(

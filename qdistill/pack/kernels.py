@@ -29,12 +29,24 @@ float rounding of the final scaling (and, for float inputs, the order of the flo
 differs. Any other combination, an input that needs a gradient, or a missing extension (one
 ``RuntimeWarning``, then silence) uses the portable path of
 :class:`~qdistill.pack.modules.PackedMixin` (unpack, dequantize, float matmul).
+
+Bad inputs (issue #12 items 1-2, #15 item 6). Shapes, dtypes and devices are checked before any
+C call (:mod:`qdistill.pack.inputs`): a wrong width raises ``InputError`` naming the layer, never
+reads out of bounds. NaN and Inf follow the fake-quant twin exactly: where the twin quantizes
+its input to per-token int8 (ternary, int8, int4 kinds) it raises ``FormatError`` on a
+non-finite input (``IntFormat.quantize`` checks), and so does the packed layer: the C quantize
+step flags non-finite rows during the max pass it makes anyway (no extra pass), gives them a NaN
+scale and zero codes (never the undefined ``(int8_t)NaN``) and ``quantize_rows`` raises naming
+the layer and the rows. Where the twin keeps float inputs (weight-only ``lut`` / ``int8w``),
+NaN and Inf propagate through the float products as in ``F.linear``. A failed allocation in C
+raises ``MemoryError`` (the output is never left as uninitialised memory).
 """
 
 from __future__ import annotations
 
 import ctypes
 import glob
+import math
 import os
 import threading
 import warnings
@@ -43,7 +55,9 @@ from typing import Any
 
 import torch
 
+from qdistill.errors import FileFormatError, FormatError, InputError
 from qdistill.formats import IntFormat, TernaryFormat
+from qdistill.pack.inputs import describe, float_input, on_cpu
 
 _LIB: ctypes.CDLL | None = None
 _LOADED = False
@@ -61,10 +75,14 @@ _SIGNATURES: dict[str, list[Any]] = {
     "qd_int4_gemm": [_P] * 7 + [_I64] * 4 + [_INT],
     "qd_lut_gemm": [_P] * 3 + [_INT] * 2 + [_P] * 3 + [_I64] * 4 + [_INT],
     "qd_int8w_gemm": [_P] * 5 + [_I64] * 3 + [_INT],
-    "qd_quantize_rows": [_P] * 4 + [_I64] * 3,
+    "qd_quantize_rows": [_P] * 4 + [_I64] * 3 + [ctypes.c_float],
     "qd_dequant_rows": [_P, _I64, _INT, _INT, _P, _P, _INT] + [_I64] * 4 + [_P],
     "qd_dequant_gather": [_P, _I64, _INT, _INT, _P, _P, _INT, _P] + [_I64] * 3 + [_P],
 }
+# return values: rows with NaN/Inf (quantize), 0 or -1 for a failed allocation (the gemms)
+_RESTYPES: dict[str, Any] = {"qd_quantize_rows": _I64, "qd_int4_gemm": _INT, "qd_lut_gemm": _INT}
+# bumped whenever the C ABI changes, so that a stale build is not called with the wrong one
+ABI_VERSION = 2
 
 
 def _load() -> ctypes.CDLL | None:
@@ -72,9 +90,12 @@ def _load() -> ctypes.CDLL | None:
     for path in sorted(glob.glob(os.path.join(here, "_qkernels*.so"))):
         try:
             lib = ctypes.CDLL(path)
+            lib.qd_abi_version.restype = ctypes.c_int
+            if lib.qd_abi_version() != ABI_VERSION:
+                continue
             for name, argtypes in _SIGNATURES.items():
                 fn = getattr(lib, name)
-                fn.argtypes, fn.restype = argtypes, None
+                fn.argtypes, fn.restype = argtypes, _RESTYPES.get(name)
             lib.qd_has_vnni.restype = lib.qd_has_avx2.restype = ctypes.c_int
             return lib
         except (OSError, AttributeError):  # foreign/stale build: use the portable path
@@ -220,9 +241,21 @@ class KernelPlan:
     # int8: many rows go through torch._int_mm, which beats our kernel only where oneDNN has
     # VNNI (or AMX); on an AVX2-only AMD EPYC it ran W8A8 at batch 32 8x slower than fp32
     int_mm: bool = False
+    act_eps: float = 0.0  # floor of each input row's max |x| (IntFormat.eps; BitNet: 1e-5)
     # per-thread int8 input buffers, reused while the batch shape stays the same: at batch 1 a
     # MiniLM-sized layer spent more time allocating them than in its kernel
     _scratch: threading.local = field(default_factory=threading.local, repr=False, compare=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but the per-thread buffers (a ``threading.local`` cannot be pickled or
+        deep-copied): ``copy.deepcopy(model)`` and ``torch.save(model)`` work after a forward."""
+        state = dict(self.__dict__)
+        state.pop("_scratch", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._scratch = threading.local()
 
     def input_buffers(self, rows: int) -> tuple[torch.Tensor, ...]:
         """(int8 codes ``[rows, in_padded]``, scales ``[rows]``, code sums ``[rows]``)."""
@@ -242,13 +275,45 @@ def _row_scales(layer: Any, out_f: int) -> torch.Tensor:
     return scale.expand(out_f).contiguous() if scale.numel() == 1 else scale.contiguous()
 
 
+def _check_sizes(layer: Any, fmt: Any, out_f: int, in_f: int) -> None:
+    """The kernels index codes, scales, zero points and bias by the layer's shape: refuse
+    tensors of any other size (one check per layer, at plan time) instead of reading past them."""
+    from qdistill.pack.bits import nbytes_for
+
+    g = _group(fmt, in_f) or in_f
+    per_tensor = getattr(fmt, "axis", None) is None and not getattr(fmt, "group_size", None)
+    n_scales = 1 if per_tensor else out_f * (in_f // g)
+    expected = {
+        "weight_codes": nbytes_for(fmt, out_f * in_f),
+        "weight_scale": n_scales,
+        "weight_zero_point": n_scales,
+        "bias": out_f,
+    }
+    for name, n in expected.items():
+        t = getattr(layer, name, None)
+        if t is not None and t.numel() != n:
+            raise FileFormatError(
+                f"{describe(layer)}: {name} has {t.numel()} entries, its shape and format "
+                f"need {n}; the file is corrupt or does not belong to this layer"
+            )
+
+
 def plan(layer: Any) -> KernelPlan | None:
     """Prepare the fast path of a packed Linear once (None: use the portable path)."""
+    kp = _plan(layer)
+    if kp is not None:
+        kp.act_eps = act_eps(layer.act_format)
+    return kp
+
+
+def _plan(layer: Any) -> KernelPlan | None:
     out_f, in_f = layer.weight_shape[0], int(torch.Size(layer.weight_shape[1:]).numel())
     fmt = layer.weight_format
     kind = kernel_kind(fmt, layer.act_format, not hasattr(layer, "conv"), in_f)
-    if kind is None or library() is None:
+    tensors = (layer.weight_codes, layer.weight_scale, layer.weight_zero_point, layer.bias)
+    if kind is None or not on_cpu(*tensors) or library() is None:  # C reads CPU memory only
         return None
+    _check_sizes(layer, fmt, out_f, in_f)
     from qdistill.pack.bits import unpack_for
 
     zp_file = layer.weight_zero_point
@@ -302,27 +367,75 @@ def plan(layer: Any) -> KernelPlan | None:
     )
 
 
+def _non_finite(layer: Any, scale: torch.Tensor, n_bad: int) -> FormatError:
+    """The error ``IntFormat.quantize`` raises on NaN/Inf, naming the layer and the rows."""
+    rows = torch.nonzero(torch.isnan(scale)).flatten()[:8].tolist()
+    where = describe(layer) if layer is not None else "per-token int8 activation quantization"
+    return FormatError(
+        f"{where}: {n_bad} input row(s) contain NaN or Inf (rows {rows}"
+        f"{', ...' if n_bad > len(rows) else ''}); int8 activations cannot represent them and "
+        "the fake-quant model raises too; check the data or the layer before this one"
+    )
+
+
+def act_eps(fmt: Any) -> float:
+    """The floor of ``max|x|`` of a per-token int8 input format (0.0: none)."""
+    return float(getattr(fmt, "eps", None) or 0.0)
+
+
 def quantize_rows(
-    x: torch.Tensor, in_padded: int, out: tuple[torch.Tensor, ...] | None = None
+    x: torch.Tensor,
+    in_padded: int,
+    out: tuple[torch.Tensor, ...] | None = None,
+    layer: Any = None,
+    eps: float = 0.0,
 ) -> tuple[torch.Tensor, ...]:
     """Per-row int8 codes (zero-padded to ``in_padded``), scales and code sums, rounded in C
-    exactly as ``IntFormat(8, axis="row")`` rounds them (into ``out`` when given)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    if x2.dtype != torch.float32 or not x2.is_contiguous():
-        x2 = x2.float().contiguous()
-    rows = x2.shape[0]
-    xq, scale, rowsum = out or new_input_buffers(rows, in_padded)
-    (_LIB or library()).qd_quantize_rows(
+    exactly as ``IntFormat(8, axis="row", eps=eps)`` rounds them (into ``out`` when given).
+    Raises ``FormatError`` (naming ``layer``) if a row holds NaN or Inf, as ``IntFormat`` does."""
+    x = float_input(layer, x)
+    if x.dim() == 0 or x.shape[-1] > in_padded or not on_cpu(x):
+        raise InputError(
+            f"{describe(layer) if layer is not None else 'quantize_rows'}: rows of at most "
+            f"{in_padded} values on the CPU expected, got shape {tuple(x.shape)} on {x.device}"
+        )
+    rows = math.prod(x.shape[:-1])
+    bufs = out or new_input_buffers(rows, in_padded)
+    xq, scale, rowsum = bufs
+    if xq.shape != (rows, in_padded) or scale.shape != (rows,) or rowsum.shape != (rows,):
+        raise InputError(f"quantize_rows: buffers for {tuple(xq.shape)} given, {rows} rows")
+    return _quantize_rows(x, rows, in_padded, bufs, layer, eps)
+
+
+def _quantize_rows(
+    x: torch.Tensor,
+    rows: int,
+    in_padded: int,
+    bufs: tuple[torch.Tensor, ...],
+    layer: Any,
+    eps: float,
+) -> tuple[torch.Tensor, ...]:
+    """:func:`quantize_rows` once its arguments are checked (float32 CPU ``x`` of ``rows`` rows
+    of at most ``in_padded`` values, buffers of that size)."""
+    xq, scale, rowsum = bufs
+    if rows == 0:
+        return bufs
+    x2 = x.reshape(rows, x.shape[-1])
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    n_bad = (_LIB or library()).qd_quantize_rows(
         x2.data_ptr(), xq.data_ptr(), scale.data_ptr(), rowsum.data_ptr(), rows, x2.shape[1],
-        in_padded,
+        in_padded, eps,
     )  # fmt: skip
+    if n_bad:
+        raise _non_finite(layer, scale, n_bad)
     return xq, scale, rowsum
 
 
-def fake_quantize_rows(x: torch.Tensor) -> torch.Tensor:
-    """``IntFormat(8, axis="row")``'s dequantize(quantize(x)), bit-exact, with the rounding done
-    in C: one pass instead of torch's six (the conv input of a W8A8 CNN)."""
-    xq, scale, _ = quantize_rows(x, x.shape[-1])
+def fake_quantize_rows(x: torch.Tensor, layer: Any = None, eps: float = 0.0) -> torch.Tensor:
+    """``IntFormat(8, axis="row", eps)``'s dequantize(quantize(x)), bit-exact, with the rounding
+    done in C: one pass instead of torch's six (the conv input of a W8A8 CNN)."""
+    xq, scale, _ = quantize_rows(x, x.shape[-1] if x.dim() else 0, layer=layer, eps=eps)
     return (xq.float() * scale.unsqueeze(1)).reshape(x.shape)
 
 
@@ -340,43 +453,68 @@ def _int_mm_linear(kp: KernelPlan, xq: torch.Tensor, x_scale: torch.Tensor, bias
     return y if bias is None else y + bias
 
 
+def _alloc_failed(layer: Any, rows: int) -> MemoryError:
+    return MemoryError(f"{describe(layer)}: out of memory for a batch of {rows} rows")
+
+
 def linear(layer: Any, kp: KernelPlan, x: torch.Tensor, level: int = 0) -> torch.Tensor:
     """``layer(x)`` through its kernel. ``level`` 0: the fastest path the CPU has; 1: portable
     C; 2: at most AVX2 (the levels exist so that tests can compare the paths). The kernels
-    apply the scales and the bias themselves: one or two C calls and no other torch ops."""
+    apply the scales and the bias themselves: one or two C calls and no other torch ops.
+    ``x``: ``[..., in_features]``, any float dtype, on the CPU (checked: ``InputError``)."""
+    x = float_input(layer, x)
+    if x.dim() == 0 or x.shape[-1] != kp.in_features or x.device.type != "cpu":
+        raise InputError(
+            f"{describe(layer)} expects CPU inputs of shape [..., {kp.in_features}], got "
+            f"{tuple(x.shape)} on {x.device}"
+        )
+    return checked_linear(layer, kp, x, level)
+
+
+def checked_linear(layer: Any, kp: KernelPlan, x: torch.Tensor, level: int = 0) -> torch.Tensor:
+    """:func:`linear` for an ``x`` already checked (float32, CPU, ``[..., in_features]``, as
+    :func:`qdistill.pack.inputs.linear_input` leaves it): one check per call, not two."""
     lib = _LIB or library()  # a plan exists, so the library loaded (no env lookup per call)
     lead = x.shape[:-1]
     out_f = layer.weight_shape[0]
     bias = layer.bias
-    if bias is not None and bias.dtype != torch.float32:
+    if bias is not None and (bias.dtype != torch.float32 or bias.numel() != out_f):
+        if bias.numel() != out_f:  # replaced after the plan was made: the kernels read out_f
+            raise InputError(f"{describe(layer)}: bias of {bias.numel()} entries, not {out_f}")
         bias = bias.float()
+    rows = x.numel() // kp.in_features
+    if rows == 0:
+        return x.new_empty(*lead, out_f)
     if kp.kind in ("lut", "int8w"):
-        x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
-        rows = x2.shape[0]
+        x2 = x.reshape(rows, kp.in_features).contiguous()
         y = torch.empty(rows, out_f, dtype=torch.float32)
         if kp.kind == "lut":
-            lib.qd_lut_gemm(
+            status = lib.qd_lut_gemm(
                 kp.weight.data_ptr(), kp.weight_scale.data_ptr(), _ptr(kp.zero_point),
                 kp.zp_const, kp.bits, x2.data_ptr(), _ptr(bias), y.data_ptr(), rows, out_f,
                 kp.in_features, kp.group_size, int(level),
             )  # fmt: skip
+            if status:
+                raise _alloc_failed(layer, rows)
         else:
             lib.qd_int8w_gemm(
                 kp.weight.data_ptr(), kp.weight_scale.data_ptr(), x2.data_ptr(), _ptr(bias),
                 y.data_ptr(), rows, out_f, kp.in_features, int(level),
             )  # fmt: skip
         return y.reshape(*lead, out_f)
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    xq, x_scale, rowsum = quantize_rows(x, kp.in_padded, kp.input_buffers(rows))
+    bufs = kp.input_buffers(rows)
+    xq, x_scale, rowsum = _quantize_rows(x, rows, kp.in_padded, bufs, layer, kp.act_eps)
     if kp.kind == "int8" and level == 0 and rows >= INT_MM_MIN_ROWS and kp.int_mm:
         return _int_mm_linear(kp, xq, x_scale, bias).reshape(*lead, out_f)
     y = torch.empty(rows, out_f, dtype=torch.float32)
     if kp.kind == "int4":
-        lib.qd_int4_gemm(
+        status = lib.qd_int4_gemm(
             kp.weight.data_ptr(), kp.weight_scale.data_ptr(), kp.zero_point.data_ptr(),
             xq.data_ptr(), x_scale.data_ptr(), _ptr(bias), y.data_ptr(), rows, out_f,
             kp.in_features, kp.group_size, int(level),
         )  # fmt: skip
+        if status:
+            raise _alloc_failed(layer, rows)
     elif kp.kind == "ternary":  # sum (c - zp) x = sum c x - zp * sum x: the kernel subtracts
         lib.qd_ternary_gemm(
             kp.weight.data_ptr(), xq.data_ptr(), rowsum.data_ptr(), _ptr(kp.zero_point),

@@ -9,6 +9,10 @@ only one (``packed_codes()`` rebuilds the file's layout for saving). A ``PackedC
 codes one tile of output channels at a time (:mod:`qdistill.pack.conv`). Every other format and
 any input that needs a gradient take the portable path: unpack, dequantize (exactly the
 fake-quant weight) and a float matmul/convolution.
+
+Every forward checks its input first (:mod:`qdistill.pack.inputs`: width, rank, dtype; one
+``InputError`` naming the layer), on both paths, so that a wrong input is the same clear error
+with or without the C kernels and never reaches C with the wrong sizes.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qdistill.errors import FormatError
 from qdistill.formats import Format, QuantizedTensor, format_from_dict
 from qdistill.pack import conv as packed_conv
-from qdistill.pack import dequant, kernels
+from qdistill.pack import dequant, inputs, kernels
 from qdistill.pack.bits import pack_for, unpack_for
 from qdistill.quant.modules import QuantConv2d, QuantEmbedding, QuantLinear, deterministic
 
@@ -114,13 +119,24 @@ class PackedMixin:
             self.act_scale is None
             and kernels._is_row_int8(fmt)
             and x.dtype == torch.float32
+            and x.device.type == "cpu"
             and not (torch.is_grad_enabled() and x.requires_grad)
             and kernels.library() is not None
         ):
-            return kernels.fake_quantize_rows(x)
-        if self.act_scale is None:
-            return fmt.dequantize(fmt.quantize(x))
-        return fmt.dequantize(fmt.quantize(x, scale=self.act_scale, zero_point=self.act_zero_point))
+            return kernels.fake_quantize_rows(x, layer=self, eps=kernels.act_eps(fmt))
+        try:
+            if self.act_scale is None:
+                return fmt.dequantize(fmt.quantize(x))
+            q = fmt.quantize(x, scale=self.act_scale, zero_point=self.act_zero_point)
+            return fmt.dequantize(q)
+        except FormatError:
+            if torch.isfinite(x).all():
+                raise
+            raise FormatError(  # the same error as the C path: name the layer
+                f"{inputs.describe(self)}: the input contains NaN or Inf; {fmt} activations "
+                "cannot represent them and the fake-quant model raises too; check the data or "
+                "the layer before this one"
+            ) from None
 
     def layer_meta(self) -> dict[str, Any]:
         """What a file header needs to rebuild this layer."""
@@ -152,13 +168,18 @@ class PackedLinear(PackedMixin, nn.Module):
     _kernel: kernels.KernelPlan | None | bool = False  # False: not prepared yet
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = inputs.linear_input(self, x)
         if self._kernel is False:
             self._kernel = kernels.plan(self)
             kp = self._kernel
             if kp is not None and kp.weight is not self.weight_codes:
                 self.weight_codes = torch.empty(0, dtype=torch.uint8)  # one copy: the kernel's
-        if self._kernel is not None and not (torch.is_grad_enabled() and x.requires_grad):
-            return kernels.linear(self, self._kernel, x)  # integer kernel on the codes
+        if (
+            self._kernel is not None
+            and x.device.type == "cpu"
+            and not (torch.is_grad_enabled() and x.requires_grad)
+        ):
+            return kernels.checked_linear(self, self._kernel, x)  # integer kernel, codes
         return F.linear(self.quantized_input(x), self.unpacked_weight(), self.bias)
 
     def extra_repr(self) -> str:
@@ -183,9 +204,16 @@ class PackedConv2d(PackedMixin, nn.Module):
     _tiles: packed_conv.ConvPlan | None | bool = False  # False: not prepared yet
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = inputs.conv_input(self, x)
+        if x.dim() == 3:  # unbatched [C, H, W], as nn.Conv2d accepts it
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         if self._tiles is False:
             self._tiles = packed_conv.plan(self)
-        if self._tiles is not None and not (torch.is_grad_enabled() and x.requires_grad):
+        if (
+            self._tiles is not None
+            and x.device.type == "cpu"
+            and not (torch.is_grad_enabled() and x.requires_grad)
+        ):
             return packed_conv.conv2d(self, self._tiles, self.quantized_input(x))
         c = self.conv
         return F.conv2d(
@@ -234,7 +262,8 @@ class PackedEmbedding(PackedMixin, nn.Module):
                 self.weight_format, self.weight_shape, self.weight_scale, self.weight_zero_point
             )
         if self._rows is not None:
-            return dequant.gather_rows(self.weight_codes, self._rows, index)
+            return dequant.gather_rows(self.weight_codes, self._rows, index, layer=self)
+        dequant.check_index(index, self.num_embeddings, self)
         return F.embedding(index, self.unpacked_weight(), self.padding_idx)
 
     def layer_meta(self) -> dict[str, Any]:
@@ -242,6 +271,24 @@ class PackedEmbedding(PackedMixin, nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, weight={self.weight_format}"
+
+
+# what a packed layer prepares on its first call (False: not yet; None: the portable path)
+PLAN_ATTRS = ("_kernel", "_tiles", "_rows")
+
+
+def use_portable_path(model: nn.Module) -> nn.Module:
+    """Force every packed layer of ``model`` onto the portable path (unpack, dequantize, float
+    op), also after a first call: a kernel's private copy of the codes is handed back first."""
+    for m in model.modules():
+        if not isinstance(m, PackedMixin):
+            continue
+        if getattr(m, "_kernel", None):
+            m.weight_codes = m.packed_codes()
+        for attr in PLAN_ATTRS:
+            if hasattr(m, attr):
+                setattr(m, attr, None)
+    return model
 
 
 def conv_params(module: nn.Conv2d) -> dict[str, Any]:

@@ -80,13 +80,17 @@ class _QDQLayer(nn.Module):
         self.act_row = (
             isinstance(act, IntFormat) and act.bits == 8 and act.symmetric and act.axis == "row"
         )
+        self.act_eps = float(getattr(act, "eps", None) or 0.0)  # BitNet's floor of max|x|
         self.int4 = _int4_codes(packed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_qdq is not None:
             x = torch.fake_quantize_per_tensor_affine(x, self.act_qdq[0], self.act_qdq[1], 0, 255)
         elif self.act_row:
-            scale = torch.clamp(x.abs().amax(dim=-1, keepdim=True) / 127.0, min=1e-12)
+            amax = x.abs().amax(dim=-1, keepdim=True)
+            if self.act_eps:
+                amax = torch.clamp(amax, min=self.act_eps)
+            scale = torch.clamp(amax / 127.0, min=1e-12)
             x = torch.clamp(torch.round(x * (1.0 / scale)), -127.0, 127.0) * scale
         w = self.weight
         if self.weight_qdq is not None:

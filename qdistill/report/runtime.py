@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qdistill.pack.modules import PackedEmbedding, PackedMixin
+from qdistill.pack.modules import PackedEmbedding, PackedMixin, use_portable_path
 
 
 def _release_freed_memory() -> None:
@@ -184,11 +184,7 @@ def bench(
 
 def _portable(model: nn.Module) -> nn.Module:
     """The same packed model forced onto the portable path (unpack, dequantize, matmul)."""
-    for m in model.modules():
-        for attr in ("_kernel", "_tiles"):  # Linear kernels, Conv2d tiles
-            if isinstance(m, PackedMixin) and hasattr(m, attr):
-                setattr(m, attr, None)
-    return model
+    return use_portable_path(model)  # Linear kernels, Conv2d tiles, Embedding rows
 
 
 def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
