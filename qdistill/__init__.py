@@ -35,6 +35,7 @@ from qdistill.formats import (
     int4,
     int8,
 )
+from qdistill.models import hf_hook as _hf_hook
 from qdistill.models.hf import bitnet_config, load_classifier
 from qdistill.pack import freeze, load, save
 from qdistill.pack.onnx_export import export_onnx
@@ -44,6 +45,8 @@ from qdistill.recipes.bitdistill import BitDistillConfig, bitdistill
 from qdistill.train import evaluate, fit
 
 __version__ = "0.1.0"
+
+_hf_hook.install()  # quant_method="qdistill" for transformers' from_pretrained (if installed)
 
 __all__ = [
     "KD",
