@@ -28,6 +28,9 @@ from torch import nn
 
 from qdistill.errors import FileFormatError
 
+# modules a model rebuilt from its config (plus the file's packed layers) can hold
+_REBUILDABLE = ("torch.", "transformers.", "qdistill.quant.", "qdistill.pack.")
+
 
 def _hf_model(model: nn.Module) -> tuple[nn.Module | None, str | None]:
     """The transformers model inside ``model`` and the qdistill wrapper around it, if any."""
@@ -59,6 +62,8 @@ def architecture_of(model: nn.Module) -> dict[str, Any] | None:
     hf, wrapper = _hf_model(model)
     if hf is None or not type(hf).__module__.startswith("transformers."):
         return None
+    if any(not type(m).__module__.startswith(_REBUILDABLE) for m in hf.modules()):
+        return None  # e.g. SubLN inserted by BitDistill: the config alone does not rebuild it
     return {
         "transformers": {
             "class": type(hf).__name__,

@@ -61,7 +61,7 @@ def _leaf_with_params(module: nn.Module) -> bool:
 def _attach_hf_quantizer(model: nn.Module) -> None:
     """A transformers model gets qdistill's HfQuantizer, so that its ``save_pretrained`` writes
     packed codes and a ``quantization_config`` rather than the float master weights."""
-    if "transformers" in sys.modules:  # a transformers model exists only once it is imported
+    if sys.modules.get("transformers") is not None:  # no transformers model before its import
         from qdistill.models.hf_quantizer import attach
 
         attach(model)
