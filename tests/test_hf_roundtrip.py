@@ -60,6 +60,13 @@ CASES = {
         transformers.AutoModelForCausalLM,
         INT4,
     ),
+    "llama-tied-float-head": (
+        lambda: tiny_llama(tie=True),
+        transformers.AutoModelForCausalLM,
+        qd.QuantConfig(
+            weights=qd.int4(group_size=32), rules={"lm_head": None}, unsupported="ignore"
+        ),
+    ),
     "gpt2": (tiny_gpt2, transformers.AutoModelForCausalLM, INT4),
     "bert": (tiny_bert, transformers.AutoModelForSequenceClassification, W8A8),
 }
@@ -311,3 +318,24 @@ def test_offline_smollm2_architecture_round_trips_with_its_tokenizer(tmp_path):
     packed = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
     assert isinstance(packed.model.layers[0].self_attn.q_proj, PackedLinear)
     assert torch.equal(packed.generate(**prompt, **gen), expected)
+
+
+@pytest.mark.parametrize("case", ["llama-tied-float-head", "gpt2", "bert"])
+def test_qd_load_reads_the_folder_save_pretrained_wrote(case, tmp_path):
+    build, _, cfg = CASES[case]
+    model = qd.quantize_(build(), cfg)
+    expected = logits(model)
+    model.save_pretrained(tmp_path)
+    loaded = qd.load(tmp_path)  # the tied lm_head / embedding table is written once
+    assert type(loaded) is type(model)
+    if case == "llama-tied-float-head":
+        with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+            assert "lm_head.weight" not in f.keys()
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # tied again
+    assert torch.allclose(logits(loaded), expected, atol=1e-4)
+
+
+def test_qd_load_of_a_sharded_folder_names_the_fix(tmp_path):
+    (tmp_path / "model-00001-of-00002.safetensors").write_bytes(b"")
+    with pytest.raises(FileFormatError, match="2 shards|1 shards|shards.*from_pretrained"):
+        qd.load(tmp_path)

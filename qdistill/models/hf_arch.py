@@ -189,3 +189,30 @@ def untie_packed(hf: nn.Module) -> None:
     packed = tuple(n + "." for n, m in hf.named_modules() if isinstance(m, PackedMixin))
     for target in [t for t in tied if t.startswith(packed) or tied[t].startswith(packed)]:
         tied.pop(target)
+
+
+def weights_file(path: Path) -> Path:
+    """``path`` itself, or the one safetensors file of a folder ``save_pretrained`` wrote."""
+    if not path.is_dir():
+        return path
+    single = path / "model.safetensors"
+    if single.is_file():
+        return single
+    shards = sorted(path.glob("*.safetensors"))
+    raise FileFormatError(
+        f"{path} is a folder without a model.safetensors"
+        + (f" (it holds {len(shards)} shards)" if shards else "")
+        + "; load it with AutoModel...from_pretrained, or save it unsharded "
+        "(save_pretrained(..., max_shard_size='100GB')) for qd.load"
+    )
+
+
+def tied_targets(model: nn.Module) -> set[str]:
+    """State-dict keys a file may leave out because they are tied to another tensor
+    (``save_pretrained`` writes a tied table once; ``tie_weights`` restores the other name)."""
+    hf, wrapper = _hf_model(model)
+    tied = getattr(hf, "all_tied_weights_keys", None) if hf is not None else None
+    if not isinstance(tied, dict):
+        return set()
+    prefix = "hf." if wrapper else ""
+    return {prefix + k for k in tied}

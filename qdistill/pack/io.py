@@ -187,10 +187,12 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
     """Load a packed model; quantized layers become packed layers that compute from codes.
 
     With ``model`` given (a float or fake-quant model of the same architecture), its layers are
-    replaced in place; otherwise the architecture recorded in the file is built. Any mismatch
+    replaced in place; otherwise the architecture recorded in the file is built (a transformers
+    model too, see :mod:`qdistill.models.hf_arch`; ``path`` may then be the folder
+    ``save_pretrained`` wrote). Any mismatch
     between the file and the model names the tensor.
     """
-    path = Path(path)
+    path = hf_arch.weights_file(Path(path))  # a save_pretrained folder: its safetensors file
     header = read_header(path)
     if model is None:
         model = _build_architecture(header, path)
@@ -247,7 +249,7 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
         state = model.state_dict()
         packed_names = [n + "." for n, m in model.named_modules() if isinstance(m, PackedMixin)]
         expected_keys = {k for k in state if not any(k.startswith(p) for p in packed_names)}
-        missing = sorted(expected_keys - keys)
+        missing = sorted(expected_keys - keys - hf_arch.tied_targets(model))
         unexpected = sorted(keys - used - expected_keys)
         if missing or unexpected:
             raise FileFormatError(
@@ -255,7 +257,7 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
                 f"unexpected tensors {unexpected[:5]}; pass the model the file was saved from"
             )
         rest = {}
-        for k in expected_keys:
+        for k in expected_keys & keys:
             t = get(k)
             if tuple(t.shape) != tuple(state[k].shape):
                 raise FileFormatError(
