@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 if hasattr(nn, "RMSNorm"):
     _NORM_TYPES = (*_NORM_TYPES, nn.RMSNorm)
+# transformers defines its own per model (LlamaRMSNorm, T5LayerNorm, ...)
+_NORM_NAMES = ("RMSNorm", "LayerNorm")
 
 
 @dataclass
@@ -158,7 +160,7 @@ def quantize_(model: nn.Module, config: QuantConfig, incremental: bool = False) 
             continue  # quantized in an earlier stage (incremental), or its folded BatchNorm
         if any(name.startswith(q + ".") for q in plan.quantized):
             continue  # a BatchNorm folded into its quantized conv
-        if isinstance(module, _NORM_TYPES):
+        if isinstance(module, _NORM_TYPES) or type(module).__name__.endswith(_NORM_NAMES):
             plan.kept[name] = f"{type(module).__name__} (normalization)"
         else:
             plan.unsupported[name] = type(module).__name__
