@@ -161,6 +161,11 @@ def test_qd_load_rebuilds_a_transformers_model_without_a_skeleton(case, tmp_path
     if case == "llama-tied-packed-head":  # a packed head is not re-tied to the float table
         assert "lm_head.weight" not in loaded.state_dict()
 
+    # the loaded packed model saves the Hugging Face way too (the silent-random case)
+    _, auto, _ = CASES[case]
+    loaded.save_pretrained(tmp_path / "hf")
+    assert torch.allclose(logits(auto.from_pretrained(tmp_path / "hf")), expected, atol=1e-4)
+
 
 def test_qd_load_builds_the_skeleton_on_the_meta_device(tmp_path):
     from qdistill.models import hf_arch
@@ -339,3 +344,9 @@ def test_qd_load_of_a_sharded_folder_names_the_fix(tmp_path):
     (tmp_path / "model-00001-of-00002.safetensors").write_bytes(b"")
     with pytest.raises(FileFormatError, match="2 shards|1 shards|shards.*from_pretrained"):
         qd.load(tmp_path)
+
+
+def test_loading_a_packed_folder_in_bfloat16_is_refused_with_the_fix(tmp_path):
+    qd.quantize_(tiny_llama(), INT4).save_pretrained(tmp_path)
+    with pytest.raises(qd.ConfigError, match="float32"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)

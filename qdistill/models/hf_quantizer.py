@@ -39,7 +39,7 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from qdistill.errors import FileFormatError
+from qdistill.errors import ConfigError, FileFormatError
 from qdistill.models import hf_arch
 
 QUANT_METHOD = "qdistill"
@@ -85,6 +85,15 @@ class QDistillHfQuantizer(HfQuantizer):
                 f"the folder uses qdistill file format {self.quantization_config.format_version}, "
                 f"newer than this qdistill reads ({FORMAT_VERSION}); upgrade qdistill"
             )
+
+    def update_dtype(self, dtype: torch.dtype | None) -> torch.dtype:
+        """Packed layers compute in float32 (the C kernels take float32 activations)."""
+        if dtype is not None and dtype != torch.float32:
+            raise ConfigError(
+                f"qdistill packed models run in float32, not {dtype}; load with "
+                "dtype=torch.float32 (the packed weights are already low-bit)"
+            )
+        return torch.float32
 
     def _process_model_before_weight_loading(
         self, model: nn.Module, checkpoint_files: list[str] | None = None, **kwargs: Any
