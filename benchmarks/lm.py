@@ -57,10 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gen-tokens", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--memory-tokens", type=int, default=None, help="tokens of the memory check")
     p.add_argument("--out", type=Path, default=RESULTS / "lm.csv")
     args = p.parse_args(argv)
-    quick = dict(steps=6, max_length=48, eval_texts=48)
-    full = dict(steps=300, max_length=128, eval_texts=400)
+    quick = dict(steps=6, max_length=48, eval_texts=48, memory_tokens=512)
+    full = dict(steps=300, max_length=128, eval_texts=400, memory_tokens=2048)
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -94,6 +95,47 @@ def generation_speed(models: dict[str, torch.nn.Module], prompt: dict, new: int,
             m.generate(**prompt, **kwargs)
             times[name].append(time.perf_counter() - start)
     return {name: new / statistics.median(t) for name, t in times.items()}
+
+
+def saved_bytes(loss_fn, tokens: int, vocab: int) -> int:
+    """Bytes autograd keeps for the backward pass of ``loss_fn`` on ``[1, tokens, vocab]``
+    logits (exact, from saved-tensor hooks; the logits themselves are not counted)."""
+    s = torch.randn(1, tokens, vocab, requires_grad=True)
+    t = torch.randn(1, tokens, vocab)
+    logits = {s.untyped_storage().data_ptr(), t.untyped_storage().data_ptr()}
+    seen: dict[int, int] = {}
+
+    def pack(x):
+        storage = x.untyped_storage()
+        if storage.data_ptr() not in logits:  # views of the logits cost nothing extra
+            seen[storage.data_ptr()] = storage.nbytes()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        loss = loss_fn(s, t)
+    del loss
+    return sum(seen.values())
+
+
+def memory_rows(vocab: int, tokens: int) -> list[dict]:
+    """Chunked token KL against the direct computation: what backward keeps in memory."""
+
+    def direct(s, t):
+        log_p_s = torch.log_softmax(s[:, :-1], -1)
+        log_p_t = torch.log_softmax(t[:, :-1], -1)
+        return torch.nn.functional.kl_div(log_p_s, log_p_t, log_target=True, reduction="sum")
+
+    chunked = qd.ForwardKL()
+
+    def ours(s, t):
+        return chunked(s, t, None)
+
+    return [
+        {"loss": "direct forward KL", "tokens": tokens, "vocab": vocab,
+         "saved_MB": round(saved_bytes(direct, tokens, vocab) / 2**20, 1)},
+        {"loss": "qd.ForwardKL (chunks of 256)", "tokens": tokens, "vocab": vocab,
+         "saved_MB": round(saved_bytes(ours, tokens, vocab) / 2**20, 1)},
+    ]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
     print(markdown_table(rows, COLUMNS))
+    mem = memory_rows(vocab=teacher.config.vocab_size, tokens=args.memory_tokens)
+    print(markdown_table(mem, ["loss", "tokens", "vocab", "saved_MB"]))
+    write_csv(mem, args.out.with_name(args.out.stem + "-memory.csv"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_csv(rows, args.out, COLUMNS)
     print(f"wrote {args.out}")
