@@ -46,6 +46,9 @@ class _Loader(importlib.abc.Loader):
         self.inner.exec_module(module)
         _register()
 
+    def __getattr__(self, name: str) -> Any:  # get_source, get_filename, ... of the real one
+        return getattr(self.inner, name)
+
 
 class _Finder(importlib.abc.MetaPathFinder):
     """Finds nothing itself; wraps the loader of :data:`TARGET` once, then steps aside."""

@@ -143,7 +143,7 @@ class QDistillHfQuantizer(HfQuantizer):
                     t = getattr(module, key, None)
                     if t is not None and t.is_floating_point() and t.dtype != torch.float32:
                         setattr(module, key, t.float())
-                _check_packed_sizes(Path(name), name, module)
+                _check_packed_sizes(Path(model.config.name_or_path or name), name, module)
         return model
 
     def get_state_dict_and_metadata(
