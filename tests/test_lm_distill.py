@@ -243,3 +243,28 @@ def test_greedy_agreement_with_the_teacher():
             total += int(ok.sum())
     assert qd.greedy_agreement(other, teacher, data) == pytest.approx(agree / total)
     assert agree < total
+
+
+def test_a_transformers_classifier_distils_on_dict_batches_with_labels():
+    from tiny_transformers import bert_config
+
+    torch.manual_seed(0)
+    teacher = transformers.BertForSequenceClassification(
+        bert_config(transformers, vocab_size=V, num_labels=3)
+    ).eval()
+    student = qd.quantize_(copy.deepcopy(teacher), qd.QuantConfig(weights=qd.int4(group_size=32)))
+    g = torch.Generator().manual_seed(2)
+    data = [
+        {"input_ids": torch.randint(0, V, (4, 6), generator=g),
+         "attention_mask": torch.ones(4, 6, dtype=torch.long),
+         "labels": torch.randint(0, 3, (4,), generator=g)}
+        for _ in range(3)
+    ]  # fmt: skip
+    history = qd.fit(qd.distill(teacher, student, loss=qd.KD()), data, epochs=1, progress=False)
+    assert len(history.train_loss) == 1 and math.isfinite(history.train_loss[0])
+    with torch.no_grad():
+        hits = sum(
+            int((student(input_ids=b["input_ids"]).logits.argmax(-1) == b["labels"]).sum())
+            for b in data
+        )
+    assert qd.evaluate(student, data) == pytest.approx(hits / 12)  # per sample, not per token
