@@ -172,7 +172,8 @@ def chunked_sum(
 
 def cross_entropy_rows(s: torch.Tensor, t: torch.Tensor | None, y: torch.Tensor | None):
     """Per-row next-token cross-entropy ``logsumexp(s) - s[y]`` (0 where ``y`` is ignored)."""
-    assert y is not None
+    if y is None:
+        raise QDistillError("next-token cross-entropy needs labels (or input_ids) in the batch")
     safe = y.clamp_min(0)
     nll = torch.logsumexp(s, dim=-1) - s.gather(1, safe[:, None])[:, 0]
     return nll.masked_fill(y == IGNORE, 0.0)
@@ -192,6 +193,12 @@ def check_vocab(student: torch.Tensor, teacher: torch.Tensor | None) -> None:
             f"({student.shape[-1]}) differ: logit distillation compares distributions over the "
             "same tokens; use a student with the teacher's tokenizer (or resize its embeddings)"
         )
+
+
+def check_chunk(chunk: object) -> int:
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ConfigError(f"chunk={chunk!r} must be a positive number of tokens (e.g. 256)")
+    return chunk
 
 
 def check_temperature(temperature: object) -> None:
@@ -223,9 +230,7 @@ class TokenLoss:
     def __init__(self, alpha: float = 1.0, shift: bool = True, chunk: int = CHUNK) -> None:
         self.alpha = _check_unit("alpha", alpha)
         self.shift = bool(shift)
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-            raise ConfigError(f"chunk={chunk!r} must be a positive number of tokens")
-        self.chunk = chunk
+        self.chunk = check_chunk(chunk)
 
     def rows(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -265,7 +270,7 @@ class TokenCrossEntropy:
 
     def __init__(self, shift: bool = True, chunk: int = CHUNK) -> None:
         self.shift = bool(shift)
-        self.chunk = chunk
+        self.chunk = check_chunk(chunk)
 
     def __call__(
         self,
