@@ -161,11 +161,16 @@ def test_loss_arguments_are_checked():
 
 
 # ---------------------------------------------------------------------------- with models
-transformers = pytest.importorskip("transformers")
-from tiny_transformers import llama_config  # noqa: E402
+@pytest.fixture
+def transformers():
+    """The model tests need transformers; the loss tests above do not."""
+    return pytest.importorskip("transformers")
 
 
 def tiny_llama(seed):
+    import transformers
+    from tiny_transformers import llama_config
+
     torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(llama_config(transformers, vocab_size=V)).eval()
 
@@ -181,7 +186,7 @@ def batches(n=4, seed=1):
     return out
 
 
-def test_distill_fit_evaluate_run_a_causal_lm_on_dict_batches():
+def test_distill_fit_evaluate_run_a_causal_lm_on_dict_batches(transformers):
     teacher = tiny_llama(0)
     student = qd.quantize_(copy.deepcopy(teacher), qd.QuantConfig(weights=qd.int2()))
     data = batches()
@@ -203,7 +208,7 @@ def test_distill_fit_evaluate_run_a_causal_lm_on_dict_batches():
     assert qd.evaluate(student, data) == pytest.approx(correct / total)
 
 
-def test_supervised_token_cross_entropy_trains_without_a_teacher():
+def test_supervised_token_cross_entropy_trains_without_a_teacher(transformers):
     student = qd.quantize_(tiny_llama(0), qd.QuantConfig(weights=qd.int4(group_size=32)))
     data = batches()
     start = qd.perplexity(student, data)
@@ -211,7 +216,7 @@ def test_supervised_token_cross_entropy_trains_without_a_teacher():
     assert qd.perplexity(student, data) < start
 
 
-def test_perplexity_is_token_weighted_and_matches_transformers_loss():
+def test_perplexity_is_token_weighted_and_matches_transformers_loss(transformers):
     model = tiny_llama(0)
     ids = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -229,7 +234,7 @@ def test_perplexity_is_token_weighted_and_matches_transformers_loss():
     assert got == pytest.approx(expected, rel=1e-5)
 
 
-def test_greedy_agreement_with_the_teacher():
+def test_greedy_agreement_with_the_teacher(transformers):
     teacher, other = tiny_llama(0), tiny_llama(1)
     data = batches()
     assert qd.greedy_agreement(copy.deepcopy(teacher), teacher, data) == 1.0
@@ -245,7 +250,7 @@ def test_greedy_agreement_with_the_teacher():
     assert agree < total
 
 
-def test_a_transformers_classifier_distils_on_dict_batches_with_labels():
+def test_a_transformers_classifier_distils_on_dict_batches_with_labels(transformers):
     from tiny_transformers import bert_config
 
     torch.manual_seed(0)
