@@ -18,7 +18,20 @@ Transformers to ternary (BitNet Distillation)::
 """
 
 from qdistill.data import distilled_data
-from qdistill.distill import KD, CrossEntropy, Distiller, distill, supervised
+from qdistill.distill import (
+    KD,
+    CrossEntropy,
+    Distiller,
+    ForwardKL,
+    GeneralizedJSD,
+    ReverseKL,
+    TokenCrossEntropy,
+    TopKKD,
+    distill,
+    greedy_agreement,
+    perplexity,
+    supervised,
+)
 from qdistill.errors import ConfigError, DataError, FileFormatError, FormatError, QDistillError
 from qdistill.formats import (
     BinaryFormat,
@@ -35,6 +48,7 @@ from qdistill.formats import (
     int4,
     int8,
 )
+from qdistill.models import hf_hook as _hf_hook
 from qdistill.models.hf import bitnet_config, load_classifier
 from qdistill.pack import freeze, load, save
 from qdistill.pack.onnx_export import export_onnx
@@ -45,7 +59,16 @@ from qdistill.train import evaluate, fit
 
 __version__ = "0.1.0"
 
+_hf_hook.install()  # quant_method="qdistill" for transformers' from_pretrained (if installed)
+
 __all__ = [
+    "perplexity",
+    "greedy_agreement",
+    "TopKKD",
+    "TokenCrossEntropy",
+    "ReverseKL",
+    "GeneralizedJSD",
+    "ForwardKL",
     "KD",
     "BinaryFormat",
     "BitDistillConfig",

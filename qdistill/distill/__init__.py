@@ -1,6 +1,29 @@
 """Distillation losses and the teacher/student wrapper."""
 
+from qdistill.distill.lm import (
+    ForwardKL,
+    GeneralizedJSD,
+    ReverseKL,
+    TokenCrossEntropy,
+    TopKKD,
+    greedy_agreement,
+    perplexity,
+)
 from qdistill.distill.losses import KD, CrossEntropy, kd_kl
 from qdistill.distill.wrapper import Distiller, distill, supervised
 
-__all__ = ["KD", "CrossEntropy", "Distiller", "distill", "kd_kl", "supervised"]
+__all__ = [
+    "KD",
+    "CrossEntropy",
+    "Distiller",
+    "ForwardKL",
+    "GeneralizedJSD",
+    "ReverseKL",
+    "TokenCrossEntropy",
+    "TopKKD",
+    "distill",
+    "greedy_agreement",
+    "kd_kl",
+    "perplexity",
+    "supervised",
+]

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qdistill.distill.lm.tokens import call_model
 from qdistill.distill.losses import KD, CrossEntropy
 from qdistill.errors import ConfigError
 
@@ -45,24 +46,32 @@ class Distiller:
     def parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.student.parameters() if p.requires_grad)
 
-    def teacher_logits(self, x: torch.Tensor) -> torch.Tensor | None:
+    def teacher_logits(self, x: Any) -> torch.Tensor | None:
         """The frozen teacher's logits for ``x`` (no graph), or ``None`` without a teacher."""
         if self.teacher is None:
             return None
         if self.teacher.training:  # someone switched it (e.g. model.train() on a parent)
             self.teacher.eval()
         with torch.no_grad():
-            return self.teacher(x)
+            return call_model(self.teacher, x)
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Loss and student logits for one batch (the caller does backward and the update)."""
+    def step(self, x: Any, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss and student logits for one batch (the caller does backward and the update).
+
+        ``x`` is a tensor or a token dict (``input_ids``, ``attention_mask``); models may
+        return transformers output objects (their ``.logits`` are used). Token-level losses
+        (``loss.token_level``) also get the batch's padding mask.
+        """
         teacher_logits = self.teacher_logits(x)
-        student_logits = self.student(x)
+        student_logits = call_model(self.student, x)
+        if getattr(self.loss, "token_level", False):
+            mask = x.get("attention_mask") if isinstance(x, dict) else None
+            return self.loss(student_logits, teacher_logits, y, mask=mask), student_logits
         return self.loss(student_logits, teacher_logits, y), student_logits
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: Any) -> torch.Tensor:
         """Student logits (what is evaluated and shipped)."""
-        return self.student(x)
+        return call_model(self.student, x)
 
     def __repr__(self) -> str:
         teacher = type(self.teacher).__name__ if self.teacher is not None else None

@@ -27,6 +27,7 @@ from torch import nn
 from qdistill.atomic import atomic_save_safetensors
 from qdistill.errors import FileFormatError
 from qdistill.formats import format_from_dict
+from qdistill.models import hf_arch
 from qdistill.pack import huffman
 from qdistill.pack.bits import pack_for, unpack_for
 from qdistill.pack.modules import (
@@ -35,7 +36,7 @@ from qdistill.pack.modules import (
     pack_layer,
     packed_from_meta,
 )
-from qdistill.quant.modules import is_quantized
+from qdistill.quant.modules import is_quantized, linear_weight_shape
 
 FORMAT_VERSION = 1
 META_KEY = "qdistill"
@@ -77,9 +78,18 @@ def save(model: nn.Module, path: str | os.PathLike[str], entropy_coding: str | N
     (Polino et al. 2018 report sizes this way); loading decodes them exactly. The file is
     written atomically: a crash leaves either the old file or the new one, never a torn one.
     """
+    tensors, header = packed_state(model, entropy_coding)
+    return atomic_save_safetensors(
+        tensors, Path(path), metadata={META_KEY: json.dumps(header, separators=(",", ":"))}
+    )
+
+
+def packed_state(
+    model: nn.Module, entropy_coding: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and header :func:`save` writes (also what ``save_pretrained`` writes)."""
     if entropy_coding not in (None, "huffman"):
         raise FileFormatError(f"entropy_coding={entropy_coding!r}; use None or 'huffman'")
-    path = Path(path)
     layers: dict[str, dict[str, Any]] = {}
     tensors: dict[str, torch.Tensor] = {}
     packed_prefixes: list[str] = []
@@ -101,15 +111,13 @@ def save(model: nn.Module, path: str | os.PathLike[str], entropy_coding: str | N
         tensors[key] = value.detach().contiguous().clone()
     header = {
         "format_version": FORMAT_VERSION,
-        "architecture": getattr(model, "qd_arch", None),
+        "architecture": getattr(model, "qd_arch", None) or hf_arch.architecture_of(model),
         "layers": layers,
         # modules replaced by Identity (e.g. BatchNorm folded into its conv before quantizing),
         # so that a model rebuilt from the architecture can be given the same shape
         "identity": [n for n, m in model.named_modules() if n and isinstance(m, nn.Identity)],
     }
-    return atomic_save_safetensors(
-        tensors, path, metadata={META_KEY: json.dumps(header, separators=(",", ":"))}
-    )
+    return tensors, header
 
 
 def _huffman_encode(
@@ -168,6 +176,8 @@ def _build_architecture(header: dict[str, Any], path: Path) -> nn.Module:
             f"{path} does not record its architecture (the model was not built by "
             "qdistill.models); pass the model: qd.load(path, model=MyModel())"
         )
+    if "transformers" in arch:  # a transformers model: its class and config (hf_arch)
+        return hf_arch.build(arch["transformers"], path)
     from qdistill.models import build_model
 
     return build_model(arch["name"], **arch.get("kwargs", {}))
@@ -177,10 +187,12 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
     """Load a packed model; quantized layers become packed layers that compute from codes.
 
     With ``model`` given (a float or fake-quant model of the same architecture), its layers are
-    replaced in place; otherwise the architecture recorded in the file is built. Any mismatch
+    replaced in place; otherwise the architecture recorded in the file is built (a transformers
+    model too, see :mod:`qdistill.models.hf_arch`; ``path`` may then be the folder
+    ``save_pretrained`` wrote). Any mismatch
     between the file and the model names the tensor.
     """
-    path = Path(path)
+    path = hf_arch.weights_file(Path(path))  # a save_pretrained folder: its safetensors file
     header = read_header(path)
     if model is None:
         model = _build_architecture(header, path)
@@ -215,7 +227,7 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
                     f"{path}: layer {name!r} in the file does not exist in the given "
                     f"{type(model).__name__}; pass the model the file was saved from"
                 ) from None
-            expected = tuple(getattr(target, "weight_shape", None) or target.weight.shape)
+            expected = linear_weight_shape(target)
             if tuple(meta["shape"]) != expected:
                 raise FileFormatError(
                     f"{path}: layer {name!r} has weight shape {tuple(meta['shape'])} in the "
@@ -237,7 +249,7 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
         state = model.state_dict()
         packed_names = [n + "." for n, m in model.named_modules() if isinstance(m, PackedMixin)]
         expected_keys = {k for k in state if not any(k.startswith(p) for p in packed_names)}
-        missing = sorted(expected_keys - keys)
+        missing = sorted(expected_keys - keys - hf_arch.tied_targets(model))
         unexpected = sorted(keys - used - expected_keys)
         if missing or unexpected:
             raise FileFormatError(
@@ -245,7 +257,7 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
                 f"unexpected tensors {unexpected[:5]}; pass the model the file was saved from"
             )
         rest = {}
-        for k in expected_keys:
+        for k in expected_keys & keys:
             t = get(k)
             if tuple(t.shape) != tuple(state[k].shape):
                 raise FileFormatError(
@@ -253,7 +265,9 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
                     f"{tuple(state[k].shape)} in the model"
                 )
             rest[k] = t
-    model.load_state_dict(rest, strict=False)
+    built_on_meta = any(t.is_meta for t in model.state_dict().values())
+    model.load_state_dict(rest, strict=False, assign=built_on_meta)
+    hf_arch.finish(model, path)
     model.eval()
     return model
 

@@ -222,6 +222,40 @@ def to_quant(
     return module
 
 
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """True for ``transformers.pytorch_utils.Conv1D`` (GPT-2 family), told by name so that
+    transformers is not imported: ``y = x @ W + b`` with ``W`` stored ``[in, out]``."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__ == "transformers.pytorch_utils"
+
+
+def conv1d_as_linear(module: nn.Module) -> nn.Linear:
+    """The ``nn.Linear`` a GPT-2 ``Conv1D`` is: weight ``W.T`` (``[out, in]``), the same bias
+    parameter. Quantized and packed as a Linear, it runs on the packed Linear kernels and its
+    groups run along the input features, as for every other Linear."""
+    n_in, n_out = module.weight.shape
+    bias = module.bias is not None
+    dtype = module.weight.dtype
+    linear = nn.Linear(n_in, n_out, bias=bias, device="meta", dtype=dtype)  # no throwaway init
+    linear.weight = nn.Parameter(
+        module.weight.detach().t().contiguous(), requires_grad=module.weight.requires_grad
+    )
+    if bias:
+        linear.bias = module.bias
+    linear.train(module.training)
+    return linear
+
+
+def linear_weight_shape(module: nn.Module) -> tuple[int, ...]:
+    """The weight shape a packed file records for ``module`` (a Conv1D's as its Linear's)."""
+    shape = getattr(module, "weight_shape", None)
+    if shape is not None:
+        return tuple(shape)
+    if is_hf_conv1d(module):
+        return tuple(reversed(module.weight.shape))
+    return tuple(module.weight.shape)
+
+
 def is_quantized(module: nn.Module) -> bool:
     """True for fake-quant layers created by :func:`to_quant`."""
     return isinstance(module, QuantMixin)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -13,7 +14,14 @@ from qdistill.formats import Format
 from qdistill.formats.base import check_finite
 from qdistill.quant.bn_fold import conv_bn_pairs, to_conv_bn
 from qdistill.quant.config import NO_RULE, LayerRule, QuantConfig
-from qdistill.quant.modules import LOOKUP_CLASSES, QUANT_CLASSES, is_quantized, to_quant
+from qdistill.quant.modules import (
+    LOOKUP_CLASSES,
+    QUANT_CLASSES,
+    conv1d_as_linear,
+    is_hf_conv1d,
+    is_quantized,
+    to_quant,
+)
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +30,8 @@ log = logging.getLogger(__name__)
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 if hasattr(nn, "RMSNorm"):
     _NORM_TYPES = (*_NORM_TYPES, nn.RMSNorm)
+# transformers defines its own per model (LlamaRMSNorm, T5LayerNorm, ...)
+_NORM_NAMES = ("RMSNorm", "LayerNorm")
 
 
 @dataclass
@@ -50,6 +60,20 @@ def _leaf_with_params(module: nn.Module) -> bool:
     return any(True for _ in module.parameters(recurse=False))
 
 
+def _attach_hf_quantizer(model: nn.Module) -> None:
+    """A transformers model gets qdistill's HfQuantizer, so that its ``save_pretrained`` writes
+    packed codes and a ``quantization_config`` rather than the float master weights."""
+    if sys.modules.get("transformers") is not None:  # no transformers model before its import
+        from qdistill.models.hf_quantizer import attach
+
+        attach(model)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
 def _check_fits(name: str, module: nn.Module, fmt: Format) -> None:
     """Quantize the weight once now, so a format that cannot apply names its layer."""
     try:
@@ -61,7 +85,8 @@ def _check_fits(name: str, module: nn.Module, fmt: Format) -> None:
 
 def quantize_(model: nn.Module, config: QuantConfig, incremental: bool = False) -> nn.Module:
     """Swap every Linear/Conv2d of ``model`` (and Embedding, if ``config.embeddings`` or a rule
-    says so) for its fake-quant twin, in place, per ``config``.
+    says so) for its fake-quant twin, in place, per ``config``. A GPT-2 ``Conv1D`` becomes the
+    fake-quant Linear it is (weight transposed once, :func:`conv1d_as_linear`).
 
     Returns the same model, with the plan of what was done in ``model.qd_plan`` (also logged).
     ``incremental=True`` quantizes more layers of a partly quantized model (as MQAT does stage
@@ -74,7 +99,7 @@ def quantize_(model: nn.Module, config: QuantConfig, incremental: bool = False) 
     candidates = [
         (name, m)
         for name, m in model.named_modules()
-        if name and (type(m) in QUANT_CLASSES or type(m) in LOOKUP_CLASSES)
+        if name and (type(m) in QUANT_CLASSES or type(m) in LOOKUP_CLASSES or is_hf_conv1d(m))
     ]
     already = [name for name, m in model.named_modules() if is_quantized(m)]
     if already and not incremental:
@@ -117,6 +142,9 @@ def quantize_(model: nn.Module, config: QuantConfig, incremental: bool = False) 
         elif fmt is None:
             plan.kept[name] = "rule" if rule is not NO_RULE else "no weight format"
         else:
+            if is_hf_conv1d(module):  # GPT-2's Conv1D is a Linear with its weight transposed
+                module = conv1d_as_linear(module)
+                _replace(model, name, module)
             _check_fits(name, module, fmt)
             to_quant(module, fmt, act, lsq=config.lsq)
             plan.quantized[name] = str(fmt)
@@ -132,7 +160,7 @@ def quantize_(model: nn.Module, config: QuantConfig, incremental: bool = False) 
             continue  # quantized in an earlier stage (incremental), or its folded BatchNorm
         if any(name.startswith(q + ".") for q in plan.quantized):
             continue  # a BatchNorm folded into its quantized conv
-        if isinstance(module, _NORM_TYPES):
+        if isinstance(module, _NORM_TYPES) or type(module).__name__.endswith(_NORM_NAMES):
             plan.kept[name] = f"{type(module).__name__} (normalization)"
         else:
             plan.unsupported[name] = type(module).__name__
@@ -149,5 +177,6 @@ def quantize_(model: nn.Module, config: QuantConfig, incremental: bool = False) 
                 stacklevel=2,
             )
     model.qd_plan = plan
+    _attach_hf_quantizer(model)
     log.info("%s", plan.summary())
     return model

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from qdistill.distill.lm.metrics import batch_counts, default_shift
+from qdistill.distill.lm.tokens import call_model, split_batch
 from qdistill.errors import ConfigError, FileFormatError
 from qdistill.train.checkpoint import load_checkpoint, save_checkpoint
 
@@ -44,15 +46,22 @@ class History:
 
 
 def evaluate(model: nn.Module | Any, loader: Iterable) -> float:
-    """Top-1 accuracy of ``model`` on ``loader`` (eval mode, no gradients; mode restored)."""
+    """Top-1 accuracy of ``model`` on ``loader`` (eval mode, no gradients; mode restored).
+
+    Batches are ``(x, y)`` pairs or token dicts; for a language model it is the next-token
+    accuracy over the unpadded tokens (see :mod:`qdistill.distill.lm.metrics`).
+    """
     net = getattr(model, "student", model)
+    shift = default_shift(model)
     was_training = net.training
     net.eval()
     correct = total = 0
     with torch.no_grad():
-        for x, y in loader:
-            correct += int((net(x).argmax(dim=-1) == y).sum())
-            total += int(y.numel())
+        for batch in loader:
+            x, y = split_batch(batch)
+            n, ok = batch_counts(call_model(net, x), y, x, shift)
+            correct += ok
+            total += n
     net.train(was_training)
     return correct / max(total, 1)
 
@@ -143,6 +152,7 @@ def fit(
         optimizer = torch.optim.Adam(run.parameters(), lr=lr)
     ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     history, start = _start(run, ckpt, optimizer, scheduler, resume, seed, epochs, desc)
+    shift = default_shift(run)
 
     for epoch in range(start, epochs):
         torch.manual_seed(_epoch_seed(seed, epoch))
@@ -151,14 +161,15 @@ def fit(
         bar = tqdm(
             train_loader, desc=f"{desc} {epoch + 1}/{epochs}", disable=not progress, leave=False
         )
-        for step, (x, y) in enumerate(bar):
+        for step, batch in enumerate(bar):
+            x, y = split_batch(batch)  # (x, y) pairs or token dicts
             loss, logits = run.step(x, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            n = int(y.numel())
+            n, ok = batch_counts(logits.detach(), y, x, shift)  # samples, or counted tokens
             total_loss += float(loss.detach()) * n
-            correct += int((logits.argmax(dim=-1) == y).sum())
+            correct += ok
             seen += n
             bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
             for cb in callbacks or ():
