@@ -26,3 +26,7 @@ class FileFormatError(QDistillError):
 
 class DataError(QDistillError):
     """A data set that is missing or malformed."""
+
+
+class TrainingError(QDistillError):
+    """Training that cannot go on: a non-finite loss or weights (lower the learning rate)."""
