@@ -189,7 +189,7 @@ def _edit_tensors(rng: random.Random, data: bytes) -> bytes:
         try:
             header = json.loads(meta["qdistill"])
             header["checksums"] = {k: validate.tensor_checksum(v) for k, v in tensors.items()}
-            meta = {**meta, "qdistill": json.dumps(header)}
+            meta = {**meta, "qdistill": json.dumps(validate.seal(header))}
         except (ValueError, TypeError, AttributeError):
             pass
     return save(tensors, metadata=meta)
@@ -213,6 +213,13 @@ def mutate(data: bytes, seed: int) -> bytes:
     header = json.loads(meta["qdistill"])
     for _ in range(rng.choice([1, 1, 2, 3])):
         header = _edit_json(rng, header)
+    if rng.random() < 0.7 and isinstance(header, dict):  # reach the checks behind the CRC
+        from qdistill.pack import validate
+
+        try:
+            header = validate.seal(header)
+        except (RecursionError, ValueError, TypeError):
+            pass
     try:
         meta["qdistill"] = json.dumps(header)
     except (RecursionError, ValueError):

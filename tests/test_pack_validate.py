@@ -42,6 +42,8 @@ def write(path: Path, tensors, header, rechecksum: bool = True) -> Path:
     """Write an edited file; the checksums are recomputed so the edit itself is what is tested."""
     if rechecksum and "checksums" in header:
         header["checksums"] = {k: validate.tensor_checksum(t) for k, t in tensors.items()}
+    if rechecksum and validate.HEADER_CRC_KEY in header:
+        header = validate.seal(header)
     out = path.with_name("edited.qd.safetensors")
     save_file(tensors, str(out), metadata={"qdistill": json.dumps(header)})
     return out
@@ -261,3 +263,20 @@ def test_size_error_names_the_real_tensor(tmp_path):
     tensors, header = read(path)
     tensors["body.1.weight_scale"] = torch.ones(5)
     refused(write(path, tensors, header), r"'body\.1\.weight_scale' is torch.float32 \(5,\)")
+
+
+def test_a_header_edit_that_still_parses_fails_the_header_checksum(tmp_path):
+    fmt = qd.formats.CodebookFormat(points=(-0.5, 0.0, 0.5))
+    path = packed_file(tmp_path, fmt)
+    tensors, header = read(path)
+    header["layers"]["body.1"]["format"]["points"][2] = 0.25  # a valid, different codebook
+    refused(write(path, tensors, header, rechecksum=False), "header_crc32")
+    loaded = qd.load(write(path, tensors, header), model=mlp())  # resealed: a consistent file
+    assert loaded.body[1].weight_format.points[2] == 0.25
+
+
+def test_stochastic_rounding_in_a_packed_weight_format_is_refused(tmp_path):
+    path = packed_file(tmp_path, qd.int8())
+    tensors, header = read(path)
+    header["layers"]["body.1"]["format"]["stochastic"] = True
+    refused(write(path, tensors, header), r"format\.stochastic' is true|format.stochastic is true")

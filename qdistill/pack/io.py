@@ -119,7 +119,7 @@ def save(
     if checksum:
         header["checksums"] = {k: validate.tensor_checksum(t) for k, t in tensors.items()}
     return atomic_save_safetensors(
-        tensors, path, metadata={META_KEY: json.dumps(header, separators=(",", ":"))}
+        tensors, path, metadata={META_KEY: json.dumps(validate.seal(header), separators=(",", ":"))}
     )
 
 
@@ -237,6 +237,9 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
         for name, meta in layers_meta.items():
             prefix = name + "."
             tensors = {k: get(prefix + k) if prefix + k in keys else None for k in PACKED_TENSORS}
+            for k in ("weight_scale", "bias", "act_scale"):  # the packed layers compute in fp32
+                if tensors[k] is not None:
+                    tensors[k] = tensors[k].float()
             if meta.get("entropy"):
                 tensors["weight_codes"] = _huffman_decode(path, name, meta, tensors["weight_codes"])
             validate.check_layer_values(name, meta, tensors, path)

@@ -25,12 +25,16 @@ checks is used to size an allocation or to change the model, and every failure i
    last point...), and the CRC-32 of each tensor's bytes when the header records one.
 
 Saving records ``checksums`` (:func:`tensor_checksum`, zlib's CRC-32 over the raw bytes of each
-tensor: about 1 GB/s, so free next to the write), so a bit flipped in tensor data is caught on
-load. A file without them (written before they existed) loads unverified.
+tensor: about 1 GB/s, so free next to the write) and ``header_crc32`` (:func:`seal`: the CRC-32
+of the rest of the header), so a bit flipped in tensor data, or in a header value that would
+still parse (a codebook point, an activation format), is caught on load. A file without them
+(written before they existed) loads unverified. They detect damage, not forgery: whoever edits
+a file can recompute them, and then the checks above are what stands.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import zlib
 from collections.abc import Mapping
@@ -136,6 +140,8 @@ def parse_format(spec: Any, path: Path, what: str) -> Format:
         raise _fail(path, what, f"cannot be read ({exc})") from None
     if not _is_int(bits) or not 1 <= bits <= 8:
         raise _fail(path, what, f"has {bits!r}-bit codes; packed codes take 1..8 bits")
+    if what.endswith(" format") and spec.get("stochastic"):
+        raise _fail(path, f"{what}.stochastic", "is true; packed weights are rounded to nearest")
     return fmt
 
 
@@ -238,9 +244,24 @@ def check_layer_entry(name: Any, meta: Any, path: Path) -> tuple[Format, Format 
     return fmt, act_fmt
 
 
+HEADER_CRC_KEY = "header_crc32"
+
+
+def _header_crc(header: dict[str, Any]) -> int:
+    body = {k: v for k, v in header.items() if k != HEADER_CRC_KEY}
+    return zlib.crc32(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+
+
+def seal(header: dict[str, Any]) -> dict[str, Any]:
+    """The header with its own CRC-32 added (call last, after every key is set)."""
+    return {**header, HEADER_CRC_KEY: _header_crc(header)}
+
+
 def check_header(header: Any, path: Path, current: int) -> None:
     """Everything in the header that does not need the model or the tensors."""
     check_version(header, path, current)
+    if HEADER_CRC_KEY in header and header[HEADER_CRC_KEY] != _header_crc(header):
+        raise _fail(path, f"header key {HEADER_CRC_KEY!r}", "does not match the header")
     layers = header.get("layers", {})
     if not isinstance(layers, dict):
         raise _fail(path, "header key 'layers'", "is not a JSON object")
@@ -323,6 +344,7 @@ def check_targets(model: nn.Module, header: dict[str, Any], path: Path) -> None:
                 f"{path}: layer {name!r} has weight shape {tuple(meta['shape'])} in the "
                 f"file but {expected} in the model; pass the matching architecture"
             )
+        _check_geometry(target, meta, path, name)
         bn = meta.get("folded_bn")
         if bn is not None:
             target = _module(model, bn, path, "module")
@@ -332,6 +354,32 @@ def check_targets(model: nn.Module, header: dict[str, Any], path: Path) -> None:
                     f"layer {name!r} folded_bn",
                     f"names a {type(target).__name__}; only a BatchNorm is folded",
                 )
+
+
+def _check_geometry(target: nn.Module, meta: dict[str, Any], path: Path, name: str) -> None:
+    """A conv's stride/padding/dilation/groups and an embedding's padding_idx must be the
+    model's: the architecture, not the header, decides how a layer is wired."""
+    from qdistill.pack.modules import conv_params
+
+    if "conv" in meta:
+        own = getattr(target, "conv", None)
+        if own is None:
+            try:
+                own = conv_params(target)
+            except NotImplementedError as exc:
+                raise _fail(path, f"layer {name!r}", f"cannot be packed ({exc})") from None
+        own = {k: list(v) if isinstance(v, tuple) else v for k, v in own.items()}
+        if own != meta["conv"]:
+            raise _fail(path, f"layer {name!r} conv", f"is {meta['conv']} but the model's is {own}")
+    if "embedding" in meta:
+        pad = meta["embedding"].get("padding_idx")
+        own_pad = getattr(target, "padding_idx", None)
+        if pad is not None and pad < 0:
+            pad += meta["shape"][0]
+        if pad != own_pad:
+            raise _fail(
+                path, f"layer {name!r} embedding.padding_idx", f"is {pad}, the model's {own_pad}"
+            )
 
 
 # --------------------------------------------------------------------------------------------
