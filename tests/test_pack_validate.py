@@ -280,3 +280,24 @@ def test_stochastic_rounding_in_a_packed_weight_format_is_refused(tmp_path):
     tensors, header = read(path)
     header["layers"]["body.1"]["format"]["stochastic"] = True
     refused(write(path, tensors, header), r"format\.stochastic is true")
+
+
+def test_huffman_symbol_without_a_ternary_code_is_a_file_format_error(tmp_path):
+    from qdistill.pack import huffman
+
+    fmt = qd.formats.TernaryFormat(axis=0, packing="trits")
+    path = packed_file(tmp_path, fmt)
+    tensors, header = read(path)
+    codes = torch.full((48,), 3, dtype=torch.uint8)  # symbol 3: no ternary value
+    stream, lengths = huffman.encode(codes, 4)
+    tensors["body.1.weight_codes"] = stream
+    header["layers"]["body.1"]["entropy"] = {"kind": "huffman", "lengths": lengths}
+    refused(write(path, tensors, header), r"ternary code \(3\)")
+
+
+def test_architecture_kwargs_are_capped_before_building(tmp_path):
+    path = packed_file(tmp_path, qd.int8())
+    tensors, header = read(path)
+    header["architecture"]["kwargs"]["hidden"] = [1] * 40_000  # 40,000 Linear modules
+    with pytest.raises(FileFormatError, match="bytes of kwargs"):
+        qd.load(write(path, tensors, header))

@@ -27,7 +27,7 @@ from safetensors import safe_open
 from torch import nn
 
 from qdistill.atomic import atomic_save_safetensors
-from qdistill.errors import FileFormatError
+from qdistill.errors import FileFormatError, QDistillError
 from qdistill.formats import format_from_dict
 from qdistill.pack import huffman, validate
 from qdistill.pack.bits import pack_for, unpack_for
@@ -282,7 +282,10 @@ def _huffman_decode(
     fmt = format_from_dict(meta["format"])
     numel = int(torch.Size([int(s) for s in meta["shape"]]).numel())
     codes = huffman.decode(stream, meta["entropy"]["lengths"], numel)
-    return pack_for(codes, fmt)
+    try:
+        return pack_for(codes, fmt)
+    except QDistillError as exc:  # a symbol the format has no code for (ternary 3)
+        raise FileFormatError(f"{path}: layer {name!r}: {exc}; the file is corrupt") from None
 
 
 def _check_packed_sizes(path: Path, name: str, layer: PackedMixin) -> None:

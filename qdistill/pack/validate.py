@@ -35,6 +35,7 @@ a file can recompute them, and then the checks above are what stands.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import zlib
 from collections.abc import Mapping
@@ -58,6 +59,8 @@ from qdistill.formats import (
 from qdistill.formats.base import block_count
 from qdistill.pack.bits import nbytes_for, unpack_for
 from qdistill.pack.huffman import MAX_CODE_LENGTH
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_VERSIONS = (1,)
 LAYOUTS = ("lsb",)
@@ -285,17 +288,30 @@ def check_header(header: Any, path: Path, current: int) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+MAX_ARCH_JSON = 1 << 16  # bytes of constructor arguments: real ones are a few hundred
+
+
 def check_architecture_size(name: str, kwargs: dict[str, Any], path: Path, build: Any) -> None:
     """Build the recorded architecture on the meta device (no memory) and refuse it when it
-    holds more weights than the file can store: every weight takes at least one bit."""
+    holds more weights than the file can store: every weight takes at least one bit.
+
+    The constructor arguments are capped at :data:`MAX_ARCH_JSON` bytes first (a list of a
+    million layer widths would cost minutes and gigabytes in module objects alone). A model
+    class whose constructor cannot run on the meta device is built without this cap (logged).
+    """
+    if len(json.dumps(kwargs)) > MAX_ARCH_JSON:
+        raise _fail(path, "header key 'architecture'", f"has over {MAX_ARCH_JSON} bytes of kwargs")
     limit = 8 * path.stat().st_size
     try:
         with torch.device("meta"):
             skeleton = build(name, **kwargs)
         numel = sum(int(p.numel()) for p in skeleton.parameters())
-    except (QDistillError, TypeError, ValueError, OverflowError, RuntimeError, MemoryError) as e:
+    except (QDistillError, TypeError, ValueError, OverflowError, MemoryError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise _fail(path, "header key 'architecture'", f"cannot be built ({first})") from None
+    except (RuntimeError, NotImplementedError) as e:  # an op the meta device does not run
+        log.warning("%s: cannot size %r on the meta device (%s); building it", path, name, e)
+        return
     if numel > limit:
         raise _fail(
             path,
