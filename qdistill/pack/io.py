@@ -8,7 +8,8 @@ File layout (format version 1):
   BatchNorm statistics, layers kept in full precision) under its own name, as float;
 * metadata key ``"qdistill"``: one JSON document with the format version, the architecture
   (``{"name", "kwargs"}`` for models from :mod:`qdistill.models`), per quantized layer its
-  format, weight shape and conv geometry, and ``checksums``: the CRC-32 of every tensor's bytes.
+  format, weight shape and conv geometry, ``checksums`` (the CRC-32 of every tensor's bytes) and
+  ``header_crc32`` (the CRC-32 of the rest of the header).
 
 Loading reads only safetensors and JSON: nothing in a file is ever executed (no pickle). The
 whole header and every tensor are checked against each other (:mod:`qdistill.pack.validate`)
