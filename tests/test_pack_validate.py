@@ -241,7 +241,8 @@ def test_conv_groups_zero_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"hidden": [10000] * 1000}, {"num_classes": 10**12}, {"hidden": ["x"]}]
+    "kwargs",
+    [{"hidden": [10000] * 1000}, {"num_classes": 10**12}, {"hidden": ["x"]}, {"num_classes": -4}],
 )
 def test_architecture_sizes_are_capped_by_the_file_size(tmp_path, kwargs):
     path = packed_file(tmp_path, qd.int8())

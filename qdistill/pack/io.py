@@ -183,8 +183,9 @@ def _build_architecture(header: dict[str, Any], path: Path) -> nn.Module:
     validate.check_architecture_size(name, kwargs, path, build_model)
     try:
         return build_model(name, **kwargs)
-    except (TypeError, ValueError, OverflowError) as exc:  # ConfigError is a ValueError
-        raise FileFormatError(f"{path}: cannot build architecture {name!r} ({exc})") from None
+    except (TypeError, ValueError, OverflowError, RuntimeError) as exc:  # ConfigError: ValueError
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise FileFormatError(f"{path}: cannot build architecture {name!r} ({first})") from None
 
 
 def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
