@@ -46,7 +46,9 @@ test: setup data
 FUZZ_SECONDS ?= 600
 fuzz: setup
 	$(BIN)/pip install -q -e '.[fuzz]'
-	$(BIN)/python tests/fuzz_atheris.py -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=4096 -timeout=20
+	mkdir -p runs/fuzz/corpus
+	$(BIN)/python tests/fuzz_atheris.py runs/fuzz/corpus -artifact_prefix=runs/fuzz/ \
+		-max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=4096 -timeout=20
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
