@@ -302,3 +302,14 @@ def test_architecture_kwargs_are_capped_before_building(tmp_path):
     header["architecture"]["kwargs"]["hidden"] = [1] * 40_000  # 40,000 Linear modules
     with pytest.raises(FileFormatError, match="bytes of kwargs"):
         qd.load(write(path, tensors, header))
+
+
+@pytest.mark.parametrize("where", ["format", "activations"])
+def test_a_group_size_beyond_the_layer_is_refused(tmp_path, where):
+    path = packed_file(tmp_path, qd.int8())
+    tensors, header = read(path)
+    header["layers"]["classifier"][where] = {**header["layers"]["classifier"]["format"]}
+    header["layers"]["classifier"][where]["group_size"] = 10**12  # padded: a 4 TB bucket
+    refused(write(path, tensors, header), rf"'classifier' {where}\.group_size")
+    small = qd.quantize_(mlp(), qd.QuantConfig(weights=qd.int8(group_size=256)))  # 24 weights
+    qd.load(qd.save(small, tmp_path / "small.qd.safetensors"), model=mlp())  # still fine

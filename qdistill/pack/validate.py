@@ -63,6 +63,9 @@ from qdistill.pack.huffman import MAX_CODE_LENGTH
 log = logging.getLogger(__name__)
 
 SUPPORTED_VERSIONS = (1,)
+# largest bucket allowed beyond a layer's own size (a bucket is zero-padded to group_size:
+# 256 on a 24-weight layer is normal, 10**12 is a 4 TB allocation)
+MAX_PAD_GROUP = 1 << 16
 LAYOUTS = ("lsb",)
 # keys a layer entry may have (what PackedMixin.layer_meta and its subclasses write)
 LAYER_KEYS = {
@@ -229,6 +232,11 @@ def check_layer_entry(name: Any, meta: Any, path: Path) -> tuple[Format, Format 
         block_count(shape, getattr(fmt, "axis", None), getattr(fmt, "group_size", None))
     except QDistillError as exc:
         raise _fail(path, f"layer {name!r} format", f"does not fit its shape ({exc})") from None
+    numel = math.prod(shape)
+    for what, f in (("format", fmt), ("activations", act_fmt)):
+        group = getattr(f, "group_size", None)
+        if group is not None and group > max(numel, MAX_PAD_GROUP):  # pads a bucket to group
+            raise _fail(path, f"layer {name!r} {what}.group_size", f"{group} exceeds the layer")
     if kind == "conv":
         _check_conv(meta["conv"], shape, path, name)
     if kind == "embedding":
