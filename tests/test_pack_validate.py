@@ -313,3 +313,17 @@ def test_a_group_size_beyond_the_layer_is_refused(tmp_path, where):
     refused(write(path, tensors, header), rf"'classifier' {where}\.group_size")
     small = qd.quantize_(mlp(), qd.QuantConfig(weights=qd.int8(group_size=256)))  # 24 weights
     qd.load(qd.save(small, tmp_path / "small.qd.safetensors"), model=mlp())  # still fine
+
+
+def test_activation_axis_and_static_scale_must_fit_the_input(tmp_path):
+    model = qd.quantize_(mlp(), qd.QuantConfig(weights=qd.int8(), activations=qd.int8()))
+    qd.calibrate(model, [torch.randn(16, 8) for _ in range(2)])  # static per-tensor ranges
+    path = qd.save(model, tmp_path / "w8a8.qd.safetensors")
+    loaded = qd.load(path, model=mlp())
+    assert loaded.body[1].act_scale.numel() == 1
+    tensors, header = read(path)
+    header["layers"]["classifier"]["activations"]["axis"] = 3  # a Linear's input has no axis 3
+    refused(write(path, tensors, header), r"activations\.axis 3 is not an input axis")
+    tensors, header = read(path)
+    tensors["classifier.act_scale"] = torch.ones(5)  # per-tensor format, 5 scales
+    refused(write(path, tensors, header), r"'classifier\.act_scale' is torch.float32 \(5,\)")

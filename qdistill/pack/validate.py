@@ -226,6 +226,10 @@ def check_layer_entry(name: Any, meta: Any, path: Path) -> tuple[Format, Format 
     if kind == "embedding" and act_fmt is not None:
         raise _fail(path, f"layer {name!r}", "is an embedding with an activation format")
     shape = _check_shape(meta.get("shape"), path, name, kind)
+    act_axis = getattr(act_fmt, "axis", None)
+    rank = 4 if kind == "conv" else 2  # the smallest input the layer takes: [N, C, H, W], [N, F]
+    if isinstance(act_axis, int) and not -rank <= act_axis < rank:
+        raise _fail(path, f"layer {name!r} activations.axis", f"{act_axis} is not an input axis")
     if meta.get("layout", "lsb") not in LAYOUTS:
         raise _fail(path, f"layer {name!r} layout", f"{meta['layout']!r} is unknown")
     try:
@@ -513,7 +517,15 @@ def check_layer_tensors(
     if act is not None:
         if act_fmt is None:
             raise _fail(path, f"tensor '{p}act_scale'", "is present without an activation format")
-        if not act[0].is_floating_point or not 1 <= math.prod(act[1]) <= max(shape[1:]):
+        act_spec = meta["activations"]
+        n = math.prod(act[1])
+        if act_spec.get("group_size") is None and act_spec.get("axis") is None:
+            need: tuple[int, ...] = (1,)  # per tensor
+        elif isinstance(act_spec.get("axis"), int):  # per input channel / feature
+            need = (shape[1] * (meta["conv"]["groups"] if "conv" in meta else 1),)
+        else:
+            need = tuple(range(1, max(shape[1:]) + 1))
+        if not act[0].is_floating_point or n not in need:
             raise _fail(path, f"tensor '{p}act_scale'", f"is {act[0]} {act[1]}")
     if act_zp is not None and (act is None or math.prod(act_zp[1]) != math.prod(act[1])):
         raise _fail(path, f"tensor '{p}act_zero_point'", "does not match act_scale")
