@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 OUT    ?= runs/demo
 DEMO_ARGS ?=
 
-.PHONY: setup data demo demo-quick test lint clean bitdistill-models bench-bitdistill
+.PHONY: setup data demo demo-quick test lint clean bitdistill-models bench-bitdistill fuzz
 
 setup: $(VENV)/.installed
 
@@ -40,6 +40,15 @@ bench-bitdistill: bitdistill-models data
 test: setup data
 	$(BIN)/ruff check qdistill tests benchmarks
 	$(BIN)/pytest
+
+# coverage-guided fuzzing of the packed-file loader (atheris; the test suite runs a short seeded
+# mutation run itself): every input must load and run, or raise FileFormatError
+FUZZ_SECONDS ?= 600
+fuzz: setup
+	$(BIN)/pip install -q -e '.[fuzz]'
+	mkdir -p runs/fuzz/corpus
+	$(BIN)/python tests/fuzz_atheris.py runs/fuzz/corpus -artifact_prefix=runs/fuzz/ \
+		-max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=4096 -timeout=20
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -8,7 +8,8 @@
     qdistill plan FILE --budget 60KB per-layer bit widths under a size budget
 
 User mistakes print one line (``error: ...``) and exit with status 2; ``--debug`` shows the
-traceback instead.
+traceback instead. Every argument is checked while the command line is parsed (types, ranges,
+that folders exist), before any work starts and before anything is written.
 """
 
 from __future__ import annotations
@@ -18,34 +19,110 @@ import json
 import logging
 import os
 import sys
+import typing
 from collections.abc import Sequence
 
 from qdistill.errors import QDistillError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error convention: one line on stderr, exit status 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def bit_width(text: str) -> int:
+    """An integer bit width 2..8 (argparse type)."""
+    value = positive_int(text)
+    if not 2 <= value <= 8:
+        raise argparse.ArgumentTypeError(f"{value} bits: use 2..8")
+    return value
+
+
+def dataset_name(text: str) -> str:
+    from qdistill.data import DATASETS
+
+    if text not in DATASETS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a dataset; use {sorted(DATASETS)}")
+    return text
+
+
+def existing_dir(text: str) -> str:
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an existing folder")
+    return text
+
+
+def new_file(text: str) -> str:
+    """A file path that can be written: its folder exists and it is not a folder itself."""
+    parent = os.path.dirname(os.path.abspath(text))
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; name a file")
+    if not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(f"the folder of {text!r} does not exist; create it first")
+    return text
+
+
+def out_dir(text: str) -> str:
+    """An output folder: may not exist yet (it is created after the checks), not a file."""
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is an existing file; name a folder")
+    return text
+
+
+def size_budget(text: str) -> str:
+    from qdistill.recipes.mixed_precision import parse_size
+
+    try:
+        parse_size(text)
+    except QDistillError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _add_common(p: argparse.ArgumentParser, threads: bool = True) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     if threads:
-        p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+        p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="qdistill",
         description="Distillation and quantization together: low-bit students, truly packed.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
 
     demo = sub.add_parser("demo", help="quantized distillation on Fashion-MNIST vs baselines")
-    demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    demo.add_argument(
+        "--out", type=out_dir, default="runs/demo", help="output folder (default runs/demo)"
+    )
     demo.add_argument("--quick", action="store_true", help="a few-minute run on a data subset")
-    demo.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist or digits")
-    demo.add_argument("--data-dir", default=None, help="folder with the dataset's files")
-    demo.add_argument("--bits", type=int, nargs="+", default=None, help="bit widths (8 4 2)")
-    demo.add_argument("--teacher-epochs", type=int, default=None)
-    demo.add_argument("--student-epochs", type=int, default=None)
-    demo.add_argument("--subset", type=int, default=None, help="use the first N examples")
+    demo.add_argument(
+        "--dataset", type=dataset_name, default="fashion-mnist", help="fashion-mnist or digits"
+    )
+    demo.add_argument(
+        "--data-dir", type=existing_dir, default=None, help="folder with the dataset's files"
+    )
+    demo.add_argument("--bits", type=bit_width, nargs="+", default=None, help="bit widths (8 4 2)")
+    demo.add_argument("--teacher-epochs", type=positive_int, default=None)
+    demo.add_argument("--student-epochs", type=positive_int, default=None)
+    demo.add_argument("--subset", type=positive_int, default=None, help="use the first N examples")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--resume", action="store_true", help="continue a killed run")
     _add_common(demo)
@@ -53,26 +130,39 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a YAML recipe")
     run.add_argument("recipe", help="path of the recipe file")
     run.add_argument("--resume", action="store_true", help="continue a killed run")
+    run.add_argument(
+        "--allow-output-outside",
+        action="store_true",
+        help="let the recipe's output: lie outside the recipe file's folder",
+    )
     _add_common(run)
 
     ev = sub.add_parser("eval", help="accuracy of a packed model file")
     ev.add_argument("file")
-    ev.add_argument("--dataset", default="fashion-mnist")
-    ev.add_argument("--data-dir", default=None)
+    ev.add_argument("--dataset", type=dataset_name, default="fashion-mnist")
+    ev.add_argument("--data-dir", type=existing_dir, default=None)
     _add_common(ev)
 
     plan = sub.add_parser("plan", help="per-layer bit widths under a size budget (ZeroQ)")
     plan.add_argument("model", help="a float model file written by qd.save (e.g. the demo's)")
-    plan.add_argument("--budget", required=True, help="size of the packed file: 60KB, 1MB, bytes")
-    plan.add_argument("--bits", type=int, nargs="+", default=[2, 4, 8])
-    plan.add_argument("--dataset", default="fashion-mnist", help="gives the input shape")
+    plan.add_argument(
+        "--budget", type=size_budget, required=True, help="packed file size: 60KB, 1.5MB, 1GB"
+    )
+    plan.add_argument("--bits", type=bit_width, nargs="+", default=[2, 4, 8])
+    plan.add_argument(
+        "--dataset", type=dataset_name, default="fashion-mnist", help="gives the input shape"
+    )
     plan.add_argument(
         "--real-data", action="store_true", help="measure on real data, not distilled"
     )
-    plan.add_argument("--data-dir", default=None)
-    plan.add_argument("--samples", type=int, default=256, help="distilled samples")
-    plan.add_argument("--steps", type=int, default=200, help="distillation steps per batch")
-    plan.add_argument("--out", default="plan.yaml", help="where to write the QuantConfig (YAML)")
+    plan.add_argument("--data-dir", type=existing_dir, default=None)
+    plan.add_argument("--samples", type=positive_int, default=256, help="distilled samples")
+    plan.add_argument(
+        "--steps", type=positive_int, default=200, help="distillation steps per batch"
+    )
+    plan.add_argument(
+        "--out", type=new_file, default="plan.yaml", help="where to write the QuantConfig (YAML)"
+    )
     _add_common(plan)
 
     from qdistill.report.runtime import add_bench_parser
@@ -115,9 +205,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from qdistill.recipes.from_yaml import load_recipe, run_recipe
 
-    metrics = run_recipe(
-        load_recipe(args.recipe), resume=args.resume, progress=not args.no_progress
-    )
+    config = load_recipe(args.recipe, allow_output_outside=args.allow_output_outside)
+    metrics = run_recipe(config, resume=args.resume, progress=not args.no_progress)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -204,7 +293,10 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # a bad argument (one line printed, status 2) or --help (0)
+        return int(exc.code or 0)
     logging.basicConfig(
         level=logging.INFO if args.debug else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

@@ -84,7 +84,6 @@ class Demo:
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.models_dir = self.out / "models"
-        self.models_dir.mkdir(parents=True, exist_ok=True)
         meta = DATASETS[cfg.dataset]
         self.arch_kwargs = {
             "in_channels": meta["input_shape"][0],
@@ -98,6 +97,7 @@ class Demo:
             subset=cfg.subset,
             seed=cfg.seed,
         )
+        self.models_dir.mkdir(parents=True, exist_ok=True)  # only once the data is there
         self.rows: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ helpers

@@ -38,3 +38,7 @@ class InputIndexError(InputError, IndexError):
 
 class InputTypeError(InputError, TypeError):
     """An input of a kind a layer cannot take at all (a ``TypeError`` too, e.g. float indices)."""
+
+
+class TrainingError(QDistillError):
+    """Training that cannot go on: a non-finite loss or weights (lower the learning rate)."""

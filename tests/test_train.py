@@ -228,7 +228,11 @@ def test_resume_false_overwrites_and_missing_checkpoint_starts_fresh(tmp_path, c
 
 def test_resume_from_checkpoint_without_progress_is_a_file_format_error(tmp_path):
     model, _, _ = _fit_mlp(None, 1, False)
-    save_checkpoint(tmp_path / "last.safetensors", model=model, meta={})
+    opt = torch.optim.Adam(model.parameters())
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=3)
+    save_checkpoint(
+        tmp_path / "last.safetensors", model=model, optimizer=opt, scheduler=sched, meta={}
+    )
     with pytest.raises(FileFormatError, match="no training progress"):
         _fit_mlp(tmp_path, 2, True)
 

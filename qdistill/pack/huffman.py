@@ -84,7 +84,22 @@ def encode(codes: torch.Tensor, num_symbols: int) -> tuple[torch.Tensor, list[in
 
 
 def decode(stream: torch.Tensor, lengths: Sequence[int], numel: int) -> torch.Tensor:
-    """Inverse of :func:`encode`: ``numel`` codes as uint8."""
+    """Inverse of :func:`encode`: ``numel`` codes as uint8.
+
+    The lengths come from a file: they are checked (at most :data:`MAX_CODE_LENGTH` bits, so
+    the lookup table stays at 2**16 entries; Kraft sum at most 1, so no two codes overlap) and
+    ``numel`` must fit the stream (every code takes at least one bit) before anything is
+    allocated from them.
+    """
+    if not all(
+        isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= MAX_CODE_LENGTH
+        for n in lengths
+    ):
+        raise FileFormatError(f"Huffman code lengths must be integers 0..{MAX_CODE_LENGTH}")
+    if sum(1 << (MAX_CODE_LENGTH - n) for n in lengths if n > 0) > 1 << MAX_CODE_LENGTH:
+        raise FileFormatError("the Huffman code lengths break the Kraft inequality; corrupt")
+    if numel < 0 or numel > 8 * stream.numel():
+        raise FileFormatError(f"{numel} Huffman codes cannot fit in {stream.numel()} bytes")
     table = canonical_codes(lengths)
     if not table:
         raise FileFormatError("a Huffman table with no symbols; the file is corrupt")

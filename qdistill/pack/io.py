@@ -2,15 +2,19 @@
 
 File layout (format version 1):
 
-* tensors: for each quantized layer ``L``: ``L.weight.codes`` (packed ``uint8``, see
-  :mod:`qdistill.pack.bits`), ``L.weight.scale`` (float32, one per block) and, for asymmetric
-  formats, ``L.weight.zero_point`` (uint8); every other entry of the state dict (biases,
+* tensors: for each quantized layer ``L``: ``L.weight_codes`` (packed ``uint8``, see
+  :mod:`qdistill.pack.bits`), ``L.weight_scale`` (float32, one per block) and, for asymmetric
+  formats, ``L.weight_zero_point`` (uint8); every other entry of the state dict (biases,
   BatchNorm statistics, layers kept in full precision) under its own name, as float;
 * metadata key ``"qdistill"``: one JSON document with the format version, the architecture
-  (``{"name", "kwargs"}`` for models from :mod:`qdistill.models`) and, per quantized layer, its
-  format, weight shape and conv geometry.
+  (``{"name", "kwargs"}`` for models from :mod:`qdistill.models`, ``{"transformers": {"class",
+  "config", "wrapper"}}`` for transformers models, see :mod:`qdistill.models.hf_arch`), per
+  quantized layer its format, weight shape and conv geometry, ``checksums`` (the CRC-32 of
+  every tensor's bytes) and ``header_crc32`` (the CRC-32 of the rest of the header).
 
-Loading reads only safetensors and JSON: nothing in a file is ever executed (no pickle).
+Loading reads only safetensors and JSON: nothing in a file is ever executed (no pickle). The
+whole header and every tensor are checked against each other (:mod:`qdistill.pack.validate`)
+before the model is touched, so a bad file raises one FileFormatError and changes nothing.
 """
 
 from __future__ import annotations
@@ -25,10 +29,10 @@ from safetensors import safe_open
 from torch import nn
 
 from qdistill.atomic import atomic_save_safetensors
-from qdistill.errors import FileFormatError
+from qdistill.errors import FileFormatError, QDistillError
 from qdistill.formats import format_from_dict
 from qdistill.models import hf_arch
-from qdistill.pack import huffman
+from qdistill.pack import huffman, validate
 from qdistill.pack.bits import pack_for, unpack_for
 from qdistill.pack.modules import (
     PACKED_TENSORS,
@@ -36,7 +40,7 @@ from qdistill.pack.modules import (
     pack_layer,
     packed_from_meta,
 )
-from qdistill.quant.modules import is_quantized, linear_weight_shape
+from qdistill.quant.modules import is_quantized
 
 FORMAT_VERSION = 1
 META_KEY = "qdistill"
@@ -69,7 +73,12 @@ def _packed_tensors(name: str, layer: PackedMixin) -> dict[str, torch.Tensor]:
     return out
 
 
-def save(model: nn.Module, path: str | os.PathLike[str], entropy_coding: str | None = None) -> Path:
+def save(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    entropy_coding: str | None = None,
+    checksum: bool = True,
+) -> Path:
     """Write ``model`` with its quantized layers truly packed; returns the path.
 
     The model itself is not changed. Fake-quant layers are packed with deterministic rounding,
@@ -77,17 +86,24 @@ def save(model: nn.Module, path: str | os.PathLike[str], entropy_coding: str | N
     ``entropy_coding="huffman"`` each layer's codes are Huffman-coded where that is smaller
     (Polino et al. 2018 report sizes this way); loading decodes them exactly. The file is
     written atomically: a crash leaves either the old file or the new one, never a torn one.
+    With ``checksum`` (the default) the header records the CRC-32 of every tensor, which
+    :func:`load` verifies, so flipped bits are an error rather than a silently wrong model.
     """
     tensors, header = packed_state(model, entropy_coding)
+    if checksum:
+        header["checksums"] = {k: validate.tensor_checksum(t) for k, t in tensors.items()}
     return atomic_save_safetensors(
-        tensors, Path(path), metadata={META_KEY: json.dumps(header, separators=(",", ":"))}
+        tensors,
+        Path(path),
+        metadata={META_KEY: json.dumps(validate.seal(header), separators=(",", ":"))},
     )
 
 
 def packed_state(
     model: nn.Module, entropy_coding: str | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The tensors and header :func:`save` writes (also what ``save_pretrained`` writes)."""
+    """The tensors and the (unsealed, checksum-free) header that :func:`save` writes; also what
+    ``save_pretrained`` writes through :mod:`qdistill.models.hf_quantizer`."""
     if entropy_coding not in (None, "huffman"):
         raise FileFormatError(f"entropy_coding={entropy_coding!r}; use None or 'huffman'")
     layers: dict[str, dict[str, Any]] = {}
@@ -158,14 +174,9 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
         )
     try:
         header = json.loads(meta[META_KEY])
-        version = int(header["format_version"])
-    except (ValueError, KeyError, TypeError):
-        raise FileFormatError(f"{path}: the qdistill header is corrupt") from None
-    if version > FORMAT_VERSION:
-        raise FileFormatError(
-            f"{path} uses qdistill file format {version}, newer than this qdistill reads "
-            f"({FORMAT_VERSION}); upgrade qdistill"
-        )
+    except (ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
+        raise FileFormatError(f"{path}: the qdistill header is corrupt (not JSON)") from None
+    validate.check_header(header, path, FORMAT_VERSION)
     return header
 
 
@@ -180,7 +191,15 @@ def _build_architecture(header: dict[str, Any], path: Path) -> nn.Module:
         return hf_arch.build(arch["transformers"], path)
     from qdistill.models import build_model
 
-    return build_model(arch["name"], **arch.get("kwargs", {}))
+    name, kwargs = arch.get("name"), arch.get("kwargs", {})
+    if not isinstance(name, str) or not isinstance(kwargs, dict):
+        raise FileFormatError(f"{path}: header key 'architecture' is {arch!r}; corrupt")
+    validate.check_architecture_size(name, kwargs, path, build_model)
+    try:
+        return build_model(name, **kwargs)
+    except (TypeError, ValueError, OverflowError, RuntimeError) as exc:  # ConfigError: ValueError
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise FileFormatError(f"{path}: cannot build architecture {name!r} ({first})") from None
 
 
 def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
@@ -190,86 +209,89 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
     replaced in place; otherwise the architecture recorded in the file is built (a transformers
     model too, see :mod:`qdistill.models.hf_arch`; ``path`` may then be the folder
     ``save_pretrained`` wrote). Any mismatch
-    between the file and the model names the tensor.
+    between the file and the model names the tensor; the model is changed only once the whole
+    file has been checked (:mod:`qdistill.pack.validate`), so a bad file leaves it as it was.
     """
     path = hf_arch.weights_file(Path(path))  # a save_pretrained folder: its safetensors file
     header = read_header(path)
     if model is None:
         model = _build_architecture(header, path)
+    validate.check_targets(model, header, path)
+    layers_meta: dict[str, dict[str, Any]] = header.get("layers", {})
     with safe_open(str(path), framework="pt") as f:
-        keys = set(f.keys())
+        index = validate.tensor_index(f, path)
 
-        def get(key: str, required: bool = True) -> torch.Tensor | None:
-            if key not in keys:
-                if required:
-                    raise FileFormatError(f"{path}: tensor {key!r} is missing; the file is corrupt")
-                return None
+        def get(key: str) -> torch.Tensor:
             try:
-                return f.get_tensor(key).clone()  # own memory: the file mapping can close
+                t = f.get_tensor(key).clone()  # own memory: the file mapping can close
             except Exception as exc:
                 raise FileFormatError(f"{path}: cannot read tensor {key!r} ({exc})") from None
+            validate.check_checksum(key, t, header, path)
+            return t
 
-        used: set[str] = set()
-        for name in header.get("identity", []):
-            try:
-                if not isinstance(model.get_submodule(name), nn.Identity):
-                    _set_module(model, name, nn.Identity())
-            except AttributeError:
-                raise FileFormatError(
-                    f"{path}: module {name!r} in the file does not exist in the given "
-                    f"{type(model).__name__}; pass the model the file was saved from"
-                ) from None
-        for name, meta in header.get("layers", {}).items():
-            try:
-                target = model.get_submodule(name)
-            except AttributeError:
-                raise FileFormatError(
-                    f"{path}: layer {name!r} in the file does not exist in the given "
-                    f"{type(model).__name__}; pass the model the file was saved from"
-                ) from None
-            expected = linear_weight_shape(target)
-            if tuple(meta["shape"]) != expected:
-                raise FileFormatError(
-                    f"{path}: layer {name!r} has weight shape {tuple(meta['shape'])} in the "
-                    f"file but {expected} in the model; pass the matching architecture"
-                )
-            prefix = name + "."
-            tensors = {k: get(prefix + k, required=False) for k in PACKED_TENSORS}
-            if meta.get("entropy") and tensors["weight_codes"] is not None:
-                tensors["weight_codes"] = _huffman_decode(path, name, meta, tensors["weight_codes"])
-            if tensors["weight_codes"] is None or tensors["weight_scale"] is None:
-                raise FileFormatError(f"{path}: the packed weight of {name!r} is missing; corrupt")
-            layer = packed_from_meta(meta, tensors)
-            _check_packed_sizes(path, name, layer)
-            _set_module(model, name, layer)
-            if layer.folded_bn:
-                _set_module(model, layer.folded_bn, nn.Identity())
-            used |= {prefix + k for k in PACKED_TENSORS if tensors[k] is not None}
-
-        state = model.state_dict()
-        packed_names = [n + "." for n, m in model.named_modules() if isinstance(m, PackedMixin)]
-        expected_keys = {k for k in state if not any(k.startswith(p) for p in packed_names)}
-        missing = sorted(expected_keys - keys - hf_arch.tied_targets(model))
+        for name, meta in layers_meta.items():
+            validate.check_layer_tensors(name, meta, index, model.get_submodule(name), path)
+        state, expected_keys = _expected_state(model, header)
+        keys = set(index)
+        used = {n + "." + k for n in layers_meta for k in PACKED_TENSORS if n + "." + k in keys}
+        expected_keys -= hf_arch.tied_targets(model) - keys  # tied tables written once
+        missing = sorted(expected_keys - keys)
         unexpected = sorted(keys - used - expected_keys)
         if missing or unexpected:
             raise FileFormatError(
                 f"{path} does not match {type(model).__name__}: missing tensors {missing[:5]}, "
                 f"unexpected tensors {unexpected[:5]}; pass the model the file was saved from"
             )
-        rest = {}
-        for k in expected_keys & keys:
-            t = get(k)
-            if tuple(t.shape) != tuple(state[k].shape):
+        for k in sorted(expected_keys):
+            dtype, shape = index[k]
+            if shape != tuple(state[k].shape) or (
+                dtype.is_floating_point != state[k].dtype.is_floating_point
+            ):
                 raise FileFormatError(
-                    f"{path}: tensor {k!r} has shape {tuple(t.shape)} in the file but "
-                    f"{tuple(state[k].shape)} in the model"
+                    f"{path}: tensor {k!r} is {dtype} {shape} in the file but "
+                    f"{state[k].dtype} {tuple(state[k].shape)} in the model"
                 )
-            rest[k] = t
+
+        packed: dict[str, PackedMixin] = {}
+        for name, meta in layers_meta.items():
+            prefix = name + "."
+            tensors = {k: get(prefix + k) if prefix + k in keys else None for k in PACKED_TENSORS}
+            for k in ("weight_scale", "bias", "act_scale"):  # the packed layers compute in fp32
+                if tensors[k] is not None:
+                    tensors[k] = tensors[k].float()
+            if meta.get("entropy"):
+                tensors["weight_codes"] = _huffman_decode(path, name, meta, tensors["weight_codes"])
+            validate.check_layer_values(name, meta, tensors, path)
+            layer = packed_from_meta(meta, tensors)
+            _check_packed_sizes(path, name, layer)
+            packed[name] = layer
+        rest = {k: get(k) for k in expected_keys}
+
+    for name in header.get("identity", []):
+        if not isinstance(model.get_submodule(name), nn.Identity):
+            _set_module(model, name, nn.Identity())
+    for name, layer in packed.items():
+        _set_module(model, name, layer)
+        if layer.folded_bn:
+            _set_module(model, layer.folded_bn, nn.Identity())
     built_on_meta = any(t.is_meta for t in model.state_dict().values())
     model.load_state_dict(rest, strict=False, assign=built_on_meta)
     hf_arch.finish(model, path)
     model.eval()
     return model
+
+
+def _expected_state(
+    model: nn.Module, header: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """The model's state dict and the keys the file must hold besides the packed layers'
+    (entries of packed layers and of modules the header turns into Identity excluded)."""
+    state = model.state_dict()
+    gone = [n + "." for n in header.get("layers", {})]
+    gone += [n + "." for n in header.get("identity", [])]
+    gone += [m["folded_bn"] + "." for m in header.get("layers", {}).values() if m.get("folded_bn")]
+    gone += [n + "." for n, m in model.named_modules() if isinstance(m, PackedMixin)]
+    return state, {k for k in state if not any(k.startswith(p) for p in gone)}
 
 
 def _huffman_decode(
@@ -281,7 +303,10 @@ def _huffman_decode(
     fmt = format_from_dict(meta["format"])
     numel = int(torch.Size([int(s) for s in meta["shape"]]).numel())
     codes = huffman.decode(stream, meta["entropy"]["lengths"], numel)
-    return pack_for(codes, fmt)
+    try:
+        return pack_for(codes, fmt)
+    except QDistillError as exc:  # a symbol the format has no code for (ternary 3)
+        raise FileFormatError(f"{path}: layer {name!r}: {exc}; the file is corrupt") from None
 
 
 def _check_packed_sizes(path: Path, name: str, layer: PackedMixin) -> None:
@@ -303,6 +328,6 @@ def _check_packed_sizes(path: Path, name: str, layer: PackedMixin) -> None:
     )
     if layer.weight_scale.numel() != blocks:
         raise FileFormatError(
-            f"{path}: tensor '{name}.weight.scale' holds {layer.weight_scale.numel()} scales, "
+            f"{path}: tensor '{name}.weight_scale' holds {layer.weight_scale.numel()} scales, "
             f"expected {blocks}; the file is corrupt"
         )

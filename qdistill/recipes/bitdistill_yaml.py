@@ -19,119 +19,151 @@ Example (``examples/bitdistill-minilm-fortunes.yaml``)::
       lr: 2.0e-4
 
 Writes ``teacher.safetensors`` (checkpoint), ``student.qd.safetensors`` (packed W1.58A8) and
-``metrics.json`` to ``output``.
+``metrics.json`` to ``output``. The file is one typed config (:class:`BitDistillRecipe`, run by
+the same runner as every recipe); the ``bitdistill`` section's keys and types are read from
+:class:`~qdistill.recipes.bitdistill.BitDistillConfig` itself.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 from qdistill.data.fortunes import TOPICS, general_text, load_fortunes
 from qdistill.data.text import classification_loader, text_loader
 from qdistill.errors import ConfigError
 from qdistill.recipes.bitdistill import BitDistillConfig, bitdistill, finetune
+from qdistill.recipes.config import (
+    RecipeConfig,
+    Section,
+    check_fields,
+    limits,
+    parse_recipe,
+    register_recipe,
+)
 from qdistill.train import evaluate
 
-# top-level keys every YAML recipe takes (from_yaml's recipes add theirs to these)
-RUN_KEYS = {"recipe", "dataset", "data_dir", "output", "batch_size", "subset", "seed", "teacher"}
-TOP_KEYS = RUN_KEYS | {"model", "max_length", "bitdistill"}
-TEACHER_KEYS = {"epochs", "lr"}
+# keys of the bitdistill section the runner sets itself (from the top level and the CLI)
+_RUNNER_SET = ("seed", "checkpoint_dir", "resume", "progress", "quant")
+# top-level keys every YAML recipe takes (read from the config class, not kept by hand)
+RUN_KEYS = {f.name for f in dataclasses.fields(RecipeConfig)}
 
 
-def validate_bitdistill(spec: dict[str, Any]) -> None:
-    """Check every key of a ``bitdistill`` recipe before anything loads."""
-    unknown = sorted(set(spec) - TOP_KEYS)
-    if unknown:
-        raise ConfigError(
-            f"unknown key(s) {unknown} in a bitdistill recipe; valid keys: {sorted(TOP_KEYS)}"
+@dataclass(frozen=True)
+class TeacherSection(Section):
+    """Fine-tuning of the FP teacher on the task (stage 0)."""
+
+    epochs: int = field(default=3, metadata=limits(ge=1))
+    lr: float = field(default=1e-4, metadata=limits(gt=0))
+
+
+@register_recipe("bitdistill")
+@dataclass(frozen=True)
+class BitDistillRecipe(RecipeConfig):
+    """``recipe: bitdistill``: a Hugging Face classifier on the fortunes topics."""
+
+    dataset: str = field(default="fortunes", metadata=limits(choices=("fortunes",)))
+    output: str = "runs/bitdistill"
+    batch_size: int = field(default=32, metadata=limits(ge=1))
+    model: str = ""
+    max_length: int = field(default=48, metadata=limits(ge=1))
+    teacher: TeacherSection = field(default_factory=TeacherSection)
+    bitdistill: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not self.model:
+            raise ConfigError(
+                "a bitdistill recipe needs model: (minilm, smollm2, a folder or hub id)"
+            )
+        # types from BitDistillConfig's own fields, then its own checks (ranges, choices)
+        given = check_fields(BitDistillConfig, self.bitdistill, "bitdistill", skip=("quant",))
+        BitDistillConfig.from_dict(given)
+
+    def run(self, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+        """Fine-tune the FP teacher, run BitDistill on a fresh copy of the pretrained model,
+        ship the packed ternary student; returns (and writes) the metrics."""
+        from qdistill.models.hf import load_classifier, load_tokenizer
+        from qdistill.pack import load, save
+        from qdistill.train.checkpoint import load_checkpoint, save_checkpoint
+
+        out = self.out
+        out.mkdir(parents=True, exist_ok=True)
+        seed, length, batch, root = self.seed, self.max_length, self.batch_size, self.data_dir
+        train = load_fortunes("train", seed=seed, root=root, max_per_class=self.subset)
+        test = load_fortunes("test", seed=seed, root=root)
+        tok = load_tokenizer(self.model)
+        train_loader = classification_loader(tok, train.texts, train.labels, length, batch, True)
+        test_loader = classification_loader(tok, test.texts, test.labels, length, 2 * batch)
+
+        pretrained = load_classifier(self.model, num_labels=len(TOPICS))
+        student = copy.deepcopy(pretrained)
+        teacher = pretrained
+        tfile = out / "teacher.safetensors"
+        if resume and tfile.exists():
+            load_checkpoint(tfile, model=teacher)
+        else:
+            finetune(
+                teacher,
+                train_loader,
+                epochs=self.teacher.epochs,
+                lr=self.teacher.lr,
+                seed=seed,
+                checkpoint_dir=out / "checkpoints" / "teacher",
+                resume=resume,
+                progress=progress,
+                desc="teacher",
+            )
+            save_checkpoint(tfile, model=teacher)
+        metrics: dict[str, Any] = {"recipe": "bitdistill", "model": self.model}
+        metrics["teacher_accuracy"] = evaluate(teacher, test_loader)
+
+        bcfg = dict(self.bitdistill)
+        bcfg.update(
+            seed=seed,
+            checkpoint_dir=out / "checkpoints" / "student",
+            resume=resume,
+            progress=progress,
         )
-    if spec.get("dataset", "fortunes") != "fortunes":
-        raise ConfigError(f"dataset: {spec['dataset']!r}; the bitdistill recipe reads 'fortunes'")
-    if not spec.get("model"):
-        raise ConfigError("a bitdistill recipe needs model: (minilm, smollm2, a folder or hub id)")
-    teacher = spec.get("teacher") or {}
-    if not isinstance(teacher, dict) or set(teacher) - TEACHER_KEYS:
-        raise ConfigError(f"teacher: takes the keys {sorted(TEACHER_KEYS)}, got {teacher!r}")
-    BitDistillConfig.from_dict(spec.get("bitdistill") or {})
+        bcfg.setdefault("mask_token_id", getattr(tok, "mask_token_id", None))
+        config = BitDistillConfig.from_dict(bcfg)
+        texts = general_text(root=root, seed=seed) if config.pretrain_tokens > 0 else None
+        student, report = bitdistill(
+            student,
+            train_loader,
+            teacher=teacher if config.distill else None,
+            text_loader=text_loader(tok, texts, length, batch) if texts else None,
+            config=config,
+            special_ids=tok.all_special_ids,
+        )
+        path = save(student, out / "student.qd.safetensors")
+        skeleton = copy.deepcopy(student)
+        shipped = load(path, model=skeleton)
+        metrics.update(
+            student_file=str(path),
+            student_bytes=os.path.getsize(path),
+            student_accuracy=evaluate(shipped, test_loader),
+            stages={k: v for k, v in report.items() if k != "config"},
+        )
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+        return metrics
+
+
+def validate_bitdistill(spec: dict[str, Any]) -> BitDistillRecipe:
+    """Check every key of a ``bitdistill`` recipe before anything loads."""
+    config = parse_recipe({"recipe": "bitdistill", **spec})
+    assert isinstance(config, BitDistillRecipe)
+    return config
 
 
 def run_bitdistill_recipe(
     spec: dict[str, Any], resume: bool = False, progress: bool = True
 ) -> dict[str, Any]:
-    """Fine-tune the FP teacher, run BitDistill on a fresh copy of the pretrained model, ship
-    the packed ternary student; returns (and writes) the metrics."""
-    from qdistill.models.hf import load_classifier, load_tokenizer
-    from qdistill.pack import load, save
-    from qdistill.train.checkpoint import load_checkpoint, save_checkpoint
-
-    validate_bitdistill(spec)
-    out = Path(spec.get("output", "runs/bitdistill"))
-    out.mkdir(parents=True, exist_ok=True)
-    seed = int(spec.get("seed", 0))
-    length, batch = int(spec.get("max_length", 48)), int(spec.get("batch_size", 32))
-    root = spec.get("data_dir")
-    train = load_fortunes("train", seed=seed, root=root, max_per_class=spec.get("subset"))
-    test = load_fortunes("test", seed=seed, root=root)
-    tok = load_tokenizer(spec["model"])
-    train_loader = classification_loader(tok, train.texts, train.labels, length, batch, True)
-    test_loader = classification_loader(tok, test.texts, test.labels, length, 2 * batch)
-
-    pretrained = load_classifier(spec["model"], num_labels=len(TOPICS))
-    student = copy.deepcopy(pretrained)
-    teacher = pretrained
-    tspec = spec.get("teacher") or {}
-    tfile = out / "teacher.safetensors"
-    if resume and tfile.exists():
-        load_checkpoint(tfile, model=teacher)
-    else:
-        finetune(
-            teacher,
-            train_loader,
-            epochs=int(tspec.get("epochs", 3)),
-            lr=float(tspec.get("lr", 1e-4)),
-            seed=seed,
-            checkpoint_dir=out / "checkpoints" / "teacher",
-            resume=resume,
-            progress=progress,
-            desc="teacher",
-        )
-        save_checkpoint(tfile, model=teacher)
-    metrics: dict[str, Any] = {"recipe": "bitdistill", "model": spec["model"]}
-    metrics["teacher_accuracy"] = evaluate(teacher, test_loader)
-
-    bcfg = dict(spec.get("bitdistill") or {})
-    bcfg.update(
-        seed=seed,
-        checkpoint_dir=out / "checkpoints" / "student",
-        resume=resume,
-        progress=progress,
-    )
-    bcfg.setdefault("mask_token_id", getattr(tok, "mask_token_id", None))
-    config = BitDistillConfig.from_dict(bcfg)
-    texts = general_text(root=root, seed=seed) if config.pretrain_tokens > 0 else None
-    student, report = bitdistill(
-        student,
-        train_loader,
-        teacher=teacher if config.distill else None,
-        text_loader=text_loader(tok, texts, length, batch) if texts else None,
-        config=config,
-        special_ids=tok.all_special_ids,
-    )
-    path = save(student, out / "student.qd.safetensors")
-    skeleton = copy.deepcopy(student)
-    shipped = load(path, model=skeleton)
-    metrics.update(
-        student_file=str(path),
-        student_bytes=os.path.getsize(path),
-        student_accuracy=evaluate(shipped, test_loader),
-        stages={k: v for k, v in report.items() if k != "config"},
-    )
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
-    return metrics
+    """Run a ``bitdistill`` recipe mapping (see :class:`BitDistillRecipe`)."""
+    return validate_bitdistill(spec).run(resume=resume, progress=progress)
 
 
-__all__ = ["run_bitdistill_recipe", "validate_bitdistill"]
+__all__ = ["BitDistillRecipe", "run_bitdistill_recipe", "validate_bitdistill"]

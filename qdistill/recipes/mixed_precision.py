@@ -32,17 +32,24 @@ from qdistill.quant.mixed_precision import (
     quantizable_layers,
 )
 
-_UNITS = {"": 1, "B": 1, "KB": 1024, "KIB": 1024, "MB": 1024**2, "MIB": 1024**2}
+_UNITS = {
+    "": 1, "B": 1, "KB": 1024, "KIB": 1024, "MB": 1024**2, "MIB": 1024**2,
+    "GB": 1024**3, "GIB": 1024**3,
+}  # fmt: skip
 
 
 def parse_size(text: str | int) -> int:
-    """``"60KB"`` -> 61440 (1 KB = 1024 bytes, as ``qdistill`` reports sizes)."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
-    if not m or m.group(2).upper() not in _UNITS:
-        raise ConfigError(f"cannot read the size {text!r}; write e.g. 60KB, 1.5MB or 40000")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    """``"60KB"`` -> 61440 (1 KB = 1024 bytes, as ``qdistill`` reports sizes; KB, MB, GB)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        size = text
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+        if not m or m.group(2).upper() not in _UNITS:
+            raise ConfigError(f"cannot read the size {text!r}; write e.g. 60KB, 1.5MB, 1GB, 40000")
+        size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if size < 1:
+        raise ConfigError(f"the size {text!r} must be at least 1 byte")
+    return size
 
 
 def weight_candidates(bits: Sequence[int]) -> dict[int, Format]:

@@ -194,14 +194,29 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="latency and memory of a packed file against its float twin",
         description=__doc__.splitlines()[0],
     )
+    from qdistill.cli import new_file, positive_int
+
     p.add_argument("file", help="a packed model written by qd.save")
-    p.add_argument("--input-shape", default=None, help="e.g. 1,28,28 (default: from the file)")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
-    p.add_argument("--reps", type=int, default=30, help="interleaved repetitions (median)")
-    p.add_argument("--threads", type=int, default=2, help="torch and kernel threads")
+    p.add_argument(
+        "--input-shape", type=input_shape, default=None, help="e.g. 1,28,28 (default: the file's)"
+    )
+    p.add_argument("--batch", type=positive_int, nargs="+", default=[1, 32])
+    p.add_argument("--reps", type=positive_int, default=30, help="interleaved repetitions (median)")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch and kernel threads")
     p.add_argument("--portable", action="store_true", help="also time the portable path")
-    p.add_argument("--csv", default=None, help="also write the rows to this CSV file")
+    p.add_argument("--csv", type=new_file, default=None, help="also write the rows to this CSV")
     return p
+
+
+def input_shape(text: str) -> tuple[int, ...]:
+    """``"1,28,28"`` -> ``(1, 28, 28)`` (argparse type: positive integers, comma-separated)."""
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: write sizes like 1,28,28") from None
+    if not shape or min(shape) < 1 or len(shape) > 8:
+        raise argparse.ArgumentTypeError(f"{text!r}: 1 to 8 sizes, each >= 1")
+    return shape
 
 
 def _input_shape(args: argparse.Namespace) -> tuple[int, ...]:
@@ -209,7 +224,8 @@ def _input_shape(args: argparse.Namespace) -> tuple[int, ...]:
     from qdistill.pack import read_header
 
     if args.input_shape:
-        return tuple(int(v) for v in str(args.input_shape).split(","))
+        shape = args.input_shape
+        return shape if isinstance(shape, tuple) else input_shape(str(shape))
     header = read_header(args.file)
     kw = (header.get("architecture") or {}).get("kwargs", {})
     if "input_size" in kw or "in_channels" in kw:

@@ -144,6 +144,38 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return doc, tensors
 
 
+def _check_sections(
+    path: Path, doc: dict[str, Any], tensors: dict[str, Any], optimizer: bool, scheduler: bool
+) -> None:
+    """Every section the caller restores is there and whole: a checkpoint without its optimizer
+    state would silently resume with a fresh Adam, one without ``meta`` cannot say where it is."""
+    fix = "the checkpoint was edited or damaged; delete it to start over"
+    if not isinstance(doc.get("meta"), dict):
+        raise FileFormatError(f"{path} has no 'meta' section (training progress); {fix}")
+    if optimizer:
+        opt = doc.get("optimizer")
+        if not isinstance(opt, dict) or not isinstance(opt.get("param_groups"), list):
+            raise FileFormatError(f"{path} has no optimizer state to resume from; {fix}")
+        scalars = opt.get("scalars")
+        if not isinstance(scalars, dict):
+            raise FileFormatError(f"{path}: the optimizer state has no 'scalars'; {fix}")
+        with_tensors = {k.split(".")[2] for k in tensors if k.startswith("optim.state.")}
+        if with_tensors and set(scalars) and with_tensors != set(scalars):
+            raise FileFormatError(
+                f"{path}: optimizer state tensors exist for parameters {sorted(with_tensors)} "
+                f"but scalars for {sorted(scalars)}; {fix}"
+            )
+        names: dict[str, set[str]] = {}
+        for k in tensors:
+            if k.startswith("optim.state."):
+                idx, name = k[len("optim.state.") :].split(".", 1)
+                names.setdefault(idx, set()).add(name)
+        if len({frozenset(v) for v in names.values()}) > 1:
+            raise FileFormatError(f"{path}: some optimizer state tensors are missing; {fix}")
+    if scheduler and not isinstance(doc.get("scheduler"), dict):
+        raise FileFormatError(f"{path} has no scheduler state to resume from; {fix}")
+
+
 def load_checkpoint(
     path: str | os.PathLike[str],
     *,
@@ -158,10 +190,11 @@ def load_checkpoint(
     """
     path = Path(path)
     doc, tensors = _read(path)
+    _check_sections(path, doc, tensors, optimizer is not None, scheduler is not None)
     model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     try:
         model.load_state_dict(model_state)
-        if optimizer is not None and "optimizer" in doc:
+        if optimizer is not None:
             optimizer.load_state_dict(_join_optimizer(tensors, doc["optimizer"]))
     except (RuntimeError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -169,6 +202,6 @@ def load_checkpoint(
             f"{path} does not fit this model/optimizer ({first}); resume with the same model "
             "and optimizer settings, or delete the checkpoint to start over"
         ) from None
-    if scheduler is not None and "scheduler" in doc:
+    if scheduler is not None:
         scheduler.load_state_dict(doc["scheduler"])
     return doc["meta"]

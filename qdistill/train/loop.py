@@ -20,12 +20,13 @@ from tqdm.auto import tqdm
 
 from qdistill.distill.lm.metrics import batch_counts, default_shift
 from qdistill.distill.lm.tokens import call_model, split_batch
-from qdistill.errors import ConfigError, FileFormatError
+from qdistill.errors import ConfigError, FileFormatError, TrainingError
 from qdistill.train.checkpoint import load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "last.safetensors"
+NONFINITE_POLICIES = ("stop", "skip")
 Callback = Callable[[str, dict[str, Any]], None]
 
 
@@ -93,14 +94,7 @@ def _start(
         log.warning("%s: starting fresh; the checkpoint %s will be overwritten", desc, ckpt)
         return History(), 0
     meta = load_checkpoint(ckpt, model=run.student, optimizer=optimizer, scheduler=scheduler)
-    try:
-        done = int(meta["epoch"])
-        history = History(**meta.get("history", {}))
-    except (KeyError, TypeError, ValueError):
-        raise FileFormatError(
-            f"{ckpt} has no training progress (epoch, history) in its meta; it was not written "
-            "by fit, so delete it or train without resume"
-        ) from None
+    done, history = _progress(meta, ckpt)
     if meta.get("seed", seed) != seed:
         log.warning(
             "%s: checkpoint was trained with seed=%s, this run uses seed=%s; the resumed run "
@@ -118,6 +112,50 @@ def _start(
     return history, done + 1
 
 
+def _progress(meta: Any, ckpt: Path) -> tuple[int, History]:
+    """The last finished epoch and the history a checkpoint's meta records, checked: a tampered
+    epoch (negative, not an integer) or history (not one entry per epoch) is a clear error."""
+    fix = "it was not written by fit or was edited; delete it or train without resume"
+    try:
+        done = meta["epoch"]
+        history = History(**meta.get("history", {}))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise FileFormatError(f"{ckpt} has no training progress (epoch, history); {fix}") from None
+    if isinstance(done, bool) or not isinstance(done, int) or done < 0:
+        raise FileFormatError(f"{ckpt} records epoch {done!r}, not an integer >= 0; {fix}")
+    if len(history.train_loss) != done + 1:
+        raise FileFormatError(
+            f"{ckpt} records {len(history.train_loss)} epochs of losses for epoch {done}; {fix}"
+        )
+    return done, history
+
+
+def _finite_loss(loss: torch.Tensor, policy: str, desc: str, epoch: int, step: int) -> bool:
+    """Whether to use this batch's loss: True if finite; a non-finite one skips the batch
+    (``policy="skip"``, with a warning) or stops training, naming the step (``"stop"``)."""
+    if bool(torch.isfinite(loss.detach()).all()):
+        return True
+    value = float(loss.detach().float().sum())
+    where = f"{desc}: the loss is {value} at epoch {epoch + 1}, step {step}"
+    if policy == "skip":
+        log.warning("%s; batch skipped (on_nonfinite='skip')", where)
+        return False
+    raise TrainingError(
+        f"{where}; training stopped before the weights or a checkpoint took it in (lower the "
+        "learning rate, check the data, or pass on_nonfinite='skip' to drop such batches)"
+    )
+
+
+def _check_weights(run: Any, desc: str, epoch: int) -> None:
+    """Refuse to checkpoint or return weights that are no longer finite."""
+    for name, p in run.student.state_dict().items():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise TrainingError(
+                f"{desc}: weight {name!r} is NaN or Inf after epoch {epoch + 1}; training "
+                "diverged (lower the learning rate); nothing was checkpointed for this epoch"
+            )
+
+
 def fit(
     run: Any,
     train_loader: Iterable,
@@ -133,6 +171,7 @@ def fit(
     progress: bool = True,
     callbacks: list[Callback] | None = None,
     desc: str = "train",
+    on_nonfinite: str = "stop",
 ) -> History:
     """Train ``run`` (a :class:`~qdistill.distill.Distiller`) for ``epochs`` epochs.
 
@@ -144,10 +183,14 @@ def fit(
     (same ``seed``, data and settings assumed). ``resume=False`` starts fresh and overwrites it.
     ``callbacks`` are called as ``cb(event, info)``: ``"step"`` after every optimizer step
     (info: epoch, step) and ``"epoch_end"`` after the checkpoint (info: epoch, history).
-    The student is left in eval mode.
+    A non-finite loss stops training with a :class:`~qdistill.errors.TrainingError` naming the
+    epoch and step (``on_nonfinite="stop"``, the default) or skips that batch (``"skip"``);
+    weights that became non-finite are never checkpointed. The student is left in eval mode.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"epochs={epochs!r} must be a positive integer")
+    if on_nonfinite not in NONFINITE_POLICIES:
+        raise ConfigError(f"on_nonfinite={on_nonfinite!r}; use one of {NONFINITE_POLICIES}")
     if optimizer is None:
         optimizer = torch.optim.Adam(run.parameters(), lr=lr)
     ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
@@ -158,12 +201,16 @@ def fit(
         torch.manual_seed(_epoch_seed(seed, epoch))
         run.train()
         total_loss = correct = seen = 0.0
+        skipped = 0
         bar = tqdm(
             train_loader, desc=f"{desc} {epoch + 1}/{epochs}", disable=not progress, leave=False
         )
         for step, batch in enumerate(bar):
             x, y = split_batch(batch)  # (x, y) pairs or token dicts
             loss, logits = run.step(x, y)
+            if not _finite_loss(loss, on_nonfinite, desc, epoch, step):
+                skipped += 1
+                continue
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -174,6 +221,9 @@ def fit(
             bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
             for cb in callbacks or ():
                 cb("step", {"epoch": epoch, "step": step})
+        if seen == 0 and skipped:
+            raise TrainingError(f"{desc}: every batch of epoch {epoch + 1} had a non-finite loss")
+        _check_weights(run, desc, epoch)
         if scheduler is not None:
             scheduler.step()
         history.train_loss.append(total_loss / max(seen, 1))
