@@ -287,3 +287,21 @@ def test_llama_of_different_widths_distils_end_to_end_through_distill_and_fit(
         assert not any("adapter" in k for k in f.keys())
     assert no_hooks(student) and no_hooks(teacher)
     copy.deepcopy(student)  # no hook closures left to copy
+
+
+def test_resuming_restores_the_adapters_and_matches_an_uninterrupted_run(tmp_path):
+    def run_for(ckpt, epochs, resume=False):
+        student = TinyCNN(4, 1)
+        run = qd.distill(TinyCNN(8, 0), student, loss=qd.KD() + qd.Intermediate(
+            {"features.2": "features.2"}))  # fmt: skip
+        qd.fit(run, images(), epochs=epochs, lr=1e-2, progress=False, checkpoint_dir=ckpt,
+               resume=resume)  # fmt: skip
+        return student, run.loss.terms[0].adapters[0]
+
+    full_student, full_adapter = run_for(tmp_path / "a", 2)
+    run_for(tmp_path / "b", 1)
+    student, adapter = run_for(tmp_path / "b", 2, resume=True)
+    assert torch.equal(adapter.proj.weight, full_adapter.proj.weight)
+    for (k, v), w in zip(student.state_dict().items(), full_student.state_dict().values(),
+                         strict=True):  # fmt: skip
+        assert torch.equal(v, w), k

@@ -58,6 +58,18 @@ class Distiller:
         extra = own() if own is not None else ()
         return (p for p in itertools.chain(self.student.parameters(), extra) if p.requires_grad)
 
+    @property
+    def checkpoint_model(self) -> nn.Module:
+        """What ``qd.fit`` checkpoints: the student, or, when the loss owns trained parameters
+        (adapters), the student beside them (keys ``student.*`` and ``loss.*``), so that
+        resuming restores the adapters too. ``qd.save(run.student)`` still sees the student only.
+        """
+        own = getattr(self.loss, "state_module", None)
+        extra = own() if own is not None else None
+        if extra is None or not any(True for _ in extra.parameters()):
+            return self.student
+        return _StudentAndLoss(self.student, extra)
+
     def teacher_logits(self, x: Any) -> torch.Tensor | None:
         """The frozen teacher's logits for ``x`` (no graph), or ``None`` without a teacher."""
         if self.teacher is None:
@@ -90,6 +102,15 @@ class Distiller:
     def __repr__(self) -> str:
         teacher = type(self.teacher).__name__ if self.teacher is not None else None
         return f"Distiller(teacher={teacher}, student={type(self.student).__name__}, {self.loss!r})"
+
+
+class _StudentAndLoss(nn.Module):
+    """The student and the loss's own modules under one state dict (checkpoints only)."""
+
+    def __init__(self, student: nn.Module, loss: nn.Module) -> None:
+        super().__init__()
+        self.student = student
+        self.loss = loss
 
 
 def distill(teacher: nn.Module, student: nn.Module, loss: Any = None) -> Distiller:

@@ -92,7 +92,8 @@ def _start(
     if not resume:
         log.warning("%s: starting fresh; the checkpoint %s will be overwritten", desc, ckpt)
         return History(), 0
-    meta = load_checkpoint(ckpt, model=run.student, optimizer=optimizer, scheduler=scheduler)
+    model = getattr(run, "checkpoint_model", run.student)  # the student (+ loss adapters)
+    meta = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
     try:
         done = int(meta["epoch"])
         history = History(**meta.get("history", {}))
@@ -189,7 +190,7 @@ def fit(
         if ckpt is not None:
             save_checkpoint(
                 ckpt,
-                model=run.student,
+                model=getattr(run, "checkpoint_model", run.student),
                 optimizer=optimizer,
                 scheduler=scheduler,
                 meta={"epoch": epoch, "seed": seed, "history": history.to_dict()},

@@ -197,6 +197,10 @@ class WithLayers:
         for term in self.terms:
             yield from term.parameters()
 
+    def state_module(self) -> nn.Module:
+        """The adapters of all terms as one module (what a training checkpoint stores)."""
+        return nn.ModuleList([term.adapters for term in self.terms])
+
     @contextlib.contextmanager
     def capture(self) -> Iterator[None]:
         with contextlib.ExitStack() as stack:
