@@ -305,3 +305,38 @@ def test_resuming_restores_the_adapters_and_matches_an_uninterrupted_run(tmp_pat
     for (k, v), w in zip(student.state_dict().items(), full_student.state_dict().values(),
                          strict=True):  # fmt: skip
         assert torch.equal(v, w), k
+
+
+def test_the_readme_example_runs_and_the_loss_is_the_weighted_sum(transformers):
+    teacher, student = tiny_llama(0, num_hidden_layers=4), tiny_llama(1, **SMALL)
+    hint = qd.Intermediate({"model.layers.*": "model.layers.*"}, loss="mse", weight=0.5)
+    with pytest.raises(ConfigError, match="matches 4 modules"):
+        qd.distill(teacher, student, loss=qd.ForwardKL() + hint)
+    hint = qd.Intermediate({"re:model\\.layers\\.(1|3)": "model.layers.*"}, weight=0.5)
+    att = qd.Intermediate(
+        {"re:model\\.layers\\.(1|3)\\.self_attn": "model.layers.*.self_attn"}, loss="attention_kl"
+    )
+    kl = qd.ForwardKL()
+    run = qd.distill(teacher, student, loss=kl + hint + att)
+    b = batches(1)[0]
+    total, logits = run.step(b, split_batch(b)[1])
+    with torch.no_grad():
+        t_logits = teacher(**b).logits
+    expected = kl(logits, t_logits, split_batch(b)[1], mask=b["attention_mask"])
+    expected = expected + 0.5 * hint(b["attention_mask"]) + att(b["attention_mask"])
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert repr(run.loss).startswith("ForwardKL(") and "attention_kl" in repr(run.loss)
+
+
+def test_attention_terms_on_sdpa_models_ask_for_eager_attention(transformers):
+    from tiny_transformers import llama_config
+
+    torch.manual_seed(0)
+    config = llama_config(transformers, vocab_size=V)
+    config._attn_implementation = "sdpa"
+    teacher = transformers.LlamaForCausalLM(config).eval()
+    student = copy.deepcopy(teacher)
+    pairs = {"model.layers.0.self_attn": "model.layers.0.self_attn"}
+    run = qd.distill(teacher, student, loss=qd.Intermediate(pairs, loss="attention_mse"))
+    with pytest.raises(qd.QDistillError, match="attn_implementation='eager'"):
+        run.step(batches(1)[0], None)
