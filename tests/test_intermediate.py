@@ -220,6 +220,13 @@ def test_hooks_on_hf_layers_take_the_hidden_state_and_attention_weights(transfor
     assert torch.allclose(hid["model.layers.0"], out.hidden_states[1])
     assert torch.allclose(att["model.layers.1.self_attn"], out.attentions[1])
     assert no_hooks(model)
+    from tiny_transformers import bert_config  # BERT layers: another output convention
+
+    bert = transformers.BertModel(bert_config(transformers, vocab_size=V)).eval()
+    with FeatureCapture(bert, match_modules(bert, "encoder.layer.*")) as hid:
+        out = bert(**b, output_hidden_states=True)
+    assert torch.allclose(hid["encoder.layer.0"], out.hidden_states[1])
+    assert torch.allclose(hid["encoder.layer.1"], out.last_hidden_state)
 
 
 def test_relation_term_reuses_the_minilm_relation_loss(transformers):
