@@ -9,7 +9,11 @@ integers (symmetric, one scale per group of 32 weights):
 * ``ptq-int4``: rounded once, no training;
 * ``qat-int4``: trained on next-token cross-entropy alone (no teacher);
 * ``qat+logit-kd-int4``: trained on the token-level forward KL to the teacher (Hinton KD on
-  every position, ``qd.ForwardKL``, computed in chunks of tokens).
+  every position, ``qd.ForwardKL``, computed in chunks of tokens);
+* ``qat+logit+hidden-kd-int4`` (with ``--hidden-kd BETA``): the same plus ``BETA`` times the
+  hidden-state loss (``--hidden-loss``, cosine by default: scale-free, where the residual
+  stream's outlier dimensions would dominate an MSE) between every teacher decoder layer and
+  the same student layer (``qd.Intermediate``, FitNets-style hints; same widths, no adapter).
 
 Each student is then packed (``save_pretrained``) and loaded back the Hugging Face way
 (``AutoModelForCausalLM.from_pretrained``): perplexity (token-weighted, held-out text) and
@@ -58,6 +62,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--memory-tokens", type=int, default=None, help="tokens of the memory check")
+    p.add_argument(
+        "--hidden-kd",
+        type=float,
+        default=None,
+        metavar="BETA",
+        help="also train a QAT + logit + hidden-state KD student (weight BETA, e.g. 1.0)",
+    )
+    p.add_argument("--hidden-loss", choices=["cosine", "mse"], default="cosine")
     p.add_argument("--out", type=Path, default=RESULTS / "lm.csv")
     args = p.parse_args(argv)
     quick = dict(steps=6, max_length=48, eval_texts=48, memory_tokens=512)
@@ -160,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = qd.QuantConfig(weights=qd.int4(group_size=32), rules={"lm_head": None})
     students: dict[str, torch.nn.Module] = {}
     losses = {"qat-int4": None, "qat+logit-kd-int4": qd.ForwardKL(temperature=1.0)}
+    if args.hidden_kd is not None:
+        layers = {"model.layers.*": "model.layers.*"}  # every decoder layer's hidden state
+        hint = qd.Intermediate(layers, loss=args.hidden_loss, weight=args.hidden_kd)
+        losses["qat+logit+hidden-kd-int4"] = qd.ForwardKL(temperature=1.0) + hint
     students["ptq-int4"] = qd.quantize_(copy.deepcopy(teacher), cfg)
     for name, loss in losses.items():
         student = qd.quantize_(copy.deepcopy(teacher), cfg)

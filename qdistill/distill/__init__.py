@@ -1,5 +1,6 @@
 """Distillation losses and the teacher/student wrapper."""
 
+from qdistill.distill.layers import Intermediate
 from qdistill.distill.lm import (
     ForwardKL,
     GeneralizedJSD,
@@ -18,6 +19,7 @@ __all__ = [
     "Distiller",
     "ForwardKL",
     "GeneralizedJSD",
+    "Intermediate",
     "ReverseKL",
     "TokenCrossEntropy",
     "TopKKD",

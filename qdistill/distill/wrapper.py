@@ -7,12 +7,15 @@ same contract as ModelOpt's distillation wrapper). The wrapper is deliberately n
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
+from qdistill.distill.layers.intermediate import Intermediate, WithLayers
 from qdistill.distill.lm.tokens import call_model
 from qdistill.distill.losses import KD, CrossEntropy
 from qdistill.errors import ConfigError
@@ -22,6 +25,8 @@ class Distiller:
     """Runs ``teacher`` (frozen) and ``student`` on the same batch and computes ``loss``."""
 
     def __init__(self, teacher: nn.Module | None, student: nn.Module, loss: Any) -> None:
+        if isinstance(loss, Intermediate):  # layer terms alone, no output loss
+            loss = WithLayers(None, [loss])
         if getattr(loss, "needs_teacher", False) and teacher is None:
             raise ConfigError(f"{loss!r} needs a teacher; pass one or use CrossEntropy()")
         if teacher is student:
@@ -32,6 +37,9 @@ class Distiller:
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
+        bind = getattr(loss, "bind", None)  # intermediate terms: resolve layers, build adapters
+        if bind is not None:
+            bind(teacher, student)
 
     def train(self, mode: bool = True) -> Distiller:
         """Switch the student's mode; the teacher stays in eval mode (no dropout, fixed BN)."""
@@ -44,7 +52,23 @@ class Distiller:
         return self.train(False)
 
     def parameters(self) -> Iterator[nn.Parameter]:
-        return (p for p in self.student.parameters() if p.requires_grad)
+        """The trainable parameters: the student's, plus those the loss owns (the adapters of
+        ``qd.Intermediate`` terms), which is what ``qd.fit``'s default optimizer steps."""
+        own = getattr(self.loss, "parameters", None)
+        extra = own() if own is not None else ()
+        return (p for p in itertools.chain(self.student.parameters(), extra) if p.requires_grad)
+
+    @property
+    def checkpoint_model(self) -> nn.Module:
+        """What ``qd.fit`` checkpoints: the student, or, when the loss owns trained parameters
+        (adapters), the student beside them (keys ``student.*`` and ``loss.*``), so that
+        resuming restores the adapters too. ``qd.save(run.student)`` still sees the student only.
+        """
+        own = getattr(self.loss, "state_module", None)
+        extra = own() if own is not None else None
+        if extra is None or not any(True for _ in extra.parameters()):
+            return self.student
+        return _StudentAndLoss(self.student, extra)
 
     def teacher_logits(self, x: Any) -> torch.Tensor | None:
         """The frozen teacher's logits for ``x`` (no graph), or ``None`` without a teacher."""
@@ -62,8 +86,10 @@ class Distiller:
         return transformers output objects (their ``.logits`` are used). Token-level losses
         (``loss.token_level``) also get the batch's padding mask.
         """
-        teacher_logits = self.teacher_logits(x)
-        student_logits = call_model(self.student, x)
+        capture = getattr(self.loss, "capture", None)  # hooks for intermediate terms, if any
+        with capture() if capture is not None else contextlib.nullcontext():
+            teacher_logits = self.teacher_logits(x)
+            student_logits = call_model(self.student, x)
         if getattr(self.loss, "token_level", False):
             mask = x.get("attention_mask") if isinstance(x, dict) else None
             return self.loss(student_logits, teacher_logits, y, mask=mask), student_logits
@@ -76,6 +102,15 @@ class Distiller:
     def __repr__(self) -> str:
         teacher = type(self.teacher).__name__ if self.teacher is not None else None
         return f"Distiller(teacher={teacher}, student={type(self.student).__name__}, {self.loss!r})"
+
+
+class _StudentAndLoss(nn.Module):
+    """The student and the loss's own modules under one state dict (checkpoints only)."""
+
+    def __init__(self, student: nn.Module, loss: nn.Module) -> None:
+        super().__init__()
+        self.student = student
+        self.loss = loss
 
 
 def distill(teacher: nn.Module, student: nn.Module, loss: Any = None) -> Distiller:

@@ -93,7 +93,8 @@ def _start(
     if not resume:
         log.warning("%s: starting fresh; the checkpoint %s will be overwritten", desc, ckpt)
         return History(), 0
-    meta = load_checkpoint(ckpt, model=run.student, optimizer=optimizer, scheduler=scheduler)
+    model = getattr(run, "checkpoint_model", run.student)  # the student (+ loss adapters)
+    meta = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
     done, history = _progress(meta, ckpt)
     if meta.get("seed", seed) != seed:
         log.warning(
@@ -239,7 +240,7 @@ def fit(
         if ckpt is not None:
             save_checkpoint(
                 ckpt,
-                model=run.student,
+                model=getattr(run, "checkpoint_model", run.student),
                 optimizer=optimizer,
                 scheduler=scheduler,
                 meta={"epoch": epoch, "seed": seed, "history": history.to_dict()},
