@@ -4,6 +4,7 @@ Example::
 
     recipe: quantized_distillation      # train | ptq | qat | quantized_distillation | post_mortem
                                         # | differentiable_quantization | mqat | bitdistill
+                                        # | lm-kd (qdistill.recipes.lm_yaml)
     dataset: digits                     # fashion-mnist | digits
     output: runs/digits-4bit            # relative to this file's folder, and inside it
     teacher: {model: teacher-cnn, epochs: 3}        # or {file: teacher.qd.safetensors}
@@ -41,7 +42,7 @@ from qdistill.models import build_model
 from qdistill.pack import load, save
 from qdistill.quant import QuantConfig
 from qdistill.quant.observers import OBSERVERS
-from qdistill.recipes import bitdistill_yaml
+from qdistill.recipes import bitdistill_yaml, lm_yaml
 from qdistill.recipes.config import (
     RECIPES,
     RecipeConfig,
@@ -56,7 +57,7 @@ from qdistill.recipes.post_mortem import ptq
 from qdistill.recipes.qat import TrainSettings, qat, train_float
 from qdistill.train import evaluate
 
-_REGISTERED = (bitdistill_yaml,)  # modules whose recipes register themselves on import
+_REGISTERED = (bitdistill_yaml, lm_yaml)  # modules whose recipes register themselves on import
 
 
 # --------------------------------------------------------------------------------------------
