@@ -92,6 +92,7 @@ def differentiable_quantization(
             resume=settings.resume,
             progress=settings.progress,
             callbacks=[project_callback(student)],
+            on_nonfinite=settings.on_nonfinite,
             desc=f"diff-quant {mode} {epoch + 1}/{settings.epochs}",
         )
         for key in ("train_loss", "train_acc", "val_acc"):

@@ -55,9 +55,9 @@ from torch.utils.data import DataLoader
 
 from qdistill.errors import ConfigError, DataError
 from qdistill.recipes.config import RecipeConfig, Section, limits, register_recipe
+from qdistill.train.loop import NONFINITE_POLICIES
 
 LOSSES = ("forward_kl", "reverse_kl", "jsd", "topk", "cross_entropy")
-NONFINITE = ("stop", "skip")  # qdistill.train.loop.NONFINITE_POLICIES
 LAYER_KINDS = ("mse", "cosine", "attention_mse", "attention_kl", "relation")  # qd.Intermediate
 
 
@@ -97,7 +97,7 @@ class LMDistillSection(Section):
 class LMTrainSection(Section):
     epochs: int = field(default=1, metadata=limits(ge=1))
     lr: float = field(default=2e-5, metadata=limits(gt=0))
-    on_nonfinite: str = field(default="stop", metadata=limits(choices=NONFINITE))
+    on_nonfinite: str = field(default="stop", metadata=limits(choices=NONFINITE_POLICIES))
 
 
 @dataclass(frozen=True)
