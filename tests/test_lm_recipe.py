@@ -86,7 +86,7 @@ def test_lm_kd_recipe_end_to_end_reloads_through_auto_model(tmp_path, capsys):
     assert main(["run", str(recipe), "--no-progress"]) == 0
     out = tmp_path / "out"
     metrics = json.loads((out / "metrics.json").read_text())
-    # 24 paragraphs, a quarter held out
+    # 24 paragraphs, a quarter held out (the same as held_out: 6)
     assert metrics["held_out_texts"] == 6 and metrics["train_texts"] == 18
     assert len(metrics["train_loss"]) == 2 and all(v == v for v in metrics["train_loss"])
     for key in ("teacher_perplexity", "student_perplexity", "student_perplexity_before"):
@@ -176,6 +176,8 @@ def test_on_nonfinite_skip_is_passed_to_fit(tmp_path, monkeypatch):
         ({"quant": {"weights": {"kind": "int", "bits": 4}, "rules": {"head": None}}}, r"head"),
         ({"teacher": "no/such/folder"}, r"teacher: 'no/such/folder' is neither"),
         ({"text": {"source": "missing.txt"}}, r"text.source: 'missing.txt' is not a file"),
+        ({"text": {"held_out": 2.5}}, r"text.held_out: 2.5 is neither a fraction"),
+        ({"text": {"held_out": 24}}, r"24 text\(s\) leave none to train on"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, overrides, message):

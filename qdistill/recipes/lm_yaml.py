@@ -8,7 +8,7 @@ Example (``examples/lm-kd-smollm2.yaml``)::
     output: runs/lm-kd                # relative to this file's folder, and inside it
     batch_size: 8
     subset: 400                       # at most this many training texts (omit: all)
-    text: {source: fortunes, held_out: 0.1, max_length: 64}   # or source: a UTF-8 text file
+    text: {source: fortunes, held_out: 200, max_length: 64}   # or source: a UTF-8 text file
     quant:
       weights: {kind: int, bits: 4, group_size: 32}
       rules: {lm_head: null}          # layers that stay float
@@ -24,10 +24,10 @@ The student is quantized with ``quant`` (a :class:`~qdistill.quant.QuantConfig`)
 with one token-level loss (:mod:`qdistill.distill.lm`: forward KL is Hinton et al.'s KD on every
 position; reverse KL, Gu et al. 2024 "MiniLLM"; generalised JSD, Agarwal et al. 2024 "GKD";
 top-k logit KD; ``cross_entropy`` is QAT without a teacher) plus the optional layer terms. Text:
-the offline fortunes corpus (the general categories, as ``benchmarks/lm.py`` reads it) or a text
-file split into paragraphs at blank lines; ``held_out`` of the texts (after a seeded shuffle)
-are never trained on and give the perplexities. Texts longer than ``max_length`` tokens are
-truncated.
+the offline fortunes corpus (every category, as ``benchmarks/lm.py`` reads it) or a text file
+split into paragraphs at blank lines; ``held_out`` (a fraction below 1, or a number of texts)
+of the texts, taken after a seeded shuffle, are never trained on and give the perplexities.
+Texts longer than ``max_length`` tokens are truncated.
 
 Writes ``student/`` (``save_pretrained``: packed codes and the tokenizer, so
 ``AutoModelForCausalLM.from_pretrained`` reloads the packed model), ``student.qd.safetensors``
@@ -66,7 +66,8 @@ class TextSection(Section):
     """Where the training and held-out text comes from."""
 
     source: str = "fortunes"  # or the path of a UTF-8 text file (relative to the current folder)
-    held_out: float = field(default=0.1, metadata=limits(gt=0, le=0.9))
+    # a fraction (< 1) of the texts, or a number of texts (a whole number >= 1)
+    held_out: float = field(default=0.1, metadata=limits(gt=0))
     max_length: int = field(default=128, metadata=limits(ge=2))
 
 
@@ -156,6 +157,11 @@ class LMKDRecipe(RecipeConfig):
         for key in ("teacher", "student", "tokenizer"):
             if getattr(self, key) is not None:
                 _source(getattr(self, key), key)
+        h = self.text.held_out
+        if h >= 1 and h != int(h):
+            raise ConfigError(
+                f"text.held_out: {h!r} is neither a fraction below 1 nor a whole number of texts"
+            )
         if self.text.source != "fortunes" and not Path(self.text.source).is_file():
             raise ConfigError(
                 f"text.source: {self.text.source!r} is not a file; give a UTF-8 text file or "
@@ -219,7 +225,8 @@ class LMKDRecipe(RecipeConfig):
             paragraphs = (" ".join(p.split()) for p in raw.replace("\r\n", "\n").split("\n\n"))
             texts = [p for p in paragraphs if p]
             random.Random(self.seed).shuffle(texts)
-        n_eval = max(1, round(self.text.held_out * len(texts)))
+        h = self.text.held_out
+        n_eval = max(1, round(h * len(texts))) if h < 1 else int(h)
         held_out, train = texts[:n_eval], texts[n_eval:]
         if self.subset is not None:
             train = train[: self.subset]
