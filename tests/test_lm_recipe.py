@@ -160,9 +160,18 @@ def test_on_nonfinite_skip_is_passed_to_fit(tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(train, "fit", spy)
-    recipe = _recipe(tmp_path, train={"on_nonfinite": "skip", "epochs": 1}, distill={"layers": []})
-    run_recipe(load_recipe(recipe), progress=False)
+    recipe = _recipe(
+        tmp_path,
+        train={"on_nonfinite": "skip", "epochs": 1},
+        distill={"layers": [], "loss": "jsd", "beta": 0.3},
+        save={"pretrained": False},
+    )
+    metrics = run_recipe(load_recipe(recipe), progress=False)
     assert seen["on_nonfinite"] == "skip"
+    # packed file only: no folder, and the metrics come from qd.load of the file
+    assert not (tmp_path / "out" / "student").exists()
+    assert Path(metrics["student_file"]).is_file() and metrics["student_perplexity"] > 1
+    assert metrics["loss"] == "GeneralizedJSD(beta=0.3, alpha=1)"
 
 
 @pytest.mark.parametrize(
