@@ -27,17 +27,17 @@ from qdistill.formats import Format, fake_quantize
 from qdistill.pack.bits import pack_for
 from qdistill.quant.calibrate import as_batches
 from qdistill.quant.config import QuantConfig
-from qdistill.quant.quantize import QUANT_CLASSES
+from qdistill.quant.modules import compute_layers, is_hf_conv1d, linear_weight
 
 
 def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The Linear / Conv2d layers a plan chooses widths for, in model order."""
-    return [(n, m) for n, m in model.named_modules() if n and type(m) in QUANT_CLASSES]
+    """The Linear / Conv2d (and GPT-2 Conv1D) layers a plan chooses widths for, in order."""
+    return compute_layers(model)
 
 
 def layer_bytes(module: nn.Module, fmt: Format) -> int:
     """Bytes the layer's packed tensors take in ``fmt`` (codes, scales, zero points, bias)."""
-    q = fmt.quantize(module.weight.detach())
+    q = fmt.quantize(linear_weight(module).detach())
     total = pack_for(q.codes, fmt).numel() + q.scale.numel() * 4
     if q.zero_point is not None:
         total += q.zero_point.numel()
@@ -49,6 +49,13 @@ def layer_bytes(module: nn.Module, fmt: Format) -> int:
 def _outputs(model: nn.Module, batches: list[torch.Tensor]) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([model(x) for x in batches])
+
+
+def _fake_quantize_as_linear(module: nn.Module, weight: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """``weight`` rounded as the layer will be once quantized (a Conv1D's as its Linear's)."""
+    if not is_hf_conv1d(module):
+        return fake_quantize(weight, fmt)
+    return fake_quantize(weight.t(), fmt).t()
 
 
 def layer_sensitivity(
@@ -77,7 +84,7 @@ def layer_sensitivity(
             result[name] = {}
             for bits, fmt in candidates.items():
                 with torch.no_grad():
-                    module.weight.copy_(fake_quantize(original, fmt))
+                    module.weight.copy_(_fake_quantize_as_linear(module, original, fmt))
                 out = F.log_softmax(_outputs(model, batches), dim=-1)
                 kl = F.kl_div(out, reference, log_target=True, reduction="batchmean")
                 result[name][bits] = max(float(kl), 0.0)

@@ -246,6 +246,31 @@ def conv1d_as_linear(module: nn.Module) -> nn.Linear:
     return linear
 
 
+def compute_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The layers recipes choose formats for, in model order: ``nn.Linear``, ``nn.Conv2d`` and
+    GPT-2's ``Conv1D`` (a Linear, see :func:`conv1d_as_linear`)."""
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if n and (type(m) in QUANT_CLASSES or is_hf_conv1d(m))
+    ]
+
+
+def conv1d_to_linear_(model: nn.Module) -> nn.Module:
+    """Replace every GPT-2 ``Conv1D`` of ``model`` by its ``nn.Linear`` (in place, same outputs),
+    as ``quantize_`` does, for code that works on Linear layers (learned points)."""
+    for name, module in [(n, m) for n, m in model.named_modules() if is_hf_conv1d(m)]:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, conv1d_as_linear(module))
+    return model
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight in Linear orientation ``[out, in]`` (a GPT-2 ``Conv1D``'s transposed view), so
+    per-channel scales and groups run as they will once the layer is quantized."""
+    return module.weight.t() if is_hf_conv1d(module) else module.weight
+
+
 def linear_weight_shape(module: nn.Module) -> tuple[int, ...]:
     """The weight shape a packed file records for ``module`` (a Conv1D's as its Linear's)."""
     shape = getattr(module, "weight_shape", None)

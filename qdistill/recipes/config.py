@@ -69,6 +69,10 @@ def coerce(tp: Any, value: Any, where: str, meta: typing.Mapping[str, Any] | Non
             except ConfigError as exc:
                 errors.append(exc)
         raise errors[0]
+    if origin is list and isinstance(value, list):  # list[SomeSection]: each item checked
+        (item,) = typing.get_args(tp) or (Any,)
+        if isinstance(item, type) and issubclass(item, Section):
+            return [item.from_dict(v, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is not None:  # dict[str, Any], list[str], tuple[int, ...]
         tp = origin
     if isinstance(tp, type) and issubclass(tp, Section):

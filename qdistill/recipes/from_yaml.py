@@ -4,6 +4,7 @@ Example::
 
     recipe: quantized_distillation      # train | ptq | qat | quantized_distillation | post_mortem
                                         # | differentiable_quantization | mqat | bitdistill
+                                        # | lm-kd (qdistill.recipes.lm_yaml)
     dataset: digits                     # fashion-mnist | digits
     output: runs/digits-4bit            # relative to this file's folder, and inside it
     teacher: {model: teacher-cnn, epochs: 3}        # or {file: teacher.qd.safetensors}
@@ -11,7 +12,7 @@ Example::
     quant:
       weights: {kind: int, bits: 4, symmetric: false, group_size: 256}
       rules: {classifier: null}
-    train: {epochs: 3, lr: 0.002}
+    train: {epochs: 3, lr: 0.002, on_nonfinite: stop}   # or skip: drop non-finite batches
     distill: {temperature: 2.0, alpha: 0.7}
     calibration: {observer: mse, num_batches: 16, weights: minmax}   # ptq, static activations
 
@@ -41,7 +42,7 @@ from qdistill.models import build_model
 from qdistill.pack import load, save
 from qdistill.quant import QuantConfig
 from qdistill.quant.observers import OBSERVERS
-from qdistill.recipes import bitdistill_yaml
+from qdistill.recipes import bitdistill_yaml, lm_yaml
 from qdistill.recipes.config import (
     RECIPES,
     RecipeConfig,
@@ -55,8 +56,9 @@ from qdistill.recipes.mqat import mqat
 from qdistill.recipes.post_mortem import ptq
 from qdistill.recipes.qat import TrainSettings, qat, train_float
 from qdistill.train import evaluate
+from qdistill.train.loop import NONFINITE_POLICIES
 
-_REGISTERED = (bitdistill_yaml,)  # modules whose recipes register themselves on import
+_REGISTERED = (bitdistill_yaml, lm_yaml)  # modules whose recipes register themselves on import
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,6 +80,8 @@ class ModelSection(Section):
 class TrainSection(Section):
     epochs: int = field(default=5, metadata=limits(ge=1))
     lr: float = field(default=1e-3, metadata=limits(gt=0))
+    # a non-finite loss stops the run naming the step (exit 2), or skips that batch (fit)
+    on_nonfinite: str = field(default="stop", metadata=limits(choices=NONFINITE_POLICIES))
 
 
 @dataclass(frozen=True)
@@ -210,6 +214,7 @@ class CNNRecipe(RecipeConfig):
                 checkpoint_dir=out / "checkpoints" / name,
                 resume=resume,
                 progress=progress,
+                on_nonfinite=self.train.on_nonfinite,
             )
 
         teacher = None

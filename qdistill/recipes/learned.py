@@ -28,7 +28,7 @@ from qdistill.quant.learned import (
     set_mode,
     to_diffquant,
 )
-from qdistill.quant.quantize import QUANT_CLASSES
+from qdistill.quant.modules import compute_layers, conv1d_to_linear_
 from qdistill.recipes.qat import TrainSettings
 from qdistill.train import History, fit
 
@@ -56,7 +56,8 @@ def differentiable_quantization(
     """
     settings = settings or TrainSettings()
     loss = loss or KD()
-    layers = {n: m for n, m in student.named_modules() if n and type(m) in QUANT_CLASSES}
+    conv1d_to_linear_(student)  # GPT-2's Conv1D: learned points on its Linear (as quantize_)
+    layers = dict(compute_layers(student))
     points = {n: 2**bits for n in layers}
     if budget_bits is not None:
         run = distill(teacher, student, loss=loss)
@@ -92,6 +93,7 @@ def differentiable_quantization(
             resume=settings.resume,
             progress=settings.progress,
             callbacks=[project_callback(student)],
+            on_nonfinite=settings.on_nonfinite,
             desc=f"diff-quant {mode} {epoch + 1}/{settings.epochs}",
         )
         for key in ("train_loss", "train_acc", "val_acc"):

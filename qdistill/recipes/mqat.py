@@ -27,7 +27,7 @@ from qdistill.errors import ConfigError
 from qdistill.formats import Format
 from qdistill.quant import QuantConfig, quantize_
 from qdistill.quant.mixed_precision import layer_bytes
-from qdistill.quant.quantize import QUANT_CLASSES
+from qdistill.quant.modules import compute_layers
 from qdistill.recipes.post_mortem import post_mortem
 from qdistill.recipes.qat import TrainSettings, train_float
 from qdistill.train import evaluate
@@ -43,7 +43,7 @@ class MQATResult:
 
 
 def _layers(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if n and type(m) in QUANT_CLASSES]
+    return [n for n, _ in compute_layers(model)]
 
 
 def check_modules(model: nn.Module, modules: dict[str, Format], order: Sequence[str]) -> None:

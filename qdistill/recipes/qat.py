@@ -38,6 +38,7 @@ class TrainSettings:
     checkpoint_dir: str | Path | None = None
     resume: bool = False
     progress: bool = True
+    on_nonfinite: str = "stop"  # a non-finite loss stops training, or "skip"s its batch (fit)
 
 
 def qat(
@@ -120,5 +121,6 @@ def train_float(
         resume=settings.resume,
         progress=settings.progress,
         desc=desc,
+        on_nonfinite=settings.on_nonfinite,
     )
     return model, history
