@@ -160,6 +160,13 @@ def test_qd_load_rebuilds_a_transformers_model_without_a_skeleton(case, tmp_path
     assert torch.allclose(logits(loaded), expected, atol=1e-4)
     if case == "llama-tied-packed-head":  # a packed head is not re-tied to the float table
         assert "lm_head.weight" not in loaded.state_dict()
+    if case == "llama-tied-float-head":  # one table under two names is written once
+        with safe_open(str(path), framework="pt") as f:
+            assert "lm_head.weight" not in f.keys() and "model.embed_tokens.weight" in f.keys()
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+        untied = qd.save(qd.quantize_(tiny_llama(), CASES[case][2]), tmp_path / "u.safetensors")
+        with safe_open(str(untied), framework="pt") as f:  # an untied head is its own table
+            assert "lm_head.weight" in f.keys()
 
     # the loaded packed model saves the Hugging Face way too (the silent-random case)
     _, auto, _ = CASES[case]

@@ -121,9 +121,14 @@ def packed_state(
         if entropy_coding == "huffman":
             _huffman_encode(name, layer, layers[name], tensors)
         packed_prefixes.append(name + ".")
+    tied = hf_arch.tied_targets(model)  # e.g. lm_head.weight, the same table as the embedding
+    written: dict[int, str] = {}
     for key, value in model.state_dict().items():
         if any(key.startswith(p) for p in packed_prefixes):
             continue
+        if key in tied and value.numel() and value.data_ptr() in written:  # one table, two names:
+            continue  # written once, as save_pretrained does; load ties it again
+        written.setdefault(value.data_ptr(), key)
         tensors[key] = value.detach().contiguous().clone()
     header = {
         "format_version": FORMAT_VERSION,
