@@ -62,6 +62,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "bitdistill-no-logits-kd": dict(lam=0.0),
     "bitdistill-no-attention": dict(attention=False),
 }
+# on request (--variants): what the schedule does, the naive baseline at a constant rate
+EXTRA_VARIANTS: dict[str, dict[str, Any]] = {
+    "bitnet-sft-constant-lr": dict(
+        subln=False, pretrain_tokens=0, distill=False, warmup=0.0, decay="constant"
+    ),
+}
 # variants whose stages 1-2 are bitdistill's: they reuse its stage 2 (a resumed run skips it)
 SHARES_STAGE2 = ("bitdistill-no-logits-kd", "bitdistill-no-attention")
 COLUMNS = ["variant", "seed", "accuracy", "balanced_accuracy", "bytes", "latency_ms"]
@@ -155,6 +161,41 @@ def plot(summary: list[dict[str, Any]], curve: list[tuple[int, float, float]], p
     plt.close(fig)
 
 
+def report(
+    rows: list[dict[str, Any]],
+    args: argparse.Namespace,
+    curve_budgets: list[int],
+    n_train: int,
+    n_test: int,
+    elapsed: float,
+    out: Path,
+) -> Path:
+    """Write ``bitdistill.md`` (means +- std over the seeds run so far) and the plot."""
+    summary = summarize(rows)
+    by_name = {r["variant"]: r for r in summary}
+    points = {0: "bitdistill-no-stage2", args.pretrain_tokens: "bitdistill"}
+    points.update({t: f"bitdistill-stage2-{tokens_tag(t)}" for t in curve_budgets})
+    curve = sorted(
+        (t, by_name[n]["accuracy"], by_name[n]["accuracy_std"])
+        for t, n in points.items()
+        if n in by_name
+    )
+    seeds = sorted({r["seed"] for r in rows})
+    header = (
+        f"MiniLM-L6 on wordnet-10 ({n_train} training / {n_test} balanced test definitions, "
+        f"{args.max_length} tokens, batch {args.batch_size}), seeds {seeds}; teacher "
+        f"{args.teacher_epochs} epochs at peak {args.teacher_lr:g}, students {args.epochs} epochs "
+        f"at peak {args.lr:g}, stage 2 {args.pretrain_tokens} tokens at peak {args.pretrain_lr:g}"
+        f"; warmup 10% + cosine decay to 0 per step everywhere; accuracy of the packed file "
+        f"loaded back; latency of one {args.max_length}-token sequence, 2 threads "
+        f"({elapsed:.0f} s in all)."
+    )
+    md = out.with_suffix(".md")
+    md.write_text(markdown(summary, header))
+    plot(summary, curve, out.with_suffix(".png"))
+    return md
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny budgets, a few minutes")
@@ -188,9 +229,10 @@ def main() -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     curve_budgets = [int(t) for t in args.stage2_curve.split(",") if t]
     names = args.variants.split(",")
-    unknown = [n for n in names if n not in VARIANTS]
+    known = {**VARIANTS, **EXTRA_VARIANTS}
+    unknown = [n for n in names if n not in known]
     if unknown:
-        print(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+        print(f"unknown variants {unknown}; known: {list(known)}")
         return 2
     torch.set_num_threads(2)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -219,7 +261,7 @@ def main() -> int:
         flush=True,
     )
     weights = {k: v for k, v in (("gamma", args.gamma), ("lam", args.lam)) if v is not None}
-    runs = [(n, VARIANTS[n], None) for n in names]
+    runs = [(n, known[n], None) for n in names]
     runs += [
         (f"bitdistill-stage2-{tokens_tag(t)}", {"pretrain_tokens": t}, args.curve_seeds)
         for t in curve_budgets
@@ -300,32 +342,12 @@ def main() -> int:
                     "latency_ms": round(lat[name], 2),
                 }
             )
-        out = write_csv(rows, args.out, COLUMNS)  # after every seed: a partial result survives
+        out = write_csv(rows, args.out, COLUMNS)
         del models, teacher
-
-    summary = summarize(rows)
-    by_name = {r["variant"]: r for r in summary}
-    points = {0: "bitdistill-no-stage2", args.pretrain_tokens: "bitdistill"}
-    points.update({t: f"bitdistill-stage2-{tokens_tag(t)}" for t in curve_budgets})
-    curve = sorted(
-        (t, by_name[n]["accuracy"], by_name[n]["accuracy_std"])
-        for t, n in points.items()
-        if n in by_name
-    )
-    elapsed = time.time() - t0
-    header = (
-        f"MiniLM-L6 on wordnet-10 ({len(train)} training / {len(test)} balanced test "
-        f"definitions, {length} tokens), {len(seeds)} seeds; teacher {args.teacher_epochs} "
-        f"epochs at peak {args.teacher_lr:g}, students {args.epochs} epochs at peak {args.lr:g}, "
-        f"stage 2 {args.pretrain_tokens} tokens at peak {args.pretrain_lr:g}; accuracy of the "
-        f"packed file loaded back; latency of one {length}-token sequence, 2 threads "
-        f"({elapsed:.0f} s in all)."
-    )
-    md = out.with_suffix(".md")
-    md.write_text(markdown(summary, header))
-    plot(summary, curve, out.with_suffix(".png"))
+        # tables and plot after every seed: an interrupted run still leaves its means so far
+        md = report(rows, args, curve_budgets, len(train), len(test), time.time() - t0, out)
     print(md.read_text())
-    print(f"wrote {out}, {md} and {out.with_suffix('.png')} in {elapsed:.0f} s")
+    print(f"wrote {out}, {md} and {out.with_suffix('.png')} in {time.time() - t0:.0f} s")
     return 0
 
 

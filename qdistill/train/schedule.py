@@ -53,7 +53,7 @@ def lr_factor(
     if decay == "constant":
         return 1.0
     span = max(1, total - n_warm)
-    progress = min(1.0, (step - n_warm + 1) / span)
+    progress = min(1.0, (step - n_warm) / span)  # 0 at the first step after warmup
     if decay == "cosine":
         shape = 0.5 * (1.0 + math.cos(math.pi * progress))
     else:
@@ -71,7 +71,9 @@ def warmup_decay(
     """Linear warmup over ``warmup`` of ``total_steps``, then ``decay`` to ``min_ratio`` x peak.
 
     Step it once per optimizer step (``fit(..., scheduler_interval="step")``); the optimizer's
-    ``lr`` is the peak. The last step runs at ``min_ratio`` x peak (0 by default).
+    ``lr`` is the peak: warmup steps run at ``(k + 1) / n_warmup`` of it, the first step after
+    warmup at the peak, and the rate reaches ``min_ratio`` x peak (0 by default) when the
+    ``total_steps``-th step is done (beyond it, it stays there).
     """
     if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
         raise ConfigError(f"total_steps={total_steps!r} must be a positive integer")
