@@ -3,7 +3,7 @@
 Example (``examples/bitdistill-minilm-fortunes.yaml``)::
 
     recipe: bitdistill
-    dataset: fortunes                 # topic classification, qdistill.data.fortunes
+    dataset: fortunes                 # fortunes (qdistill.data.fortunes) or wordnet (wordnet-10)
     model: minilm                     # offline name (minilm, smollm2), folder or hub id
     output: runs/bitdistill
     max_length: 48
@@ -27,19 +27,33 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qdistill.data.fortunes import TOPICS, general_text, load_fortunes
+from qdistill.data import fortunes, wordnet
 from qdistill.data.text import classification_loader, text_loader
 from qdistill.errors import ConfigError
-from qdistill.recipes.bitdistill import BitDistillConfig, bitdistill, finetune
+from qdistill.recipes.bitdistill import BitDistillConfig, bitdistill, check_inputs, finetune
 from qdistill.train import evaluate
 
 # top-level keys every YAML recipe takes (from_yaml's recipes add theirs to these)
 RUN_KEYS = {"recipe", "dataset", "data_dir", "output", "batch_size", "subset", "seed", "teacher"}
 TOP_KEYS = RUN_KEYS | {"model", "max_length", "bitdistill"}
 TEACHER_KEYS = {"epochs", "lr"}
+DATASETS = ("fortunes", "wordnet")
+
+
+def _task(spec: dict[str, Any], seed: int) -> tuple[Any, Any, Callable[[], list[str]]]:
+    """Train split, test split and (read when asked) stage-2 general text of the dataset."""
+    root, subset = spec.get("data_dir"), spec.get("subset")
+    if spec.get("dataset", "fortunes") == "wordnet":
+        train = wordnet.load_wordnet("train", per_class=subset, seed=seed, root=root)
+        test = wordnet.load_wordnet("test", seed=seed, root=root)
+        return train, test, lambda: wordnet.general_text(root=root, seed=seed)
+    train = fortunes.load_fortunes("train", seed=seed, root=root, max_per_class=subset)
+    test = fortunes.load_fortunes("test", seed=seed, root=root)
+    return train, test, lambda: fortunes.general_text(root=root, seed=seed)
 
 
 def validate_bitdistill(spec: dict[str, Any]) -> None:
@@ -49,8 +63,10 @@ def validate_bitdistill(spec: dict[str, Any]) -> None:
         raise ConfigError(
             f"unknown key(s) {unknown} in a bitdistill recipe; valid keys: {sorted(TOP_KEYS)}"
         )
-    if spec.get("dataset", "fortunes") != "fortunes":
-        raise ConfigError(f"dataset: {spec['dataset']!r}; the bitdistill recipe reads 'fortunes'")
+    if spec.get("dataset", "fortunes") not in DATASETS:
+        raise ConfigError(
+            f"dataset: {spec['dataset']!r}; the bitdistill recipe reads one of {list(DATASETS)}"
+        )
     if not spec.get("model"):
         raise ConfigError("a bitdistill recipe needs model: (minilm, smollm2, a folder or hub id)")
     teacher = spec.get("teacher") or {}
@@ -70,19 +86,28 @@ def run_bitdistill_recipe(
 
     validate_bitdistill(spec)
     out = Path(spec.get("output", "runs/bitdistill"))
-    out.mkdir(parents=True, exist_ok=True)
     seed = int(spec.get("seed", 0))
     length, batch = int(spec.get("max_length", 48)), int(spec.get("batch_size", 32))
-    root = spec.get("data_dir")
-    train = load_fortunes("train", seed=seed, root=root, max_per_class=spec.get("subset"))
-    test = load_fortunes("test", seed=seed, root=root)
+    train, test, general = _task(spec, seed)
     tok = load_tokenizer(spec["model"])
     train_loader = classification_loader(tok, train.texts, train.labels, length, batch, True)
     test_loader = classification_loader(tok, test.texts, test.labels, length, 2 * batch)
 
-    pretrained = load_classifier(spec["model"], num_labels=len(TOPICS))
+    pretrained = load_classifier(spec["model"], num_labels=len(train.classes))
     student = copy.deepcopy(pretrained)
     teacher = pretrained
+    bcfg = dict(spec.get("bitdistill") or {})
+    bcfg.update(
+        seed=seed,
+        checkpoint_dir=out / "checkpoints" / "student",
+        resume=resume,
+        progress=progress,
+    )
+    bcfg.setdefault("mask_token_id", getattr(tok, "mask_token_id", None))
+    config = BitDistillConfig.from_dict(bcfg)
+    texts = text_loader(tok, general(), length, batch) if config.pretrain_tokens > 0 else None
+    check_inputs(student, teacher if config.distill else None, texts, config)  # before training
+    out.mkdir(parents=True, exist_ok=True)
     tspec = spec.get("teacher") or {}
     tfile = out / "teacher.safetensors"
     if resume and tfile.exists():
@@ -103,21 +128,11 @@ def run_bitdistill_recipe(
     metrics: dict[str, Any] = {"recipe": "bitdistill", "model": spec["model"]}
     metrics["teacher_accuracy"] = evaluate(teacher, test_loader)
 
-    bcfg = dict(spec.get("bitdistill") or {})
-    bcfg.update(
-        seed=seed,
-        checkpoint_dir=out / "checkpoints" / "student",
-        resume=resume,
-        progress=progress,
-    )
-    bcfg.setdefault("mask_token_id", getattr(tok, "mask_token_id", None))
-    config = BitDistillConfig.from_dict(bcfg)
-    texts = general_text(root=root, seed=seed) if config.pretrain_tokens > 0 else None
     student, report = bitdistill(
         student,
         train_loader,
         teacher=teacher if config.distill else None,
-        text_loader=text_loader(tok, texts, length, batch) if texts else None,
+        text_loader=texts,
         config=config,
         special_ids=tok.all_special_ids,
     )
