@@ -161,7 +161,7 @@ def plot(summary: list[dict[str, Any]], curve: list[tuple[int, float, float]], p
     plt.close(fig)
 
 
-def report(
+def write_report(
     rows: list[dict[str, Any]],
     args: argparse.Namespace,
     curve_budgets: list[int],
@@ -187,8 +187,8 @@ def report(
         f"{args.teacher_epochs} epochs at peak {args.teacher_lr:g}, students {args.epochs} epochs "
         f"at peak {args.lr:g}, stage 2 {args.pretrain_tokens} tokens at peak {args.pretrain_lr:g}"
         f"; warmup 10% + cosine decay to 0 per step everywhere; accuracy of the packed file "
-        f"loaded back; latency of one {args.max_length}-token sequence, 2 threads "
-        f"({elapsed:.0f} s in all)."
+        f"loaded back; latency of one {args.max_length}-token sequence, {args.threads} "
+        f"thread(s)" + (f" ({elapsed:.0f} s in all)." if elapsed else ".")
     )
     md = out.with_suffix(".md")
     md.write_text(markdown(summary, header))
@@ -218,6 +218,14 @@ def main() -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--reps", type=int, default=15, help="latency repetitions")
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument(
+        "--threads", type=int, default=2, help="torch threads (1 is faster on a busy machine)"
+    )
+    p.add_argument(
+        "--merge",
+        default="",
+        help="CSV files of runs with other --seeds to merge into --out (no training)",
+    )
     p.add_argument("--work", default="runs/bench-bitdistill")
     p.add_argument("--out", default=str(RESULTS / "bitdistill.csv"))
     args = p.parse_args()
@@ -226,6 +234,22 @@ def main() -> int:
         args.pretrain_tokens, args.reps, args.seeds = 2_000, 3, "0"
         if args.out == str(RESULTS / "bitdistill.csv"):
             args.out = str(Path(args.work) / "bitdistill-quick.csv")
+    if args.merge:  # seeds run as separate processes: one table, one plot
+        from qdistill.report.table import read_csv
+
+        rows = [r for f in args.merge.split(",") for r in read_csv(f)]
+        rows.sort(
+            key=lambda r: (
+                int(r["seed"]),
+                list(dict.fromkeys(x["variant"] for x in rows)).index(r["variant"]),
+            )
+        )
+        out = write_csv(rows, args.out, COLUMNS)
+        budgets = [int(t) for t in args.stage2_curve.split(",") if t]
+        n_train, n_test = 10 * args.per_class, 10 * args.test_per_class
+        md = write_report(rows, args, budgets, n_train, n_test, 0.0, out)
+        print(md.read_text())
+        return 0
     seeds = [int(s) for s in args.seeds.split(",")]
     curve_budgets = [int(t) for t in args.stage2_curve.split(",") if t]
     names = args.variants.split(",")
@@ -234,7 +258,7 @@ def main() -> int:
     if unknown:
         print(f"unknown variants {unknown}; known: {list(known)}")
         return 2
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         from qdistill.models.hf import load_classifier, load_tokenizer
@@ -345,7 +369,7 @@ def main() -> int:
         out = write_csv(rows, args.out, COLUMNS)
         del models, teacher
         # tables and plot after every seed: an interrupted run still leaves its means so far
-        md = report(rows, args, curve_budgets, len(train), len(test), time.time() - t0, out)
+        md = write_report(rows, args, curve_budgets, len(train), len(test), time.time() - t0, out)
     print(md.read_text())
     print(f"wrote {out}, {md} and {out.with_suffix('.png')} in {time.time() - t0:.0f} s")
     return 0
