@@ -238,12 +238,8 @@ def main() -> int:
         from qdistill.report.table import read_csv
 
         rows = [r for f in args.merge.split(",") for r in read_csv(f)]
-        rows.sort(
-            key=lambda r: (
-                int(r["seed"]),
-                list(dict.fromkeys(x["variant"] for x in rows)).index(r["variant"]),
-            )
-        )
+        order = list(dict.fromkeys(r["variant"] for r in rows))
+        rows.sort(key=lambda r: (int(r["seed"]), order.index(r["variant"])))
         out = write_csv(rows, args.out, COLUMNS)
         budgets = [int(t) for t in args.stage2_curve.split(",") if t]
         n_train, n_test = 10 * args.per_class, 10 * args.test_per_class
