@@ -21,9 +21,12 @@ Every variant runs with each of ``--seeds`` (the seed draws the new head, the da
 stochastic parts; the split is fixed). Accuracy and balanced accuracy are measured on the test
 set with the packed file loaded back (ternary students through the packed CPU kernels); bytes
 is that file's size; latency is one sequence (batch 1, ``--max-length`` tokens) through the
-loaded model, median of interleaved repetitions with all models of the same seed, 2 threads.
+loaded model, median of interleaved repetitions with all models of the same seed, ``--threads``.
 
-    python benchmarks/bitdistill.py            # about 30 min on 2 cores
+    python benchmarks/bitdistill.py            # 3 seeds; about 20 min per seed on 2 cores
+    # on a busy machine, one 1-thread process per seed, then merge:
+    python benchmarks/bitdistill.py --seeds 1 --threads 1 --work runs/s1 --out runs/s1.csv
+    python benchmarks/bitdistill.py --merge runs/s0.csv,runs/s1.csv,runs/s2.csv
     python benchmarks/bitdistill.py --quick    # a few minutes, tiny budgets (numbers are noise)
 
 Writes ``bitdistill.csv`` (one row per run), ``bitdistill.md`` (means +- std over seeds) and
