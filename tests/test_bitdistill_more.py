@@ -268,3 +268,24 @@ def test_a_model_without_attention_projections_names_the_patterns_tried(tmp_path
     with pytest.raises(QDistillError, match=r"encoder\.layer\.1\.attention\.self\.query.*q_proj"):
         _run(tmp_path, student, teacher, [b for b, _ in batches()], stage2="lm", mask_token_id=3)
     assert not (tmp_path / "ck").exists()
+
+
+def test_grouped_query_attention_relations_use_the_key_value_head_count():
+    from qdistill.distill.bitdistill import BitDistiller, BitDistillLoss, relation_heads
+
+    torch.manual_seed(0)  # 6 query heads, 2 key/value heads of width 8: K, V are 16 wide
+    cfg = llama_config(
+        transformers,
+        hidden_size=48,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        pad_token_id=0,
+    )
+    teacher, student = classifier_from_config(cfg), classifier_from_config(cfg)
+    assert relation_heads(cfg) == 2
+    run = BitDistiller(teacher, student, BitDistillLoss(gamma=1.0))
+    x, y = next(iter(batches()))
+    loss, _ = run.step(x, y)  # 6 relation heads would not split the 16-wide K and V
+    assert torch.isfinite(loss) and run.last_parts["ad"] > 0
+    run.close()

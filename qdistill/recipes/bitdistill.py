@@ -47,7 +47,12 @@ from tqdm.auto import tqdm
 
 from qdistill.distill import supervised
 from qdistill.distill.attention import QKVCapture, attention_relation_loss
-from qdistill.distill.bitdistill import BitDistiller, BitDistillLoss, _num_layers
+from qdistill.distill.bitdistill import (
+    BitDistiller,
+    BitDistillLoss,
+    _num_layers,
+    relation_heads,
+)
 from qdistill.errors import ConfigError
 from qdistill.models.hf import backbone, bitnet_config, is_causal, lm_view
 from qdistill.models.subln import insert_subln, match_subln_scale
@@ -266,7 +271,7 @@ def continual_pretrain(
         ref = backbone(reference).eval()
         layers = int(reference.config.num_hidden_layers)
         captures = (QKVCapture(model, layers - 1), QKVCapture(reference, layers - 1))
-        heads = int(reference.config.num_attention_heads)
+        heads = relation_heads(reference.config)
     else:
         net = lm_view(model)
     net.train()
