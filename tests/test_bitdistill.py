@@ -222,7 +222,7 @@ def test_pipeline_end_to_end_learns_the_task_and_ships_packed(factory, tmp_path)
         student.hf.get_submodule("classifier" if factory is tiny_bert else "score").state_dict()
     )
     config = BitDistillConfig(  # a ternary student at a higher peak rate than its FP teacher
-        pretrain_tokens=1500, epochs=6, lr=1e-2, mask_token_id=MASK_ID, gamma=10, progress=False
+        pretrain_tokens=1500, epochs=8, lr=1e-2, mask_token_id=MASK_ID, gamma=10, progress=False
     )
     student, report = bitdistill(
         student, train, val, teacher=teacher, text_loader=text_batches(), config=config
