@@ -221,8 +221,8 @@ def test_pipeline_end_to_end_learns_the_task_and_ships_packed(factory, tmp_path)
     head_before = copy.deepcopy(
         student.hf.get_submodule("classifier" if factory is tiny_bert else "score").state_dict()
     )
-    config = BitDistillConfig(
-        pretrain_tokens=1500, epochs=6, lr=3e-3, mask_token_id=MASK_ID, gamma=10, progress=False
+    config = BitDistillConfig(  # a ternary student at a higher peak rate than its FP teacher
+        pretrain_tokens=1500, epochs=8, lr=1e-2, mask_token_id=MASK_ID, gamma=10, progress=False
     )
     student, report = bitdistill(
         student, train, val, teacher=teacher, text_loader=text_batches(), config=config
@@ -276,6 +276,10 @@ def test_resumed_run_skips_finished_stage_2_and_matches(tmp_path):
             checkpoint_dir=tmp_path / "ck",
             resume=resume,
             progress=False,
+            # the "killed" run is a shorter run, whose warmup/decay would differ from the long
+            # one's (the per-step schedule's resume is tested in test_train)
+            warmup=0.0,
+            decay="constant",
         )
         return bitdistill(
             tiny_bert(), train, teacher=teacher, text_loader=text_batches(), config=config

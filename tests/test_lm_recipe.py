@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tiny_transformers import llama_config
 
 from qdistill.cli import main
 from qdistill.errors import ConfigError
 from qdistill.recipes.from_yaml import load_recipe, run_recipe
-from tests.tiny_transformers import llama_config
 
 transformers = pytest.importorskip("transformers")
 

@@ -58,21 +58,41 @@ def relation_kl(
 
 
 class QKVCapture:
-    """Forward hooks that keep the Q, K, V projection outputs of one layer of a model."""
+    """Forward hooks that keep the Q, K, V projection outputs of one layer of a model.
+
+    The projections are looked up by name: first with the patterns of the model's own kind
+    (``config.model_type``), then with those of every kind in :data:`QKV_NAMES`; a model
+    where none match is an error naming every pattern tried.
+    """
 
     def __init__(self, model: nn.Module, layer: int, kind: str | None = None) -> None:
         kind = kind or getattr(getattr(model, "config", None), "model_type", None)
-        if kind not in QKV_NAMES:
-            raise QDistillError(f"attention capture knows {sorted(QKV_NAMES)}, not {kind!r}")
-        prefix = LAYER_PREFIX[kind].format(i=layer)
+        kinds = [kind] if kind in QKV_NAMES else []
+        kinds += [k for k in QKV_NAMES if k not in kinds]
         modules = dict(model.named_modules())
+        tried: list[str] = []
+        found: list[str] | None = None
+        for k in kinds:
+            prefix = LAYER_PREFIX[k].format(i=layer)
+            names = []
+            for suffix in QKV_NAMES[k]:
+                tried.append(prefix + suffix)
+                hits = [n for n in modules if re.search(re.escape(prefix + suffix) + "$", n)]
+                if hits:
+                    names.append(hits[0])
+            if len(names) == 3:
+                found = names
+                break
+        if found is None:
+            raise QDistillError(
+                f"no query/key/value projections for the attention-relation loss in layer "
+                f"{layer} of {type(model).__name__} ({kind or 'unknown kind'}); tried the "
+                f"module names {tried}; switch attention distillation off (attention=False)"
+            )
         self.outputs: dict[str, torch.Tensor] = {}
         self.handles = []
-        for role, suffix in zip("qkv", QKV_NAMES[kind], strict=True):
-            matches = [n for n in modules if re.search(re.escape(prefix + suffix) + "$", n)]
-            if not matches:
-                raise QDistillError(f"layer {layer}: no module named like {prefix + suffix!r}")
-            self.handles.append(modules[matches[0]].register_forward_hook(self._hook(role)))
+        for role, name in zip("qkv", found, strict=True):
+            self.handles.append(modules[name].register_forward_hook(self._hook(role)))
 
     def _hook(self, role: str):
         def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:

@@ -70,6 +70,14 @@ class BitDistillLoss:
         )
 
 
+def relation_heads(config: object) -> int:
+    """Default number of relation heads: the model's key/value head count, which divides the
+    widths of Q (``heads x d``) and of K, V (``kv_heads x d``) alike under grouped-query
+    attention (SmolLM2: 9 query heads, 3 key/value heads); the attention head count otherwise."""
+    kv = getattr(config, "num_key_value_heads", None)
+    return int(kv or config.num_attention_heads)
+
+
 def _num_layers(model: nn.Module) -> int:
     config = model.config
     return int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0))
@@ -82,7 +90,7 @@ class BitDistiller(Distiller):
         super().__init__(teacher, student, loss)
         self.last_parts: dict[str, float] = {}
         self.captures: tuple[QKVCapture, QKVCapture] | None = None
-        self.heads = loss.heads or int(teacher.config.num_attention_heads)
+        self.heads = loss.heads or relation_heads(teacher.config)
         if loss.gamma > 0:
             n = _num_layers(student)
             layer = loss.layer if loss.layer >= 0 else n + loss.layer
@@ -114,4 +122,4 @@ class BitDistiller(Distiller):
         self.captures = None
 
 
-__all__ = ["BitDistillLoss", "BitDistiller"]
+__all__ = ["BitDistillLoss", "BitDistiller", "relation_heads"]

@@ -3,7 +3,7 @@
 Example (``examples/bitdistill-minilm-fortunes.yaml``)::
 
     recipe: bitdistill
-    dataset: fortunes                 # topic classification, qdistill.data.fortunes
+    dataset: fortunes                 # fortunes (qdistill.data.fortunes) or wordnet (wordnet-10)
     model: minilm                     # offline name (minilm, smollm2), folder or hub id
     output: runs/bitdistill
     max_length: 48
@@ -30,13 +30,14 @@ import copy
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from qdistill.data.fortunes import TOPICS, general_text, load_fortunes
+from qdistill.data import fortunes, wordnet
 from qdistill.data.text import classification_loader, text_loader
 from qdistill.errors import ConfigError
-from qdistill.recipes.bitdistill import BitDistillConfig, bitdistill, finetune
+from qdistill.recipes.bitdistill import BitDistillConfig, bitdistill, check_inputs, finetune
 from qdistill.recipes.config import (
     RecipeConfig,
     Section,
@@ -51,6 +52,20 @@ from qdistill.train import evaluate
 _RUNNER_SET = ("seed", "checkpoint_dir", "resume", "progress", "quant")
 # top-level keys every YAML recipe takes (read from the config class, not kept by hand)
 RUN_KEYS = {f.name for f in dataclasses.fields(RecipeConfig)}
+DATASETS = ("fortunes", "wordnet")
+
+
+def _task(
+    dataset: str, root: str | None, subset: int | None, seed: int
+) -> tuple[Any, Any, Callable[[], list[str]]]:
+    """Train split, test split and (read when asked) stage-2 general text of the dataset."""
+    if dataset == "wordnet":
+        train = wordnet.load_wordnet("train", per_class=subset, seed=seed, root=root)
+        test = wordnet.load_wordnet("test", seed=seed, root=root)
+        return train, test, lambda: wordnet.general_text(root=root, seed=seed)
+    train = fortunes.load_fortunes("train", seed=seed, root=root, max_per_class=subset)
+    test = fortunes.load_fortunes("test", seed=seed, root=root)
+    return train, test, lambda: fortunes.general_text(root=root, seed=seed)
 
 
 @dataclass(frozen=True)
@@ -64,9 +79,9 @@ class TeacherSection(Section):
 @register_recipe("bitdistill")
 @dataclass(frozen=True)
 class BitDistillRecipe(RecipeConfig):
-    """``recipe: bitdistill``: a Hugging Face classifier on the fortunes topics."""
+    """``recipe: bitdistill``: a Hugging Face classifier on fortunes topics or wordnet-10."""
 
-    dataset: str = field(default="fortunes", metadata=limits(choices=("fortunes",)))
+    dataset: str = field(default="fortunes", metadata=limits(choices=DATASETS))
     output: str = "runs/bitdistill"
     batch_size: int = field(default=32, metadata=limits(ge=1))
     model: str = ""
@@ -91,17 +106,27 @@ class BitDistillRecipe(RecipeConfig):
         from qdistill.train.checkpoint import load_checkpoint, save_checkpoint
 
         out = self.out
-        out.mkdir(parents=True, exist_ok=True)
         seed, length, batch, root = self.seed, self.max_length, self.batch_size, self.data_dir
-        train = load_fortunes("train", seed=seed, root=root, max_per_class=self.subset)
-        test = load_fortunes("test", seed=seed, root=root)
+        train, test, general = _task(self.dataset, root, self.subset, seed)
         tok = load_tokenizer(self.model)
         train_loader = classification_loader(tok, train.texts, train.labels, length, batch, True)
         test_loader = classification_loader(tok, test.texts, test.labels, length, 2 * batch)
 
-        pretrained = load_classifier(self.model, num_labels=len(TOPICS))
+        pretrained = load_classifier(self.model, num_labels=len(train.classes))
         student = copy.deepcopy(pretrained)
         teacher = pretrained
+        bcfg = dict(self.bitdistill)
+        bcfg.update(
+            seed=seed,
+            checkpoint_dir=out / "checkpoints" / "student",
+            resume=resume,
+            progress=progress,
+        )
+        bcfg.setdefault("mask_token_id", getattr(tok, "mask_token_id", None))
+        config = BitDistillConfig.from_dict(bcfg)
+        texts = text_loader(tok, general(), length, batch) if config.pretrain_tokens > 0 else None
+        check_inputs(student, teacher if config.distill else None, texts, config)  # before work
+        out.mkdir(parents=True, exist_ok=True)
         tfile = out / "teacher.safetensors"
         if resume and tfile.exists():
             load_checkpoint(tfile, model=teacher)
@@ -121,21 +146,11 @@ class BitDistillRecipe(RecipeConfig):
         metrics: dict[str, Any] = {"recipe": "bitdistill", "model": self.model}
         metrics["teacher_accuracy"] = evaluate(teacher, test_loader)
 
-        bcfg = dict(self.bitdistill)
-        bcfg.update(
-            seed=seed,
-            checkpoint_dir=out / "checkpoints" / "student",
-            resume=resume,
-            progress=progress,
-        )
-        bcfg.setdefault("mask_token_id", getattr(tok, "mask_token_id", None))
-        config = BitDistillConfig.from_dict(bcfg)
-        texts = general_text(root=root, seed=seed) if config.pretrain_tokens > 0 else None
         student, report = bitdistill(
             student,
             train_loader,
             teacher=teacher if config.distill else None,
-            text_loader=text_loader(tok, texts, length, batch) if texts else None,
+            text_loader=texts,
             config=config,
             special_ids=tok.all_special_ids,
         )

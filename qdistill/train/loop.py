@@ -166,6 +166,8 @@ def fit(
     optimizer: torch.optim.Optimizer | None = None,
     lr: float = 1e-3,
     scheduler: Any = None,
+    scheduler_interval: str = "epoch",
+    clip_grad_norm: float | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     seed: int = 0,
@@ -178,10 +180,13 @@ def fit(
 
     ``run`` needs ``.step(x, y) -> (loss, logits)``, ``.train()``, ``.eval()``, ``.parameters()``
     and ``.student``. The optimizer defaults to ``Adam(run.parameters(), lr)``; ``scheduler`` is
-    stepped once per epoch. A checkpoint (student, optimizer, scheduler, epoch, seed, history) is
-    written atomically to ``checkpoint_dir/last.safetensors`` after every epoch; ``resume=True``
-    continues after the epoch it holds, with the same result as a run that was never stopped
-    (same ``seed``, data and settings assumed). ``resume=False`` starts fresh and overwrites it.
+    stepped once per epoch, or once per optimizer step with ``scheduler_interval="step"`` (e.g.
+    :func:`qdistill.train.schedule.warmup_decay`); ``clip_grad_norm`` clips the gradients'
+    global norm before every step. A checkpoint (student, optimizer, scheduler, epoch, seed,
+    history) is written atomically to ``checkpoint_dir/last.safetensors`` after every epoch;
+    ``resume=True`` continues after the epoch it holds, with the same result as a run that was
+    never stopped (same ``seed``, data and settings assumed). ``resume=False`` starts fresh and
+    overwrites it.
     ``callbacks`` are called as ``cb(event, info)``: ``"step"`` after every optimizer step
     (info: epoch, step) and ``"epoch_end"`` after the checkpoint (info: epoch, history).
     A non-finite loss stops training with a :class:`~qdistill.errors.TrainingError` naming the
@@ -192,8 +197,11 @@ def fit(
         raise ConfigError(f"epochs={epochs!r} must be a positive integer")
     if on_nonfinite not in NONFINITE_POLICIES:
         raise ConfigError(f"on_nonfinite={on_nonfinite!r}; use one of {NONFINITE_POLICIES}")
+    if scheduler_interval not in ("epoch", "step"):
+        raise ConfigError(f"scheduler_interval={scheduler_interval!r}; use 'epoch' or 'step'")
     if optimizer is None:
         optimizer = torch.optim.Adam(run.parameters(), lr=lr)
+    per_step = scheduler if scheduler_interval == "step" else None
     ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     history, start = _start(run, ckpt, optimizer, scheduler, resume, seed, epochs, desc)
     shift = default_shift(run)
@@ -214,7 +222,12 @@ def fit(
                 continue
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if clip_grad_norm is not None:
+                params = [p for g in optimizer.param_groups for p in g["params"]]
+                torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
             optimizer.step()
+            if per_step is not None:
+                per_step.step()
             n, ok = batch_counts(logits.detach(), y, x, shift)  # samples, or counted tokens
             total_loss += float(loss.detach()) * n
             correct += ok
@@ -225,7 +238,7 @@ def fit(
         if seen == 0 and skipped:
             raise TrainingError(f"{desc}: every batch of epoch {epoch + 1} had a non-finite loss")
         _check_weights(run, desc, epoch)
-        if scheduler is not None:
+        if scheduler is not None and per_step is None:
             scheduler.step()
         history.train_loss.append(total_loss / max(seen, 1))
         history.train_acc.append(correct / max(seen, 1))
