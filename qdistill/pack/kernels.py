@@ -76,6 +76,7 @@ _SIGNATURES: dict[str, list[Any]] = {
     "qd_int8w_gemm": [_P] * 5 + [_I64] * 3 + [_INT],
     "qd_quantize_rows": [_P] * 4 + [_I64] * 3 + [ctypes.c_float, _INT],
     "qd_a8_linear": [_INT] + [_P] * 5 + [_I64] * 4 + [ctypes.c_float] + [_P] * 2 + [_I64, _INT],
+    "qd_a8_run": [_P] * 3 + [_I64, _INT],
     "qd_dequant_rows": [_P, _I64, _INT, _INT, _P, _P, _INT] + [_I64] * 4 + [_P],
     "qd_dequant_gather": [_P, _I64, _INT, _INT, _P, _P, _INT, _P] + [_I64] * 3 + [_P],
 }
@@ -83,6 +84,7 @@ _SIGNATURES: dict[str, list[Any]] = {
 _RESTYPES: dict[str, Any] = {
     "qd_quantize_rows": _I64,
     "qd_a8_linear": _I64,
+    "qd_a8_run": _I64,
     "qd_int4_gemm": _INT,
     "qd_lut_gemm": _INT,
 }
@@ -90,6 +92,25 @@ _RESTYPES: dict[str, Any] = {
 ABI_VERSION = 3
 # qd_a8_linear's kind argument: the per-token int8 paths it fuses (quantize + product + bias)
 _A8_KINDS = {"ternary": 0, "int8": 1, "int4": 2}
+
+
+class A8Plan(ctypes.Structure):
+    """C's ``qd_a8_plan``: ``qd_a8_linear``'s fixed arguments, passed to ``qd_a8_run`` by
+    address (one pointer instead of eleven converted arguments per call)."""
+
+    _fields_ = [
+        ("kind", ctypes.c_int64),
+        ("w", ctypes.c_void_p),
+        ("w_scale", ctypes.c_void_p),
+        ("zp", ctypes.c_void_p),
+        ("wsum", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("O", ctypes.c_int64),
+        ("I", ctypes.c_int64),
+        ("I_pad", ctypes.c_int64),
+        ("g", ctypes.c_int64),
+        ("eps", ctypes.c_float),
+    ]
 
 
 def _load() -> ctypes.CDLL | None:
@@ -250,12 +271,14 @@ class KernelPlan:
     # VNNI (or AMX); on an AVX2-only AMD EPYC it ran W8A8 at batch 32 8x slower than fp32
     int_mm: bool = False
     act_eps: float = 0.0  # floor of each input row's max |x| (IntFormat.eps; BitNet: 1e-5)
-    # The fixed leading arguments of qd_a8_linear (kind, pointers, sizes; #15 item 4), made on
-    # the first call and kept while the layer's bias stays the same tensor at the same address:
-    # a call then passes only x, y, rows and level. The C call quantizes into its own scratch
-    # memory, so nothing here is per thread. Not pickled or copied (the pointers belong to these
+    # The fixed arguments of qd_a8_linear (kind, pointers, sizes; #15 item 4) in a C struct
+    # (_args: its address, with the A8Plan kept alive in _cplan), made on the first call and
+    # kept while the layer's bias stays the same tensor at the same address: a call then passes
+    # only the plan, x, y, rows and level. The C call quantizes into its own scratch memory,
+    # so nothing here is per thread. Not pickled or copied (the pointers belong to these
     # tensors): a copy rebuilds them on its first call.
-    _args: tuple[Any, ...] | None = field(default=None, init=False, repr=False, compare=False)
+    _args: int | None = field(default=None, init=False, repr=False, compare=False)
+    _cplan: Any = field(default=None, init=False, repr=False, compare=False)
     _bias: Any = field(default=None, init=False, repr=False, compare=False)  # bound bias tensor
     _bias_ptr: int = field(default=0, init=False, repr=False, compare=False)
 
@@ -263,7 +286,7 @@ class KernelPlan:
         """Everything but the prepared C arguments (raw pointers into this plan's tensors):
         ``copy.deepcopy(model)`` and ``torch.save(model)`` work after a forward."""
         state = dict(self.__dict__)
-        state.update(_args=None, _bias=None, _bias_ptr=0)
+        state.update(_args=None, _cplan=None, _bias=None, _bias_ptr=0)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -273,7 +296,7 @@ class KernelPlan:
         """Prepare the fixed arguments of ``qd_a8_linear`` for this plan and ``bias`` (float32,
         contiguous, ``out_features`` entries: checked by the caller)."""
         zp = self.zero_point
-        self._args = (
+        self._cplan = A8Plan(
             _A8_KINDS[self.kind],
             self.weight.data_ptr(),
             self.weight_scale.data_ptr(),
@@ -286,6 +309,7 @@ class KernelPlan:
             self.group_size,
             self.act_eps,
         )
+        self._args = ctypes.addressof(self._cplan)
         self._bias, self._bias_ptr = bias, 0 if bias is None else bias.data_ptr()
 
     def nbytes(self) -> int:
@@ -516,7 +540,7 @@ def checked_linear(layer: Any, kp: KernelPlan, x: torch.Tensor, level: int = 0) 
                 if not x.is_contiguous():
                     x = x.contiguous()
                 y = torch.empty(x.shape[:-1] + (kp.out_features,))
-                status = _LIB.qd_a8_linear(*args, x.data_ptr(), y.data_ptr(), rows, level)
+                status = _LIB.qd_a8_run(args, x.data_ptr(), y.data_ptr(), rows, level)
                 if status:
                     raise _a8_failed(layer, kp, x, rows, status)
                 return y
@@ -572,15 +596,14 @@ def _general_linear(layer: Any, kp: KernelPlan, x: torch.Tensor, level: int) -> 
         bufs = new_input_buffers(rows, kp.in_padded)
         xq, x_scale, _ = _quantize_rows(x, rows, kp.in_padded, bufs, layer, kp.act_eps)
         return _int_mm_linear(kp, xq, x_scale, bias).reshape(*lead, out_f)
-    saved = (kp._args, kp._bias, kp._bias_ptr)
+    saved = (kp._args, kp._cplan, kp._bias, kp._bias_ptr)
     kp.bind(bias)
+    cplan = kp._cplan
     if bias is not layer.bias:  # a converted copy: good for this call only
-        args, (kp._args, kp._bias, kp._bias_ptr) = kp._args, saved
-    else:
-        args = kp._args  # kept: the next calls take the prepared path
+        kp._args, kp._cplan, kp._bias, kp._bias_ptr = saved
     x2 = x if x.is_contiguous() else x.contiguous()
     y = torch.empty(*lead, out_f, dtype=torch.float32)
-    status = lib.qd_a8_linear(*args, x2.data_ptr(), y.data_ptr(), rows, int(level))
+    status = lib.qd_a8_run(ctypes.addressof(cplan), x2.data_ptr(), y.data_ptr(), rows, level)
     if status:
         raise _a8_failed(layer, kp, x2, rows, status)
     return y
