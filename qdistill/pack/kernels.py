@@ -24,9 +24,13 @@ int8w     ``IntFormat(8)`` symmetric, per tensor/channel   float (weight-only)
 ========  ===============================================  ==================================
 
 The per-token int8 activation codes are made in C exactly as ``IntFormat(8, axis="row")``
-makes them, so the integer dot products are exactly those of the fake-quant model; only the
-float rounding of the final scaling (and, for float inputs, the order of the float sums)
-differs. Any other combination, an input that needs a gradient, or a missing extension (one
+makes them (vectorized with round-half-to-even instructions, which round as ``nearbyintf``
+does; threaded over many rows), so the integer dot products are exactly those of the
+fake-quant model; only the float rounding of the final scaling (and, for float inputs, the
+order of the float sums) differs. A per-token int8 layer is one C call, ``qd_a8_run``
+(quantize + product + bias), whose fixed arguments sit in a C struct made once per layer
+(issue #15 items 3-4); ``benchmarks/overhead.py`` counts what a call costs.
+Any other combination, an input that needs a gradient, or a missing extension (one
 ``RuntimeWarning``, then silence) uses the portable path of
 :class:`~qdistill.pack.modules.PackedMixin` (unpack, dequantize, float matmul).
 
