@@ -275,14 +275,14 @@ class KernelPlan:
     # VNNI (or AMX); on an AVX2-only AMD EPYC it ran W8A8 at batch 32 8x slower than fp32
     int_mm: bool = False
     act_eps: float = 0.0  # floor of each input row's max |x| (IntFormat.eps; BitNet: 1e-5)
-    # The fixed arguments of qd_a8_linear (kind, pointers, sizes; #15 item 4) in a C struct
-    # (_args: its address, with the A8Plan kept alive in _cplan), made on the first call and
-    # kept while the layer's bias stays the same tensor at the same address: a call then passes
-    # only the plan, x, y, rows and level. The C call quantizes into its own scratch memory,
-    # so nothing here is per thread. Not pickled or copied (the pointers belong to these
-    # tensors): a copy rebuilds them on its first call.
-    _args: int | None = field(default=None, init=False, repr=False, compare=False)
-    _cplan: Any = field(default=None, init=False, repr=False, compare=False)
+    # The fixed arguments of qd_a8_linear (kind, pointers, sizes; #15 item 4) in a C struct,
+    # made on the first call and kept while the layer's bias stays the same tensor at the same
+    # address: a call then passes only the plan, x, y, rows and level. _args is (the A8Plan,
+    # its address): a caller that read it keeps the struct (and, through it, the bias) alive
+    # even if another thread rebinds meanwhile. The C call quantizes into its own scratch
+    # memory, so nothing here is per thread. Not pickled or copied (the pointers belong to
+    # these tensors): a copy rebuilds them on its first call.
+    _args: tuple[Any, int] | None = field(default=None, init=False, repr=False, compare=False)
     _bias: Any = field(default=None, init=False, repr=False, compare=False)  # bound bias tensor
     _bias_ptr: int = field(default=0, init=False, repr=False, compare=False)
 
@@ -290,7 +290,7 @@ class KernelPlan:
         """Everything but the prepared C arguments (raw pointers into this plan's tensors):
         ``copy.deepcopy(model)`` and ``torch.save(model)`` work after a forward."""
         state = dict(self.__dict__)
-        state.update(_args=None, _cplan=None, _bias=None, _bias_ptr=0)
+        state.update(_args=None, _bias=None, _bias_ptr=0)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -300,7 +300,7 @@ class KernelPlan:
         """Prepare the fixed arguments of ``qd_a8_linear`` for this plan and ``bias`` (float32,
         contiguous, ``out_features`` entries: checked by the caller)."""
         zp = self.zero_point
-        self._cplan = A8Plan(
+        cplan = A8Plan(
             _A8_KINDS[self.kind],
             self.weight.data_ptr(),
             self.weight_scale.data_ptr(),
@@ -313,7 +313,8 @@ class KernelPlan:
             self.group_size,
             self.act_eps,
         )
-        self._args = ctypes.addressof(self._cplan)
+        cplan.bias_tensor = bias  # the memory its pointer names lives as long as the struct
+        self._args = (cplan, ctypes.addressof(cplan))
         self._bias, self._bias_ptr = bias, 0 if bias is None else bias.data_ptr()
 
     def nbytes(self) -> int:
@@ -544,7 +545,7 @@ def checked_linear(layer: Any, kp: KernelPlan, x: torch.Tensor, level: int = 0) 
                 if not x.is_contiguous():
                     x = x.contiguous()
                 y = torch.empty(x.shape[:-1] + (kp.out_features,))
-                status = _LIB.qd_a8_run(args, x.data_ptr(), y.data_ptr(), rows, level)
+                status = _LIB.qd_a8_run(args[1], x.data_ptr(), y.data_ptr(), rows, level)
                 if status:
                     raise _a8_failed(layer, kp, x, rows, status)
                 return y
@@ -600,14 +601,14 @@ def _general_linear(layer: Any, kp: KernelPlan, x: torch.Tensor, level: int) -> 
         bufs = new_input_buffers(rows, kp.in_padded)
         xq, x_scale, _ = _quantize_rows(x, rows, kp.in_padded, bufs, layer, kp.act_eps)
         return _int_mm_linear(kp, xq, x_scale, bias).reshape(*lead, out_f)
-    saved = (kp._args, kp._cplan, kp._bias, kp._bias_ptr)
+    saved = (kp._args, kp._bias, kp._bias_ptr)
     kp.bind(bias)
-    cplan = kp._cplan
+    args = kp._args
     if bias is not layer.bias:  # a converted copy: good for this call only
-        kp._args, kp._cplan, kp._bias, kp._bias_ptr = saved
+        kp._args, kp._bias, kp._bias_ptr = saved
     x2 = x if x.is_contiguous() else x.contiguous()
     y = torch.empty(*lead, out_f, dtype=torch.float32)
-    status = lib.qd_a8_run(ctypes.addressof(cplan), x2.data_ptr(), y.data_ptr(), rows, level)
+    status = lib.qd_a8_run(args[1], x2.data_ptr(), y.data_ptr(), rows, int(level))
     if status:
         raise _a8_failed(layer, kp, x2, rows, status)
     return y
