@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -126,6 +127,8 @@ def main() -> None:
     results = run_cases(args.calls, rows_list, counting=args.counted)
     if args.counted:
         return
+    if args.callgrind and not (shutil.which("valgrind") and shutil.which("callgrind_control")):
+        parser.error("--callgrind needs valgrind (apt-get install -y valgrind)")
     counts = count_instructions(args.calls, args.rows) if args.callgrind else []
     from qdistill.pack import kernels
 
