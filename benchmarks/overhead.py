@@ -11,7 +11,9 @@ Wall time (``us/call``) is printed always; on a machine shared with other work i
 --tool=callgrind`` (single thread) and zeroes / dumps the counters around every case with
 ``callgrind_control``, so ``instr/call`` covers exactly the ``--calls`` calls of that case
 (plus the loop, whose cost per iteration is printed as ``empty loop``). Valgrind emulates no
-AVX-512, so under it both torch and our kernels take their AVX2 paths.
+AVX-512, so under it both torch and our kernels take their AVX2 paths. Under valgrind torch's
+multi-row sgemm is very slow to emulate (over 10 minutes for 2,000 calls at 40 rows on a loaded
+2-core VM): ``--rows 1`` or fewer ``--calls`` keep a counted run to a few minutes.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/overhead.py --callgrind
 """
