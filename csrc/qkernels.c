@@ -197,11 +197,24 @@ static int has_vnni(void) {
 #endif
 }
 
+#ifdef __x86_64__
+static int has_avx512(void) {
+    static int cached = -1;
+    if (cached < 0) {
+        __builtin_cpu_init();
+        cached = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") ? 1 : 0;
+    }
+    return cached;
+}
+#endif
+
 int qd_has_avx2(void) { return has_avx2(); }
 int qd_has_vnni(void) { return has_vnni(); }
-/* The ABI of this file (kernels.ABI_VERSION): 2 = quantize_rows takes eps and returns its count
- * of non-finite rows, int4 / lut gemms return -1 when an allocation fails. */
-int qd_abi_version(void) { return 2; }
+/* The ABI of this file (kernels.ABI_VERSION): 3 = quantize_rows takes a level (dispatch like the
+ * gemms), qd_a8_linear / qd_a8_run exist (one call per layer: quantize + product + bias); 2 =
+ * quantize_rows takes eps and returns its count of non-finite rows, int4 / lut gemms return -1
+ * when an allocation fails. */
+int qd_abi_version(void) { return 3; }
 
 /* level: 0 = the best the CPU has, 1 = portable C, 2 = at most AVX2 */
 static int pick(int level) {
@@ -217,42 +230,169 @@ static int pick(int level) {
  * A row holding NaN or +-Inf has no int8 codes (casting NaN to int8 is undefined behaviour):
  * its codes and rowsum are 0 and its scale NaN, so every product that uses it is NaN, and the
  * number of such rows is returned (the caller raises, as IntFormat does; see kernels.py). The
- * check rides on the max pass that is needed anyway: !(|x| <= FLT_MAX) is true for NaN and Inf. */
-int64_t qd_quantize_rows(const float *x, int8_t *xq, float *scale, int32_t *rowsum, int64_t rows,
-                         int64_t I, int64_t I_pad, float eps) {
-    int64_t bad_rows = 0;
-    for (int64_t r = 0; r < rows; r++) {
-        const float *xr = x + r * I;
-        int8_t *qr = xq + r * I_pad;
-        float amax = 0.0f;
-        int bad = 0;
-        for (int64_t i = 0; i < I; i++) {
-            float a = fabsf(xr[i]);
-            bad |= !(a <= FLT_MAX);
-            amax = a > amax ? a : amax;
-        }
-        if (bad) {
-            memset(qr, 0, (size_t)I_pad);
-            scale[r] = NAN;
-            rowsum[r] = 0;
-            bad_rows++;
-            continue;
-        }
-        if (amax < eps) amax = eps;
-        float s = amax / 127.0f;
-        if (s < 1e-12f) s = 1e-12f;
-        float inv = 1.0f / s;
-        int32_t sum = 0;
-        for (int64_t i = 0; i < I; i++) {
-            float q = nearbyintf(xr[i] * inv);
-            q = q > 127.0f ? 127.0f : (q < -127.0f ? -127.0f : q);
-            qr[i] = (int8_t)q;
-            sum += (int32_t)q;
-        }
-        memset(qr + I, 0, (size_t)(I_pad - I));
-        scale[r] = s;
-        rowsum[r] = sum;
+ * check rides on the max pass that is needed anyway: !(|x| <= FLT_MAX) is true for NaN and Inf.
+ * Vectorized (#15 item 3): the round-to-nearest-even instructions (_mm256_round_ps /
+ * _mm512_roundscale_ps with _MM_FROUND_TO_NEAREST_INT) round exactly as nearbyintf does in the
+ * default rounding mode, and x * inv is the same single fp32 multiply, so all three variants
+ * give the same codes bit for bit. */
+static inline float row_scale(float amax, float eps) {
+    if (amax < eps) amax = eps;
+    float s = amax / 127.0f;
+    return s < 1e-12f ? 1e-12f : s;
+}
+
+static inline void bad_row(int8_t *qr, float *scale, int32_t *rowsum, int64_t I_pad) {
+    memset(qr, 0, (size_t)I_pad);
+    *scale = NAN;
+    *rowsum = 0;
+}
+
+static int quantize_row_c(const float *xr, int8_t *qr, float *scale, int32_t *rowsum, int64_t I,
+                          int64_t I_pad, float eps) {
+    float amax = 0.0f;
+    int bad = 0;
+    for (int64_t i = 0; i < I; i++) {
+        float a = fabsf(xr[i]);
+        bad |= !(a <= FLT_MAX);
+        amax = a > amax ? a : amax;
     }
+    if (bad) {
+        bad_row(qr, scale, rowsum, I_pad);
+        return 1;
+    }
+    float s = row_scale(amax, eps), inv = 1.0f / s;
+    int32_t sum = 0;
+    for (int64_t i = 0; i < I; i++) {
+        float q = nearbyintf(xr[i] * inv);
+        q = q > 127.0f ? 127.0f : (q < -127.0f ? -127.0f : q);
+        qr[i] = (int8_t)q;
+        sum += (int32_t)q;
+    }
+    memset(qr + I, 0, (size_t)(I_pad - I));
+    *scale = s;
+    *rowsum = sum;
+    return 0;
+}
+
+#ifdef __x86_64__
+__attribute__((target("avx2"))) static int quantize_row_avx2(const float *xr, int8_t *qr,
+                                                             float *scale, int32_t *rowsum,
+                                                             int64_t I, int64_t I_pad, float eps) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 big = _mm256_set1_ps(FLT_MAX);
+    __m256 vmax = _mm256_setzero_ps(), vbad = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= I; i += 8) {
+        __m256 a = _mm256_and_ps(_mm256_loadu_ps(xr + i), absmask);
+        vbad = _mm256_or_ps(vbad, _mm256_cmp_ps(a, big, _CMP_NLE_UQ)); /* NaN, Inf */
+        vmax = _mm256_max_ps(vmax, a);
+    }
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 0x55));
+    float amax = _mm_cvtss_f32(m);
+    int bad = _mm256_movemask_ps(vbad) != 0;
+    for (; i < I; i++) {
+        float a = fabsf(xr[i]);
+        bad |= !(a <= FLT_MAX);
+        amax = a > amax ? a : amax;
+    }
+    if (bad) {
+        bad_row(qr, scale, rowsum, I_pad);
+        return 1;
+    }
+    float s = row_scale(amax, eps), inv = 1.0f / s;
+    const __m256 vinv = _mm256_set1_ps(inv), hi = _mm256_set1_ps(127.0f), lo = _mm256_set1_ps(-127.0f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    __m256i vsum = _mm256_setzero_si256();
+#define QD_Q8(p)                                                                               \
+    _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_round_ps(                    \
+        _mm256_mul_ps(_mm256_loadu_ps(p), vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))))
+    i = 0;
+    for (; i + 32 <= I; i += 32) {
+        __m256i a = QD_Q8(xr + i), b = QD_Q8(xr + i + 8), c = QD_Q8(xr + i + 16), d = QD_Q8(xr + i + 24);
+        vsum = _mm256_add_epi32(vsum, _mm256_add_epi32(_mm256_add_epi32(a, b), _mm256_add_epi32(c, d)));
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+        _mm256_storeu_si256((__m256i *)(qr + i), _mm256_permutevar8x32_epi32(p, order));
+    }
+    for (; i + 8 <= I; i += 8) {
+        __m256i a = QD_Q8(xr + i);
+        vsum = _mm256_add_epi32(vsum, a);
+        __m128i p16 = _mm_packs_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+        _mm_storel_epi64((__m128i *)(qr + i), _mm_packs_epi16(p16, p16));
+    }
+#undef QD_Q8
+    int32_t sum = hsum_epi32(vsum);
+    for (; i < I; i++) {
+        float q = nearbyintf(xr[i] * inv);
+        q = q > 127.0f ? 127.0f : (q < -127.0f ? -127.0f : q);
+        qr[i] = (int8_t)q;
+        sum += (int32_t)q;
+    }
+    memset(qr + I, 0, (size_t)(I_pad - I));
+    *scale = s;
+    *rowsum = sum;
+    return 0;
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static int quantize_row_avx512(
+    const float *xr, int8_t *qr, float *scale, int32_t *rowsum, int64_t I, int64_t I_pad,
+    float eps) {
+    const __m512 big = _mm512_set1_ps(FLT_MAX);
+    __m512 vmax = _mm512_setzero_ps();
+    __mmask16 bad = 0;
+    for (int64_t i = 0; i < I; i += 16) { /* masked tail: absent lanes read as 0 */
+        __mmask16 k = I - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (I - i)) - 1u);
+        __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(k, xr + i));
+        bad |= _mm512_cmp_ps_mask(a, big, _CMP_NLE_UQ);
+        vmax = _mm512_max_ps(vmax, a);
+    }
+    if (bad) {
+        bad_row(qr, scale, rowsum, I_pad);
+        return 1;
+    }
+    float s = row_scale(_mm512_reduce_max_ps(vmax), eps);
+    const __m512 vinv = _mm512_set1_ps(1.0f / s);
+    const __m512 hi = _mm512_set1_ps(127.0f), lo = _mm512_set1_ps(-127.0f);
+    __m512i vsum = _mm512_setzero_si512();
+    for (int64_t i = 0; i < I; i += 16) {
+        __mmask16 k = I - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (I - i)) - 1u);
+        __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, xr + i), vinv);
+        v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m512i q = _mm512_cvtps_epi32(_mm512_min_ps(hi, _mm512_max_ps(lo, v)));
+        vsum = _mm512_add_epi32(vsum, q); /* absent lanes are 0 */
+        _mm_mask_storeu_epi8(qr + i, k, _mm512_cvtsepi32_epi8(q));
+    }
+    memset(qr + I, 0, (size_t)(I_pad - I));
+    *scale = s;
+    *rowsum = _mm512_reduce_add_epi32(vsum);
+    return 0;
+}
+#endif
+
+typedef int (*quantize_row_fn)(const float *, int8_t *, float *, int32_t *, int64_t, int64_t,
+                               float);
+
+/* level as in pick(): 0 = the best the CPU has, 1 = portable C, 2 = at most AVX2 */
+static quantize_row_fn pick_quantize(int level) {
+#ifdef __x86_64__
+    if (level == 0 && has_avx512() && __builtin_cpu_supports("avx512vl")) return quantize_row_avx512;
+    if (level != 1 && has_avx2()) return quantize_row_avx2;
+#endif
+    (void)level;
+    return quantize_row_c;
+}
+
+/* Quantizing this many values or more splits the rows over threads. */
+#define QUANT_PARALLEL_MIN (1 << 17)
+
+int64_t qd_quantize_rows(const float *x, int8_t *xq, float *scale, int32_t *rowsum, int64_t rows,
+                         int64_t I, int64_t I_pad, float eps, int level) {
+    quantize_row_fn fn = pick_quantize(level);
+    int64_t bad_rows = 0;
+#pragma omp parallel for schedule(static) reduction(+ : bad_rows) if (rows * I >= QUANT_PARALLEL_MIN)
+    for (int64_t r = 0; r < rows; r++)
+        bad_rows += fn(x + r * I, xq + r * I_pad, scale + r, rowsum + r, I, I_pad, eps);
     return bad_rows;
 }
 
@@ -676,14 +816,6 @@ __attribute__((target("avx2,fma"))) static void int8w_row_avx2(const int8_t *w, 
 #undef I8W2
 }
 
-static int has_avx512(void) {
-    static int cached = -1;
-    if (cached < 0) {
-        __builtin_cpu_init();
-        cached = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") ? 1 : 0;
-    }
-    return cached;
-}
 #endif
 
 static void lut_row_c(const uint8_t *w, const float *s, const uint8_t *zp, int zp_const, int bits,
@@ -829,4 +961,56 @@ void qd_dequant_gather(const uint8_t *codes, int64_t n_bytes, int bits, int mul,
 #pragma omp parallel for schedule(static) if (n_idx * K >= PARALLEL_MIN_WORK)
     for (int64_t r = 0; r < n_idx; r++)
         dequant_row(codes, n_bytes, bits, mul, scale, zp_arr, zp_const, idx[r], K, G, out + r * K);
+}
+
+/* One C call per layer for the per-token int8 paths (#15 item 4): quantize the float rows x
+ * [B][I] (as qd_quantize_rows, into scratch memory of this call), then the layer's product
+ * with its scales and bias into y [B][O]. kind 0: ternary / 2-bit (w block256, zp int32 per
+ * row or NULL, I_pad a multiple of 256), 1: int8 (wsum), 2: int4 (w tile16, w_scale / zp
+ * [ceil(O/16)][I/g][16], g the group size). Everything but x, y and B is fixed when the layer's
+ * plan is made, so the caller keeps the arguments ready and passes three per call.
+ * Returns 0, the number of rows holding NaN / Inf (y untouched: the caller raises, naming
+ * them after rerunning qd_quantize_rows), or -1 when an allocation failed. */
+int64_t qd_a8_linear(int kind, const void *w, const float *w_scale, const void *zp,
+                     const int32_t *wsum, const float *bias, int64_t O, int64_t I, int64_t I_pad,
+                     int64_t g, float eps, const float *x, float *y, int64_t B, int level) {
+    if (B <= 0 || O <= 0) return 0;
+    /* scales and sums first: 4-byte aligned for any I_pad */
+    char *buf = (char *)malloc((size_t)B * (8 + (size_t)I_pad));
+    if (!buf) return -1;
+    float *x_scale = (float *)buf;
+    int32_t *rowsum = (int32_t *)(buf + 4 * B);
+    int8_t *xq = (int8_t *)(buf + 8 * B);
+    int64_t status = qd_quantize_rows(x, xq, x_scale, rowsum, B, I, I_pad, eps, level);
+    if (status == 0) {
+        if (kind == 0)
+            qd_ternary_gemm((const uint8_t *)w, xq, rowsum, (const int32_t *)zp, x_scale, w_scale,
+                            bias, y, B, O, I_pad, level);
+        else if (kind == 1)
+            qd_int8_gemm((const int8_t *)w, xq, wsum, x_scale, w_scale, bias, y, B, O, I_pad,
+                         level);
+        else
+            status = qd_int4_gemm((const uint8_t *)w, w_scale, (const uint8_t *)zp, xq, x_scale,
+                                  bias, y, B, O, I, g, level);
+    }
+    free(buf);
+    return status;
+}
+
+/* qd_a8_linear's fixed arguments in one struct, filled once per layer (kernels.A8Plan mirrors
+ * it field for field): a call then converts 5 arguments instead of 15. */
+typedef struct {
+    int64_t kind;
+    const void *w;
+    const float *w_scale;
+    const void *zp;
+    const int32_t *wsum;
+    const float *bias;
+    int64_t O, I, I_pad, g;
+    float eps;
+} qd_a8_plan;
+
+int64_t qd_a8_run(const qd_a8_plan *p, const float *x, float *y, int64_t B, int level) {
+    return qd_a8_linear((int)p->kind, p->w, p->w_scale, p->zp, p->wsum, p->bias, p->O, p->I,
+                        p->I_pad, p->g, p->eps, x, y, B, level);
 }

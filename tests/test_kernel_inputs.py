@@ -102,13 +102,14 @@ def test_nan_and_inf_behave_as_in_the_fake_quant_model(
 
 
 @needs_kernels
-def test_c_quantize_flags_non_finite_rows_and_writes_no_garbage():
+@pytest.mark.parametrize("level", [0, 1, 2], ids=["best", "portable", "avx2"])
+def test_c_quantize_flags_non_finite_rows_and_writes_no_garbage(level):
     x = hostile(77)
     lib = kernels.library()
     xq = torch.full((6, 128), 99, dtype=torch.int8)
     scale, rowsum = torch.zeros(6), torch.full((6,), 7, dtype=torch.int32)
     n_bad = lib.qd_quantize_rows(
-        x.data_ptr(), xq.data_ptr(), scale.data_ptr(), rowsum.data_ptr(), 6, 77, 128, 0.0
+        x.data_ptr(), xq.data_ptr(), scale.data_ptr(), rowsum.data_ptr(), 6, 77, 128, 0.0, level
     )
     assert n_bad == 4
     bad = [1, 2, 3, 4]

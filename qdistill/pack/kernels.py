@@ -24,9 +24,13 @@ int8w     ``IntFormat(8)`` symmetric, per tensor/channel   float (weight-only)
 ========  ===============================================  ==================================
 
 The per-token int8 activation codes are made in C exactly as ``IntFormat(8, axis="row")``
-makes them, so the integer dot products are exactly those of the fake-quant model; only the
-float rounding of the final scaling (and, for float inputs, the order of the float sums)
-differs. Any other combination, an input that needs a gradient, or a missing extension (one
+makes them (vectorized with round-half-to-even instructions, which round as ``nearbyintf``
+does; threaded over many rows), so the integer dot products are exactly those of the
+fake-quant model; only the float rounding of the final scaling (and, for float inputs, the
+order of the float sums) differs. A per-token int8 layer is one C call, ``qd_a8_run``
+(quantize + product + bias), whose fixed arguments sit in a C struct made once per layer
+(issue #15 items 3-4); ``benchmarks/overhead.py`` counts what a call costs.
+Any other combination, an input that needs a gradient, or a missing extension (one
 ``RuntimeWarning``, then silence) uses the portable path of
 :class:`~qdistill.pack.modules.PackedMixin` (unpack, dequantize, float matmul).
 
@@ -48,7 +52,6 @@ import ctypes
 import glob
 import math
 import os
-import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,14 +78,43 @@ _SIGNATURES: dict[str, list[Any]] = {
     "qd_int4_gemm": [_P] * 7 + [_I64] * 4 + [_INT],
     "qd_lut_gemm": [_P] * 3 + [_INT] * 2 + [_P] * 3 + [_I64] * 4 + [_INT],
     "qd_int8w_gemm": [_P] * 5 + [_I64] * 3 + [_INT],
-    "qd_quantize_rows": [_P] * 4 + [_I64] * 3 + [ctypes.c_float],
+    "qd_quantize_rows": [_P] * 4 + [_I64] * 3 + [ctypes.c_float, _INT],
+    "qd_a8_linear": [_INT] + [_P] * 5 + [_I64] * 4 + [ctypes.c_float] + [_P] * 2 + [_I64, _INT],
+    "qd_a8_run": [_P] * 3 + [_I64, _INT],
     "qd_dequant_rows": [_P, _I64, _INT, _INT, _P, _P, _INT] + [_I64] * 4 + [_P],
     "qd_dequant_gather": [_P, _I64, _INT, _INT, _P, _P, _INT, _P] + [_I64] * 3 + [_P],
 }
-# return values: rows with NaN/Inf (quantize), 0 or -1 for a failed allocation (the gemms)
-_RESTYPES: dict[str, Any] = {"qd_quantize_rows": _I64, "qd_int4_gemm": _INT, "qd_lut_gemm": _INT}
+# return values: rows with NaN/Inf (quantize, a8_linear), 0 or -1 for a failed allocation
+_RESTYPES: dict[str, Any] = {
+    "qd_quantize_rows": _I64,
+    "qd_a8_linear": _I64,
+    "qd_a8_run": _I64,
+    "qd_int4_gemm": _INT,
+    "qd_lut_gemm": _INT,
+}
 # bumped whenever the C ABI changes, so that a stale build is not called with the wrong one
-ABI_VERSION = 2
+ABI_VERSION = 3
+# qd_a8_linear's kind argument: the per-token int8 paths it fuses (quantize + product + bias)
+_A8_KINDS = {"ternary": 0, "int8": 1, "int4": 2}
+
+
+class A8Plan(ctypes.Structure):
+    """C's ``qd_a8_plan``: ``qd_a8_linear``'s fixed arguments, passed to ``qd_a8_run`` by
+    address (one pointer instead of eleven converted arguments per call)."""
+
+    _fields_ = [
+        ("kind", ctypes.c_int64),
+        ("w", ctypes.c_void_p),
+        ("w_scale", ctypes.c_void_p),
+        ("zp", ctypes.c_void_p),
+        ("wsum", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("O", ctypes.c_int64),
+        ("I", ctypes.c_int64),
+        ("I_pad", ctypes.c_int64),
+        ("g", ctypes.c_int64),
+        ("eps", ctypes.c_float),
+    ]
 
 
 def _load() -> ctypes.CDLL | None:
@@ -238,31 +270,52 @@ class KernelPlan:
     zp_const: int = 0
     bits: int = 8
     weight_sum: torch.Tensor | None = None  # int8: sum of each row's codes (VNNI's u8 shift)
+    out_features: int = 0
     # int8: many rows go through torch._int_mm, which beats our kernel only where oneDNN has
     # VNNI (or AMX); on an AVX2-only AMD EPYC it ran W8A8 at batch 32 8x slower than fp32
     int_mm: bool = False
     act_eps: float = 0.0  # floor of each input row's max |x| (IntFormat.eps; BitNet: 1e-5)
-    # per-thread int8 input buffers, reused while the batch shape stays the same: at batch 1 a
-    # MiniLM-sized layer spent more time allocating them than in its kernel
-    _scratch: threading.local = field(default_factory=threading.local, repr=False, compare=False)
+    # The fixed arguments of qd_a8_linear (kind, pointers, sizes; #15 item 4) in a C struct,
+    # made on the first call and kept while the layer's bias stays the same tensor at the same
+    # address: a call then passes only the plan, x, y, rows and level. _args is (the A8Plan,
+    # its address): a caller that read it keeps the struct (and, through it, the bias) alive
+    # even if another thread rebinds meanwhile. The C call quantizes into its own scratch
+    # memory, so nothing here is per thread. Not pickled or copied (the pointers belong to
+    # these tensors): a copy rebuilds them on its first call.
+    _args: tuple[Any, int] | None = field(default=None, init=False, repr=False, compare=False)
+    _bias: Any = field(default=None, init=False, repr=False, compare=False)  # bound bias tensor
+    _bias_ptr: int = field(default=0, init=False, repr=False, compare=False)
 
     def __getstate__(self) -> dict[str, Any]:
-        """Everything but the per-thread buffers (a ``threading.local`` cannot be pickled or
-        deep-copied): ``copy.deepcopy(model)`` and ``torch.save(model)`` work after a forward."""
+        """Everything but the prepared C arguments (raw pointers into this plan's tensors):
+        ``copy.deepcopy(model)`` and ``torch.save(model)`` work after a forward."""
         state = dict(self.__dict__)
-        state.pop("_scratch", None)
+        state.update(_args=None, _bias=None, _bias_ptr=0)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._scratch = threading.local()
 
-    def input_buffers(self, rows: int) -> tuple[torch.Tensor, ...]:
-        """(int8 codes ``[rows, in_padded]``, scales ``[rows]``, code sums ``[rows]``)."""
-        bufs = getattr(self._scratch, "bufs", None)
-        if bufs is None or bufs[1].shape[0] != rows:
-            bufs = self._scratch.bufs = new_input_buffers(rows, self.in_padded)
-        return bufs
+    def bind(self, bias: torch.Tensor | None) -> None:
+        """Prepare the fixed arguments of ``qd_a8_linear`` for this plan and ``bias`` (float32,
+        contiguous, ``out_features`` entries: checked by the caller)."""
+        zp = self.zero_point
+        cplan = A8Plan(
+            _A8_KINDS[self.kind],
+            self.weight.data_ptr(),
+            self.weight_scale.data_ptr(),
+            None if zp is None else zp.data_ptr(),
+            None if self.weight_sum is None else self.weight_sum.data_ptr(),
+            None if bias is None else bias.data_ptr(),
+            self.out_features,
+            self.in_features,
+            self.in_padded,
+            self.group_size,
+            self.act_eps,
+        )
+        cplan.bias_tensor = bias  # the memory its pointer names lives as long as the struct
+        self._args = (cplan, ctypes.addressof(cplan))
+        self._bias, self._bias_ptr = bias, 0 if bias is None else bias.data_ptr()
 
     def nbytes(self) -> int:
         """Bytes of weights, scales and zero points the kernel reads on every call."""
@@ -303,6 +356,7 @@ def plan(layer: Any) -> KernelPlan | None:
     kp = _plan(layer)
     if kp is not None:
         kp.act_eps = act_eps(layer.act_format)
+        kp.out_features = int(layer.weight_shape[0])
     return kp
 
 
@@ -389,10 +443,13 @@ def quantize_rows(
     out: tuple[torch.Tensor, ...] | None = None,
     layer: Any = None,
     eps: float = 0.0,
+    level: int = 0,
 ) -> tuple[torch.Tensor, ...]:
     """Per-row int8 codes (zero-padded to ``in_padded``), scales and code sums, rounded in C
     exactly as ``IntFormat(8, axis="row", eps=eps)`` rounds them (into ``out`` when given).
-    Raises ``FormatError`` (naming ``layer``) if a row holds NaN or Inf, as ``IntFormat`` does."""
+    Raises ``FormatError`` (naming ``layer``) if a row holds NaN or Inf, as ``IntFormat`` does.
+    ``level`` picks the C variant as in :func:`linear` (0: AVX-512 where the CPU has it, 1:
+    portable C, 2: at most AVX2); all three give the same codes bit for bit."""
     x = float_input(layer, x)
     if x.dim() == 0 or x.shape[-1] > in_padded or not on_cpu(x):
         raise InputError(
@@ -404,7 +461,7 @@ def quantize_rows(
     xq, scale, rowsum = bufs
     if xq.shape != (rows, in_padded) or scale.shape != (rows,) or rowsum.shape != (rows,):
         raise InputError(f"quantize_rows: buffers for {tuple(xq.shape)} given, {rows} rows")
-    return _quantize_rows(x, rows, in_padded, bufs, layer, eps)
+    return _quantize_rows(x, rows, in_padded, bufs, layer, eps, level)
 
 
 def _quantize_rows(
@@ -414,6 +471,7 @@ def _quantize_rows(
     bufs: tuple[torch.Tensor, ...],
     layer: Any,
     eps: float,
+    level: int = 0,
 ) -> tuple[torch.Tensor, ...]:
     """:func:`quantize_rows` once its arguments are checked (float32 CPU ``x`` of ``rows`` rows
     of at most ``in_padded`` values, buffers of that size)."""
@@ -425,7 +483,7 @@ def _quantize_rows(
         x2 = x2.contiguous()
     n_bad = (_LIB or library()).qd_quantize_rows(
         x2.data_ptr(), xq.data_ptr(), scale.data_ptr(), rowsum.data_ptr(), rows, x2.shape[1],
-        in_padded, eps,
+        in_padded, eps, int(level),
     )  # fmt: skip
     if n_bad:
         raise _non_finite(layer, scale, n_bad)
@@ -473,7 +531,42 @@ def linear(layer: Any, kp: KernelPlan, x: torch.Tensor, level: int = 0) -> torch
 
 def checked_linear(layer: Any, kp: KernelPlan, x: torch.Tensor, level: int = 0) -> torch.Tensor:
     """:func:`linear` for an ``x`` already checked (float32, CPU, ``[..., in_features]``, as
-    :func:`qdistill.pack.inputs.linear_input` leaves it): one check per call, not two."""
+    :func:`qdistill.pack.inputs.linear_input` leaves it): one check per call, not two.
+
+    The per-token int8 kinds (ternary, int8, int4) take one C call, ``qd_a8_linear``
+    (quantize + product + bias), with the arguments the plan keeps ready (issue #15 item 4):
+    the hot path reads the bias and ``x``'s pointer, allocates the output and calls C."""
+    args = kp._args
+    if args is not None:
+        bias = layer.bias
+        if bias is kp._bias and (bias is None or bias.data_ptr() == kp._bias_ptr):
+            rows = x.numel() // kp.in_features
+            if rows and not (kp.int_mm and level == 0 and rows >= INT_MM_MIN_ROWS):
+                if not x.is_contiguous():
+                    x = x.contiguous()
+                y = torch.empty(x.shape[:-1] + (kp.out_features,))
+                status = _LIB.qd_a8_run(args[1], x.data_ptr(), y.data_ptr(), rows, level)
+                if status:
+                    raise _a8_failed(layer, kp, x, rows, status)
+                return y
+    return _general_linear(layer, kp, x, level)
+
+
+def _a8_failed(layer: Any, kp: KernelPlan, x: torch.Tensor, rows: int, status: int) -> Exception:
+    """The error for a failed ``qd_a8_linear``: out of memory, or rows holding NaN / Inf (then
+    quantized again, apart, to name them: only on this error path)."""
+    if status < 0:
+        return _alloc_failed(layer, rows)
+    try:
+        quantize_rows(x, kp.in_padded, layer=layer, eps=kp.act_eps)
+    except FormatError as err:
+        return err
+    return _non_finite(layer, torch.full((rows,), math.nan), int(status))  # not reached
+
+
+def _general_linear(layer: Any, kp: KernelPlan, x: torch.Tensor, level: int) -> torch.Tensor:
+    """:func:`checked_linear` where no prepared call applies: the first call, a bias replaced
+    since (or not float32), torch._int_mm's rows, the weight-only kinds, no rows."""
     lib = _LIB or library()  # a plan exists, so the library loaded (no env lookup per call)
     lead = x.shape[:-1]
     out_f = layer.weight_shape[0]
@@ -482,6 +575,8 @@ def checked_linear(layer: Any, kp: KernelPlan, x: torch.Tensor, level: int = 0) 
         if bias.numel() != out_f:  # replaced after the plan was made: the kernels read out_f
             raise InputError(f"{describe(layer)}: bias of {bias.numel()} entries, not {out_f}")
         bias = bias.float()
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
     rows = x.numel() // kp.in_features
     if rows == 0:
         return x.new_empty(*lead, out_f)
@@ -502,32 +597,21 @@ def checked_linear(layer: Any, kp: KernelPlan, x: torch.Tensor, level: int = 0) 
                 y.data_ptr(), rows, out_f, kp.in_features, int(level),
             )  # fmt: skip
         return y.reshape(*lead, out_f)
-    bufs = kp.input_buffers(rows)
-    xq, x_scale, rowsum = _quantize_rows(x, rows, kp.in_padded, bufs, layer, kp.act_eps)
     if kp.kind == "int8" and level == 0 and rows >= INT_MM_MIN_ROWS and kp.int_mm:
+        bufs = new_input_buffers(rows, kp.in_padded)
+        xq, x_scale, _ = _quantize_rows(x, rows, kp.in_padded, bufs, layer, kp.act_eps)
         return _int_mm_linear(kp, xq, x_scale, bias).reshape(*lead, out_f)
-    y = torch.empty(rows, out_f, dtype=torch.float32)
-    if kp.kind == "int4":
-        status = lib.qd_int4_gemm(
-            kp.weight.data_ptr(), kp.weight_scale.data_ptr(), kp.zero_point.data_ptr(),
-            xq.data_ptr(), x_scale.data_ptr(), _ptr(bias), y.data_ptr(), rows, out_f,
-            kp.in_features, kp.group_size, int(level),
-        )  # fmt: skip
-        if status:
-            raise _alloc_failed(layer, rows)
-    elif kp.kind == "ternary":  # sum (c - zp) x = sum c x - zp * sum x: the kernel subtracts
-        lib.qd_ternary_gemm(
-            kp.weight.data_ptr(), xq.data_ptr(), rowsum.data_ptr(), _ptr(kp.zero_point),
-            x_scale.data_ptr(), kp.weight_scale.data_ptr(), _ptr(bias), y.data_ptr(), rows,
-            out_f, kp.in_padded, int(level),
-        )  # fmt: skip
-    else:
-        lib.qd_int8_gemm(
-            kp.weight.data_ptr(), xq.data_ptr(), kp.weight_sum.data_ptr(), x_scale.data_ptr(),
-            kp.weight_scale.data_ptr(), _ptr(bias), y.data_ptr(), rows, out_f, kp.in_padded,
-            int(level),
-        )  # fmt: skip
-    return y.reshape(*lead, out_f)
+    saved = (kp._args, kp._bias, kp._bias_ptr)
+    kp.bind(bias)
+    args = kp._args
+    if bias is not layer.bias:  # a converted copy: good for this call only
+        kp._args, kp._bias, kp._bias_ptr = saved
+    x2 = x if x.is_contiguous() else x.contiguous()
+    y = torch.empty(*lead, out_f, dtype=torch.float32)
+    status = lib.qd_a8_run(args[1], x2.data_ptr(), y.data_ptr(), rows, int(level))
+    if status:
+        raise _a8_failed(layer, kp, x2, rows, status)
+    return y
 
 
 def unrepack(kp: KernelPlan, out_features: int) -> torch.Tensor:

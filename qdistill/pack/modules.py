@@ -169,17 +169,14 @@ class PackedLinear(PackedMixin, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = inputs.linear_input(self, x)
-        if self._kernel is False:
-            self._kernel = kernels.plan(self)
-            kp = self._kernel
+        kp = self._kernel
+        if kp is False:
+            kp = self._kernel = kernels.plan(self)
             if kp is not None and kp.weight is not self.weight_codes:
                 self.weight_codes = torch.empty(0, dtype=torch.uint8)  # one copy: the kernel's
-        if (
-            self._kernel is not None
-            and x.device.type == "cpu"
-            and not (torch.is_grad_enabled() and x.requires_grad)
-        ):
-            return kernels.checked_linear(self, self._kernel, x)  # integer kernel, codes
+        # cheapest tests first (per-call overhead, #15 item 4): no grad is the common case
+        if kp is not None and x.is_cpu and not (x.requires_grad and torch.is_grad_enabled()):
+            return kernels.checked_linear(self, kp, x)  # integer kernel, codes
         return F.linear(self.quantized_input(x), self.unpacked_weight(), self.bias)
 
     def extra_repr(self) -> str:
