@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import qdistill as qd
-from qdistill.errors import FileFormatError
+from qdistill.errors import FileFormatError, QDistillError
 from qdistill.pack.modules import PackedLinear
 from qdistill.quant.modules import QuantLinear
 
@@ -291,21 +291,36 @@ def _offline(name: str) -> tuple[str, dict]:
 
 def test_offline_minilm_classifier_round_trips(tmp_path):
     _offline("minilm")
-    model = qd.load_classifier("minilm", 3)
-    qd.quantize_(model, qd.bitnet_config(model))
     tok = transformers.AutoTokenizer.from_pretrained(_offline("minilm")[0])
     batch = dict(tok(["a packed student", "reloads the hugging face way"], padding=True,
                      return_tensors="pt"))  # fmt: skip
-    model.hf.save_pretrained(tmp_path)
+    # MiniLM classifies by mean pooling (its sentence-transformers config): qd.save records it
+    model = qd.load_classifier("minilm", 3)
+    assert model.pooling == "mean"
+    qd.quantize_(model, qd.bitnet_config(model))
     path = qd.save(model, tmp_path / "c.qd.safetensors")
     with torch.no_grad():
         fake_quant = model(batch)
         expected = qd.freeze(model)(batch)  # the packed W1.58A8 kernels, frozen in memory
-        loaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path)
-        assert torch.equal(loaded(**batch).logits, expected)
-        assert torch.equal(qd.load(path)(batch), expected)
+        loaded = qd.load(path)
+        assert loaded.pooling == "mean"
+        assert torch.equal(loaded(batch), expected)
     # the int8 kernels round a few activations differently from the fake-quant reference
     assert torch.allclose(expected, fake_quant, atol=2e-3)
+    # the transformers class cannot pool by mean: save_pretrained refuses instead of writing a
+    # folder that would reload with [CLS] pooling and a random pooler
+    with pytest.raises(QDistillError, match="mean pooling.*qd.save"):
+        model.hf.save_pretrained(tmp_path / "refused")
+    assert not (tmp_path / "refused" / "model.safetensors").exists()
+
+    # with the transformers class's own pooling the Hugging Face way round-trips exactly
+    model = qd.load_classifier("minilm", 3, pooling="model")
+    qd.quantize_(model, qd.bitnet_config(model))
+    model.hf.save_pretrained(tmp_path / "hf")
+    with torch.no_grad():
+        expected = qd.freeze(model)(batch)
+        loaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf")
+        assert torch.equal(loaded(**batch).logits, expected)
 
 
 def test_offline_smollm2_architecture_round_trips_with_its_tokenizer(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from qdistill.cli import main
-from qdistill.errors import ConfigError
+from qdistill.errors import ConfigError, QDistillError
 from qdistill.recipes.bitdistill import BitDistillConfig
 from qdistill.recipes.config import RECIPES, RecipeConfig, Section, limits, register_recipe
 from qdistill.recipes.from_yaml import load_recipe, run_recipe
@@ -194,6 +194,13 @@ def test_demo_out_may_not_be_a_file(tmp_path, capsys):
 
 
 def test_examples_parse(tmp_path):
+    parsed = 0
     for example in sorted((Path(__file__).parents[1] / "examples").glob("*.yaml")):
-        config = load_recipe(example)
+        try:
+            config = load_recipe(example)
+        except QDistillError as exc:  # an offline model package (make bitdistill-models) missing
+            assert "not installed" in str(exc), exc
+            continue
         assert Path(config.output).is_relative_to(example.parent.resolve())
+        parsed += 1
+    assert parsed >= 3  # the image recipes need no model package

@@ -108,6 +108,7 @@ class HFClassifier(nn.Module):
         self.pooling = pooling
         if pooling == "mean":
             self._head()  # fail now, not at the first batch
+            hf._qd_pooling = "mean"  # save_pretrained refuses: the transformers class cannot
             body = backbone(hf)
             if getattr(body, "pooler", None) is not None:
                 body.pooler = None

@@ -64,13 +64,10 @@ def architecture_of(model: nn.Module) -> dict[str, Any] | None:
         return None
     if any(not type(m).__module__.startswith(_REBUILDABLE) for m in hf.modules()):
         return None  # e.g. SubLN inserted by BitDistill: the config alone does not rebuild it
-    return {
-        "transformers": {
-            "class": type(hf).__name__,
-            "config": config_dict(hf),
-            "wrapper": wrapper,
-        }
-    }
+    record = {"class": type(hf).__name__, "config": config_dict(hf), "wrapper": wrapper}
+    if wrapper == "HFClassifier":  # mean pooling is the wrapper's, not the config's
+        record["pooling"] = getattr(model, "pooling", "model")
+    return {"transformers": record}
 
 
 def model_class(name: Any, path: Path | str) -> type:
@@ -122,9 +119,12 @@ def build(spec: dict[str, Any], path: Path | str) -> nn.Module:
         raise FileFormatError(
             f"{path}: unknown model wrapper {wrapper!r} in the header; upgrade qdistill"
         )
-    from qdistill.models.hf import HFClassifier
+    from qdistill.models.hf import POOLINGS, HFClassifier
 
-    return HFClassifier(hf)
+    pooling = spec.get("pooling", "model")
+    if pooling not in POOLINGS:
+        raise FileFormatError(f"{path}: unknown pooling {pooling!r} in the header; upgrade")
+    return HFClassifier(hf, pooling)
 
 
 def finish(model: nn.Module, path: Path | str) -> None:

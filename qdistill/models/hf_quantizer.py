@@ -39,7 +39,7 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from qdistill.errors import ConfigError, FileFormatError
+from qdistill.errors import ConfigError, FileFormatError, QDistillError
 from qdistill.models import hf_arch
 
 QUANT_METHOD = "qdistill"
@@ -152,6 +152,13 @@ class QDistillHfQuantizer(HfQuantizer):
         """What ``save_pretrained`` writes: ``qd.save``'s packed tensors and header."""
         from qdistill.pack.io import META_KEY, packed_state
 
+        if getattr(model, "_qd_pooling", None) == "mean":
+            raise QDistillError(
+                f"this {type(model).__name__} classifies by mean pooling (HFClassifier "
+                "pooling='mean'), which the transformers class cannot express: a folder from "
+                "save_pretrained would reload with [CLS] pooling and a random pooler. Save the "
+                "HFClassifier with qd.save(model, path) and load it with qd.load(path)"
+            )
         tensors, header = packed_state(model)
         # float tensors as the model holds them (not copies), so that transformers sees which
         # ones are tied (lm_head / embeddings) and writes each shared table once
