@@ -31,4 +31,5 @@ class ForwardKL(TokenLoss):
         return (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1) * (temp * temp)
 
     def __repr__(self) -> str:
-        return f"ForwardKL(temperature={self.temperature:g}, alpha={self.alpha:g})"
+        name = type(self).__name__  # ReverseKL shares this class's arguments
+        return f"{name}(temperature={self.temperature:g}, alpha={self.alpha:g})"

@@ -12,24 +12,12 @@ from __future__ import annotations
 
 import torch
 
-from qdistill.distill.lm.tokens import CHUNK, TokenLoss, check_temperature, log_softmax
+from qdistill.distill.lm.forward_kl import ForwardKL
 
 
-class ReverseKL(TokenLoss):
-    """``alpha * T^2 * KL(p_student || p_teacher) + (1 - alpha) * CE`` over the counted tokens."""
-
-    def __init__(
-        self, temperature: float = 1.0, alpha: float = 1.0, shift: bool = True, chunk: int = CHUNK
-    ) -> None:
-        super().__init__(alpha, shift, chunk)
-        check_temperature(temperature)
-        self.temperature = float(temperature)
+class ReverseKL(ForwardKL):
+    """``alpha * T^2 * KL(p_student || p_teacher) + (1 - alpha) * CE`` over the counted tokens:
+    the forward form with the two distributions' roles swapped (same arguments)."""
 
     def rows(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        temp = self.temperature
-        log_p_s = log_softmax(s, temp)
-        log_p_t = log_softmax(t, temp)
-        return (log_p_s.exp() * (log_p_s - log_p_t)).sum(dim=-1) * (temp * temp)
-
-    def __repr__(self) -> str:
-        return f"ReverseKL(temperature={self.temperature:g}, alpha={self.alpha:g})"
+        return super().rows(t, s)  # sum p_s (log p_s - log p_t)
