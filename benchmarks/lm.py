@@ -47,7 +47,7 @@ from qdistill.models.hf import load_tokenizer, pretrained_source
 from qdistill.report.table import markdown_table, write_csv
 
 RESULTS = Path(__file__).parent / "results"
-COLUMNS = ["method", "bits", "perplexity", "bytes", "tokens_per_s"]
+COLUMNS = ["method", "bits", "perplexity", "agreement", "bytes", "tokens_per_s"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -208,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                     "method": name,
                     "bits": 32 if name == "teacher-fp32" else 4,
                     "perplexity": round(qd.perplexity(model, eval_loader), 3),
+                    # fidelity to the teacher: in-domain perplexity also rewards adaptation
+                    "agreement": round(qd.greedy_agreement(model, teacher, eval_loader), 4),
                     "bytes": sizes[name],
                     "tokens_per_s": round(speed[name], 2),
                 }
