@@ -59,6 +59,7 @@ from qdistill.models.subln import insert_subln, match_subln_scale
 from qdistill.quant import QuantConfig, quantize_
 from qdistill.train import History, fit
 from qdistill.train.checkpoint import load_checkpoint, save_checkpoint
+from qdistill.train.loop import optimizer_step
 from qdistill.train.schedule import (
     CLIP_NORM,
     DECAYS,
@@ -301,12 +302,7 @@ def continual_pretrain(
                     loss = lm_loss(net, inputs, att, labels)
                     if loss is None:  # nothing to predict in this batch
                         continue
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if clip_grad_norm is not None:
-                    params = [p for g in opt.param_groups for p in g["params"]]
-                    torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
-                opt.step()
+                optimizer_step(opt, loss, clip_grad_norm)
                 sched.step()
                 n = int(att.sum())
                 seen += n

@@ -67,6 +67,19 @@ def evaluate(model: nn.Module | Any, loader: Iterable) -> float:
     return correct / max(total, 1)
 
 
+def optimizer_step(
+    optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip_grad_norm: float | None = None
+) -> None:
+    """Backward ``loss`` and step ``optimizer``, clipping the gradients' global norm first
+    (over every parameter the optimizer steps) when ``clip_grad_norm`` is given."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_grad_norm is not None:
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
+    optimizer.step()
+
+
 def _epoch_seed(seed: int, epoch: int) -> int:
     return seed * 100_003 + epoch
 
@@ -220,12 +233,7 @@ def fit(
             if not _finite_loss(loss, on_nonfinite, desc, epoch, step):
                 skipped += 1
                 continue
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip_grad_norm is not None:
-                params = [p for g in optimizer.param_groups for p in g["params"]]
-                torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
-            optimizer.step()
+            optimizer_step(optimizer, loss, clip_grad_norm)
             if per_step is not None:
                 per_step.step()
             n, ok = batch_counts(logits.detach(), y, x, shift)  # samples, or counted tokens
