@@ -6,6 +6,7 @@
     qdistill info FILE               what a packed file holds
     qdistill bench FILE              latency of a packed file against its float twin
     qdistill plan FILE --budget 60KB per-layer bit widths under a size budget
+    qdistill report RUN_DIR...       one HTML page: curves, Pareto plot, per-layer plan
 
 User mistakes print one line (``error: ...``) and exit with status 2; ``--debug`` shows the
 traceback instead. Every argument is checked while the command line is parsed (types, ranges,
@@ -135,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="let the recipe's output: lie outside the recipe file's folder",
     )
+    run.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard")
+    run.add_argument("--wandb", action="store_true", help="also log to W&B (offline mode)")
+    run.add_argument(
+        "--backend", choices=["gloo", "nccl"], default=None, help="under torchrun (default gloo)"
+    )
     _add_common(run)
 
     ev = sub.add_parser("eval", help="accuracy of a packed model file")
@@ -168,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     from qdistill.report.runtime import add_bench_parser
 
     _add_common(add_bench_parser(sub), threads=False)  # bench has its own --threads (2)
+
+    from qdistill.report.html import add_report_parser
+
+    _add_common(add_report_parser(sub))
 
     info = sub.add_parser("info", help="show what a packed file holds")
     info.add_argument("file")
@@ -204,10 +214,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from qdistill.recipes.from_yaml import load_recipe, run_recipe
+    from qdistill.recipes.session import with_overrides
+    from qdistill.train.distributed import is_main
 
     config = load_recipe(args.recipe, allow_output_outside=args.allow_output_outside)
+    config = with_overrides(
+        config, tensorboard=args.tensorboard, wandb=args.wandb, backend=args.backend
+    )
     metrics = run_recipe(config, resume=args.resume, progress=not args.no_progress)
-    print(json.dumps(metrics, indent=2))
+    if is_main():  # under torchrun: one rank prints
+        print(json.dumps(metrics, indent=2))
     return 0
 
 
@@ -230,6 +246,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from qdistill.report.runtime import cmd_bench
 
     return cmd_bench(args)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from qdistill.report.html import cmd_report
+
+    return cmd_report(args)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -289,6 +311,7 @@ COMMANDS = {
     "run": _cmd_run,
     "eval": _cmd_eval,
     "info": _cmd_info,
+    "report": _cmd_report,
 }
 
 

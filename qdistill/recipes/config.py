@@ -157,6 +157,24 @@ class Section:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoggingSection(Section):
+    """``logging:``: sinks beside the always-written ``metrics.jsonl`` (train.tracking)."""
+
+    tensorboard: bool = False
+    wandb: bool = False  # offline mode: nothing leaves the machine
+    wandb_project: str = "qdistill"
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedSection(Section):
+    """``distributed:``: how to run under torchrun (train.distributed); ignored otherwise."""
+
+    backend: str | None = dataclasses.field(default=None, metadata=limits(choices=("gloo", "nccl")))
+    strategy: str = dataclasses.field(default="ddp", metadata=limits(choices=("ddp",)))
+    timeout_s: float = dataclasses.field(default=60.0, metadata=limits(gt=0))
+
+
+@dataclasses.dataclass(frozen=True)
 class RecipeConfig(Section):
     """The top-level keys every recipe takes; subclasses add theirs and ``run``."""
 
@@ -168,6 +186,8 @@ class RecipeConfig(Section):
     batch_size: int = dataclasses.field(default=128, metadata=limits(ge=1))
     subset: int | None = dataclasses.field(default=None, metadata=limits(ge=1))
     seed: int = dataclasses.field(default=0, metadata=limits(ge=0))
+    logging: LoggingSection = dataclasses.field(default_factory=LoggingSection)
+    distributed: DistributedSection = dataclasses.field(default_factory=DistributedSection)
 
     def validate(self) -> None:
         """Cross-field checks that need more than one value (teacher needed, quant config...)."""

@@ -435,9 +435,12 @@ def run_recipe(
     spec: RecipeConfig | dict[str, Any], resume: bool = False, progress: bool = True
 ) -> dict[str, Any]:
     """Run a recipe (a config from :func:`load_recipe`, or a mapping, checked first); writes
-    the packed student and ``metrics.json`` to its ``output`` folder."""
+    the packed student, ``metrics.json`` and ``metrics.jsonl`` to its ``output`` folder (rank 0
+    only under torchrun: :mod:`qdistill.recipes.session`)."""
+    from qdistill.recipes.session import run_session
+
     config = spec if isinstance(spec, RecipeConfig) else parse_recipe(spec)
-    return config.run(resume=resume, progress=progress)
+    return run_session(config, resume=resume, progress=progress)
 
 
 __all__ = ["RECIPES", "load_recipe", "register_recipe", "run_recipe", "validate_recipe"]

@@ -21,7 +21,9 @@ from tqdm.auto import tqdm
 from qdistill.distill.lm.metrics import batch_counts, default_shift
 from qdistill.distill.lm.tokens import call_model, split_batch
 from qdistill.errors import ConfigError, FileFormatError, TrainingError
+from qdistill.train import distributed as dist
 from qdistill.train.checkpoint import load_checkpoint, save_checkpoint
+from qdistill.train.tracking import MetricsLogger, active_logger
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +70,18 @@ def evaluate(model: nn.Module | Any, loader: Iterable) -> float:
 
 
 def optimizer_step(
-    optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip_grad_norm: float | None = None
+    optimizer: torch.optim.Optimizer,
+    loss: torch.Tensor,
+    clip_grad_norm: float | None = None,
+    after_backward: Callable[[], None] | None = None,
 ) -> None:
     """Backward ``loss`` and step ``optimizer``, clipping the gradients' global norm first
-    (over every parameter the optimizer steps) when ``clip_grad_norm`` is given."""
+    (over every parameter the optimizer steps) when ``clip_grad_norm`` is given.
+    ``after_backward`` runs between backward and clipping (e.g. a gradient all-reduce)."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if after_backward is not None:
+        after_backward()
     if clip_grad_norm is not None:
         params = [p for g in optimizer.param_groups for p in g["params"]]
         torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
@@ -144,10 +152,22 @@ def _progress(meta: Any, ckpt: Path) -> tuple[int, History]:
     return done, history
 
 
-def _finite_loss(loss: torch.Tensor, policy: str, desc: str, epoch: int, step: int) -> bool:
+def _finite_loss(
+    loss: torch.Tensor,
+    policy: str,
+    desc: str,
+    epoch: int,
+    step: int,
+    world: dist.World | None = None,
+) -> bool:
     """Whether to use this batch's loss: True if finite; a non-finite one skips the batch
-    (``policy="skip"``, with a warning) or stops training, naming the step (``"stop"``)."""
-    if bool(torch.isfinite(loss.detach()).all()):
+    (``policy="skip"``, with a warning) or stops training, naming the step (``"stop"``).
+    Under DDP the ranks decide together (one non-finite shard skips or stops the step on every
+    rank; otherwise the others would wait forever in the gradient all-reduce)."""
+    finite = bool(torch.isfinite(loss.detach()).all())
+    if world is not None:
+        finite = dist.all_reduce([float(finite)], world, op="min")[0] > 0
+    if finite:
         return True
     value = float(loss.detach().float().sum())
     where = f"{desc}: the loss is {value} at epoch {epoch + 1}, step {step}"
@@ -188,6 +208,7 @@ def fit(
     callbacks: list[Callback] | None = None,
     desc: str = "train",
     on_nonfinite: str = "stop",
+    logger: MetricsLogger | None = None,
 ) -> History:
     """Train ``run`` (a :class:`~qdistill.distill.Distiller`) for ``epochs`` epochs.
 
@@ -205,6 +226,16 @@ def fit(
     A non-finite loss stops training with a :class:`~qdistill.errors.TrainingError` naming the
     epoch and step (``on_nonfinite="stop"``, the default) or skips that batch (``"skip"``);
     weights that became non-finite are never checkpointed. The student is left in eval mode.
+
+    Metrics go to ``logger``, else to the logger of a surrounding
+    :func:`qdistill.train.tracking.experiment` (a recipe run), else to
+    ``checkpoint_dir/metrics.jsonl``: one JSON line per step (loss, lr) and per epoch
+    (train_loss, train_acc, val_acc), tagged ``stage=desc``.
+
+    Under ``torchrun`` (an initialised process group, or ``WORLD_SIZE`` > 1 in the
+    environment) the student trains data-parallel with DistributedDataParallel, the loader's
+    batch being the global batch split over the ranks; only rank 0 writes checkpoints and
+    metrics; see :mod:`qdistill.train.distributed` for what is kept consistent and how.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"epochs={epochs!r} must be a positive integer")
@@ -212,61 +243,129 @@ def fit(
         raise ConfigError(f"on_nonfinite={on_nonfinite!r}; use one of {NONFINITE_POLICIES}")
     if scheduler_interval not in ("epoch", "step"):
         raise ConfigError(f"scheduler_interval={scheduler_interval!r}; use 'epoch' or 'step'")
+    dist.check_devices(run)
+    world = dist.current()
+    main = world is None or world.main
+    if world is not None:
+        train_loader = dist.shard_loader(train_loader, world, seed)
     if optimizer is None:
         optimizer = torch.optim.Adam(run.parameters(), lr=lr)
     per_step = scheduler if scheduler_interval == "step" else None
     ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    ckpt = dist.broadcast_object(ckpt, world)  # every rank resumes from rank 0's checkpoint
     history, start = _start(run, ckpt, optimizer, scheduler, resume, seed, epochs, desc)
     shift = default_shift(run)
+    wrapped = dist.wrap_student(run.student, world) if world is not None else None
+    student_params = {id(p) for p in run.student.parameters()}
+    extra = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in student_params]
+    sync = dist.extra_grad_sync(extra, world)
+    progress = progress and main
 
-    for epoch in range(start, epochs):
-        torch.manual_seed(_epoch_seed(seed, epoch))
-        run.train()
-        total_loss = correct = seen = 0.0
-        skipped = 0
-        bar = tqdm(
-            train_loader, desc=f"{desc} {epoch + 1}/{epochs}", disable=not progress, leave=False
-        )
-        for step, batch in enumerate(bar):
-            x, y = split_batch(batch)  # (x, y) pairs or token dicts
-            loss, logits = run.step(x, y)
-            if not _finite_loss(loss, on_nonfinite, desc, epoch, step):
-                skipped += 1
-                continue
-            optimizer_step(optimizer, loss, clip_grad_norm)
-            if per_step is not None:
-                per_step.step()
-            n, ok = batch_counts(logits.detach(), y, x, shift)  # samples, or counted tokens
-            total_loss += float(loss.detach()) * n
-            correct += ok
-            seen += n
-            bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+    own_logger = None
+    if not main:
+        logger = None
+    elif logger is None:
+        logger = active_logger()
+        if logger is None and checkpoint_dir is not None:
+            logger = own_logger = MetricsLogger(Path(checkpoint_dir))
+    steps_per_epoch = _length(train_loader)
+    try:
+        for epoch in range(start, epochs):
+            torch.manual_seed(_epoch_seed(seed, epoch))
+            dist.set_epoch(train_loader, epoch)
+            run.train()
+            total_loss = correct = seen = 0.0
+            skipped = 0
+            bar = tqdm(
+                train_loader,
+                desc=f"{desc} {epoch + 1}/{epochs}",
+                disable=not progress,
+                leave=False,
+            )
+            for step, batch in enumerate(bar):
+                x, y = split_batch(batch)  # (x, y) pairs or token dicts
+                with dist.forward_through(run, wrapped):
+                    loss, logits = run.step(x, y)
+                if not _finite_loss(loss, on_nonfinite, desc, epoch, step, world):
+                    skipped += 1
+                    continue
+                optimizer_step(optimizer, loss, clip_grad_norm, after_backward=sync)
+                if per_step is not None:
+                    per_step.step()
+                n, ok = batch_counts(logits.detach(), y, x, shift)  # samples, or counted tokens
+                total_loss += float(loss.detach()) * n
+                correct += ok
+                seen += n
+                bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+                if logger is not None:
+                    logger.log(
+                        {
+                            "event": "step",
+                            "stage": desc,
+                            "epoch": epoch,
+                            "step": step,
+                            "global_step": epoch * steps_per_epoch + step
+                            if steps_per_epoch
+                            else None,
+                            "loss": float(loss.detach()),
+                            "lr": float(optimizer.param_groups[0]["lr"]),
+                        }
+                    )
+                for cb in callbacks or ():
+                    cb("step", {"epoch": epoch, "step": step})
+            total_loss, correct, seen, skipped = dist.all_reduce(
+                [total_loss, correct, seen, skipped], world
+            )  # the epoch's figures over every rank's shard
+            if seen == 0 and skipped:
+                raise TrainingError(
+                    f"{desc}: every batch of epoch {epoch + 1} had a non-finite loss"
+                )
+            _check_weights(run, desc, epoch)
+            if scheduler is not None and per_step is None:
+                scheduler.step()
+            history.train_loss.append(total_loss / max(seen, 1))
+            history.train_acc.append(correct / max(seen, 1))
+            if val_loader is not None:
+                history.val_acc.append(evaluate(run.student, val_loader))
+            if progress:
+                val = f", val acc {history.val_acc[-1]:.4f}" if val_loader is not None else ""
+                tqdm.write(
+                    f"{desc} epoch {epoch + 1}/{epochs}: loss {history.train_loss[-1]:.4f}, "
+                    f"train acc {history.train_acc[-1]:.4f}{val}"
+                )
+            if logger is not None:
+                logger.log(
+                    {
+                        "event": "epoch",
+                        "stage": desc,
+                        "epoch": epoch,
+                        "train_loss": history.train_loss[-1],
+                        "train_acc": history.train_acc[-1],
+                        "val_acc": history.val_acc[-1] if val_loader is not None else None,
+                        "skipped": int(skipped),
+                        "world_size": world.size if world is not None else 1,
+                    }
+                )
+            if ckpt is not None and main:
+                save_checkpoint(
+                    ckpt,
+                    model=getattr(run, "checkpoint_model", run.student),
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    meta={"epoch": epoch, "seed": seed, "history": history.to_dict()},
+                )
+            dist.barrier()  # no rank runs ahead of (or resumes from) a half-written epoch
             for cb in callbacks or ():
-                cb("step", {"epoch": epoch, "step": step})
-        if seen == 0 and skipped:
-            raise TrainingError(f"{desc}: every batch of epoch {epoch + 1} had a non-finite loss")
-        _check_weights(run, desc, epoch)
-        if scheduler is not None and per_step is None:
-            scheduler.step()
-        history.train_loss.append(total_loss / max(seen, 1))
-        history.train_acc.append(correct / max(seen, 1))
-        if val_loader is not None:
-            history.val_acc.append(evaluate(run.student, val_loader))
-        if progress:
-            val = f", val acc {history.val_acc[-1]:.4f}" if val_loader is not None else ""
-            tqdm.write(
-                f"{desc} epoch {epoch + 1}/{epochs}: loss {history.train_loss[-1]:.4f}, "
-                f"train acc {history.train_acc[-1]:.4f}{val}"
-            )
-        if ckpt is not None:
-            save_checkpoint(
-                ckpt,
-                model=getattr(run, "checkpoint_model", run.student),
-                optimizer=optimizer,
-                scheduler=scheduler,
-                meta={"epoch": epoch, "seed": seed, "history": history.to_dict()},
-            )
-        for cb in callbacks or ():
-            cb("epoch_end", {"epoch": epoch, "history": history})
+                cb("epoch_end", {"epoch": epoch, "history": history})
+    finally:
+        if own_logger is not None:
+            own_logger.close()
     run.eval()
     return history
+
+
+def _length(loader: Iterable) -> int | None:
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
