@@ -270,7 +270,7 @@ def wrap_student(student: nn.Module, world: World) -> nn.Module:
     ids = [dev] if dev is not None and dev.type == "cuda" else None
     if world.backend == "nccl" and ids is None:
         raise ConfigError("backend nccl needs the student on a CUDA device; use gloo on CPU")
-    return _StudentDDP(student, device_ids=ids, broadcast_buffers=True)
+    return _StudentDDP(student, device_ids=ids)  # buffers: broadcast from rank 0 (default)
 
 
 @contextlib.contextmanager
