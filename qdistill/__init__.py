@@ -62,6 +62,17 @@ __version__ = "0.1.0"
 
 _hf_hook.install()  # quant_method="qdistill" for transformers' from_pretrained (if installed)
 
+
+def __getattr__(name: str) -> object:
+    """``qd.DistillTrainer`` (the Hugging Face Trainer, qdistill.hf_trainer) imports
+    transformers only when it is asked for."""
+    if name == "DistillTrainer":
+        from qdistill.hf_trainer import DistillTrainer
+
+        return DistillTrainer
+    raise AttributeError(f"module 'qdistill' has no attribute {name!r}")
+
+
 __all__ = [
     "perplexity",
     "greedy_agreement",
