@@ -2,7 +2,9 @@
 in ``world`` gloo processes (torch.multiprocessing), final weights saved per rank.
 
     python tests/_ddp_script.py OUT single QUANT EPOCHS [resume]
-    python tests/_ddp_script.py OUT ddp QUANT EPOCHS [resume] WORLD
+    python tests/_ddp_script.py OUT ddp QUANT EPOCHS [resume|kill] WORLD
+
+``kill``: the last rank dies by SIGKILL at epoch 2, step 2 (after the epoch-1 checkpoint).
 
 QUANT ``static``: int4 weights, int8 activations with static ranges calibrated by each rank on
 *its own* data (a different slice per rank), so the ranks start with different quantizer
@@ -15,6 +17,7 @@ global batches the ranks share out between them.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import time
@@ -53,7 +56,13 @@ def models(calibration: torch.Tensor, quant: str) -> tuple[nn.Module, nn.Module]
 
 
 def train(
-    out: str, loader: DataLoader, calibration: torch.Tensor, quant: str, epochs: int, resume: bool
+    out: str,
+    loader: DataLoader,
+    calibration: torch.Tensor,
+    quant: str,
+    epochs: int,
+    resume: bool,
+    callbacks: list | None = None,
 ) -> nn.Module:
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # torch's lazy imports, not timed
     teacher, student = models(calibration, quant)
@@ -70,6 +79,7 @@ def train(
         resume=resume,
         progress=False,
         desc="student",
+        callbacks=callbacks,
     )
     print(
         f"fit seconds, world size {os.environ.get('WORLD_SIZE', 1)}: {time.perf_counter() - t:.3f}"
@@ -90,7 +100,12 @@ def single(out: str, quant: str, epochs: int, resume: bool) -> None:
     save(student, os.path.join(out, "single.safetensors"))
 
 
-def worker(rank: int, world: int, out: str, port: int, quant: str, epochs: int, resume: bool):
+def killer(event: str, info: dict) -> None:
+    if event == "step" and info["epoch"] == 1 and info["step"] == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def worker(rank: int, world: int, out: str, port: int, quant: str, epochs: int, mode: str):
     torch.set_num_threads(1)
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
@@ -98,7 +113,8 @@ def worker(rank: int, world: int, out: str, port: int, quant: str, epochs: int, 
     ds = data()
     own = ds.tensors[0][32 * rank : 32 * rank + 32]  # each rank calibrates on other data
     loader = DataLoader(ds, batch_size=BATCH, shuffle=True)
-    student = train(out, loader, own, quant, epochs, resume)
+    kill = [killer] if mode == "kill" and rank == world - 1 else None
+    student = train(out, loader, own, quant, epochs, mode == "resume", kill)
     save(student, os.path.join(out, f"rank{rank}.safetensors"))
     torch.distributed.destroy_process_group()
 
@@ -112,6 +128,7 @@ def free_port() -> int:
 if __name__ == "__main__":
     out, mode, quant, epochs = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     resume = "resume" in sys.argv[5:]
+    mode = sys.argv[5] if len(sys.argv) > 6 else ""
     os.makedirs(out, exist_ok=True)
     if mode == "single":
         single(out, quant, epochs, resume)
@@ -120,7 +137,7 @@ if __name__ == "__main__":
         # fork: the ranks inherit the imported torch and qdistill (no torch op ran before)
         torch.multiprocessing.start_processes(
             worker,
-            args=(world, out, free_port(), quant, epochs, resume),
+            args=(world, out, free_port(), quant, epochs, mode),
             nprocs=world,
             join=True,
             start_method="fork",

@@ -89,21 +89,25 @@ def test_two_gloo_processes_give_the_weights_of_one_process_over_the_global_batc
         assert a["train_acc"] == b["train_acc"]
 
 
-def test_a_one_process_checkpoint_resumes_on_two_processes_with_learned_steps(tmp_path):
-    """LSQ steps (parameters) stay equal across ranks; the data order depends on (seed,
-    epoch) only, so 1 epoch on 1 process + 1 on 2 processes = 2 epochs on 1 process."""
+def test_a_killed_rank_fails_the_run_and_it_resumes_on_one_process(tmp_path):
+    """2 processes with learned LSQ steps; rank 1 dies by SIGKILL in epoch 2: the run fails
+    (the other rank is ended, no hang) leaving the epoch-1 checkpoint, which resumes on ONE
+    process to the weights of an uninterrupted 1-process run (the data order depends on
+    (seed, epoch) only, not on the number of processes)."""
     full = _single(tmp_path / "full", "lsq", epochs=2)
-    _single(tmp_path / "mixed", "lsq", epochs=1)
-    _ddp(tmp_path / "mixed", "lsq", epochs=2, resume=True)
-    r0 = load_file(tmp_path / "mixed" / "rank0.safetensors")
-    r1 = load_file(tmp_path / "mixed" / "rank1.safetensors")
-    assert "0.weight_step" in r0 and _max_diff(r0, r1) == 0.0
-    diff = _max_diff(full, r0)
-    print(f"max abs difference 1+2 processes (resumed) vs 1 process: {diff:.3g}")
+    args = [sys.executable, str(SCRIPT), str(tmp_path / "mixed"), "ddp", "lsq", "2", "kill", "2"]
+    r = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "SIGKILL" in r.stderr, r.stderr[-3000:]
+    ckpt = tmp_path / "mixed" / "ckpt"
+    assert sorted(os.listdir(ckpt)) == ["last.safetensors", "metrics.jsonl"]  # no torn file
+    assert not (tmp_path / "mixed" / "rank0.safetensors").exists()
+    resumed = _single(tmp_path / "mixed", "lsq", epochs=2, resume=True)
+    assert "0.weight_step" in resumed
+    diff = _max_diff(full, resumed)
+    print(f"max abs difference 2 processes (killed) + 1 process (resumed) vs 1 process: {diff:.3g}")
     assert diff < TOL
-    epochs = [r for r in read_jsonl(tmp_path / "mixed" / "ckpt" / "metrics.jsonl")
-              if r["event"] == "epoch"]  # fmt: skip
-    assert [e["world_size"] for e in epochs] == [1, 2]
+    epochs = [r for r in read_jsonl(ckpt / "metrics.jsonl") if r["event"] == "epoch"]
+    assert [e["world_size"] for e in epochs] == [2, 1]
 
 
 def test_a_recipe_under_torchrun_writes_one_checkpoint_and_one_result(tmp_path):
