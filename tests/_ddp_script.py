@@ -3,6 +3,7 @@ in ``world`` gloo processes (torch.multiprocessing), final weights saved per ran
 
     python tests/_ddp_script.py OUT single QUANT EPOCHS [resume]
     python tests/_ddp_script.py OUT ddp QUANT EPOCHS [resume|kill] WORLD
+    python tests/_ddp_script.py OUT fsdp QUANT EPOCHS [resume] WORLD     (FSDP2 fully_shard)
 
 ``kill``: the last rank dies by SIGKILL at epoch 2, step 2 (after the epoch-1 checkpoint).
 
@@ -63,6 +64,7 @@ def train(
     epochs: int,
     resume: bool,
     callbacks: list | None = None,
+    strategy: str | None = None,
 ) -> nn.Module:
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # torch's lazy imports, not timed
     teacher, student = models(calibration, quant)
@@ -80,6 +82,7 @@ def train(
         progress=False,
         desc="student",
         callbacks=callbacks,
+        strategy=strategy,
     )
     print(
         f"fit seconds, world size {os.environ.get('WORLD_SIZE', 1)}: {time.perf_counter() - t:.3f}"
@@ -105,7 +108,9 @@ def killer(event: str, info: dict) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def worker(rank: int, world: int, out: str, port: int, quant: str, epochs: int, mode: str):
+def worker(
+    rank: int, world: int, out: str, port: int, quant: str, epochs: int, mode: str, strategy: str
+):
     torch.set_num_threads(1)
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
@@ -114,7 +119,7 @@ def worker(rank: int, world: int, out: str, port: int, quant: str, epochs: int, 
     own = ds.tensors[0][32 * rank : 32 * rank + 32]  # each rank calibrates on other data
     loader = DataLoader(ds, batch_size=BATCH, shuffle=True)
     kill = [killer] if mode == "kill" and rank == world - 1 else None
-    student = train(out, loader, own, quant, epochs, mode == "resume", kill)
+    student = train(out, loader, own, quant, epochs, mode == "resume", kill, strategy)
     save(student, os.path.join(out, f"rank{rank}.safetensors"))
     torch.distributed.destroy_process_group()
 
@@ -137,7 +142,7 @@ if __name__ == "__main__":
         # fork: the ranks inherit the imported torch and qdistill (no torch op ran before)
         torch.multiprocessing.start_processes(
             worker,
-            args=(world, out, free_port(), quant, epochs, mode),
+            args=(world, out, free_port(), quant, epochs, mode, sys.argv[2]),
             nprocs=world,
             join=True,
             start_method="fork",

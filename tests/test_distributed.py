@@ -1,6 +1,7 @@
-"""Data-parallel fit with real gloo process groups on this CPU (2 processes), and the errors a
-distributed run can meet. Each multi-process test starts real processes (torch import included),
-so they take seconds, not milliseconds; the models are a few hundred parameters."""
+"""Data-parallel fit (DDP and FSDP2) with real gloo process groups on this CPU (2 processes),
+and the errors a distributed run can meet. Each multi-process test starts real processes
+(torch import included), so they take seconds, not milliseconds; the models are a few hundred
+parameters."""
 
 from __future__ import annotations
 
@@ -108,6 +109,41 @@ def test_a_killed_rank_fails_the_run_and_it_resumes_on_one_process(tmp_path):
     assert diff < TOL
     epochs = [r for r in read_jsonl(ckpt / "metrics.jsonl") if r["event"] == "epoch"]
     assert [e["world_size"] for e in epochs] == [2, 1]
+
+
+def test_fsdp2_resumes_a_1_process_checkpoint_and_writes_one_that_resumes_again(tmp_path):
+    """strategy='fsdp' (fully_shard, 2 gloo processes) with learned LSQ steps: resumed from a
+    1-process checkpoint (optimizer state sharded in), its weights equal an uninterrupted
+    1-process run, and its own checkpoint (optimizer state gathered) resumes on 1 process."""
+    full2 = _single(tmp_path / "full2", "lsq", epochs=2)
+    full3 = _single(tmp_path / "full3", "lsq", epochs=3)
+    _single(tmp_path / "mixed", "lsq", epochs=1)
+    args = [sys.executable, str(SCRIPT), str(tmp_path / "mixed"), "fsdp", "lsq", "2", "resume"]
+    r = subprocess.run([*args, "2"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r0 = load_file(tmp_path / "mixed" / "rank0.safetensors")
+    r1 = load_file(tmp_path / "mixed" / "rank1.safetensors")
+    assert _max_diff(r0, r1) == 0.0  # the full weights gathered on every rank
+    diff = _max_diff(full2, r0)
+    print(f"max abs difference FSDP2 (2 processes, resumed) vs 1 process: {diff:.3g}")
+    assert diff < TOL
+    third = _single(tmp_path / "mixed", "lsq", epochs=3, resume=True)
+    assert _max_diff(full3, third) < TOL
+
+
+def test_fsdp_refuses_what_it_cannot_shard_yet():
+    from qdistill.train.fsdp import check_supported
+
+    run = qd.supervised(nn.Linear(2, 2))
+    opt = torch.optim.SGD(run.parameters(), lr=0.1)
+    with pytest.raises(ConfigError, match="optimizer or scheduler.*use strategy 'ddp'"):
+        check_supported(run, opt, None, None)
+    with pytest.raises(ConfigError, match="callbacks"):
+        check_supported(run, None, None, [print])
+    check_supported(run, None, None, None)  # the plain case passes
+    with pytest.raises(ConfigError, match="strategy='zero'"):
+        qd.fit(run, [(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long))], epochs=1,
+               strategy="zero")  # fmt: skip
 
 
 def test_a_recipe_under_torchrun_writes_one_checkpoint_and_one_result(tmp_path):

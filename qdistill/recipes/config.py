@@ -170,7 +170,7 @@ class DistributedSection(Section):
     """``distributed:``: how to run under torchrun (train.distributed); ignored otherwise."""
 
     backend: str | None = dataclasses.field(default=None, metadata=limits(choices=("gloo", "nccl")))
-    strategy: str = dataclasses.field(default="ddp", metadata=limits(choices=("ddp",)))
+    strategy: str = dataclasses.field(default="ddp", metadata=limits(choices=("ddp", "fsdp")))
     timeout_s: float = dataclasses.field(default=60.0, metadata=limits(gt=0))
 
 

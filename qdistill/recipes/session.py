@@ -62,11 +62,14 @@ def run_session(
         config = dataclasses.replace(config, output=scratch)
     try:
         log = config.logging
-        with experiment(
-            Path(config.output) if main else None,
-            tensorboard=log.tensorboard,
-            wandb=log.wandb,
-            wandb_project=log.wandb_project,
+        with (
+            dist.use_strategy(d.strategy),
+            experiment(
+                Path(config.output) if main else None,
+                tensorboard=log.tensorboard,
+                wandb=log.wandb,
+                wandb_project=log.wandb_project,
+            ),
         ):
             metrics = config.run(resume=resume, progress=progress and main)
         dist.barrier()  # rank 0's files are complete when any rank returns

@@ -39,6 +39,7 @@ Distributed: Experiences on Accelerating Data Parallel Training" (VLDB), Sec. 3:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime
 import inspect
 import os
@@ -52,7 +53,8 @@ from torch import nn
 from qdistill.errors import ConfigError
 
 BACKENDS = ("gloo", "nccl")
-STRATEGIES = ("ddp",)
+STRATEGIES = ("ddp", "fsdp")
+_STRATEGY: contextvars.ContextVar[str] = contextvars.ContextVar("qdistill_strategy", default="ddp")
 DEFAULT_TIMEOUT_S = 60.0
 
 
@@ -67,6 +69,23 @@ class World:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+
+def session_strategy() -> str:
+    """The strategy a surrounding :func:`use_strategy` (a recipe run) chose; ``"ddp"``."""
+    return _STRATEGY.get()
+
+
+@contextlib.contextmanager
+def use_strategy(name: str) -> Iterator[None]:
+    """Make ``name`` (``"ddp"`` or ``"fsdp"``) the default of every ``fit`` in the block."""
+    if name not in STRATEGIES:
+        raise ConfigError(f"strategy {name!r}; use one of {list(STRATEGIES)}")
+    token = _STRATEGY.set(name)
+    try:
+        yield
+    finally:
+        _STRATEGY.reset(token)
 
 
 def env_world_size() -> int:
@@ -315,7 +334,9 @@ __all__ = [
     "forward_through",
     "init_from_env",
     "is_main",
+    "session_strategy",
     "set_epoch",
     "shard_loader",
+    "use_strategy",
     "wrap_student",
 ]

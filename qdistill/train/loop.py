@@ -22,6 +22,7 @@ from qdistill.distill.lm.metrics import batch_counts, default_shift
 from qdistill.distill.lm.tokens import call_model, split_batch
 from qdistill.errors import ConfigError, FileFormatError, TrainingError
 from qdistill.train import distributed as dist
+from qdistill.train import fsdp
 from qdistill.train.checkpoint import load_checkpoint, save_checkpoint
 from qdistill.train.tracking import MetricsLogger, active_logger
 
@@ -209,6 +210,7 @@ def fit(
     desc: str = "train",
     on_nonfinite: str = "stop",
     logger: MetricsLogger | None = None,
+    strategy: str | None = None,
 ) -> History:
     """Train ``run`` (a :class:`~qdistill.distill.Distiller`) for ``epochs`` epochs.
 
@@ -236,6 +238,8 @@ def fit(
     environment) the student trains data-parallel with DistributedDataParallel, the loader's
     batch being the global batch split over the ranks; only rank 0 writes checkpoints and
     metrics; see :mod:`qdistill.train.distributed` for what is kept consistent and how.
+    ``strategy="fsdp"`` (default: the recipe's ``distributed.strategy``, else ``"ddp"``)
+    shards the student's parameters and optimizer state instead (FSDP2, :mod:`.fsdp`).
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"epochs={epochs!r} must be a positive integer")
@@ -244,8 +248,14 @@ def fit(
     if scheduler_interval not in ("epoch", "step"):
         raise ConfigError(f"scheduler_interval={scheduler_interval!r}; use 'epoch' or 'step'")
     dist.check_devices(run)
+    strategy = strategy or dist.session_strategy()
+    if strategy not in dist.STRATEGIES:
+        raise ConfigError(f"strategy={strategy!r}; use one of {list(dist.STRATEGIES)}")
     world = dist.current()
     main = world is None or world.main
+    sharding = world is not None and strategy == "fsdp"
+    if sharding:
+        fsdp.check_supported(run, optimizer, scheduler, callbacks)
     if world is not None:
         train_loader = dist.shard_loader(train_loader, world, seed)
     if optimizer is None:
@@ -255,10 +265,21 @@ def fit(
     ckpt = dist.broadcast_object(ckpt, world)  # every rank resumes from rank 0's checkpoint
     history, start = _start(run, ckpt, optimizer, scheduler, resume, seed, epochs, desc)
     shift = default_shift(run)
-    wrapped = dist.wrap_student(run.student, world) if world is not None else None
-    student_params = {id(p) for p in run.student.parameters()}
-    extra = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in student_params]
-    sync = dist.extra_grad_sync(extra, world)
+    sharded = None
+    if sharding:  # the plain optimizer above only carried a resumed state over
+        sharded = fsdp.ShardedStudent(run.student, lr)
+        if optimizer.state:
+            sharded.load_optimizer_state(optimizer.state_dict())
+        optimizer = sharded.optimizer
+        wrapped: nn.Module | None = sharded.module
+        sync = None
+    else:
+        wrapped = dist.wrap_student(run.student, world) if world is not None else None
+        student_params = {id(p) for p in run.student.parameters()}
+        extra = [
+            p for g in optimizer.param_groups for p in g["params"] if id(p) not in student_params
+        ]
+        sync = dist.extra_grad_sync(extra, world)
     progress = progress and main
 
     own_logger = None
@@ -320,6 +341,8 @@ def fit(
                 raise TrainingError(
                     f"{desc}: every batch of epoch {epoch + 1} had a non-finite loss"
                 )
+            if sharded is not None:
+                sharded.sync_to(run.student)  # the full weights, on every rank
             _check_weights(run, desc, epoch)
             if scheduler is not None and per_step is None:
                 scheduler.step()
@@ -346,11 +369,14 @@ def fit(
                         "world_size": world.size if world is not None else 1,
                     }
                 )
+            opt_state: Any = optimizer
+            if ckpt is not None and sharded is not None:  # gathered by every rank
+                opt_state = fsdp.StateOf(sharded.optimizer_state())
             if ckpt is not None and main:
                 save_checkpoint(
                     ckpt,
                     model=getattr(run, "checkpoint_model", run.student),
-                    optimizer=optimizer,
+                    optimizer=opt_state,
                     scheduler=scheduler,
                     meta={"epoch": epoch, "seed": seed, "history": history.to_dict()},
                 )
