@@ -74,6 +74,8 @@ def train(
         run,
         loader,
         epochs=epochs,
+        # 64 examples in batches of 10: under torchrun each rank counts 32 of them
+        val_loader=DataLoader(data(), batch_size=10),
         lr=1e-2,
         seed=SEED,
         clip_grad_norm=1.0,

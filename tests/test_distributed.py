@@ -88,6 +88,7 @@ def test_two_gloo_processes_give_the_weights_of_one_process_over_the_global_batc
     for a, b in zip(epochs, single, strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["train_acc"] == b["train_acc"]
+        assert a["val_acc"] == b["val_acc"]  # each rank evaluated its half; counts summed
 
 
 def test_a_killed_rank_fails_the_run_and_it_resumes_on_one_process(tmp_path):
@@ -206,6 +207,15 @@ def test_a_batch_or_dataset_the_world_cannot_split_is_a_config_error():
     # a good split: rank 1's quarter of each global batch of 8, in a DistributedSampler
     sharded = dist.shard_loader(DataLoader(ds, batch_size=8, shuffle=True), world, seed=0)
     assert sharded.batch_size == 2 and sharded.sampler.rank == 1 and sharded.sampler.shuffle
+
+
+def test_each_rank_evaluates_its_share_of_the_validation_data_once():
+    ds = TensorDataset(torch.arange(10).float()[:, None], torch.zeros(10, dtype=torch.long))
+    seen = []
+    for rank in range(3):
+        part = dist.eval_shard(DataLoader(ds, batch_size=4), dist.World(rank, 3, "gloo"))
+        seen.append([int(v) for x, _ in part for v in x[:, 0]])
+    assert seen == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]  # every example once, none padded
 
 
 def test_teacher_on_another_device_than_the_student_is_one_clear_error():

@@ -242,6 +242,28 @@ def shard_loader(loader: Any, world: World, seed: int) -> Any:
     )
 
 
+def eval_shard(loader: Any, world: World) -> Any:
+    """Rank ``r``'s share of an evaluation loader: examples ``r, r + W, ...`` in order, no
+    padding (each example counted exactly once over the ranks, unlike a DistributedSampler,
+    which repeats examples to even the shares out). A loader that is not a DataLoader over a
+    sized dataset is evaluated whole on every rank."""
+    from torch.utils.data import DataLoader
+
+    if not isinstance(loader, DataLoader) or loader.batch_size is None:
+        return loader
+    try:
+        n = len(loader.dataset)  # type: ignore[arg-type]
+    except TypeError:
+        return loader
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=range(world.rank, n, world.size),
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+    )
+
+
 def set_epoch(loader: Any, epoch: int) -> None:
     """Reseed a DistributedSampler (or anything with ``set_epoch``) for this epoch."""
     sampler = getattr(loader, "sampler", None)
@@ -330,6 +352,7 @@ __all__ = [
     "check_backend",
     "check_devices",
     "current",
+    "eval_shard",
     "extra_grad_sync",
     "forward_through",
     "init_from_env",

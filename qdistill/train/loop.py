@@ -55,6 +55,12 @@ def evaluate(model: nn.Module | Any, loader: Iterable) -> float:
     Batches are ``(x, y)`` pairs or token dicts; for a language model it is the next-token
     accuracy over the unpadded tokens (see :mod:`qdistill.distill.lm.metrics`).
     """
+    correct, total = _eval_counts(model, loader)
+    return correct / max(total, 1)
+
+
+def _eval_counts(model: nn.Module | Any, loader: Iterable) -> tuple[int, int]:
+    """Correct predictions and counted items (samples, or unpadded tokens) on ``loader``."""
     net = getattr(model, "student", model)
     shift = default_shift(model)
     was_training = net.training
@@ -67,7 +73,7 @@ def evaluate(model: nn.Module | Any, loader: Iterable) -> float:
             correct += ok
             total += n
     net.train(was_training)
-    return correct / max(total, 1)
+    return correct, total
 
 
 def optimizer_step(
@@ -349,7 +355,7 @@ def fit(
             history.train_loss.append(total_loss / max(seen, 1))
             history.train_acc.append(correct / max(seen, 1))
             if val_loader is not None:
-                history.val_acc.append(evaluate(run.student, val_loader))
+                history.val_acc.append(_val_acc(run.student, val_loader, world))
             if progress:
                 val = f", val acc {history.val_acc[-1]:.4f}" if val_loader is not None else ""
                 tqdm.write(
@@ -388,6 +394,16 @@ def fit(
             own_logger.close()
     run.eval()
     return history
+
+
+def _val_acc(student: nn.Module, loader: Iterable, world: dist.World | None) -> float:
+    """Validation accuracy; under torchrun each rank counts its share of the data
+    (:func:`~qdistill.train.distributed.eval_shard`) and the counts are summed."""
+    if world is None:
+        return evaluate(student, loader)
+    correct, total = _eval_counts(student, dist.eval_shard(loader, world))
+    correct, total = dist.all_reduce([correct, total], world)
+    return correct / max(total, 1)
 
 
 def _length(loader: Iterable) -> int | None:
