@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import json
 import re
+import shutil
+import subprocess
 import sys
 import types
 
@@ -214,3 +216,57 @@ def test_report_of_a_folder_without_logs_says_what_is_missing(tmp_path):
     page = write_report([tmp_path / "empty"], tmp_path / "r.html").read_text()
     assert "no step records logged" in page and "no packed student file" in page
     assert main(["report", str(tmp_path / "nope")]) == 2
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium package")
+def test_headless_chromium_renders_the_three_plots_with_content(tmp_path):
+    """The page as a browser draws it: each plot outlined (a test-only style) so that the
+    screenshot shows where Chromium laid the images out; each must be large and not blank."""
+    import numpy as np
+    from matplotlib.image import imread
+
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for run, bits in zip(runs, (4, 8), strict=True):
+        _tiny_run(run, bits)
+    page = write_report(runs, tmp_path / "report.html").read_text()
+    marked = tmp_path / "marked.html"
+    marked.write_text(
+        page.replace("</head>", "<style>img.plot{outline:4px solid #ff00ff}</style></head>")
+    )
+    shot = tmp_path / "shot.png"
+    r = subprocess.run(
+        ["chromium", "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+         f"--screenshot={shot}", "--window-size=1000,2600", marked.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert shot.is_file(), r.stderr[-2000:]
+    rgb = (imread(shot)[..., :3] * 255).round().astype(int)
+    magenta = (rgb[..., 0] > 230) & (rgb[..., 1] < 40) & (rgb[..., 2] > 230)
+    long_rows = [y for y in range(len(rgb)) if _longest_run(magenta[y]) > 500]
+    edges = [g for g in _groups(long_rows)]  # top and bottom edge of each outlined plot
+    assert len(edges) == 6, f"expected 3 outlined plots, found edges at {edges}"
+    for top, bottom in zip(edges[0::2], edges[1::2], strict=True):
+        cols = np.flatnonzero(magenta[top[0]])
+        inside = rgb[top[-1] + 3 : bottom[0] - 2, cols[0] + 5 : cols[-1] - 4]
+        assert inside.shape[0] > 300  # a plot's height, not a broken-image icon
+        ink = (inside < 200).any(axis=-1).mean()  # lines, text, markers
+        colour = (np.ptp(inside, axis=-1) > 80).mean()  # the coloured series
+        assert ink > 0.01 and colour > 0.0001, (ink, colour)  # blank: 0 and 0
+
+
+def _longest_run(row) -> int:
+    best = run = 0
+    for v in row:
+        run = run + 1 if v else 0
+        best = max(best, run)
+    return best
+
+
+def _groups(rows: list[int]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for y in rows:
+        if out and y == out[-1][-1] + 1:
+            out[-1].append(y)
+        else:
+            out.append([y])
+    return out

@@ -234,7 +234,7 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     body = "".join(
         "<tr>" + "".join(f"<td>{e(_fmt(r.get(c)))}</td>" for c in columns) + "</tr>" for r in rows
     )
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<div class='wide'><table><tr>{head}</tr>{body}</table></div>"
 
 
 def _fmt(value: Any) -> str:
@@ -256,7 +256,8 @@ def _figure_html(title: str, png: str | None, missing: str) -> str:
 
 _STYLE = """body{font-family:sans-serif;margin:2em;max-width:75em}
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:2px 8px;
-font-size:90%}th{background:#eee}img.plot{max-width:100%}.none{color:#888}"""
+font-size:90%}th{background:#eee}img.plot{max-width:100%}.none{color:#888}
+.wide{overflow-x:auto}"""
 
 
 def render(runs: list[RunData]) -> str:
