@@ -140,6 +140,22 @@ def test_sinks_receive_the_numbers_keyed_by_stage(tmp_path, monkeypatch):
     assert {"teacher/loss", "teacher/lr"} <= set(calls["wb"][0])
 
 
+def test_real_tensorboard_event_files_hold_the_logged_losses(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with experiment(tmp_path, tensorboard=True):
+        h = qd.fit(qd.supervised(_model()), _data(48), epochs=2, progress=False, desc="student")
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    steps = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["event"] == "step"]
+    loss = events.Scalars("student/loss")
+    assert [e.step for e in loss] == [r["global_step"] for r in steps] == list(range(6))
+    assert [e.value for e in loss] == pytest.approx([r["loss"] for r in steps], rel=1e-6)
+    epoch_loss = events.Scalars("student/train_loss")
+    assert [e.value for e in epoch_loss] == pytest.approx(h.train_loss, rel=1e-6)
+
+
 def test_recipe_logging_key_and_cli_flag_fail_cleanly_when_missing(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     spec = {
