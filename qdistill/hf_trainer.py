@@ -5,7 +5,8 @@ qdistill's: the student (fake-quantized in place by ``quant_config``, straight-t
 gradients, Polino et al. 2018 Sec. 2) and the frozen teacher run on the same batch, and a
 qdistill loss (``qd.KD()`` by default; any loss ``qd.distill`` takes, token-level ones with the
 padding mask) compares them. Everything else is the Trainer's own: its loop, optimizer and
-schedule, gradient accumulation, logging and checkpoints, and its accelerate backend, so
+schedule, gradient accumulation, logging and checkpoints (which hold the float master weights,
+so ``resume_from_checkpoint`` continues the same run), and its accelerate backend, so
 ``accelerate launch`` / ``torchrun`` run it data-parallel (DDP) with no change here; the
 teacher is never handed to accelerate (no wrapper, no gradients, eval mode), only moved to
 the student's device. At the end of training, the main process writes the student truly
@@ -22,6 +23,7 @@ Usage::
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +82,26 @@ class DistillTrainer(Trainer):
         self.packed = SavePackedCallback(model) if save_packed else None
         if self.packed is not None:
             self.add_callback(self.packed)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """A checkpoint the Trainer writes to resume from (``_internal_call``) holds the
+        float master weights and quantizer state, as a plain safetensors state dict: the
+        packed codes ``save_pretrained`` writes for a quantized model would lose them (a
+        resumed run would start from random weights in every quantized layer). Asked for by
+        the user, the model is saved the usual way (``save_pretrained``: packed codes)."""
+        if not _internal_call:
+            super().save_model(output_dir, _internal_call)
+            return
+        from safetensors.torch import save_file
+        from transformers.utils import SAFE_WEIGHTS_NAME
+
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model)
+        state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+        save_file(state, os.path.join(output_dir, SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
 
     @property
     def teacher(self) -> nn.Module:

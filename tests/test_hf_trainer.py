@@ -83,6 +83,21 @@ def test_trainer_trains_the_student_and_saves_it_packed(tmp_path):
     assert torch.allclose(got, want, atol=1e-4), float((got - want).abs().max())
 
 
+def test_a_trainer_checkpoint_resumes_the_same_run(tmp_path):
+    """The Trainer's checkpoints hold the float master weights (not packed codes, which would
+    leave every quantized layer at its initial weights on resume)."""
+    s = _script()
+    runs = []
+    for resume in (None, str(tmp_path / "checkpoint-2")):
+        trainer = s.trainer(str(tmp_path), batch=8)
+        trainer.args.save_strategy, trainer.args.save_steps = "steps", 2
+        trainer.train(resume_from_checkpoint=resume)
+        runs.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
+    query = "bert.encoder.layer.0.attention.self.query.weight"
+    assert query in load_file(tmp_path / "checkpoint-2" / "model.safetensors")
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
 def test_accelerate_launch_with_two_cpu_processes_matches_one_process(tmp_path):
     """2 processes x 4 examples = the global batch of the 1-process run with 8: same weights."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
