@@ -108,24 +108,27 @@ def _start(
     seed: int,
     epochs: int,
     desc: str,
+    main: bool = True,
 ) -> tuple[History, int]:
-    """History so far and the first epoch to run: restored from ``ckpt`` when resuming."""
+    """History so far and the first epoch to run: restored from ``ckpt`` when resuming
+    (warnings from rank 0 only under torchrun)."""
+    warn = log.warning if main else log.debug
     if ckpt is None:
         if resume:
-            log.warning("%s: resume asked for but no checkpoint_dir given; starting fresh", desc)
+            warn("%s: resume asked for but no checkpoint_dir given; starting fresh", desc)
         return History(), 0
     if not ckpt.exists():
         if resume:
-            log.warning("%s: no checkpoint at %s to resume from; starting fresh", desc, ckpt)
+            warn("%s: no checkpoint at %s to resume from; starting fresh", desc, ckpt)
         return History(), 0
     if not resume:
-        log.warning("%s: starting fresh; the checkpoint %s will be overwritten", desc, ckpt)
+        warn("%s: starting fresh; the checkpoint %s will be overwritten", desc, ckpt)
         return History(), 0
     model = getattr(run, "checkpoint_model", run.student)  # the student (+ loss adapters)
     meta = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
     done, history = _progress(meta, ckpt)
     if meta.get("seed", seed) != seed:
-        log.warning(
+        warn(
             "%s: checkpoint was trained with seed=%s, this run uses seed=%s; the resumed run "
             "will not match an uninterrupted one",
             desc,
@@ -133,11 +136,9 @@ def _start(
             seed,
         )
     if done + 1 >= epochs:
-        log.warning(
-            "%s: checkpoint %s already holds %d epochs; nothing to train", desc, ckpt, done + 1
-        )
+        warn("%s: checkpoint %s already holds %d epochs; nothing to train", desc, ckpt, done + 1)
     else:
-        log.warning("%s: resuming from epoch %d/%d (%s)", desc, done + 2, epochs, ckpt)
+        warn("%s: resuming from epoch %d/%d (%s)", desc, done + 2, epochs, ckpt)
     return history, done + 1
 
 
@@ -269,7 +270,7 @@ def fit(
     per_step = scheduler if scheduler_interval == "step" else None
     ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     ckpt = dist.broadcast_object(ckpt, world)  # every rank resumes from rank 0's checkpoint
-    history, start = _start(run, ckpt, optimizer, scheduler, resume, seed, epochs, desc)
+    history, start = _start(run, ckpt, optimizer, scheduler, resume, seed, epochs, desc, main)
     shift = default_shift(run)
     sharded = None
     if sharding:  # the plain optimizer above only carried a resumed state over
