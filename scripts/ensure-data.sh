@@ -9,8 +9,6 @@ need=()
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || need+=(dataset-fashion-mnist)
 [ -f /usr/share/games/fortunes/computers ] || need+=(fortunes)
 [ -f /usr/share/wordnet/data.noun ] || need+=(wordnet-base)
-# not data: headless Chromium renders `qdistill report`'s page in its test (skipped without it)
-command -v chromium >/dev/null || need+=(chromium)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   echo "installing Debian packages: ${need[*]}..."
