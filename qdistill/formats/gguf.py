@@ -106,6 +106,7 @@ class GGUFQ8_0(IntFormat):
     axis: int | str | None = None
     group_size: int | None = 32
     gguf_type: ClassVar[str] = "Q8_0"
+    signed_scales: ClassVar[bool] = True  # d = 0 for an all-zero block (the loader allows it)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -155,6 +156,7 @@ class GGUFQ4_0(IntFormat):
     axis: int | str | None = None
     group_size: int | None = 32
     gguf_type: ClassVar[str] = "Q4_0"
+    signed_scales: ClassVar[bool] = True  # d = max / -8 is negative when max > 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -220,6 +222,7 @@ class GGUFTernary(TernaryFormat):
 
     gguf_type: str = "TQ2_0"
     scale: str = "absmean"
+    signed_scales: ClassVar[bool] = True  # absmax: d = 0 for an all-zero block
 
     def __post_init__(self) -> None:
         super().__post_init__()
