@@ -42,7 +42,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# this script is named gguf.py: drop its own folder from the path so that `import gguf` is the
+# gguf package, not this file
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
 
 import qdistill as qd  # noqa: E402
 
@@ -53,10 +57,14 @@ PROMPTS = [
     "def fibonacci(n):\n    if n < 2:\n        return n\n",
     "Water boils at 100 degrees Celsius and freezes at",
 ]
-PRESETS = {"F32": None, "Q8_0": qd.gguf_q8_0, "Q4_0": qd.gguf_q4_0, "TQ2_0": qd.gguf_tq2_0}
+PRESETS = {
+    "F32": None, "Q8_0": qd.gguf_q8_0, "Q4_0": qd.gguf_q4_0, "TQ2_0": qd.gguf_tq2_0,
+    "TQ1_0": qd.gguf_tq1_0,
+}
 FIELDS = [
     "model", "type", "gguf_mb", "tensor_types", "prompts", "positions", "tokenization_match",
-    "max_abs_diff", "mean_abs_diff", "logit_std", "top1_agreement", "packed_vs_fake_max_abs",
+    "max_abs_diff", "mean_abs_diff", "logit_std", "top1_agreement", "emulated_max_abs_diff",
+    "emulated_mean_abs_diff", "packed_vs_fake_max_abs",
     "llama_cpp_tok_s", "packed_tok_s", "fp32_tok_s", "same_as_shipped_gguf", "llama_cpp_version",
 ]
 # llama.cpp's pre-tokenizer of each model (SmolLM2's GGUF-loaded tokenizer lost its Digits step)
@@ -66,14 +74,34 @@ PRE = {"tiny": None, "smollm2": "smollm"}
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="tiny,smollm2")
-    p.add_argument("--types", default="F32,Q8_0,Q4_0,TQ2_0")
+    p.add_argument("--types", default="F32,Q8_0,Q4_0,TQ2_0,TQ1_0")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--min-top1", type=float, default=0.9)
     p.add_argument("--f32-atol", type=float, default=1e-3)
     p.add_argument("--speed", action="store_true", help="also measure tokens/s (idle machine)")
     p.add_argument("--gen-tokens", type=int, default=32)
     p.add_argument("--out", default=str(RESULTS / "gguf.csv"))
+    p.add_argument(
+        "--extra-buffers", action="store_true",
+        help="let llama.cpp use its extra weight buffers (AMX, repacking); SIGILL on this VM",
+    )
     return p.parse_args(argv)
+
+
+def without_extra_buffers() -> None:
+    """Load models with ``use_extra_bufts=False``: on this VM llama.cpp's AMX weight buffers
+    (``ggml_backend_amx_mul_mat``) die with SIGILL although CPUID reports AMX; without extra
+    buffer types llama.cpp uses its plain AVX-512 CPU kernels (and no weight repacking)."""
+    import llama_cpp.llama_cpp as lib
+
+    default = lib.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    lib.llama_model_default_params = params
 
 
 def tiny_model_and_tokenizer():
@@ -131,6 +159,45 @@ def same_as_shipped(ours: Path) -> str:
     return f"vocab {'yes' if vocab else 'NO'}; tensors {sum(same)}/{len(tb)}"
 
 
+def q8_0_rows(x: torch.Tensor) -> torch.Tensor:
+    """llama.cpp's input quantization for Q8_0 / Q4_0 weights: Q8_0 blocks of 32 along each row
+    (its AVX path rounds halves to even)."""
+    blocks = x.float().reshape(-1, 32)
+    d = blocks.abs().amax(dim=1, keepdim=True) / 127
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / torch.where(d == 0, 1, d))
+    return (torch.round(blocks * inv) * d.half().float()).reshape(x.shape)
+
+
+def q8_k_rows(x: torch.Tensor) -> torch.Tensor:
+    """llama.cpp's input quantization for TQ1_0 / TQ2_0 weights: Q8_K blocks of 256 (float32
+    scale ``max / -127``, ``max`` the signed value of largest magnitude)."""
+    blocks = x.float().reshape(-1, 256)
+    m = blocks.gather(1, blocks.abs().argmax(dim=1, keepdim=True))
+    iscale = torch.where(m == 0, torch.zeros_like(m), -127 / torch.where(m == 0, 1, m))
+    q = torch.round(blocks * iscale).clamp(max=127)
+    return (q * torch.where(iscale == 0, 0, 1 / torch.where(iscale == 0, 1, iscale))).reshape(
+        x.shape
+    )
+
+
+def emulate_llama_cpp_inputs(model: torch.nn.Module) -> list:
+    """Forward pre-hooks that quantize each GGUF layer's input as llama.cpp's CPU matmul does
+    (the weight type's ``vec_dot_type``); float layers keep float inputs, as in llama.cpp."""
+    from qdistill.formats.gguf import GGUF_BLOCK, gguf_type_of
+
+    handles = []
+    for module in model.modules():
+        kind = gguf_type_of(getattr(module, "weight_format", None))
+        if kind is None:
+            continue
+        in_features = module.weight_shape[-1]
+        if kind.startswith("TQ") and in_features % GGUF_BLOCK[kind]:
+            kind = "Q4_0"  # stored as Q4_0 blocks (see qdistill.pack.gguf_blocks)
+        fn = q8_k_rows if kind.startswith("TQ") else q8_0_rows
+        handles.append(module.register_forward_pre_hook(lambda m, a, fn=fn: (fn(a[0]),)))
+    return handles
+
+
 def ours_logits(model: torch.nn.Module, ids: list[int]) -> np.ndarray:
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].float().numpy()
@@ -158,6 +225,7 @@ def measure(name: str, base, tokenizer, kind: str, args, workdir: Path) -> dict:
         type_k=0, type_v=0, verbose=False,  # GGML_TYPE_F32 KV cache
     )
     diffs, top1, stds, fake_diff, tok_match, positions = [], [], [], 0.0, 0, 0
+    emulated = []
     for text in PROMPTS:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         cpp_ids = llm.tokenize(text.encode(), add_bos=False, special=False)
@@ -167,6 +235,10 @@ def measure(name: str, base, tokenizer, kind: str, args, workdir: Path) -> dict:
         theirs = np.asarray(llm.scores[: len(ids)], dtype=np.float32)
         ours = ours_logits(packed, ids)
         fake_diff = max(fake_diff, float(np.abs(ours_logits(student, ids) - ours).max()))
+        hooks = emulate_llama_cpp_inputs(packed)
+        emulated.append(np.abs(theirs - ours_logits(packed, ids)))
+        for h in hooks:
+            h.remove()
         diffs.append(np.abs(theirs - ours))
         top1.append(theirs.argmax(-1) == ours.argmax(-1))
         stds.append(ours.std())
@@ -187,6 +259,8 @@ def measure(name: str, base, tokenizer, kind: str, args, workdir: Path) -> dict:
         "mean_abs_diff": float(d.mean()),
         "logit_std": float(np.mean(stds)),
         "top1_agreement": float(np.concatenate(top1).mean()),
+        "emulated_max_abs_diff": float(max(e.max() for e in emulated)),
+        "emulated_mean_abs_diff": float(np.mean([e.mean() for e in emulated])),
         "packed_vs_fake_max_abs": fake_diff,
         "llama_cpp_version": llama_cpp.__version__,
     }
@@ -220,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     torch.set_num_threads(args.threads)
+    if not args.extra_buffers:
+        without_extra_buffers()
     loaders = {"tiny": tiny_model_and_tokenizer, "smollm2": smollm2_model_and_tokenizer}
     rows, failed = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -232,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name} {kind}: top-1 {row['top1_agreement']:.3f}, max |diff| "
                       f"{row['max_abs_diff']:.4g}, mean |diff| {row['mean_abs_diff']:.4g} "
                       f"(logit std {row['logit_std']:.3g}), tokenization "
-                      f"{row['tokenization_match']}, packed vs fake "
+                      f"{row['tokenization_match']}, with llama.cpp's input quantization "
+                      f"emulated max |diff| {row['emulated_max_abs_diff']:.3g}, packed vs fake "
                       f"{row['packed_vs_fake_max_abs']:.3g} [{time.time() - start:.0f}s]",
                       flush=True)
                 if row["top1_agreement"] < args.min_top1 or (

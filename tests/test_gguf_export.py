@@ -153,7 +153,7 @@ def test_tokenizer_metadata(tmp_path):
     assert types[tok.convert_tokens_to_ids("in")] == NORMAL
     assert tokens[-1] == f"[PAD{VOCAB - 1}]" and types[-1] == UNUSED
     assert field(r, "tokenizer.ggml.merges") == ["Ġ t", "h e", "Ġt he", "i n"]
-    assert field(r, "tokenizer.ggml.model") == "gpt2" and field(r, "tokenizer.ggml.pre") == "gpt2"
+    assert field(r, "tokenizer.ggml.model") == "gpt2" and field(r, "tokenizer.ggml.pre") == "gpt-2"
     assert field(r, "tokenizer.ggml.bos_token_id") == tok.bos_token_id
 
 

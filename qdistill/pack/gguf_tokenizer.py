@@ -5,7 +5,7 @@ byte-level alphabet), a type per token (normal, control = special, user-defined 
 merges (``"a b"`` by rank) and the pre-tokenizer's name, which selects its split regexes in
 ``llama-vocab.cpp``. The name is read from the tokenizer's own pre-tokenizer here:
 
-* ``ByteLevel`` (with its GPT-2 regex) -> ``"gpt2"``;
+* ``ByteLevel`` (with its GPT-2 regex) -> ``"gpt-2"``;
 * ``Sequence[Digits(individual_digits=True), ByteLevel]`` -> ``"smollm"`` (digits split one by
   one, then GPT-2's regex: SmolLM / SmolLM2).
 
@@ -43,7 +43,7 @@ def _pre_name(pre: dict[str, Any] | None) -> str | None:
     if pre is None:
         return None
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     if pre.get("type") == "Sequence":
         kinds = [(p.get("type"), p) for p in pre.get("pretokenizers", [])]
         if (
@@ -81,7 +81,7 @@ def convert_tokenizer(tokenizer: Any, vocab_size: int, pre: str | None = None) -
     if pre is None:
         raise QDistillError(
             f"cannot name llama.cpp's pre-tokenizer for {spec.get('pre_tokenizer')}; pass "
-            "tokenizer_pre= (e.g. 'gpt2', 'smollm', 'llama-bpe'), or export without a tokenizer"
+            "tokenizer_pre= (e.g. 'gpt-2', 'smollm', 'llama-bpe'), or export without a tokenizer"
         )
     vocab: dict[str, int] = dict(model.get("vocab", {}))
     added = {t["id"]: t for t in spec.get("added_tokens", [])}
