@@ -179,11 +179,14 @@ def test_packed_file_exports_the_same_tensors(tmp_path):
     qd.quantize_(model, qd.gguf_q4_0())
     qd.export_gguf(model, tmp_path / "fake.gguf")
     qd.save(model, tmp_path / "m.qd.safetensors")
-    assert main(["export-gguf", str(tmp_path / "m.qd.safetensors"), str(tmp_path / "p.gguf")]) == 0
+    byte_bpe().save_pretrained(tmp_path / "tok")
+    cmd = ["export-gguf", str(tmp_path / "m.qd.safetensors"), str(tmp_path / "p.gguf")]
+    assert main([*cmd, "--tokenizer", str(tmp_path / "tok")]) == 0
     fake, packed = gguf.GGUFReader(tmp_path / "fake.gguf"), gguf.GGUFReader(tmp_path / "p.gguf")
     assert [t.name for t in fake.tensors] == [t.name for t in packed.tensors]
     for a, b in zip(fake.tensors, packed.tensors, strict=True):
         assert a.tensor_type == b.tensor_type and np.array_equal(a.data, b.data), a.name
+    assert len(field(packed, "tokenizer.ggml.tokens")) == VOCAB
 
 
 def test_bad_inputs_name_the_problem_and_leave_no_file(tmp_path):
