@@ -25,9 +25,9 @@ from the fp16 one.
 The ternary types also take BitNet b1.58's scale (Ma et al. 2024, "The Era of 1-bit LLMs",
 Sec. 2: ``gamma = mean|W|``, ``t = clamp(round(W / gamma), -1, 1)``), rounded to fp16 *before*
 the codes are chosen: ``scale="absmean"`` (the default of :func:`qdistill.gguf_tq2_0`). ggml's
-``max|x|`` rule maps only weights above half the block's maximum to +-1 and is a poor training
-format; a per-tensor (or per-block) absmean scale that is fp16-representable is stored in TQ2_0
-blocks exactly (the same ``d`` in every block), so the file still holds the trained numbers.
+``max|x|`` rule maps only weights above half the block's maximum to +-1 (most become 0); a
+per-tensor (or per-block) absmean scale that is fp16-representable is stored in TQ2_0 blocks
+exactly (the same ``d`` in every block), so the file still holds the trained numbers.
 """
 
 from __future__ import annotations
