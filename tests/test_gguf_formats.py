@@ -151,3 +151,18 @@ def test_presets_train_and_pack_exactly(tmp_path):
         assert torch.equal(packed[0].unpacked_weight(), expected)
         with torch.no_grad():
             torch.testing.assert_close(packed(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_plain_bitnet_ternary_exports_exactly_when_its_scale_is_fp16():
+    """A student trained with qd.TernaryFormat (float32 absmean) maps into TQ2_0 blocks exactly
+    when its scale is fp16-representable; otherwise the error reports the difference."""
+    fmt = qd.TernaryFormat()
+    w = torch.tensor([[0.5, -0.25, 0.0, 0.75] * 64] * 4)  # absmean 0.375: an fp16 value
+    q = fmt.quantize(w)
+    data, kind, _ = gguf_bytes(q, "w")
+    assert kind == "TQ2_0" and same_bits(dequantize(data, T.TQ2_0), fmt.dequantize(q).numpy())
+    trits = qd.TernaryFormat(packing="trits")
+    data, kind, _ = gguf_bytes(trits.quantize(w), "w")
+    assert kind == "TQ1_0" and same_bits(dequantize(data, T.TQ1_0), fmt.dequantize(q).numpy())
+    with pytest.raises(FormatError, match=r"'w'.*not fp16-representable.*relative difference"):
+        gguf_bytes(fmt.quantize(w * 1.1), "w")

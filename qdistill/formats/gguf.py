@@ -272,11 +272,16 @@ class GGUFTernary(TernaryFormat):
 
 
 def gguf_type_of(fmt: Any) -> str | None:
-    """The GGUF block type a format's codes and scales are, or None if it has none."""
-    if isinstance(fmt, (GGUFQ8_0, GGUFQ4_0)):
+    """The GGUF block type a format's codes and scales are, or None if it has none.
+
+    A plain :class:`TernaryFormat` with one scale per tensor (BitNet b1.58) or per 256 weights
+    maps to TQ2_0 (TQ1_0 with trit packing) too: exactly when its scales are fp16-representable,
+    which the export checks (and otherwise reports the difference).
+    """
+    if isinstance(fmt, (GGUFQ8_0, GGUFQ4_0, GGUFTernary)):
         return fmt.gguf_type
-    if isinstance(fmt, GGUFTernary):
-        return fmt.gguf_type
+    if isinstance(fmt, TernaryFormat) and fmt.axis is None and fmt.group_size in (None, 256):
+        return "TQ1_0" if fmt.packing == "trits" else "TQ2_0"
     return None
 
 

@@ -26,7 +26,8 @@ import torch
 
 from qdistill.errors import FormatError
 from qdistill.formats.base import QuantizedTensor
-from qdistill.formats.gguf import GGUF_BLOCK, GGUFQ4_0, GGUFQ8_0, GGUFTernary
+from qdistill.formats.gguf import GGUF_BLOCK, GGUFQ4_0, GGUFQ8_0, gguf_type_of
+from qdistill.formats.ternary import TernaryFormat
 
 
 def _fp16_bytes(scale: np.ndarray) -> np.ndarray:
@@ -35,6 +36,21 @@ def _fp16_bytes(scale: np.ndarray) -> np.ndarray:
     if not np.array_equal(half.astype(np.float32), scale.astype(np.float32)):
         raise FormatError("a scale is not fp16-representable; it was not made by a GGUF format")
     return half.view(np.uint8).reshape(-1, 2)
+
+
+def check_fp16_scales(scale: np.ndarray, name: str) -> None:
+    """A scale GGUF cannot hold exactly (a plain ternary student's float32 absmean) is an error
+    that says how far the nearest fp16 value is and which preset trains in fp16 scales."""
+    s32 = scale.astype(np.float32)
+    s16 = s32.astype(np.float16).astype(np.float32)
+    if not np.array_equal(s16, s32):
+        bad = int(np.argmax(s16 != s32))
+        rel = float(np.max(np.abs(s16 - s32) / np.maximum(np.abs(s32), 1e-30)))
+        raise FormatError(
+            f"layer {name!r}: scale {s32[bad]:.9g} is not fp16-representable (GGUF stores "
+            f"{s16[bad]:.9g}; relative difference up to {rel:.2g}); train with qd.gguf_tq2_0(), "
+            "whose absmean scale is rounded to fp16, to export it exactly"
+        )
 
 
 def q8_0_blocks(q: np.ndarray, d: np.ndarray) -> np.ndarray:
@@ -94,8 +110,9 @@ def gguf_bytes(q: QuantizedTensor, name: str) -> tuple[np.ndarray, str, str | No
     if isinstance(fmt, (GGUFQ8_0, GGUFQ4_0)):
         kind, values = fmt.gguf_type, codes - (128 if isinstance(fmt, GGUFQ8_0) else 0)
         group = 32
-    elif isinstance(fmt, GGUFTernary):
-        kind, values, group = fmt.gguf_type, codes - 1, fmt.group_size
+    elif isinstance(fmt, TernaryFormat) and gguf_type_of(fmt):
+        kind, values, group = gguf_type_of(fmt), codes - 1, fmt.group_size
+        check_fp16_scales(scale, name)
         if cols % GGUF_BLOCK[kind] and group is None:  # exact in Q4_0 blocks: d * (t + 8 - 8)
             kind, values, note = "Q4_0", codes + 7, (
                 f"{name}: rows of {cols} are not a multiple of 256; its ternary values are "
