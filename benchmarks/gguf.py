@@ -89,9 +89,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def without_extra_buffers() -> None:
-    """Load models with ``use_extra_bufts=False``: on this VM llama.cpp's AMX weight buffers
-    (``ggml_backend_amx_mul_mat``) die with SIGILL although CPUID reports AMX; without extra
-    buffer types llama.cpp uses its plain AVX-512 CPU kernels (and no weight repacking)."""
+    """Load models with ``use_extra_bufts=False``: here llama.cpp's AMX weight buffers die with
+    SIGILL at a ``tilezero`` in ``ggml_backend_amx_mul_mat`` (AMX itself works on this machine: a
+    small C program runs tile instructions after ``arch_prctl``; not investigated further).
+    Without extra buffer types llama.cpp uses its AVX-512 CPU kernels (no weight repacking)."""
     import llama_cpp.llama_cpp as lib
 
     default = lib.llama_model_default_params
