@@ -216,3 +216,14 @@ def test_cli_bad_architecture_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "LlamaForCausalLM" in err and "BertModel" in err
     assert not out.exists()
+
+
+def test_quantized_embedding_table_is_exported_in_its_block_type(tmp_path):
+    model = tiny_llama(num_hidden_layers=1)
+    qd.quantize_(model, qd.gguf_tq2_0(embeddings=qd.GGUFQ8_0()))
+    out = qd.export_gguf(model, tmp_path / "m.gguf")
+    r = gguf.GGUFReader(tmp_path / "m.gguf")
+    t = {t.name: t for t in r.tensors}["token_embd.weight"]
+    assert t.tensor_type.name == "Q8_0" and out.types["blk.0.ffn_down.weight"] == "TQ2_0"
+    ours = our_weight(model, "model.embed_tokens")
+    assert same_bits(gguf.quants.dequantize(t.data, t.tensor_type).reshape(ours.shape), ours)
