@@ -49,11 +49,14 @@ from qdistill.formats import (
     int4,
     int8,
 )
+from qdistill.formats.gguf import GGUFQ4_0, GGUFQ8_0, GGUFTernary
 from qdistill.models import hf_hook as _hf_hook
 from qdistill.models.hf import bitnet_config, load_classifier
 from qdistill.pack import freeze, load, save
+from qdistill.pack.gguf_export import export_gguf
 from qdistill.pack.onnx_export import export_onnx
 from qdistill.quant import LayerRule, QuantConfig, QuantPlan, calibrate, fold_batchnorm, quantize_
+from qdistill.quant.gguf_presets import gguf_q4_0, gguf_q8_0, gguf_tq1_0, gguf_tq2_0
 from qdistill.quant.mixed_precision import layer_sensitivity, plan_mixed_precision
 from qdistill.recipes.bitdistill import BitDistillConfig, bitdistill
 from qdistill.train import evaluate, fit
@@ -125,3 +128,6 @@ __all__ = [
     "save",
     "supervised",
 ]
+# GGUF / llama.cpp (issue 17): block formats, presets, export
+__all__ += ["GGUFQ4_0", "GGUFQ8_0", "GGUFTernary", "export_gguf"]
+__all__ += ["gguf_q4_0", "gguf_q8_0", "gguf_tq1_0", "gguf_tq2_0"]

@@ -7,6 +7,7 @@
     qdistill bench FILE              latency of a packed file against its float twin
     qdistill plan FILE --budget 60KB per-layer bit widths under a size budget
     qdistill report RUN_DIR...       one HTML page: curves, Pareto plot, per-layer plan
+    qdistill export-gguf FILE OUT.gguf  a packed Llama student as a GGUF file for llama.cpp
 
 User mistakes print one line (``error: ...``) and exit with status 2; ``--debug`` shows the
 traceback instead. Every argument is checked while the command line is parsed (types, ranges,
@@ -182,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="show what a packed file holds")
     info.add_argument("file")
     _add_common(info)
+
+    from qdistill.pack import gguf_cli  # export-gguf: a packed Llama as a llama.cpp GGUF file
+
+    _add_common(gguf_cli.add_parser(sub))
     return parser
 
 
@@ -304,6 +309,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_gguf(args: argparse.Namespace) -> int:
+    from qdistill.pack import gguf_cli
+
+    return gguf_cli.run(args)
+
+
 COMMANDS = {
     "demo": _cmd_demo,
     "plan": _cmd_plan,
@@ -312,6 +323,7 @@ COMMANDS = {
     "eval": _cmd_eval,
     "info": _cmd_info,
     "report": _cmd_report,
+    "export-gguf": _cmd_export_gguf,
 }
 
 

@@ -594,7 +594,9 @@ def check_layer_values(
     Huffman, if it was, to the fixed-length layout)."""
     fmt = format_from_dict(meta["format"])
     p = name + "."
-    _finite_positive(tensors["weight_scale"], path, p + "weight_scale")
+    # GGUF formats (Q4_0: d = max / -8; an all-zero block: d = 0) declare signed scales
+    signed = bool(getattr(fmt, "signed_scales", False))
+    _finite_positive(tensors["weight_scale"], path, p + "weight_scale", positive=not signed)
     zp = tensors.get("weight_zero_point")
     if zp is not None:
         if zp.is_floating_point():
