@@ -93,7 +93,7 @@ _RESTYPES: dict[str, Any] = {
     "qd_lut_gemm": _INT,
 }
 # bumped whenever the C ABI changes, so that a stale build is not called with the wrong one
-ABI_VERSION = 3
+ABI_VERSION = 4
 # qd_a8_linear's kind argument: the per-token int8 paths it fuses (quantize + product + bias)
 _A8_KINDS = {"ternary": 0, "int8": 1, "int4": 2}
 
@@ -213,14 +213,27 @@ def kernel_kind(
 
 
 def repack_ternary(codes: torch.Tensor, in_features: int) -> tuple[torch.Tensor, int]:
-    """2-bit codes ``[O, I]`` into the kernel's block256 layout, rows padded to 256."""
+    """2-bit codes ``[O, I]`` into the kernel's tile16x16 layout (csrc/qkernels.c): tiles of 16
+    output rows (``O`` padded with code-0 rows to a multiple of 16), chunks of 16 inputs (``I``
+    padded to a multiple of 16 only, so 384 stays 384); tile t, chunk k is 64 bytes whose byte
+    ``4r + j`` holds the code of row ``16t + r`` at input ``16k + 4p + j`` in bits ``2p, 2p+1``.
+    Returns the flat bytes and the padded width."""
     out_features = codes.shape[0]
-    i_pad = -(-in_features // 256) * 256
-    c = torch.ones(out_features, i_pad, dtype=torch.uint8)  # padding: its inputs are 0
-    c[:, :in_features] = codes.reshape(out_features, in_features)
-    c = c.reshape(out_features, i_pad // 256, 4, 64)  # [o, block, j, b]
-    packed = c[:, :, 0] | (c[:, :, 1] << 2) | (c[:, :, 2] << 4) | (c[:, :, 3] << 6)
-    return packed.reshape(out_features, i_pad // 4).contiguous(), i_pad
+    i_pad = -(-in_features // 16) * 16
+    o_pad = -(-out_features // 16) * 16
+    c = torch.zeros(o_pad, i_pad, dtype=torch.uint8)  # padding: its inputs / rows are unused
+    c[:out_features, :in_features] = codes.reshape(out_features, in_features)
+    c = c.reshape(o_pad // 16, 16, i_pad // 16, 4, 4)  # [t, r, k, p, j]
+    byte = c[:, :, :, 0] | (c[:, :, :, 1] << 2) | (c[:, :, :, 2] << 4) | (c[:, :, :, 3] << 6)
+    return byte.permute(0, 2, 1, 3).contiguous().reshape(-1), i_pad  # [t, k, r, j]
+
+
+def unrepack_ternary(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """Inverse of :func:`repack_ternary`: the codes ``[O, I]``."""
+    i_pad = -(-in_features // 16) * 16
+    byte = packed.reshape(-1, i_pad // 16, 16, 4).permute(0, 2, 1, 3)  # [t, r, k, j]
+    c = torch.stack([(byte >> (2 * p)) & 3 for p in range(4)], dim=3)  # [t, r, k, p, j]
+    return c.reshape(-1, i_pad)[:out_features, :in_features].contiguous()
 
 
 def _tiles16(t: torch.Tensor, fill: float = 0) -> torch.Tensor:
@@ -621,6 +634,4 @@ def unrepack(kp: KernelPlan, out_features: int) -> torch.Tensor:
         return (w.to(torch.int16) + 128).to(torch.uint8)
     if kp.kind == "int4":
         return unrepack_int4(w, out_features, kp.in_features)
-    parts = [(w >> (2 * j)) & 3 for j in range(4)]  # ternary, block256
-    c = torch.stack([p.reshape(out_features, -1, 64) for p in parts], 2)
-    return c.reshape(out_features, -1)[:, : kp.in_features]
+    return unrepack_ternary(w, out_features, kp.in_features)  # ternary, tile16x16
