@@ -382,6 +382,7 @@ static inline float epilogue(int32_t dot, float xs, float ws, const float *bias,
  */
 #define TERN_I16_CHUNKS 8
 #define TERN_PF 8
+#define TERN_AVX2_BT 4
 
 /* Where a block's results go: y[b][o] = (float)(dot - zp[o] * rowsum[b]) * x_scale[b] *
  * w_scale[o] + bias[o] (zp NULL: zp_const), rows o >= O dropped. Pointers start at the block's
@@ -552,6 +553,9 @@ tern_avx2_impl(const uint8_t *w, int64_t tstride, const int8_t *x, int64_t xstri
                         __m256i xv = _mm256_set1_epi32(load_i32(x + b * xstride + 16 * k + 4 * p));
                         a16[t][b][0] = _mm256_add_epi16(a16[t][b][0], _mm256_maddubs_epi16(c0, xv));
                         a16[t][b][1] = _mm256_add_epi16(a16[t][b][1], _mm256_maddubs_epi16(c1, xv));
+                        /* keep the adds in this order (no reassociated trees of temporaries:
+                           with 16 ymm registers those spill) */
+                        __asm__("" : "+x"(a16[t][b][0]), "+x"(a16[t][b][1]));
                     }
                 }
             }
@@ -584,7 +588,7 @@ __attribute__((target("avx2"))) static void tern_gemm_avx2(const uint8_t *w, int
                                                             int64_t nk, int bt, int64_t o0,
                                                             const a8_epi *e) {
 #define TA(n) tern_avx2_impl(w, tstride, x, xstride, nk, 1, n, 0, o0, e)
-    switch (bt) {
+    switch (bt) { /* bt <= TERN_AVX2_BT = 4 */
     case 1: TA(1); break;
     case 2: TA(2); break;
     case 3: TA(3); break;
@@ -604,7 +608,7 @@ void qd_ternary_gemm(const uint8_t *w, const int8_t *x, const int32_t *rowsum, c
     int path = pick(level);
     /* tiles a block and batch rows a block, per path (see above) */
     int rt = path == 2 ? (B == 1 ? 4 : 2) : path == 1 ? (B == 1 ? 2 : 1) : 1;
-    int bt_max = path == 2 ? 8 : 4;
+    int bt_max = path == 2 ? 8 : path == 1 ? TERN_AVX2_BT : 4;
     int64_t n_units = (n_tiles + rt - 1) / rt;
     if (B <= 0 || O <= 0) return;
 #pragma omp parallel for schedule(static) if (B * O * I_pad >= PARALLEL_MIN_WORK)
