@@ -7,7 +7,8 @@
  *                    per row) in the "tile16x16" layout (16 output rows x 16 inputs in 64 bytes,
  *                    rows in the lanes; see its section), register-blocked GEMV / GEMM.
  *                    sum_i (c_i - zp) q_i = sum_i c_i q_i - zp * sum_i q_i.
- *   qd_int8_gemm:    int8 weights (code - 128), row layout.
+ *   qd_int8_gemm:    int8 weights (code - 128), row layout (torch._int_mm reads the same tensor);
+ *                    with VNNI register-blocked (8 output rows at batch 1, 4 x 4 batch rows).
  *   qd_int4_gemm:    4-bit codes with a scale and zero point per group of g weights (g a multiple
  *                    of 8) in the "tile16" layout: 16 output rows interleaved so that one 64-byte
  *                    vector holds, for each of the 16 rows, 8 consecutive codes (byte 4r + j =
@@ -69,28 +70,6 @@ __attribute__((target("avx2"))) static inline float hsum_ps(__m256 v) {
 #define NB 4
 
 #define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni")))
-
-/* int8 x int8 with VNNI: dpbusd wants u8 x s8, so x is shifted to u8 (x ^ 0x80 = x + 128)
- * and 128 * sum_i w_i (wsum, precomputed per row) is subtracted afterwards. */
-VNNI_TARGET static void int8_rows_vnni(const int8_t *w, const int8_t **x, int64_t n, int32_t wsum,
-                                       int32_t *out, int nb) {
-    const __m512i flip = _mm512_set1_epi8((char)0x80);
-    __m512i acc[NB];
-    for (int b = 0; b < nb; b++) acc[b] = _mm512_setzero_si512();
-    int64_t i = 0;
-    for (; i + 64 <= n; i += 64) {
-        __m512i wv = _mm512_loadu_si512((const void *)(w + i));
-        for (int b = 0; b < nb; b++) {
-            __m512i xu = _mm512_xor_si512(_mm512_loadu_si512((const void *)(x[b] + i)), flip);
-            acc[b] = _mm512_dpbusd_epi32(acc[b], xu, wv);
-        }
-    }
-    for (int b = 0; b < nb; b++) {
-        int32_t total = _mm512_reduce_add_epi32(acc[b]);
-        for (int64_t j = i; j < n; j++) total += (int32_t)w[j] * (x[b][j] + 128);
-        out[b] = total - 128 * wsum;
-    }
-}
 
 __attribute__((target("avx2"))) static void int8_rows_avx2(const int8_t *w, const int8_t **x,
                                                             int64_t n, int32_t *out, int nb) {
@@ -637,11 +616,108 @@ void qd_ternary_gemm(const uint8_t *w, const int8_t *x, const int32_t *rowsum, c
     }
 }
 
+/* ------------------------------------------------------------------------------------------
+ * W8A8 with VNNI, register-blocked (#15 items 1-2). The weights stay in their row layout
+ * (int8, [O][I]) because from INT_MM_MIN_ROWS rows on torch._int_mm (oneDNN, AMX on this Xeon)
+ * reads the same tensor; this kernel covers batch 1 (GEMV: 8 output rows a pass, 8 independent
+ * dpbusd chains) and the rows below that (4 output rows x 4 batch rows, 16 accumulators in
+ * registers, every weight load feeding 4 batch rows and every activation load 4 output rows).
+ * The inputs run in steps of 64 with a masked last step (no tail loop). The 16 (or 8)
+ * accumulators are reduced together by a transposing add tree (45 instructions for 16 sums
+ * instead of 16 separate reductions). dpbusd multiplies u8 x s8, so the activations are
+ * shifted to u8 (x ^ 0x80 = x + 128) and 128 * sum_i w[o, i] (wsum) is subtracted afterwards,
+ * which keeps the integer dot product exact.
+ * ------------------------------------------------------------------------------------------ */
+#ifdef __x86_64__
+/* lane l of the result = the sum of the 16 lanes of a[l] */
+VNNI_TARGET static inline __m512i hsum16_epi32(const __m512i *a) {
+    __m512i b[8], c[4], d[2];
+    for (int j = 0; j < 8; j++) /* 128-bit lane: [a2j, a2j+1, a2j, a2j+1] partial sums */
+        b[j] = _mm512_add_epi32(_mm512_unpacklo_epi32(a[2 * j], a[2 * j + 1]),
+                                _mm512_unpackhi_epi32(a[2 * j], a[2 * j + 1]));
+    for (int j = 0; j < 4; j++) /* 128-bit lane: [a4j, .., a4j+3] partial sums */
+        c[j] = _mm512_add_epi32(_mm512_unpacklo_epi64(b[2 * j], b[2 * j + 1]),
+                                _mm512_unpackhi_epi64(b[2 * j], b[2 * j + 1]));
+    for (int j = 0; j < 2; j++) /* lanes: c2j (L0+L1), c2j (L2+L3), c2j+1 (..), c2j+1 (..) */
+        d[j] = _mm512_add_epi32(_mm512_shuffle_i32x4(c[2 * j], c[2 * j + 1], 0x88),
+                                _mm512_shuffle_i32x4(c[2 * j], c[2 * j + 1], 0xDD));
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(d[0], d[1], 0x88),
+                            _mm512_shuffle_i32x4(d[0], d[1], 0xDD));
+}
+
+/* RB output rows (rows of them real: the others repeat the last real row and are dropped) x BB
+ * batch rows; accumulator b * RB + r. */
+__attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"))) static inline void
+i8_vnni_impl(const int8_t *w, const int8_t *x, int64_t I, const int RB, const int BB, int rows,
+             int64_t o0, const int32_t *wsum, const float *x_scale, const float *w_scale,
+             const float *bias, float *y, int64_t O) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512i acc[16];
+    const int8_t *wr[8];
+#pragma GCC unroll 16
+    for (int a = 0; a < 16; a++) acc[a] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; r++) wr[r] = w + (r < rows ? r : rows - 1) * I;
+    for (int64_t i = 0; i < I; i += 64) {
+        __mmask64 m = I - i >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (I - i)) - 1);
+        __m512i xv[4];
+#pragma GCC unroll 4
+        for (int b = 0; b < BB; b++) /* absent lanes: 0 ^ 0x80 times a zero weight */
+            xv[b] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, x + b * I + i), flip);
+#pragma GCC unroll 8
+        for (int r = 0; r < RB; r++) {
+            __m512i wv = _mm512_maskz_loadu_epi8(m, wr[r] + i);
+#pragma GCC unroll 4
+            for (int b = 0; b < BB; b++)
+                acc[b * RB + r] = _mm512_dpbusd_epi32(acc[b * RB + r], xv[b], wv);
+        }
+    }
+    int32_t dot[16];
+    _mm512_storeu_si512((void *)dot, hsum16_epi32(acc));
+    for (int b = 0; b < BB; b++)
+        for (int r = 0; r < rows; r++) {
+            int64_t o = o0 + r;
+            y[b * O + o] = epilogue(dot[b * RB + r] - 128 * wsum[o], x_scale[b], w_scale[o], bias, o);
+        }
+}
+
+VNNI_TARGET static void i8_block_vnni(const int8_t *w, const int8_t *x, int64_t I, int bb,
+                                      int rows, int64_t o0, const int32_t *wsum,
+                                      const float *x_scale, const float *w_scale,
+                                      const float *bias, float *y, int64_t O) {
+#define I8V(R, N) i8_vnni_impl(w, x, I, R, N, rows, o0, wsum, x_scale, w_scale, bias, y, O)
+    switch (bb) {
+    case 0: I8V(8, 1); break; /* batch 1: the GEMV block */
+    case 1: I8V(4, 1); break;
+    case 2: I8V(4, 2); break;
+    case 3: I8V(4, 3); break;
+    default: I8V(4, 4);
+    }
+#undef I8V
+}
+#endif
+
 /* y[b, o] = (sum_i w[o, i] x[b, i]) * x_scale[b] * w_scale[o] + bias[o] */
 void qd_int8_gemm(const int8_t *w, const int8_t *x, const int32_t *wsum, const float *x_scale,
                   const float *w_scale, const float *bias, float *y, int64_t B, int64_t O,
                   int64_t I, int level) {
     int path = pick(level);
+#ifdef __x86_64__
+    if (path == 2) { /* blocks of RB output rows x up to 4 batch rows */
+        int64_t RB = B == 1 ? 8 : 4, n_blocks = (O + RB - 1) / RB;
+#pragma omp parallel for schedule(static) if (B * O * I >= PARALLEL_MIN_WORK)
+        for (int64_t u = 0; u < n_blocks; u++) {
+            int64_t o0 = u * RB;
+            int rows = O - o0 < RB ? (int)(O - o0) : (int)RB;
+            for (int64_t b0 = 0; b0 < B; b0 += 4) {
+                int bb = B == 1 ? 0 : (B - b0 < 4 ? (int)(B - b0) : 4);
+                i8_block_vnni(w + o0 * I, x + b0 * I, I, bb, rows, o0, wsum, x_scale + b0,
+                              w_scale, bias, y + b0 * O, O);
+            }
+        }
+        return;
+    }
+#endif
 #pragma omp parallel for schedule(static) if (B * O * I >= PARALLEL_MIN_WORK)
     for (int64_t o = 0; o < O; o++) {
         const int8_t *wr = w + o * I;
@@ -652,10 +728,7 @@ void qd_int8_gemm(const int8_t *w, const int8_t *x, const int32_t *wsum, const f
                 const int8_t *xs[4];
                 int32_t out[4];
                 for (int b = 0; b < 4; b++) xs[b] = x + (b0 + (b < nb ? b : 0)) * I;
-                if (path == 2)
-                    int8_rows_vnni(wr, xs, I, wsum[o], out, nb);
-                else
-                    int8_rows_avx2(wr, xs, I, out, nb);
+                int8_rows_avx2(wr, xs, I, out, nb);
                 for (int b = 0; b < nb; b++)
                     y[(b0 + b) * O + o] = epilogue(out[b], x_scale[b0 + b], w_scale[o], bias, o);
                 continue;

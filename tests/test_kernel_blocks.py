@@ -13,6 +13,7 @@ The outputs are also checked against the fake-quant twin (float rounding only: 1
 """
 
 import ctypes
+import dataclasses
 
 import pytest
 import torch
@@ -100,3 +101,34 @@ def test_int16_accumulation_cannot_saturate_at_the_extremes(rows):
                             i_pad, ctypes.c_int(level))  # fmt: skip
         expected = (3.0 * 127 * in_f) * sign.float()[:, None].expand(rows, out_f)
         assert torch.equal(y, expected), level
+
+
+def reference_int8(layer, kp, x: torch.Tensor) -> torch.Tensor:
+    """W8A8's result with torch ops: exact integer dots of the int8 weights and the C-quantized
+    activations, then the kernel's epilogue ``(float)dot * x_scale * w_scale + bias``."""
+    xq, xs, _ = kernels.quantize_rows(x, kp.in_padded, eps=kp.act_eps, level=1)
+    dot = xq.double() @ kp.weight.double().T
+    y = dot.to(torch.int32).float() * xs[:, None] * kp.weight_scale[None, :]
+    return y + (torch.zeros(kp.out_features) if layer.bias is None else layer.bias)
+
+
+@needs_kernels
+@pytest.mark.parametrize("wfmt", [qd.IntFormat(8, axis=0), qd.IntFormat(8)], ids=str)
+@pytest.mark.parametrize("in_f,out_f", [(100, 77), (129, 77), (384, 200), (4096, 77), (5000, 77)])
+def test_blocked_w8a8_bit_exact_on_odd_sizes(tmp_path, wfmt, in_f, out_f):
+    """The VNNI blocks (8 output rows at batch 1, 4 x 4 below) and the AVX2 / portable rows,
+    with torch._int_mm switched off so that every row count runs the C kernel."""
+    fq, packed = packed_pair(tmp_path, wfmt, in_f, out_f)
+    layer = packed[0]
+    with torch.no_grad():
+        layer(torch.randn(1, in_f))
+        kp = dataclasses.replace(layer._kernel, int_mm=False)
+        assert kp.kind == "int8"
+        for rows in ROWS:
+            x = torch.randn(rows, in_f) * 2
+            ref = reference_int8(layer, kp, x)
+            for level in levels():
+                y = kernels.linear(layer, kp, x, level=level)
+                assert torch.equal(y, ref), (rows, level)
+            twin = fq(x)
+            assert (y - twin).abs().max() <= 1e-5 * twin.abs().max() + 1e-6
