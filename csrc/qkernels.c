@@ -427,20 +427,25 @@ tern_vnni_impl(const uint8_t *w, int64_t tstride, const int8_t *x, int64_t xstri
 #pragma GCC unroll 8
         for (int b = 0; b < BT; b++) acc[t][b][0] = acc[t][b][1] = _mm512_setzero_si512();
     for (int64_t k = 0; k < nk; k++) {
+        __m512i v[4];
 #pragma GCC unroll 4
         for (int t = 0; t < RT; t++) {
             const uint8_t *wk = w + t * tstride + 64 * k;
             if (PF) _mm_prefetch((const char *)(wk + 64 * TERN_PF), _MM_HINT_T0);
-            __m512i v = _mm512_loadu_si512((const void *)wk);
+            v[t] = _mm512_loadu_si512((const void *)wk);
+        }
 #pragma GCC unroll 4
-            for (int p = 0; p < 4; p++) {
-                __m512i c = _mm512_and_si512(p ? _mm512_srli_epi16(v, 2 * p) : v, mask);
+        for (int p = 0; p < 4; p++) {
+            __m512i c[4];
+#pragma GCC unroll 4
+            for (int t = 0; t < RT; t++)
+                c[t] = _mm512_and_si512(p ? _mm512_srli_epi16(v[t], 2 * p) : v[t], mask);
 #pragma GCC unroll 8
-                for (int b = 0; b < BT; b++) {
-                    __m512i xv = _mm512_set1_epi32(load_i32(x + b * xstride + 16 * k + 4 * p));
-                    const int s = SPLIT == 2 ? (p & 1) : 0;
-                    acc[t][b][s] = _mm512_dpbusd_epi32(acc[t][b][s], c, xv);
-                }
+            for (int b = 0; b < BT; b++) { /* one broadcast feeds the RT tiles */
+                __m512i xv = _mm512_set1_epi32(load_i32(x + b * xstride + 16 * k + 4 * p));
+                const int s = SPLIT == 2 ? (p & 1) : 0;
+#pragma GCC unroll 4
+                for (int t = 0; t < RT; t++) acc[t][b][s] = _mm512_dpbusd_epi32(acc[t][b][s], c[t], xv);
             }
         }
     }
