@@ -39,6 +39,10 @@
 #include <immintrin.h>
 #endif
 
+/* Batch rows a pass that share every weight load (NB4: the VNNI W4A8 tile). */
+#define NB 4
+#define NB4 8
+
 static inline int32_t load_i32(const int8_t *p) {
     int32_t v;
     memcpy(&v, p, 4);
@@ -66,8 +70,6 @@ __attribute__((target("avx2"))) static inline float hsum_ps(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* Up to NB batch rows share every weight load: the codes are unpacked once per chunk. */
-#define NB 4
 
 #define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni")))
 
@@ -707,6 +709,7 @@ void qd_int8_gemm(const int8_t *w, const int8_t *x, const int32_t *wsum, const f
                   const float *w_scale, const float *bias, float *y, int64_t B, int64_t O,
                   int64_t I, int level) {
     int path = pick(level);
+    (void)path; /* portable builds: C only */
 #ifdef __x86_64__
     if (path == 2) { /* blocks of RB output rows x up to 4 batch rows */
         int64_t RB = B == 1 ? 8 : 4, n_blocks = (O + RB - 1) / RB;
@@ -754,34 +757,42 @@ void qd_int8_gemm(const int8_t *w, const int8_t *x, const int32_t *wsum, const f
 
 
 #ifdef __x86_64__
+/* Up to NB4 batch rows a pass with VNNI (one int32 accumulator per batch row and group, the
+ * low and high nibbles feeding the same one; float accumulators across groups): the codes are
+ * unpacked once for 8 batch rows, and 8 independent dpbusd chains keep the unit busy (#15). */
+
 __attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"))) static inline void
 int4_tile_impl(const uint8_t *w, const float *s, const uint8_t *zp, const int8_t **x,
                const int32_t **xgsum, int64_t G, int64_t cpg, const int nb, float *out) {
     const __m512i mask = _mm512_set1_epi8(15);
-    __m512 acc[NB];
+    __m512 acc[NB4];
+#pragma GCC unroll 8
     for (int b = 0; b < nb; b++) acc[b] = _mm512_setzero_ps();
     for (int64_t gi = 0; gi < G; gi++) {
-        __m512i d0[NB], d1[NB];
-        for (int b = 0; b < nb; b++) { d0[b] = _mm512_setzero_si512(); d1[b] = _mm512_setzero_si512(); }
+        __m512i d[NB4];
+#pragma GCC unroll 8
+        for (int b = 0; b < nb; b++) d[b] = _mm512_setzero_si512();
         for (int64_t kk = 0; kk < cpg; kk++) {
             int64_t k = gi * cpg + kk;
             __m512i v = _mm512_loadu_si512((const void *)(w + 64 * k));
             __m512i lo = _mm512_and_si512(v, mask);
             __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+#pragma GCC unroll 8
             for (int b = 0; b < nb; b++) {
                 const int8_t *xk = x[b] + 8 * k;
-                d0[b] = _mm512_dpbusd_epi32(d0[b], lo, _mm512_set1_epi32(load_i32(xk)));
-                d1[b] = _mm512_dpbusd_epi32(d1[b], hi, _mm512_set1_epi32(load_i32(xk + 4)));
+                d[b] = _mm512_dpbusd_epi32(d[b], lo, _mm512_set1_epi32(load_i32(xk)));
+                d[b] = _mm512_dpbusd_epi32(d[b], hi, _mm512_set1_epi32(load_i32(xk + 4)));
             }
         }
         __m512i zv = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(zp + 16 * gi)));
         __m512 sv = _mm512_loadu_ps(s + 16 * gi);
+#pragma GCC unroll 8
         for (int b = 0; b < nb; b++) {
-            __m512i d = _mm512_add_epi32(d0[b], d1[b]);
-            d = _mm512_sub_epi32(d, _mm512_mullo_epi32(zv, _mm512_set1_epi32(xgsum[b][gi])));
-            acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sv, acc[b]);
+            __m512i dd = _mm512_sub_epi32(d[b], _mm512_mullo_epi32(zv, _mm512_set1_epi32(xgsum[b][gi])));
+            acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dd), sv, acc[b]);
         }
     }
+#pragma GCC unroll 8
     for (int b = 0; b < nb; b++) _mm512_storeu_ps(out + 16 * b, acc[b]);
 }
 
@@ -793,7 +804,16 @@ VNNI_TARGET static void int4_tile_vnni(const uint8_t *w, const float *s, const u
                                        const int8_t **x, const int32_t **xgsum, int64_t G,
                                        int64_t cpg, int nb, float *out) {
 #define I4(n) int4_tile_impl(w, s, zp, x, xgsum, G, cpg, n, out)
-    NB_SWITCH(nb, I4)
+    switch (nb) {
+    case 1: I4(1); break;
+    case 2: I4(2); break;
+    case 3: I4(3); break;
+    case 4: I4(4); break;
+    case 5: I4(5); break;
+    case 6: I4(6); break;
+    case 7: I4(7); break;
+    default: I4(8);
+    }
 #undef I4
 }
 
@@ -864,6 +884,7 @@ int qd_int4_gemm(const uint8_t *w, const float *s, const uint8_t *zp, const int8
                  int64_t I, int64_t g, int level) {
     int64_t G = I / g, cpg = g / 8, T = (O + 15) / 16;
     int path = pick(level);
+    int nb_max = path == 2 ? NB4 : NB; /* batch rows a pass */
     if (B <= 0 || O <= 0) return 0;
     int32_t *xgsum = (int32_t *)malloc((size_t)(B * G) * sizeof(int32_t));
     if (!xgsum) return -1; /* y untouched: the caller raises MemoryError */
@@ -879,12 +900,12 @@ int qd_int4_gemm(const uint8_t *w, const float *s, const uint8_t *zp, const int8
         const float *st = s + t * G * 16;
         const uint8_t *zt = zp + t * G * 16;
         int rows = O - 16 * t < 16 ? (int)(O - 16 * t) : 16;
-        float out[NB * 16];
-        for (int64_t b0 = 0; b0 < B; b0 += NB) {
-            int nb = B - b0 < NB ? (int)(B - b0) : NB;
-            const int8_t *xs[NB];
-            const int32_t *gs[NB];
-            for (int b = 0; b < NB; b++) {
+        float out[NB4 * 16];
+        for (int64_t b0 = 0; b0 < B; b0 += nb_max) {
+            int nb = B - b0 < nb_max ? (int)(B - b0) : nb_max;
+            const int8_t *xs[NB4];
+            const int32_t *gs[NB4];
+            for (int b = 0; b < NB4; b++) {
                 int64_t r = b0 + (b < nb ? b : 0);
                 xs[b] = x + r * I;
                 gs[b] = xgsum + r * G;
