@@ -758,20 +758,21 @@ void qd_int8_gemm(const int8_t *w, const int8_t *x, const int32_t *wsum, const f
 
 #ifdef __x86_64__
 /* Up to NB4 batch rows a pass with VNNI (one int32 accumulator per batch row and group, the
- * low and high nibbles feeding the same one; float accumulators across groups): the codes are
+ * low and high nibbles feeding the same one from 5 rows on; float accumulators across groups): the codes are
  * unpacked once for 8 batch rows, and 8 independent dpbusd chains keep the unit busy (#15). */
 
 __attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"))) static inline void
 int4_tile_impl(const uint8_t *w, const float *s, const uint8_t *zp, const int8_t **x,
                const int32_t **xgsum, int64_t G, int64_t cpg, const int nb, float *out) {
     const __m512i mask = _mm512_set1_epi8(15);
+    const int split = nb <= 4; /* few rows: the nibbles in two chains (dpbusd latency) */
     __m512 acc[NB4];
 #pragma GCC unroll 8
     for (int b = 0; b < nb; b++) acc[b] = _mm512_setzero_ps();
     for (int64_t gi = 0; gi < G; gi++) {
-        __m512i d[NB4];
+        __m512i d[NB4], e[NB4];
 #pragma GCC unroll 8
-        for (int b = 0; b < nb; b++) d[b] = _mm512_setzero_si512();
+        for (int b = 0; b < nb; b++) d[b] = e[b] = _mm512_setzero_si512();
         for (int64_t kk = 0; kk < cpg; kk++) {
             int64_t k = gi * cpg + kk;
             __m512i v = _mm512_loadu_si512((const void *)(w + 64 * k));
@@ -781,14 +782,16 @@ int4_tile_impl(const uint8_t *w, const float *s, const uint8_t *zp, const int8_t
             for (int b = 0; b < nb; b++) {
                 const int8_t *xk = x[b] + 8 * k;
                 d[b] = _mm512_dpbusd_epi32(d[b], lo, _mm512_set1_epi32(load_i32(xk)));
-                d[b] = _mm512_dpbusd_epi32(d[b], hi, _mm512_set1_epi32(load_i32(xk + 4)));
+                if (split) e[b] = _mm512_dpbusd_epi32(e[b], hi, _mm512_set1_epi32(load_i32(xk + 4)));
+                else d[b] = _mm512_dpbusd_epi32(d[b], hi, _mm512_set1_epi32(load_i32(xk + 4)));
             }
         }
         __m512i zv = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(zp + 16 * gi)));
         __m512 sv = _mm512_loadu_ps(s + 16 * gi);
 #pragma GCC unroll 8
         for (int b = 0; b < nb; b++) {
-            __m512i dd = _mm512_sub_epi32(d[b], _mm512_mullo_epi32(zv, _mm512_set1_epi32(xgsum[b][gi])));
+            __m512i dd = split ? _mm512_add_epi32(d[b], e[b]) : d[b];
+            dd = _mm512_sub_epi32(dd, _mm512_mullo_epi32(zv, _mm512_set1_epi32(xgsum[b][gi])));
             acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dd), sv, acc[b]);
         }
     }
