@@ -7,9 +7,10 @@ directly and times them in a minute: the fp32 classifier (all-MiniLM-L6-v2, mean
 (SubLN inserted as ``bitdistill`` does by default, without a gate; then ``bitnet_config``:
 every Linear but the head ternary with per-token int8 inputs, W1.58A8), both saved with
 ``qd.save`` and loaded back with ``qd.load`` as a user would (the student through the packed
-kernels). One sequence of
-``--max-length`` tokens (batch 1, the issue's 40-token sentence by default) and optionally a
-batch; medians of interleaved repetitions (the models alternate, so load drifts hit both).
+kernels). One sequence of ``--max-length`` tokens (batch 1, the issue's 40-token sentence by
+default) and optionally a batch; medians of interleaved repetitions (the models alternate, so
+load drifts hit both). Only the linear layers are packed: attention, LayerNorm (SubLN adds
+two a block) and GELU run in fp32 in both models.
 
     python benchmarks/bitdistill_latency.py                 # ~1 min: 40 tokens, 2 threads
     python benchmarks/bitdistill_latency.py --batch 1,32 --reps 50 --threads 1
