@@ -14,6 +14,8 @@ The outputs are also checked against the fake-quant twin (float rounding only: 1
 
 import ctypes
 import dataclasses
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,3 +134,20 @@ def test_blocked_w8a8_bit_exact_on_odd_sizes(tmp_path, wfmt, in_f, out_f):
                 assert torch.equal(y, ref), (rows, level)
             twin = fq(x)
             assert (y - twin).abs().max() <= 1e-5 * twin.abs().max() + 1e-6
+
+
+@needs_kernels
+def test_large_kernel_weights_are_advised_for_huge_pages_and_unchanged():
+    """``streamed`` copies a large kernel weight into memory advised for transparent huge pages
+    (#15 item 1) without changing a byte; small weights stay where they are."""
+    lib = kernels.library()
+    small = torch.zeros(1 << 20, dtype=torch.uint8)
+    assert lib.qd_advise_hugepages(small.data_ptr(), 4096) == 0  # no whole 2 MB page inside
+    assert kernels.streamed(small) is small
+    w = torch.randint(0, 256, (kernels.HUGEPAGE_MIN_BYTES + 12345,), dtype=torch.uint8)
+    out = kernels.streamed(w)
+    assert out.data_ptr() != w.data_ptr() and torch.equal(out, w)
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if sys.platform == "linux" and thp.exists() and "[never]" not in thp.read_text():
+        n = lib.qd_advise_hugepages(out.data_ptr(), out.numel())
+        assert 0 < n <= out.numel() and n % (2 << 20) == 0

@@ -83,6 +83,7 @@ _SIGNATURES: dict[str, list[Any]] = {
     "qd_a8_run": [_P] * 3 + [_I64, _INT],
     "qd_dequant_rows": [_P, _I64, _INT, _INT, _P, _P, _INT] + [_I64] * 4 + [_P],
     "qd_dequant_gather": [_P, _I64, _INT, _INT, _P, _P, _INT, _P] + [_I64] * 3 + [_P],
+    "qd_advise_hugepages": [_P, _I64],
 }
 # return values: rows with NaN/Inf (quantize, a8_linear), 0 or -1 for a failed allocation
 _RESTYPES: dict[str, Any] = {
@@ -91,7 +92,10 @@ _RESTYPES: dict[str, Any] = {
     "qd_a8_run": _I64,
     "qd_int4_gemm": _INT,
     "qd_lut_gemm": _INT,
+    "qd_advise_hugepages": _I64,
 }
+# kernel weights of at least this many bytes are copied into memory advised for huge pages
+HUGEPAGE_MIN_BYTES = 4 << 20
 # bumped whenever the C ABI changes, so that a stale build is not called with the wrong one
 ABI_VERSION = 4
 # qd_a8_linear's kind argument: the per-token int8 paths it fuses (quantize + product + bias)
@@ -415,7 +419,8 @@ def _plan(layer: Any) -> KernelPlan | None:
             zp = zp_file.to(torch.uint8).reshape(-1)
             zp = (zp.expand(out_f) if zp.numel() == 1 else zp).reshape(out_f, in_f // g)
         s = _tiles16(scales.reshape(out_f, in_f // g).float())
-        return KernelPlan(kind, repack_int4(codes), s, in_f, in_f, _tiles16(zp), g, bits=4)
+        w4 = streamed(repack_int4(codes))
+        return KernelPlan(kind, w4, s, in_f, in_f, _tiles16(zp), g, bits=4)
     if kind == "ternary":
         weight, i_pad = repack_ternary(codes, in_f)
         zp = None
@@ -425,13 +430,27 @@ def _plan(layer: Any) -> KernelPlan | None:
                 if zp_file is None
                 else zp_file.to(torch.int32).reshape(-1).expand(out_f).contiguous()
             )
-        return KernelPlan(kind, weight, _row_scales(layer, out_f), in_f, i_pad, zp, bits=2)
-    weight = (codes.to(torch.int16) - 128).to(torch.int8).contiguous()  # int8 / int8w
+        scales = _row_scales(layer, out_f)
+        return KernelPlan(kind, streamed(weight), scales, in_f, i_pad, zp, bits=2)
+    weight = streamed((codes.to(torch.int16) - 128).to(torch.int8).contiguous())  # int8 / int8w
     wsum = weight.sum(dim=1, dtype=torch.int32) if kind == "int8" else None
     int_mm = kind == "int8" and bool(library().qd_has_vnni())
     return KernelPlan(
         kind, weight, _row_scales(layer, out_f), in_f, in_f, weight_sum=wsum, int_mm=int_mm
     )
+
+
+def streamed(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` itself, or for a large one (``HUGEPAGE_MIN_BYTES``) a copy in memory advised
+    for transparent huge pages before its first write (``qd_advise_hugepages``): the kernels
+    stream every byte of it on each call, and 2 MB pages spare the TLB misses of 4 KB ones."""
+    lib = library()
+    n = weight.numel() * weight.element_size()
+    if lib is None or n < HUGEPAGE_MIN_BYTES:
+        return weight
+    out = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    lib.qd_advise_hugepages(out.data_ptr(), n)
+    return out.copy_(weight)
 
 
 def _non_finite(layer: Any, scale: torch.Tensor, n_bad: int) -> FormatError:
