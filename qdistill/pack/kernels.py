@@ -67,9 +67,10 @@ _LOADED = False
 _WARNED = False
 DISABLE_ENV = "QDISTILL_NO_KERNELS"
 # From this many rows on, W8A8 runs torch._int_mm (oneDNN; AMX on CPUs that have it) on CPUs
-# with VNNI: it needs more than 16 rows, and it beats the VNNI GEMV kernel from about 8 rows
-# (measured on a 2-core Sapphire Rapids VM, 4096x4096); fewer rows are padded up to 17.
-INT_MM_MIN_ROWS = 8
+# with VNNI: it needs more than 16 rows (fewer are padded up to 17). Against the register-blocked
+# VNNI kernel (#15) it loses at 8-12 rows and wins from about 16 (interleaved in one process on
+# the 2-core Sapphire Rapids VM under load, 384x384 / 1536x384 / 384x1536, 1.1-2x either way).
+INT_MM_MIN_ROWS = 13
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES: dict[str, list[Any]] = {
