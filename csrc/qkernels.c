@@ -1277,8 +1277,8 @@ void qd_dequant_gather(const uint8_t *codes, int64_t n_bytes, int bits, int mul,
 
 /* One C call per layer for the per-token int8 paths (#15 item 4): quantize the float rows x
  * [B][I] (as qd_quantize_rows, into scratch memory of this call), then the layer's product
- * with its scales and bias into y [B][O]. kind 0: ternary / 2-bit (w block256, zp int32 per
- * row or NULL, I_pad a multiple of 256), 1: int8 (wsum), 2: int4 (w tile16, w_scale / zp
+ * with its scales and bias into y [B][O]. kind 0: ternary / 2-bit (w tile16x16, zp int32 per
+ * row or NULL, I_pad a multiple of 16), 1: int8 (wsum), 2: int4 (w tile16, w_scale / zp
  * [ceil(O/16)][I/g][16], g the group size). Everything but x, y and B is fixed when the layer's
  * plan is made, so the caller keeps the arguments ready and passes three per call.
  * Returns 0, the number of rows holding NaN / Inf (y untouched: the caller raises, naming
