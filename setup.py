@@ -15,7 +15,7 @@ setup(
         Extension(
             "qdistill._qkernels",
             sources=["csrc/qkernels.c"],
-            extra_compile_args=["-O3", "-fopenmp"],
+            extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off"],
             extra_link_args=["-fopenmp"],
             optional=not os.environ.get("CI"),
         )

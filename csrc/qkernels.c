@@ -4,10 +4,11 @@
  *
  * Integer activations (per-token int8 codes q, scale sx, as IntFormat(8, axis="row")):
  *   qd_ternary_gemm: 2-bit codes c (ternary c = w + 1, or IntFormat(2) with offset/zero point zp
- *                    per row) in the "block256" layout (per row, blocks of 256 weights in 64
- *                    bytes: byte b of block k holds the codes of weights k*256 + b + 64*j in bits
- *                    2j..2j+1, j = 0..3). sum_i (c_i - zp) q_i = sum_i c_i q_i - zp * sum_i q_i.
- *   qd_int8_gemm:    int8 weights (code - 128), row layout.
+ *                    per row) in the "tile16x16" layout (16 output rows x 16 inputs in 64 bytes,
+ *                    rows in the lanes; see its section), register-blocked GEMV / GEMM.
+ *                    sum_i (c_i - zp) q_i = sum_i c_i q_i - zp * sum_i q_i.
+ *   qd_int8_gemm:    int8 weights (code - 128), row layout (torch._int_mm reads the same tensor);
+ *                    with VNNI register-blocked (8 output rows at batch 1, 4 x 4 batch rows).
  *   qd_int4_gemm:    4-bit codes with a scale and zero point per group of g weights (g a multiple
  *                    of 8) in the "tile16" layout: 16 output rows interleaved so that one 64-byte
  *                    vector holds, for each of the 16 rows, 8 consecutive codes (byte 4r + j =
@@ -37,17 +38,18 @@
 #ifdef __x86_64__
 #include <immintrin.h>
 #endif
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
-static int32_t ternary_row_c(const uint8_t *w, const int8_t *x, int64_t n_blocks) {
-    int32_t acc = 0;
-    for (int64_t k = 0; k < n_blocks; k++) {
-        const uint8_t *wb = w + 64 * k;
-        const int8_t *xb = x + 256 * k;
-        for (int j = 0; j < 4; j++)
-            for (int b = 0; b < 64; b++)
-                acc += (int32_t)((wb[b] >> (2 * j)) & 3) * xb[64 * j + b];
-    }
-    return acc;
+/* Batch rows a pass that share every weight load (NB4: the VNNI W4A8 tile). */
+#define NB 4
+#define NB4 8
+
+static inline int32_t load_i32(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
 }
 
 static int32_t int8_row_c(const int8_t *w, const int8_t *x, int64_t n) {
@@ -71,82 +73,8 @@ __attribute__((target("avx2"))) static inline float hsum_ps(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* Up to NB batch rows share every weight load: the codes are unpacked once per chunk. */
-#define NB 4
-
-__attribute__((target("avx2"))) static void ternary_rows_avx2(const uint8_t *w, const int8_t **x,
-                                                               int64_t n_blocks, int32_t *out, int nb) {
-    const __m256i mask = _mm256_set1_epi8(3);
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256i acc[NB];
-    for (int b = 0; b < nb; b++) acc[b] = _mm256_setzero_si256();
-    for (int64_t h = 0; h < 2 * n_blocks; h++) { /* half h: 32 bytes of block h/2 */
-        int64_t k = h >> 1, off = 32 * (h & 1);
-        __m256i v = _mm256_loadu_si256((const __m256i *)(w + 32 * h));
-        __m256i c0 = _mm256_and_si256(v, mask);
-        __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(v, 2), mask);
-        __m256i c2 = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-        __m256i c3 = _mm256_and_si256(_mm256_srli_epi16(v, 6), mask);
-        for (int b = 0; b < nb; b++) {
-            const int8_t *xb = x[b] + 256 * k + off;
-            __m256i p0 = _mm256_maddubs_epi16(c0, _mm256_loadu_si256((const __m256i *)(xb)));
-            __m256i p1 = _mm256_maddubs_epi16(c1, _mm256_loadu_si256((const __m256i *)(xb + 64)));
-            __m256i p2 = _mm256_maddubs_epi16(c2, _mm256_loadu_si256((const __m256i *)(xb + 128)));
-            __m256i p3 = _mm256_maddubs_epi16(c3, _mm256_loadu_si256((const __m256i *)(xb + 192)));
-            /* each i16 lane is at most 2*2*128 = 512 in magnitude: four of them fit easily */
-            __m256i s = _mm256_add_epi16(_mm256_add_epi16(p0, p1), _mm256_add_epi16(p2, p3));
-            acc[b] = _mm256_add_epi32(acc[b], _mm256_madd_epi16(s, ones));
-        }
-    }
-    for (int b = 0; b < nb; b++) out[b] = hsum_epi32(acc[b]);
-}
 
 #define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni")))
-
-VNNI_TARGET static void ternary_rows_vnni(const uint8_t *w, const int8_t **x, int64_t n_blocks,
-                                          int32_t *out, int nb) {
-    const __m512i mask = _mm512_set1_epi8(3);
-    __m512i acc[NB];
-    for (int b = 0; b < nb; b++) acc[b] = _mm512_setzero_si512();
-    for (int64_t k = 0; k < n_blocks; k++) {
-        __m512i v = _mm512_loadu_si512((const void *)(w + 64 * k));
-        __m512i c0 = _mm512_and_si512(v, mask);
-        __m512i c1 = _mm512_and_si512(_mm512_srli_epi16(v, 2), mask);
-        __m512i c2 = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
-        __m512i c3 = _mm512_and_si512(_mm512_srli_epi16(v, 6), mask);
-        for (int b = 0; b < nb; b++) {
-            const int8_t *xb = x[b] + 256 * k;
-            __m512i a = acc[b];
-            a = _mm512_dpbusd_epi32(a, c0, _mm512_loadu_si512((const void *)(xb)));
-            a = _mm512_dpbusd_epi32(a, c1, _mm512_loadu_si512((const void *)(xb + 64)));
-            a = _mm512_dpbusd_epi32(a, c2, _mm512_loadu_si512((const void *)(xb + 128)));
-            acc[b] = _mm512_dpbusd_epi32(a, c3, _mm512_loadu_si512((const void *)(xb + 192)));
-        }
-    }
-    for (int b = 0; b < nb; b++) out[b] = _mm512_reduce_add_epi32(acc[b]);
-}
-
-/* int8 x int8 with VNNI: dpbusd wants u8 x s8, so x is shifted to u8 (x ^ 0x80 = x + 128)
- * and 128 * sum_i w_i (wsum, precomputed per row) is subtracted afterwards. */
-VNNI_TARGET static void int8_rows_vnni(const int8_t *w, const int8_t **x, int64_t n, int32_t wsum,
-                                       int32_t *out, int nb) {
-    const __m512i flip = _mm512_set1_epi8((char)0x80);
-    __m512i acc[NB];
-    for (int b = 0; b < nb; b++) acc[b] = _mm512_setzero_si512();
-    int64_t i = 0;
-    for (; i + 64 <= n; i += 64) {
-        __m512i wv = _mm512_loadu_si512((const void *)(w + i));
-        for (int b = 0; b < nb; b++) {
-            __m512i xu = _mm512_xor_si512(_mm512_loadu_si512((const void *)(x[b] + i)), flip);
-            acc[b] = _mm512_dpbusd_epi32(acc[b], xu, wv);
-        }
-    }
-    for (int b = 0; b < nb; b++) {
-        int32_t total = _mm512_reduce_add_epi32(acc[b]);
-        for (int64_t j = i; j < n; j++) total += (int32_t)w[j] * (x[b][j] + 128);
-        out[b] = total - 128 * wsum;
-    }
-}
 
 __attribute__((target("avx2"))) static void int8_rows_avx2(const int8_t *w, const int8_t **x,
                                                             int64_t n, int32_t *out, int nb) {
@@ -208,13 +136,33 @@ static int has_avx512(void) {
 }
 #endif
 
+/* Ask for transparent huge pages on the 2 MB-aligned part of [p, p + n) (#15 item 1: a 4096 x
+ * 4096 ternary weight is 4 MB, 1024 pages of 4 KB that each cost a TLB miss as the kernel streams
+ * them). A hint: call it before the memory is first written, so that the first touch can fault
+ * in huge pages (THP "madvise" mode). Returns the bytes advised: 0 where the OS has no such hint,
+ * refuses it, or the range holds no whole huge page. */
+int64_t qd_advise_hugepages(void *p, int64_t n) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    const uintptr_t huge = (uintptr_t)1 << 21;
+    uintptr_t a = ((uintptr_t)p + huge - 1) & ~(huge - 1);
+    uintptr_t e = ((uintptr_t)p + (uintptr_t)(n > 0 ? n : 0)) & ~(huge - 1);
+    if (e <= a) return 0;
+    return madvise((void *)a, e - a, MADV_HUGEPAGE) == 0 ? (int64_t)(e - a) : 0;
+#else
+    (void)p;
+    (void)n;
+    return 0;
+#endif
+}
+
 int qd_has_avx2(void) { return has_avx2(); }
 int qd_has_vnni(void) { return has_vnni(); }
-/* The ABI of this file (kernels.ABI_VERSION): 3 = quantize_rows takes a level (dispatch like the
+/* The ABI of this file (kernels.ABI_VERSION): 4 = qd_ternary_gemm reads the tile16x16 layout
+ * (I_pad a multiple of 16, rows padded to 16; kind 0 of qd_a8_linear likewise); 3 = quantize_rows takes a level (dispatch like the
  * gemms), qd_a8_linear / qd_a8_run exist (one call per layer: quantize + product + bias); 2 =
  * quantize_rows takes eps and returns its count of non-finite rows, int4 / lut gemms return -1
  * when an allocation fails. */
-int qd_abi_version(void) { return 3; }
+int qd_abi_version(void) { return 4; }
 
 /* level: 0 = the best the CPU has, 1 = portable C, 2 = at most AVX2 */
 static int pick(int level) {
@@ -406,49 +354,400 @@ static inline float epilogue(int32_t dot, float xs, float ws, const float *bias,
     return (float)dot * xs * ws + (bias ? bias[o] : 0.0f);
 }
 
-/* y[b, o] = (sum_i c[o, i] x[b, i] - zp[o] * rowsum[b]) * x_scale[b] * w_scale[o] + bias[o]
- * (zp NULL: 1, the ternary offset) */
-void qd_ternary_gemm(const uint8_t *w, const int8_t *x, const int32_t *rowsum, const int32_t *zp,
-                     const float *x_scale, const float *w_scale, const float *bias, float *y,
-                     int64_t B, int64_t O, int64_t I_pad, int level) {
-    int64_t n_blocks = I_pad / 256, row_bytes = I_pad / 4;
-    int path = pick(level);
-#pragma omp parallel for schedule(static) if (B * O * I_pad >= PARALLEL_MIN_WORK)
-    for (int64_t o = 0; o < O; o++) {
-        const uint8_t *wr = w + o * row_bytes;
-        for (int64_t b0 = 0; b0 < B; b0 += 4) {
-            int nb = B - b0 < 4 ? (int)(B - b0) : 4;
+/* ------------------------------------------------------------------------------------------
+ * W1.58A8 / W2A8: 2-bit codes in the "tile16x16" layout x per-token int8 activations
+ * (#15 items 1-2)
+ * ------------------------------------------------------------------------------------------
+ * Layout: output rows in tiles of 16 (O padded with code-0 rows to a multiple of 16), inputs in
+ * chunks of 16 (I padded to a multiple of 16 only: a 384-wide layer is not padded to 512). Tile t, chunk k is 64 bytes;
+ * byte 4r + j holds, in bits 2p..2p+1 (p = 0..3), the code of row 16t + r at input
+ * 16k + 4p + j. (v >> 2p) & 3 is then a vector whose int32 lane r holds 4 consecutive codes of
+ * row r, so one dpbusd multiplies them by 4 broadcast activations of one batch row and adds
+ * into lane r: the 16 output rows live in the 16 lanes, there are no horizontal sums, and the
+ * epilogue (zero point, scales, bias) is a few vector ops per 16 outputs. (The interleaved-rows
+ * idea of BitNet's I2_S, llama.cpp's repacked Q4_0 GEMM and MLAS's tiles, arranged our way.)
+ *
+ * Register blocking (compile-time block sizes; accumulators stay in registers; one call per
+ * block of rows, never per output row; no memset):
+ *   1 batch row (GEMV): 4 tiles (64 output rows) a pass, two accumulators a tile (8 independent
+ *     dpbusd chains), software prefetch TERN_PF lines ahead in each of the 4 weight streams.
+ *   2+ rows (GEMM): 2 tiles x up to 8 batch rows (16 accumulators); each 64-byte weight load is
+ *     unpacked once for all 8 batch rows, each activation word is a broadcast operand. The
+ *     weight panel of one block (I * 8 bytes: 12 KB at 1536 inputs, 32 KB at 4096) stays in
+ *     L1/L2 while the batch blocks pass over it.
+ * AVX2 (maddubs): u8 x s8 pair sums in int16 are at most 2 * 3 * 127 = 762 in magnitude (codes
+ *   <= 3, |x| <= 127, which the quantizer guarantees: it clamps to +-127); an int16 lane takes 4
+ *   of them a chunk for at most TERN_I16_CHUNKS = 8 chunks (32 * 762 = 24384 < 32767: provably
+ *   no saturation) before one madd widens it into int32. Blocks: 2 tiles x 1 row, 1 tile x 4.
+ * Every variant computes the same integer dot products and the same float epilogue ops in the
+ * same order (setup.py builds with -ffp-contract=off: no fused multiply-add), so all levels
+ * agree bit for bit.
+ */
+#define TERN_I16_CHUNKS 8
+#define TERN_PF 8
+#define TERN_AVX2_BT 4
+
+/* Where a block's results go: y[b][o] = (float)(dot - zp[o] * rowsum[b]) * x_scale[b] *
+ * w_scale[o] + bias[o] (zp NULL: zp_const), rows o >= O dropped. Pointers start at the block's
+ * first batch row. */
+typedef struct {
+    const int32_t *zp;
+    int32_t zp_const;
+    const int32_t *rowsum;
+    const float *x_scale;
+    const float *w_scale;
+    const float *bias;
+    float *y;
+    int64_t O;
+} a8_epi;
+
+static inline void epi_scalar(const a8_epi *e, int64_t b, int64_t o, int32_t acc) {
+    int32_t dot = acc - (e->zp ? e->zp[o] : e->zp_const) * e->rowsum[b];
+    e->y[b * e->O + o] = epilogue(dot, e->x_scale[b], e->w_scale[o], e->bias, o);
+}
+
+/* rt tiles x bt batch rows over all nk chunks, portable C */
+static void tern_block_c(const uint8_t *w, int64_t tstride, const int8_t *x, int64_t xstride,
+                         int64_t nk, int rt, int bt, int64_t o0, const a8_epi *e) {
+    for (int t = 0; t < rt; t++)
+        for (int b = 0; b < bt; b++) {
+            const uint8_t *wt = w + t * tstride;
+            const int8_t *xb = x + b * xstride;
+            int32_t acc[16] = {0};
+            for (int64_t k = 0; k < nk; k++)
+                for (int r = 0; r < 16; r++)
+                    for (int j = 0; j < 4; j++) {
+                        uint8_t byte = wt[64 * k + 4 * r + j];
+                        for (int p = 0; p < 4; p++)
+                            acc[r] += (int32_t)((byte >> (2 * p)) & 3) * xb[16 * k + 4 * p + j];
+                    }
+            for (int r = 0; r < 16; r++)
+                if (o0 + 16 * t + r < e->O) epi_scalar(e, b, o0 + 16 * t + r, acc[r]);
+        }
+}
+
 #ifdef __x86_64__
-            if (path) {
-                const int8_t *xs[4];
-                int32_t out[4];
-                for (int b = 0; b < 4; b++) xs[b] = x + (b0 + (b < nb ? b : 0)) * I_pad;
-                if (path == 2)
-                    ternary_rows_vnni(wr, xs, n_blocks, out, nb);
-                else
-                    ternary_rows_avx2(wr, xs, n_blocks, out, nb);
-                for (int b = 0; b < nb; b++) {
-                    int64_t r = b0 + b;
-                    int32_t dot = out[b] - (zp ? zp[o] : 1) * rowsum[r];
-                    y[r * O + o] = epilogue(dot, x_scale[r], w_scale[o], bias, o);
-                }
-                continue;
-            }
-#endif
-            for (int b = 0; b < nb; b++) {
-                int64_t r = b0 + b;
-                int32_t dot = ternary_row_c(wr, x + r * I_pad, n_blocks) - (zp ? zp[o] : 1) * rowsum[r];
-                y[r * O + o] = epilogue(dot, x_scale[r], w_scale[o], bias, o);
+VNNI_TARGET static inline void epi16_avx512(const a8_epi *e, int64_t b, int64_t o, __m512i acc) {
+    int64_t left = e->O - o;
+    if (left <= 0) return;
+    __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+    __m512i z = e->zp ? _mm512_maskz_loadu_epi32(m, e->zp + o) : _mm512_set1_epi32(e->zp_const);
+    __m512i dot = _mm512_sub_epi32(acc, _mm512_mullo_epi32(z, _mm512_set1_epi32(e->rowsum[b])));
+    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(e->x_scale[b]));
+    v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, e->w_scale + o));
+    v = _mm512_add_ps(v, e->bias ? _mm512_maskz_loadu_ps(m, e->bias + o) : _mm512_setzero_ps());
+    _mm512_mask_storeu_ps(e->y + b * e->O + o, m, v);
+}
+
+/* RT tiles x BT batch rows (compile-time after inlining), SPLIT accumulators a pair (1 or 2) */
+__attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"))) static inline void
+tern_vnni_impl(const uint8_t *w, int64_t tstride, const int8_t *x, int64_t xstride, int64_t nk,
+               const int RT, const int BT, const int SPLIT, const int PF, int64_t o0,
+               const a8_epi *e) {
+    const __m512i mask = _mm512_set1_epi8(3);
+    __m512i acc[4][8][2];
+#pragma GCC unroll 4
+    for (int t = 0; t < RT; t++)
+#pragma GCC unroll 8
+        for (int b = 0; b < BT; b++) acc[t][b][0] = acc[t][b][1] = _mm512_setzero_si512();
+    for (int64_t k = 0; k < nk; k++) {
+        __m512i v[4];
+#pragma GCC unroll 4
+        for (int t = 0; t < RT; t++) {
+            const uint8_t *wk = w + t * tstride + 64 * k;
+            if (PF) _mm_prefetch((const char *)(wk + 64 * TERN_PF), _MM_HINT_T0);
+            v[t] = _mm512_loadu_si512((const void *)wk);
+        }
+#pragma GCC unroll 4
+        for (int p = 0; p < 4; p++) {
+            __m512i c[4];
+#pragma GCC unroll 4
+            for (int t = 0; t < RT; t++)
+                c[t] = _mm512_and_si512(p ? _mm512_srli_epi16(v[t], 2 * p) : v[t], mask);
+#pragma GCC unroll 8
+            for (int b = 0; b < BT; b++) { /* one broadcast feeds the RT tiles */
+                __m512i xv = _mm512_set1_epi32(load_i32(x + b * xstride + 16 * k + 4 * p));
+                const int s = SPLIT == 2 ? (p & 1) : 0;
+#pragma GCC unroll 4
+                for (int t = 0; t < RT; t++) acc[t][b][s] = _mm512_dpbusd_epi32(acc[t][b][s], c[t], xv);
             }
         }
     }
+#pragma GCC unroll 4
+    for (int t = 0; t < RT; t++)
+#pragma GCC unroll 8
+        for (int b = 0; b < BT; b++)
+            epi16_avx512(e, b, o0 + 16 * t,
+                         SPLIT == 2 ? _mm512_add_epi32(acc[t][b][0], acc[t][b][1]) : acc[t][b][0]);
 }
+
+VNNI_TARGET static void tern_gemv_vnni(const uint8_t *w, int64_t tstride, const int8_t *x,
+                                       int64_t nk, int rt, int64_t o0, const a8_epi *e) {
+    switch (rt) { /* fewer than 4 tiles: the last block of a layer */
+    case 1: tern_vnni_impl(w, tstride, x, 0, nk, 1, 1, 2, 1, o0, e); break;
+    case 2: tern_vnni_impl(w, tstride, x, 0, nk, 2, 1, 2, 1, o0, e); break;
+    case 3: tern_vnni_impl(w, tstride, x, 0, nk, 3, 1, 2, 1, o0, e); break;
+    default: tern_vnni_impl(w, tstride, x, 0, nk, 4, 1, 2, 1, o0, e);
+    }
+}
+
+VNNI_TARGET static void tern_gemm_vnni(const uint8_t *w, int64_t tstride, const int8_t *x,
+                                       int64_t xstride, int64_t nk, int rt, int bt, int64_t o0,
+                                       const a8_epi *e) {
+#define TV(n, sp)                                                                              \
+    if (rt == 2) tern_vnni_impl(w, tstride, x, xstride, nk, 2, n, sp, 0, o0, e);             \
+    else tern_vnni_impl(w, tstride, x, xstride, nk, 1, n, sp, 0, o0, e)
+    switch (bt) {
+    case 1: TV(1, 2); break;
+    case 2: TV(2, 2); break;
+    case 3: TV(3, 1); break;
+    case 4: TV(4, 1); break;
+    case 5: TV(5, 1); break;
+    case 6: TV(6, 1); break;
+    case 7: TV(7, 1); break;
+    default: TV(8, 1);
+    }
+#undef TV
+}
+
+__attribute__((target("avx2"))) static inline void epi8_avx2(const a8_epi *e, int64_t b,
+                                                               int64_t o, __m256i acc) {
+    int64_t left = e->O - o;
+    if (left <= 0) return;
+    if (left < 8) {
+        int32_t part[8];
+        _mm256_storeu_si256((__m256i *)part, acc);
+        for (int64_t r = 0; r < left; r++) epi_scalar(e, b, o + r, part[r]);
+        return;
+    }
+    __m256i z = e->zp ? _mm256_loadu_si256((const __m256i *)(e->zp + o))
+                      : _mm256_set1_epi32(e->zp_const);
+    __m256i dot = _mm256_sub_epi32(acc, _mm256_mullo_epi32(z, _mm256_set1_epi32(e->rowsum[b])));
+    __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(e->x_scale[b]));
+    v = _mm256_mul_ps(v, _mm256_loadu_ps(e->w_scale + o));
+    v = _mm256_add_ps(v, e->bias ? _mm256_loadu_ps(e->bias + o) : _mm256_setzero_ps());
+    _mm256_storeu_ps(e->y + b * e->O + o, v);
+}
+
+__attribute__((always_inline, target("avx2"))) static inline void
+tern_avx2_impl(const uint8_t *w, int64_t tstride, const int8_t *x, int64_t xstride, int64_t nk,
+               const int RT, const int BT, const int PF, int64_t o0, const a8_epi *e) {
+    const __m256i mask = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+    __m256i a32[2][4][2];
+#pragma GCC unroll 2
+    for (int t = 0; t < RT; t++)
+#pragma GCC unroll 4
+        for (int b = 0; b < BT; b++) a32[t][b][0] = a32[t][b][1] = _mm256_setzero_si256();
+    for (int64_t k0 = 0; k0 < nk; k0 += TERN_I16_CHUNKS) {
+        int64_t k1 = nk - k0 < TERN_I16_CHUNKS ? nk : k0 + TERN_I16_CHUNKS;
+        __m256i a16[2][4][2];
+#pragma GCC unroll 2
+        for (int t = 0; t < RT; t++)
+#pragma GCC unroll 4
+            for (int b = 0; b < BT; b++) a16[t][b][0] = a16[t][b][1] = _mm256_setzero_si256();
+        for (int64_t k = k0; k < k1; k++) {
+#pragma GCC unroll 2
+            for (int t = 0; t < RT; t++) {
+                const uint8_t *wk = w + t * tstride + 64 * k;
+                if (PF) _mm_prefetch((const char *)(wk + 64 * TERN_PF), _MM_HINT_T0);
+                __m256i v0 = _mm256_loadu_si256((const __m256i *)wk);
+                __m256i v1 = _mm256_loadu_si256((const __m256i *)(wk + 32));
+#pragma GCC unroll 4
+                for (int p = 0; p < 4; p++) {
+                    __m256i c0 = _mm256_and_si256(p ? _mm256_srli_epi16(v0, 2 * p) : v0, mask);
+                    __m256i c1 = _mm256_and_si256(p ? _mm256_srli_epi16(v1, 2 * p) : v1, mask);
+#pragma GCC unroll 4
+                    for (int b = 0; b < BT; b++) {
+                        __m256i xv = _mm256_set1_epi32(load_i32(x + b * xstride + 16 * k + 4 * p));
+                        a16[t][b][0] = _mm256_add_epi16(a16[t][b][0], _mm256_maddubs_epi16(c0, xv));
+                        a16[t][b][1] = _mm256_add_epi16(a16[t][b][1], _mm256_maddubs_epi16(c1, xv));
+                        /* keep the adds in this order (no reassociated trees of temporaries:
+                           with 16 ymm registers those spill) */
+                        __asm__("" : "+x"(a16[t][b][0]), "+x"(a16[t][b][1]));
+                    }
+                }
+            }
+        }
+#pragma GCC unroll 2
+        for (int t = 0; t < RT; t++)
+#pragma GCC unroll 4
+            for (int b = 0; b < BT; b++)
+                for (int h = 0; h < 2; h++)
+                    a32[t][b][h] = _mm256_add_epi32(a32[t][b][h], _mm256_madd_epi16(a16[t][b][h], ones));
+    }
+#pragma GCC unroll 2
+    for (int t = 0; t < RT; t++)
+#pragma GCC unroll 4
+        for (int b = 0; b < BT; b++) {
+            epi8_avx2(e, b, o0 + 16 * t, a32[t][b][0]);
+            epi8_avx2(e, b, o0 + 16 * t + 8, a32[t][b][1]);
+        }
+}
+
+__attribute__((target("avx2"))) static void tern_gemv_avx2(const uint8_t *w, int64_t tstride,
+                                                            const int8_t *x, int64_t nk, int rt,
+                                                            int64_t o0, const a8_epi *e) {
+    if (rt == 2) tern_avx2_impl(w, tstride, x, 0, nk, 2, 1, 1, o0, e);
+    else tern_avx2_impl(w, tstride, x, 0, nk, 1, 1, 1, o0, e);
+}
+
+__attribute__((target("avx2"))) static void tern_gemm_avx2(const uint8_t *w, int64_t tstride,
+                                                            const int8_t *x, int64_t xstride,
+                                                            int64_t nk, int bt, int64_t o0,
+                                                            const a8_epi *e) {
+#define TA(n) tern_avx2_impl(w, tstride, x, xstride, nk, 1, n, 0, o0, e)
+    switch (bt) { /* bt <= TERN_AVX2_BT = 4 */
+    case 1: TA(1); break;
+    case 2: TA(2); break;
+    case 3: TA(3); break;
+    default: TA(4);
+    }
+#undef TA
+}
+#endif
+
+/* y[b, o] = (sum_i c[o, i] x[b, i] - zp[o] * rowsum[b]) * x_scale[b] * w_scale[o] + bias[o]
+ * (zp NULL: 1, the ternary offset). w: the tile16x16 layout above (ceil(O / 16) * 16 rows);
+ * x: [B][I_pad] int8 codes, I_pad a multiple of 16, zero past the layer's inputs. */
+void qd_ternary_gemm(const uint8_t *w, const int8_t *x, const int32_t *rowsum, const int32_t *zp,
+                     const float *x_scale, const float *w_scale, const float *bias, float *y,
+                     int64_t B, int64_t O, int64_t I_pad, int level) {
+    int64_t nk = I_pad / 16, tstride = 64 * nk, n_tiles = (O + 15) / 16;
+    int path = pick(level);
+    /* tiles a block and batch rows a block, per path (see above) */
+    int rt = path == 2 ? (B == 1 ? 4 : 2) : path == 1 ? (B == 1 ? 2 : 1) : 1;
+    int bt_max = path == 2 ? 8 : path == 1 ? TERN_AVX2_BT : 4;
+    int64_t n_units = (n_tiles + rt - 1) / rt;
+    if (B <= 0 || O <= 0) return;
+#pragma omp parallel for schedule(static) if (B * O * I_pad >= PARALLEL_MIN_WORK)
+    for (int64_t u = 0; u < n_units; u++) {
+        const uint8_t *wu = w + u * rt * tstride;
+        int64_t o0 = u * rt * 16;
+        int urt = n_tiles - u * rt < rt ? (int)(n_tiles - u * rt) : rt; /* tiles in this block */
+        for (int64_t b0 = 0; b0 < B; b0 += bt_max) {
+            int bt = B - b0 < bt_max ? (int)(B - b0) : bt_max;
+            a8_epi e = {zp, 1, rowsum + b0, x_scale + b0, w_scale, bias, y + b0 * O, O};
+            const int8_t *xb = x + b0 * I_pad;
+#ifdef __x86_64__
+            if (path == 2) {
+                if (B == 1) tern_gemv_vnni(wu, tstride, xb, nk, urt, o0, &e);
+                else tern_gemm_vnni(wu, tstride, xb, I_pad, nk, urt, bt, o0, &e);
+                continue;
+            }
+            if (path == 1) {
+                if (B == 1) tern_gemv_avx2(wu, tstride, xb, nk, urt, o0, &e);
+                else tern_gemm_avx2(wu, tstride, xb, I_pad, nk, bt, o0, &e);
+                continue;
+            }
+#endif
+            tern_block_c(wu, tstride, xb, I_pad, nk, urt, bt, o0, &e);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------
+ * W8A8 with VNNI, register-blocked (#15 items 1-2). The weights stay in their row layout
+ * (int8, [O][I]) because from INT_MM_MIN_ROWS rows on torch._int_mm (oneDNN, AMX on this Xeon)
+ * reads the same tensor; this kernel covers batch 1 (GEMV: 8 output rows a pass, 8 independent
+ * dpbusd chains) and the rows below that (4 output rows x 4 batch rows, 16 accumulators in
+ * registers, every weight load feeding 4 batch rows and every activation load 4 output rows).
+ * The inputs run in steps of 64 with a masked last step (no tail loop). The 16 (or 8)
+ * accumulators are reduced together by a transposing add tree (45 instructions for 16 sums
+ * instead of 16 separate reductions). dpbusd multiplies u8 x s8, so the activations are
+ * shifted to u8 (x ^ 0x80 = x + 128) and 128 * sum_i w[o, i] (wsum) is subtracted afterwards,
+ * which keeps the integer dot product exact.
+ * ------------------------------------------------------------------------------------------ */
+#ifdef __x86_64__
+/* lane l of the result = the sum of the 16 lanes of a[l] */
+VNNI_TARGET static inline __m512i hsum16_epi32(const __m512i *a) {
+    __m512i b[8], c[4], d[2];
+    for (int j = 0; j < 8; j++) /* 128-bit lane: [a2j, a2j+1, a2j, a2j+1] partial sums */
+        b[j] = _mm512_add_epi32(_mm512_unpacklo_epi32(a[2 * j], a[2 * j + 1]),
+                                _mm512_unpackhi_epi32(a[2 * j], a[2 * j + 1]));
+    for (int j = 0; j < 4; j++) /* 128-bit lane: [a4j, .., a4j+3] partial sums */
+        c[j] = _mm512_add_epi32(_mm512_unpacklo_epi64(b[2 * j], b[2 * j + 1]),
+                                _mm512_unpackhi_epi64(b[2 * j], b[2 * j + 1]));
+    for (int j = 0; j < 2; j++) /* lanes: c2j (L0+L1), c2j (L2+L3), c2j+1 (..), c2j+1 (..) */
+        d[j] = _mm512_add_epi32(_mm512_shuffle_i32x4(c[2 * j], c[2 * j + 1], 0x88),
+                                _mm512_shuffle_i32x4(c[2 * j], c[2 * j + 1], 0xDD));
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(d[0], d[1], 0x88),
+                            _mm512_shuffle_i32x4(d[0], d[1], 0xDD));
+}
+
+/* RB output rows (rows of them real: the others repeat the last real row and are dropped) x BB
+ * batch rows; accumulator b * RB + r. */
+__attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"))) static inline void
+i8_vnni_impl(const int8_t *w, const int8_t *x, int64_t I, const int RB, const int BB, int rows,
+             int64_t o0, const int32_t *wsum, const float *x_scale, const float *w_scale,
+             const float *bias, float *y, int64_t O) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512i acc[16];
+    const int8_t *wr[8];
+#pragma GCC unroll 16
+    for (int a = 0; a < 16; a++) acc[a] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; r++) wr[r] = w + (r < rows ? r : rows - 1) * I;
+    for (int64_t i = 0; i < I; i += 64) {
+        __mmask64 m = I - i >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (I - i)) - 1);
+        __m512i xv[4];
+#pragma GCC unroll 4
+        for (int b = 0; b < BB; b++) /* absent lanes: 0 ^ 0x80 times a zero weight */
+            xv[b] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, x + b * I + i), flip);
+#pragma GCC unroll 8
+        for (int r = 0; r < RB; r++) {
+            __m512i wv = _mm512_maskz_loadu_epi8(m, wr[r] + i);
+#pragma GCC unroll 4
+            for (int b = 0; b < BB; b++)
+                acc[b * RB + r] = _mm512_dpbusd_epi32(acc[b * RB + r], xv[b], wv);
+        }
+    }
+    int32_t dot[16];
+    _mm512_storeu_si512((void *)dot, hsum16_epi32(acc));
+    for (int b = 0; b < BB; b++)
+        for (int r = 0; r < rows; r++) {
+            int64_t o = o0 + r;
+            y[b * O + o] = epilogue(dot[b * RB + r] - 128 * wsum[o], x_scale[b], w_scale[o], bias, o);
+        }
+}
+
+VNNI_TARGET static void i8_block_vnni(const int8_t *w, const int8_t *x, int64_t I, int bb,
+                                      int rows, int64_t o0, const int32_t *wsum,
+                                      const float *x_scale, const float *w_scale,
+                                      const float *bias, float *y, int64_t O) {
+#define I8V(R, N) i8_vnni_impl(w, x, I, R, N, rows, o0, wsum, x_scale, w_scale, bias, y, O)
+    switch (bb) {
+    case 0: I8V(8, 1); break; /* batch 1: the GEMV block */
+    case 1: I8V(4, 1); break;
+    case 2: I8V(4, 2); break;
+    case 3: I8V(4, 3); break;
+    default: I8V(4, 4);
+    }
+#undef I8V
+}
+#endif
 
 /* y[b, o] = (sum_i w[o, i] x[b, i]) * x_scale[b] * w_scale[o] + bias[o] */
 void qd_int8_gemm(const int8_t *w, const int8_t *x, const int32_t *wsum, const float *x_scale,
                   const float *w_scale, const float *bias, float *y, int64_t B, int64_t O,
                   int64_t I, int level) {
     int path = pick(level);
+    (void)path; /* portable builds: C only */
+#ifdef __x86_64__
+    if (path == 2) { /* blocks of RB output rows x up to 4 batch rows */
+        int64_t RB = B == 1 ? 8 : 4, n_blocks = (O + RB - 1) / RB;
+#pragma omp parallel for schedule(static) if (B * O * I >= PARALLEL_MIN_WORK)
+        for (int64_t u = 0; u < n_blocks; u++) {
+            int64_t o0 = u * RB;
+            int rows = O - o0 < RB ? (int)(O - o0) : (int)RB;
+            for (int64_t b0 = 0; b0 < B; b0 += 4) {
+                int bb = B == 1 ? 0 : (B - b0 < 4 ? (int)(B - b0) : 4);
+                i8_block_vnni(w + o0 * I, x + b0 * I, I, bb, rows, o0, wsum, x_scale + b0,
+                              w_scale, bias, y + b0 * O, O);
+            }
+        }
+        return;
+    }
+#endif
 #pragma omp parallel for schedule(static) if (B * O * I >= PARALLEL_MIN_WORK)
     for (int64_t o = 0; o < O; o++) {
         const int8_t *wr = w + o * I;
@@ -459,10 +758,7 @@ void qd_int8_gemm(const int8_t *w, const int8_t *x, const int32_t *wsum, const f
                 const int8_t *xs[4];
                 int32_t out[4];
                 for (int b = 0; b < 4; b++) xs[b] = x + (b0 + (b < nb ? b : 0)) * I;
-                if (path == 2)
-                    int8_rows_vnni(wr, xs, I, wsum[o], out, nb);
-                else
-                    int8_rows_avx2(wr, xs, I, out, nb);
+                int8_rows_avx2(wr, xs, I, out, nb);
                 for (int b = 0; b < nb; b++)
                     y[(b0 + b) * O + o] = epilogue(out[b], x_scale[b0 + b], w_scale[o], bias, o);
                 continue;
@@ -481,41 +777,47 @@ void qd_int8_gemm(const int8_t *w, const int8_t *x, const int32_t *wsum, const f
  * W4A8: 4-bit codes in the tile16 layout x per-token int8 activations
  * ------------------------------------------------------------------------------------------ */
 
-static inline int32_t load_i32(const int8_t *p) {
-    int32_t v;
-    memcpy(&v, p, 4);
-    return v;
-}
 
 #ifdef __x86_64__
+/* Up to NB4 batch rows a pass with VNNI (one int32 accumulator per batch row and group, the
+ * low and high nibbles feeding the same one from 5 rows on; float accumulators across groups): the codes are
+ * unpacked once for 8 batch rows, and 8 independent dpbusd chains keep the unit busy (#15). */
+
 __attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"))) static inline void
 int4_tile_impl(const uint8_t *w, const float *s, const uint8_t *zp, const int8_t **x,
                const int32_t **xgsum, int64_t G, int64_t cpg, const int nb, float *out) {
     const __m512i mask = _mm512_set1_epi8(15);
-    __m512 acc[NB];
+    const int split = nb <= 4; /* few rows: the nibbles in two chains (dpbusd latency) */
+    __m512 acc[NB4];
+#pragma GCC unroll 8
     for (int b = 0; b < nb; b++) acc[b] = _mm512_setzero_ps();
     for (int64_t gi = 0; gi < G; gi++) {
-        __m512i d0[NB], d1[NB];
-        for (int b = 0; b < nb; b++) { d0[b] = _mm512_setzero_si512(); d1[b] = _mm512_setzero_si512(); }
+        __m512i d[NB4], e[NB4];
+#pragma GCC unroll 8
+        for (int b = 0; b < nb; b++) d[b] = e[b] = _mm512_setzero_si512();
         for (int64_t kk = 0; kk < cpg; kk++) {
             int64_t k = gi * cpg + kk;
             __m512i v = _mm512_loadu_si512((const void *)(w + 64 * k));
             __m512i lo = _mm512_and_si512(v, mask);
             __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+#pragma GCC unroll 8
             for (int b = 0; b < nb; b++) {
                 const int8_t *xk = x[b] + 8 * k;
-                d0[b] = _mm512_dpbusd_epi32(d0[b], lo, _mm512_set1_epi32(load_i32(xk)));
-                d1[b] = _mm512_dpbusd_epi32(d1[b], hi, _mm512_set1_epi32(load_i32(xk + 4)));
+                d[b] = _mm512_dpbusd_epi32(d[b], lo, _mm512_set1_epi32(load_i32(xk)));
+                if (split) e[b] = _mm512_dpbusd_epi32(e[b], hi, _mm512_set1_epi32(load_i32(xk + 4)));
+                else d[b] = _mm512_dpbusd_epi32(d[b], hi, _mm512_set1_epi32(load_i32(xk + 4)));
             }
         }
         __m512i zv = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(zp + 16 * gi)));
         __m512 sv = _mm512_loadu_ps(s + 16 * gi);
+#pragma GCC unroll 8
         for (int b = 0; b < nb; b++) {
-            __m512i d = _mm512_add_epi32(d0[b], d1[b]);
-            d = _mm512_sub_epi32(d, _mm512_mullo_epi32(zv, _mm512_set1_epi32(xgsum[b][gi])));
-            acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sv, acc[b]);
+            __m512i dd = split ? _mm512_add_epi32(d[b], e[b]) : d[b];
+            dd = _mm512_sub_epi32(dd, _mm512_mullo_epi32(zv, _mm512_set1_epi32(xgsum[b][gi])));
+            acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dd), sv, acc[b]);
         }
     }
+#pragma GCC unroll 8
     for (int b = 0; b < nb; b++) _mm512_storeu_ps(out + 16 * b, acc[b]);
 }
 
@@ -527,7 +829,16 @@ VNNI_TARGET static void int4_tile_vnni(const uint8_t *w, const float *s, const u
                                        const int8_t **x, const int32_t **xgsum, int64_t G,
                                        int64_t cpg, int nb, float *out) {
 #define I4(n) int4_tile_impl(w, s, zp, x, xgsum, G, cpg, n, out)
-    NB_SWITCH(nb, I4)
+    switch (nb) {
+    case 1: I4(1); break;
+    case 2: I4(2); break;
+    case 3: I4(3); break;
+    case 4: I4(4); break;
+    case 5: I4(5); break;
+    case 6: I4(6); break;
+    case 7: I4(7); break;
+    default: I4(8);
+    }
 #undef I4
 }
 
@@ -598,6 +909,7 @@ int qd_int4_gemm(const uint8_t *w, const float *s, const uint8_t *zp, const int8
                  int64_t I, int64_t g, int level) {
     int64_t G = I / g, cpg = g / 8, T = (O + 15) / 16;
     int path = pick(level);
+    int nb_max = path == 2 ? NB4 : NB; /* batch rows a pass */
     if (B <= 0 || O <= 0) return 0;
     int32_t *xgsum = (int32_t *)malloc((size_t)(B * G) * sizeof(int32_t));
     if (!xgsum) return -1; /* y untouched: the caller raises MemoryError */
@@ -613,12 +925,12 @@ int qd_int4_gemm(const uint8_t *w, const float *s, const uint8_t *zp, const int8
         const float *st = s + t * G * 16;
         const uint8_t *zt = zp + t * G * 16;
         int rows = O - 16 * t < 16 ? (int)(O - 16 * t) : 16;
-        float out[NB * 16];
-        for (int64_t b0 = 0; b0 < B; b0 += NB) {
-            int nb = B - b0 < NB ? (int)(B - b0) : NB;
-            const int8_t *xs[NB];
-            const int32_t *gs[NB];
-            for (int b = 0; b < NB; b++) {
+        float out[NB4 * 16];
+        for (int64_t b0 = 0; b0 < B; b0 += nb_max) {
+            int nb = B - b0 < nb_max ? (int)(B - b0) : nb_max;
+            const int8_t *xs[NB4];
+            const int32_t *gs[NB4];
+            for (int b = 0; b < NB4; b++) {
                 int64_t r = b0 + (b < nb ? b : 0);
                 xs[b] = x + r * I;
                 gs[b] = xgsum + r * G;
@@ -965,8 +1277,8 @@ void qd_dequant_gather(const uint8_t *codes, int64_t n_bytes, int bits, int mul,
 
 /* One C call per layer for the per-token int8 paths (#15 item 4): quantize the float rows x
  * [B][I] (as qd_quantize_rows, into scratch memory of this call), then the layer's product
- * with its scales and bias into y [B][O]. kind 0: ternary / 2-bit (w block256, zp int32 per
- * row or NULL, I_pad a multiple of 256), 1: int8 (wsum), 2: int4 (w tile16, w_scale / zp
+ * with its scales and bias into y [B][O]. kind 0: ternary / 2-bit (w tile16x16, zp int32 per
+ * row or NULL, I_pad a multiple of 16), 1: int8 (wsum), 2: int4 (w tile16, w_scale / zp
  * [ceil(O/16)][I/g][16], g the group size). Everything but x, y and B is fixed when the layer's
  * plan is made, so the caller keeps the arguments ready and passes three per call.
  * Returns 0, the number of rows holding NaN / Inf (y untouched: the caller raises, naming

