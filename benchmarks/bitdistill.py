@@ -10,9 +10,11 @@ int8 per-token activations). Every stage uses AdamW, linear warmup + cosine deca
 and gradient clipping (:mod:`qdistill.train.schedule`):
 
 * ``bitnet-sft``: the ternary model fine-tuned with cross-entropy alone (naive baseline);
-* ``bitdistill``: SubLN (gain/bias matched to the input statistics) + stage 2 (distilling the
-  pretrained MiniLM's hidden states and last-layer Q/K/V relations on general text: glosses of
-  other categories, verbs, adjectives) + stage 3 (CE + logits KL + attention relations);
+* ``bitdistill``: SubLN (per-channel gain/bias fitted so that each new norm reproduces its
+  input, our "matched" init) + stage 2 (distilling the pretrained MiniLM's hidden states and
+  last-layer Q/K/V relations on general text: glosses of other categories, verbs, adjectives)
+  + stage 3 (CE + logits KL + attention relations at the last layer; lambda 10, tau 5 as the
+  paper's classification setup, gamma 1 for our per-position relation KL);
 * ablations, one change at a time: ``-no-subln``, ``-subln-plain`` (the paper's plain SubLN
   init, gain 1 / bias 0), ``-no-stage2``, ``-no-logits-kd`` (lambda = 0), ``-no-attention``
   (gamma = 0); ``bitdistill-stage2-<N>``: the full recipe with another stage-2 budget.
@@ -23,7 +25,9 @@ set with the packed file loaded back (ternary students through the packed CPU ke
 is that file's size; latency is one sequence (batch 1, ``--max-length`` tokens) through the
 loaded model, median of interleaved repetitions with all models of the same seed, ``--threads``.
 
-    python benchmarks/bitdistill.py            # 3 seeds; about 20 min per seed on 2 cores
+    python benchmarks/bitdistill.py --threads 1 --share-stage2   # the committed table
+    python benchmarks/bitdistill.py --latency-only --threads 2   # re-time its saved files
+    python benchmarks/bitdistill.py            # 3 seeds, stage 2 per seed
     # on a busy machine, one 1-thread process per seed, then merge:
     python benchmarks/bitdistill.py --seeds 1 --threads 1 --work runs/s1 --out runs/s1.csv
     python benchmarks/bitdistill.py --merge runs/s0.csv,runs/s1.csv,runs/s2.csv
