@@ -10,9 +10,11 @@ int8 per-token activations). Every stage uses AdamW, linear warmup + cosine deca
 and gradient clipping (:mod:`qdistill.train.schedule`):
 
 * ``bitnet-sft``: the ternary model fine-tuned with cross-entropy alone (naive baseline);
-* ``bitdistill``: SubLN (gain/bias matched to the input statistics) + stage 2 (distilling the
-  pretrained MiniLM's hidden states and last-layer Q/K/V relations on general text: glosses of
-  other categories, verbs, adjectives) + stage 3 (CE + logits KL + attention relations);
+* ``bitdistill``: SubLN (per-channel gain/bias fitted so that each new norm reproduces its
+  input, our "matched" init) + stage 2 (distilling the pretrained MiniLM's hidden states and
+  last-layer Q/K/V relations on general text: glosses of other categories, verbs, adjectives)
+  + stage 3 (CE + logits KL + attention relations at the last layer; lambda 10, tau 5 as the
+  paper's classification setup, gamma 1 for our per-position relation KL);
 * ablations, one change at a time: ``-no-subln``, ``-subln-plain`` (the paper's plain SubLN
   init, gain 1 / bias 0), ``-no-stage2``, ``-no-logits-kd`` (lambda = 0), ``-no-attention``
   (gamma = 0); ``bitdistill-stage2-<N>``: the full recipe with another stage-2 budget.
@@ -23,7 +25,9 @@ set with the packed file loaded back (ternary students through the packed CPU ke
 is that file's size; latency is one sequence (batch 1, ``--max-length`` tokens) through the
 loaded model, median of interleaved repetitions with all models of the same seed, ``--threads``.
 
-    python benchmarks/bitdistill.py            # 3 seeds; about 20 min per seed on 2 cores
+    python benchmarks/bitdistill.py --threads 1 --share-stage2   # the committed table
+    python benchmarks/bitdistill.py --latency-only --threads 2   # re-time its saved files
+    python benchmarks/bitdistill.py            # 3 seeds, stage 2 per seed
     # on a busy machine, one 1-thread process per seed, then merge:
     python benchmarks/bitdistill.py --seeds 1 --threads 1 --work runs/s1 --out runs/s1.csv
     python benchmarks/bitdistill.py --merge runs/s0.csv,runs/s1.csv,runs/s2.csv
@@ -71,8 +75,6 @@ EXTRA_VARIANTS: dict[str, dict[str, Any]] = {
         subln=False, pretrain_tokens=0, distill=False, warmup=0.0, decay="constant"
     ),
 }
-# variants whose stages 1-2 are bitdistill's: they reuse its stage 2 (a resumed run skips it)
-SHARES_STAGE2 = ("bitdistill-no-logits-kd", "bitdistill-no-attention")
 COLUMNS = ["variant", "seed", "accuracy", "balanced_accuracy", "bytes", "latency_ms"]
 
 
@@ -88,6 +90,19 @@ def latency_ms(models: dict[str, torch.nn.Module], batch: dict, reps: int) -> di
                 m(batch)
                 times[name].append((time.perf_counter() - t) * 1e3)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def stage2_key(config: BitDistillConfig, per_seed: bool = True) -> str | None:
+    """What a finished stage 2 depends on (SubLN setting, budget, rate, objective and, unless
+    it is shared across seeds, the seed), as a folder name; None when the variant skips stage 2.
+    Variants with the same key (``bitdistill``, ``-no-logits-kd``, ``-no-attention``) start
+    stage 3 from one stage-2 checkpoint: stage 2 reads general text only, never the task's
+    labels, and stage 3's switches do not reach it."""
+    if config.pretrain_tokens == 0:
+        return None
+    init = config.subln_init if config.subln else "none"
+    key = f"subln-{init}_tok-{config.pretrain_tokens}_lr-{config.pretrain_lr:g}_{config.stage2}"
+    return key + f"_seed-{config.seed}" if per_seed else key
 
 
 def tokens_tag(n: int) -> str:
@@ -172,8 +187,10 @@ def write_report(
     n_test: int,
     elapsed: float,
     out: Path,
+    header: str | None = None,
 ) -> Path:
-    """Write ``bitdistill.md`` (means +- std over the seeds run so far) and the plot."""
+    """Write ``bitdistill.md`` (means +- std over the seeds run so far) and the plot; the
+    table's caption is built from ``args`` unless ``header`` is given."""
     summary = summarize(rows)
     by_name = {r["variant"]: r for r in summary}
     points = {0: "bitdistill-no-stage2", args.pretrain_tokens: "bitdistill"}
@@ -184,12 +201,16 @@ def write_report(
         if n in by_name
     )
     seeds = sorted({r["seed"] for r in rows})
-    header = (
+    header = header or (
         f"MiniLM-L6 on wordnet-10 ({n_train} training / {n_test} balanced test definitions, "
         f"{args.max_length} tokens, batch {args.batch_size}), seeds {seeds}; teacher "
         f"{args.teacher_epochs} epochs at peak {args.teacher_lr:g}, students {args.epochs} epochs "
         f"at peak {args.lr:g}, stage 2 {args.pretrain_tokens} tokens at peak {args.pretrain_lr:g}"
-        f"; warmup 10% + cosine decay to 0 per step everywhere; accuracy of the packed file "
+        f" (hidden states + last-layer Q/K/V relations of the pretrained FP MiniLM on general "
+        f"WordNet text, no task gloss; one stage-2 run per SubLN setting"
+        f"{' shared by all seeds' if getattr(args, 'share_stage2', False) else ' and seed'}, "
+        f"reused by the stage-3 ablations); warmup 10% + cosine decay to 0 per step everywhere; "
+        f"accuracy of the packed file "
         f"loaded back; latency of one {args.max_length}-token sequence, {args.threads} "
         f"thread(s)" + (f" ({elapsed:.0f} s in all)." if elapsed else ".")
     )
@@ -197,6 +218,75 @@ def write_report(
     md.write_text(markdown(summary, header))
     plot(summary, curve, out.with_suffix(".png"))
     return md
+
+
+def load_packed(path: Path, num_labels: int) -> torch.nn.Module:
+    """A packed file of this benchmark loaded back: the FP teacher rebuilds from the
+    architecture its header records; a ternary student (whose file holds packed layers and, with
+    SubLN, the new norms) is loaded into a fresh MiniLM of the same shape: SubLN inserted when
+    the file has the norms, every Linear but the head made a BitLinear."""
+    from safetensors import safe_open
+
+    from qdistill.models.hf import bitnet_config, load_classifier
+    from qdistill.models.subln import insert_subln
+    from qdistill.pack.io import read_header
+    from qdistill.quant import quantize_
+
+    if read_header(path).get("architecture"):
+        return qd.load(path).eval()
+    with safe_open(str(path), framework="pt") as f:
+        has_subln = any(k.endswith(".dense.norm.weight") for k in f.keys())
+    model = load_classifier("minilm", num_labels=num_labels)
+    if has_subln:
+        insert_subln(model)
+    quantize_(model, bitnet_config(model))
+    return qd.load(path, model=model).eval()
+
+
+def remeasure_latency(args: argparse.Namespace, sample: dict, num_labels: int) -> Path:
+    """``--latency-only``: load the packed files a finished run left in ``--work`` (one folder
+    per seed, ``seed<N>/<variant>.qd.safetensors``, the FP teacher among them), measure the
+    one-sequence latency of all of a seed's models in this one process (same threads, median
+    of ``--reps`` interleaved repetitions), and rewrite only the ``latency_ms`` column of
+    ``--out`` (and its ``.md``/``.png``). Nothing is trained; accuracy and bytes stay as they
+    were. Meant for an idle machine after the run (or after faster kernels are merged)."""
+    from qdistill.report.table import read_csv
+
+    out = Path(args.out)
+    if not out.is_file():
+        raise QDistillError(f"--latency-only needs the run's CSV: no {out}; pass --out")
+    rows = read_csv(out)
+    folders = [Path(w) for w in args.work.split(",")]
+    for seed in sorted({int(r["seed"]) for r in rows}):
+        found = [f / f"seed{seed}" for f in folders if (f / f"seed{seed}").is_dir()]
+        if not found:
+            raise QDistillError(
+                f"no seed{seed}/ folder in --work {args.work}: the packed files of that run are "
+                "needed (run the benchmark with --work pointing where it should keep them)"
+            )
+        mine = [r for r in rows if int(r["seed"]) == seed]
+        models = {}
+        for r in mine:
+            path = found[0] / f"{r['variant']}.qd.safetensors"
+            if not path.is_file():
+                raise QDistillError(f"{path} is missing: cannot re-measure {r['variant']}")
+            models[r["variant"]] = load_packed(path, num_labels)
+        lat = latency_ms(models, sample, args.reps)
+        for r in mine:
+            r["latency_ms"] = round(lat[r["variant"]], 2)
+        print(f"[seed {seed}] " + ", ".join(f"{k} {v:.2f} ms" for k, v in lat.items()))
+        del models
+    write_csv(rows, out, COLUMNS)
+    n_train, n_test = 10 * args.per_class, 10 * args.test_per_class
+    budgets = [int(t) for t in args.stage2_curve.split(",") if t]
+    md = out.with_suffix(".md")
+    caption = md.read_text().split("\n\n")[0] if md.is_file() else None
+    if caption is not None:  # the run's own caption, with a note on the new latencies
+        caption = caption.split(" Latency re-measured")[0] + (
+            f" Latency re-measured afterwards from the saved packed files (--latency-only): "
+            f"{args.threads} thread(s), median of {args.reps} interleaved repetitions."
+        )
+    return write_report(rows, args, budgets, n_train, n_test, 0.0, out, caption)
 
 
 def main() -> int:
@@ -210,10 +300,15 @@ def main() -> int:
     p.add_argument("--teacher-lr", type=float, default=1e-4)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-3, help="peak rate of the ternary students")
-    p.add_argument("--pretrain-tokens", type=int, default=3_000)
+    p.add_argument("--pretrain-tokens", type=int, default=30_000)
     p.add_argument("--pretrain-lr", type=float, default=1e-3)
     p.add_argument(
         "--stage2-curve", default="", help="extra stage-2 budgets for bitdistill, e.g. 200000"
+    )
+    p.add_argument(
+        "--share-stage2",
+        action="store_true",
+        help="run stage 2 once per SubLN setting (with the first seed) and reuse it for all seeds",
     )
     p.add_argument("--curve-seeds", type=int, default=None, help="seeds for the curve points")
     p.add_argument("--gamma", type=float, default=None, help="attention-loss weight")
@@ -229,7 +324,14 @@ def main() -> int:
         default="",
         help="CSV files of runs with other --seeds to merge into --out (no training)",
     )
-    p.add_argument("--work", default="runs/bench-bitdistill")
+    p.add_argument(
+        "--latency-only",
+        action="store_true",
+        help="re-measure latency from the packed files in --work; rewrite latency_ms of --out",
+    )
+    p.add_argument(
+        "--work", default="runs/bench-bitdistill", help="working folder(s), comma-separated"
+    )
     p.add_argument("--out", default=str(RESULTS / "bitdistill.csv"))
     args = p.parse_args()
     if args.quick:
@@ -270,14 +372,22 @@ def main() -> int:
     except QDistillError as exc:
         print(f"skipped: {exc}")
         return 0
+    length, bs = args.max_length, args.batch_size
+    sample = next(iter(classification_loader(tok, test.texts[:1], test.labels[:1], length, 1)))[0]
+    if args.latency_only:
+        try:
+            md = remeasure_latency(args, sample, len(test.classes))
+        except QDistillError as exc:
+            print(f"error: {exc}")
+            return 2
+        print(md.read_text())
+        return 0
     t0 = time.time()
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
-    length, bs = args.max_length, args.batch_size
     train_loader = classification_loader(tok, train.texts, train.labels, length, bs, True)
     test_loader = classification_loader(tok, test.texts, test.labels, length, 64)
     texts = text_loader(tok, corpus, length, bs)
-    sample = next(iter(classification_loader(tok, test.texts[:1], test.labels[:1], length, 1)))[0]
     print(
         f"wordnet-10: {len(train)} training / {len(test)} test definitions, {length} tokens; "
         f"general text: {len(corpus)} glosses; seeds {seeds}",
@@ -328,18 +438,23 @@ def main() -> int:
                 **variant,
             }
             ck = sdir / name
-            if name in SHARES_STAGE2 and (sdir / "bitdistill" / "stage2").exists():
-                shutil.copytree(sdir / "bitdistill" / "stage2", ck / "stage2")
-                spec["resume"] = True
+            config = BitDistillConfig(checkpoint_dir=ck, **spec)
+            key = stage2_key(config, per_seed=not args.share_stage2)
+            cached = work / "stage2-cache" / key if key else None
+            if cached is not None and cached.exists():  # stage 2 already run for this key
+                shutil.copytree(cached, ck / "stage2")
+                config.resume = True
             t1 = time.time()
             student, report = bitdistill(
                 copy.deepcopy(pretrained),
                 train_loader,
                 teacher=teacher,
                 text_loader=texts,
-                config=BitDistillConfig(checkpoint_dir=ck, **spec),
+                config=config,
                 special_ids=tok.all_special_ids,
             )
+            if cached is not None and not cached.exists() and (ck / "stage2").exists():
+                shutil.copytree(ck / "stage2", cached)
             path = qd.save(student, sdir / f"{name}.qd.safetensors")
             models[name] = qd.load(path, model=copy.deepcopy(student))
             files[name] = path

@@ -140,13 +140,15 @@ def test_matched_subln_takes_its_input_statistics_and_stays_closer_to_the_model(
     insert_subln(matched)
     assert match_subln_scale(matched, [IDS]) == 4
     norm = matched.encoder.layer[1].output.dense.norm
-    x = inputs["x"].reshape(-1, inputs["x"].shape[-1])
-    assert float(norm.weight.detach()[0]) == pytest.approx(
-        float(x.std(-1, unbiased=False).mean()), rel=1e-5
-    )
-    assert torch.allclose(norm.bias, x.mean(0), atol=1e-6)
+    x = inputs["x"].reshape(-1, inputs["x"].shape[-1]).double()
+    z = torch.nn.functional.layer_norm(x, x.shape[-1:], eps=norm.eps)
+    for c in (0, 5, x.shape[-1] - 1):  # per channel: least squares x_c ~ g z_c + b
+        design = torch.stack([z[:, c], torch.ones_like(z[:, c])], dim=1)
+        g, b = torch.linalg.lstsq(design, x[:, c : c + 1]).solution.flatten()
+        assert float(norm.weight[c]) == pytest.approx(float(g), rel=1e-4, abs=1e-6)
+        assert float(norm.bias[c]) == pytest.approx(float(b), rel=1e-4, abs=1e-6)
     assert not any(m.bypass for m in matched.modules() if isinstance(m, SubLN))
     with torch.no_grad():
         err_plain = (plain(IDS).last_hidden_state - expected).abs().mean()
         err_matched = (matched(IDS).last_hidden_state - expected).abs().mean()
-    assert err_matched < 0.5 * err_plain
+    assert err_matched < 0.2 * err_plain

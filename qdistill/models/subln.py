@@ -11,9 +11,10 @@ moves into the normalized regime; with ``False`` (BitNet's design) the norm appl
 A fresh norm (gain 1, bias 0) rescales the projection's input to unit variance, which a
 pretrained projection has never seen (attention outputs of MiniLM have a standard deviation
 near 0.1): the model's function is lost until long continual pre-training restores it (the
-paper spends 10B tokens on stage 2). :func:`match_subln_scale` sets each new norm's gain (and
-LayerNorm bias) from the statistics of its input on a few batches, so the normalized input has
-the scale and offset the projection expects while the architecture stays BitNet's plain SubLN.
+paper spends 10B tokens on stage 2). :func:`match_subln_scale` (our variant, not the paper's)
+sets each new norm's per-channel gain and bias by least squares, so that the normalized input
+reproduces, channel by channel, the input the pretrained projection saw; the architecture
+stays BitNet's plain SubLN, only its starting values change.
 """
 
 from __future__ import annotations
@@ -64,20 +65,32 @@ class SubLN(nn.Module):
 
 @torch.no_grad()
 def match_subln_scale(model: nn.Module, batches: Iterable[Any], max_batches: int = 4) -> int:
-    """Set every :class:`SubLN` norm's gain to the mean per-token standard deviation (RMS for
-    RMSNorm) of its input, and a LayerNorm's bias to the input's per-channel mean, measured by
-    running ``model`` with the norms bypassed (the inputs the pretrained model produces) on up
-    to ``max_batches`` of ``batches`` (items ``x`` or ``(x, y)``). Returns the norms set."""
+    """Fit every :class:`SubLN` norm's affine parameters so that ``norm(x)`` reproduces ``x``.
+
+    The norm computes ``g_c * z_c + b_c`` per channel ``c`` from the normalized input ``z``
+    (``(x - mean) / std`` per token for LayerNorm, ``x / rms`` for RMSNorm). On the inputs the
+    pretrained model produces (``model`` run with the norms bypassed on up to ``max_batches``
+    of ``batches``, items ``x`` or ``(x, y)``), ``g_c`` and ``b_c`` are the least-squares fit
+    of ``x_c`` on ``z_c``: ``g_c = cov(z_c, x_c) / var(z_c)``, ``b_c = mean(x_c) - g_c
+    mean(z_c)`` (RMSNorm has no bias: ``g_c = <z_c, x_c> / <z_c, z_c>``). What remains is only
+    the per-token rescaling the norm introduces. Returns the number of norms set.
+    """
     subs = [m for m in model.modules() if isinstance(m, SubLN)]
-    stats: dict[int, list[torch.Tensor]] = {id(m): [] for m in subs}
+    # per norm: token count, sum z, sum x, sum z^2, sum z*x (float64, per channel)
+    sums: dict[int, torch.Tensor] = {}
 
     def hook(module: nn.Module, inputs: tuple) -> None:
-        x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
+        x = inputs[0].detach().double().reshape(-1, inputs[0].shape[-1])
+        eps = float(module.norm.eps or 0.0)
         if isinstance(module.norm, nn.LayerNorm):
-            spread = x.std(dim=-1, unbiased=False).mean()
+            centred = x - x.mean(dim=-1, keepdim=True)
+            z = centred / (centred.pow(2).mean(dim=-1, keepdim=True) + eps).sqrt()
         else:
-            spread = x.pow(2).mean(dim=-1).sqrt().mean()
-        stats[id(module)].append(torch.cat([spread.reshape(1), x.mean(dim=0)]))
+            z = x / (x.pow(2).mean(dim=-1, keepdim=True) + eps).sqrt()
+        part = torch.stack(
+            [torch.full_like(z[0], z.shape[0]), z.sum(0), x.sum(0), (z * z).sum(0), (z * x).sum(0)]
+        )
+        sums[id(module)] = sums[id(module)] + part if id(module) in sums else part
 
     handles = [m.register_forward_pre_hook(hook) for m in subs]
     for m in subs:
@@ -96,13 +109,18 @@ def match_subln_scale(model: nn.Module, batches: Iterable[Any], max_batches: int
             m.bypass = False
         model.train(was_training)
     for m in subs:
-        if not stats[id(m)]:
+        if id(m) not in sums:
             continue
-        mean = torch.stack(stats[id(m)]).mean(dim=0)
-        m.norm.weight.fill_(float(mean[0]))
-        if getattr(m.norm, "bias", None) is not None:
-            m.norm.bias.copy_(mean[1:].to(m.norm.bias.dtype))
-    return sum(1 for m in subs if stats[id(m)])
+        n, sz, sx, szz, szx = sums[id(m)]
+        bias = getattr(m.norm, "bias", None)
+        if bias is not None:
+            var = szz / n - (sz / n) ** 2
+            gain = (szx / n - (sz / n) * (sx / n)) / var.clamp_min(1e-12)
+            bias.copy_((sx / n - gain * sz / n).to(bias.dtype))
+        else:
+            gain = szx / szz.clamp_min(1e-12)
+        m.norm.weight.copy_(gain.to(m.norm.weight.dtype))
+    return sum(1 for m in subs if id(m) in sums)
 
 
 def model_kind(model: nn.Module) -> str:

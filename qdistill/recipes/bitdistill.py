@@ -73,8 +73,9 @@ from qdistill.train.schedule import (
 log = logging.getLogger(__name__)
 
 
-# how new SubLN norms start: gain/bias from the input statistics (default), plain (gain 1,
-# bias 0, as BitNet), or behind a zero gate (exactly the pretrained function)
+# how new SubLN norms start: gain/bias fitted by least squares so that the norm reproduces its
+# input (default, ours), plain (gain 1, bias 0, as BitNet), or behind a zero gate (exactly the
+# pretrained function)
 SUBLN_INITS = ("matched", "plain", "identity")
 # stage 2 objectives: the model's LM loss, or distilling the pretrained FP model's hidden states
 STAGE2_MODES = ("auto", "lm", "hidden")

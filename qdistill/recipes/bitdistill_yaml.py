@@ -111,10 +111,6 @@ class BitDistillRecipe(RecipeConfig):
         tok = load_tokenizer(self.model)
         train_loader = classification_loader(tok, train.texts, train.labels, length, batch, True)
         test_loader = classification_loader(tok, test.texts, test.labels, length, 2 * batch)
-
-        pretrained = load_classifier(self.model, num_labels=len(train.classes))
-        student = copy.deepcopy(pretrained)
-        teacher = pretrained
         bcfg = dict(self.bitdistill)
         bcfg.update(
             seed=seed,
@@ -124,7 +120,12 @@ class BitDistillRecipe(RecipeConfig):
         )
         bcfg.setdefault("mask_token_id", getattr(tok, "mask_token_id", None))
         config = BitDistillConfig.from_dict(bcfg)
+        # stage 2's text before the model: a missing or empty corpus fails without loading it
         texts = text_loader(tok, general(), length, batch) if config.pretrain_tokens > 0 else None
+
+        pretrained = load_classifier(self.model, num_labels=len(train.classes))
+        student = copy.deepcopy(pretrained)
+        teacher = pretrained
         check_inputs(student, teacher if config.distill else None, texts, config)  # before work
         out.mkdir(parents=True, exist_ok=True)
         tfile = out / "teacher.safetensors"
