@@ -82,3 +82,25 @@ def test_a_frozen_student_is_refused_before_the_optimizer_sees_no_parameters(tra
     frozen.requires_grad_(True)  # the fix the message names
     history = qd.fit(run, batches(), epochs=1, progress=False)
     assert math.isfinite(history.train_loss[0])
+
+
+@pytest.mark.parametrize("entry", ["perplexity", "evaluate", "agreement", "fidelity", "fit"])
+def test_a_padding_mask_of_the_wrong_shape_is_one_data_error_before_the_model_runs(
+    transformers, entry
+):
+    from qdistill.errors import DataError
+
+    model = tiny_llama(0)
+    ids = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(4))
+    data = [{"input_ids": ids, "attention_mask": torch.ones(2, 8, dtype=torch.long)}]
+    calls = {
+        "perplexity": lambda: qd.perplexity(model, data),
+        "evaluate": lambda: qd.evaluate(model, data),
+        "agreement": lambda: qd.greedy_agreement(model, tiny_llama(1), data),
+        "fidelity": lambda: teacher_fidelity(model, tiny_llama(1), data),
+        "fit": lambda: qd.fit(
+            qd.distill(tiny_llama(1), model, loss=qd.ForwardKL()), data, epochs=1, progress=False
+        ),
+    }
+    with pytest.raises(DataError, match=r"attention_mask\) has shape \(2, 8\).*\(2, 9\)"):
+        calls[entry]()
