@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
           f"WordNet glosses; seed {args.seed}, {args.steps} steps of {args.batch_size} x "
           f"{args.max_length} tokens", flush=True)  # fmt: skip
     prompt = tok(["The best thing about"], return_tensors="pt")
-    base = {"seed": args.seed, "steps": args.steps}
+    base = {"seed": args.seed, "steps": 0}  # training steps: none for the teacher and PTQ
     if "teacher-fp32" in args.rows:
         row = {
             "method": "teacher-fp32",
@@ -338,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         fid = teacher_fidelity(packed, teacher, eval_loader)
         speed = generation_speed({"s": packed, "t": teacher}, prompt, args.gen_tokens,
                                  args.repeats)  # fmt: skip
-        row = {"method": name, "bits": bits, **base, **fid,
+        row = {"method": name, "bits": bits, **base, "steps": 0 if loss is None else args.steps,
+               **fid,
                "ood_perplexity": qd.perplexity(packed, ood_loader), "bytes": folder_bytes(folder),
                "tokens_per_s": round(speed["s"], 2), "teacher_tokens_per_s": round(speed["t"], 2),
                "train_s": round(train_s)}  # fmt: skip
