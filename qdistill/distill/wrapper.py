@@ -56,7 +56,13 @@ class Distiller:
         ``qd.Intermediate`` terms), which is what ``qd.fit``'s default optimizer steps."""
         own = getattr(self.loss, "parameters", None)
         extra = own() if own is not None else ()
-        return (p for p in itertools.chain(self.student.parameters(), extra) if p.requires_grad)
+        params = [p for p in itertools.chain(self.student.parameters(), extra) if p.requires_grad]
+        if not params:  # e.g. a deepcopy of a teacher that qd.distill had already frozen
+            raise ConfigError(
+                "the student has no trainable parameters (requires_grad is False everywhere; "
+                "a copy of a teacher that qd.distill froze?); call student.requires_grad_(True)"
+            )
+        return iter(params)
 
     @property
     def checkpoint_model(self) -> nn.Module:

@@ -7,6 +7,12 @@
 * :func:`greedy_agreement`: the share of counted positions where the student's most likely next
   token is the teacher's, both fed the same text (teacher forcing): how often greedy decoding
   would pick the teacher's token at that step.
+* :func:`teacher_fidelity`: perplexity, greedy agreement and the token-weighted mean
+  ``KL(p_teacher || p_student)`` in one pass over held-out text. The KL is zero only when the
+  student's next-token distributions are the teacher's, whatever the text: unlike perplexity
+  on text of the training domain, it does not reward a student that adapts to that domain
+  instead of copying the teacher (the measure of fidelity in Hinton et al. 2015, Sec. 2, and
+  of the distillation gap in Agarwal et al. 2024, GKD).
 * :func:`token_counts`: counted positions and correct argmax predictions of one batch, for the
   training loop's running accuracy.
 """
@@ -21,8 +27,10 @@ from torch import nn
 
 from qdistill.distill.lm.tokens import (
     call_model,
+    check_vocab,
     chunked_sum,
     cross_entropy_rows,
+    log_softmax,
     split_batch,
     token_weights,
 )
@@ -115,3 +123,44 @@ def greedy_agreement(
     s_net.train(was_s)
     t_net.train(was_t)
     return agree / max(counted, 1)
+
+
+def _kl_rows(s: torch.Tensor, t: torch.Tensor | None, y: torch.Tensor | None) -> torch.Tensor:
+    """Per-row ``KL(softmax(t) || softmax(s))`` in nats."""
+    log_p_t = log_softmax(t)
+    return (log_p_t.exp() * (log_p_t - log_softmax(s))).sum(dim=-1)
+
+
+def teacher_fidelity(
+    student: nn.Module, teacher: nn.Module, loader: Iterable, shift: bool = True
+) -> dict[str, float]:
+    """``{"perplexity", "agreement", "kl"}`` of ``student`` on ``loader``, in one pass: the
+    student's token-weighted perplexity (as :func:`perplexity`), its greedy agreement with
+    ``teacher`` (as :func:`greedy_agreement`) and the mean ``KL(p_teacher || p_student)`` per
+    counted position (nats, temperature 1), computed in chunks of positions."""
+    s_net, t_net = _net(student), teacher
+    was_s, was_t = _eval_mode(s_net), _eval_mode(t_net)
+    nll = kl = 0.0
+    agree = counted = 0
+    tokens = 0.0
+    with torch.no_grad():
+        for batch in loader:
+            x, y = split_batch(batch)
+            s_logits = call_model(s_net, x)
+            t_logits = call_model(t_net, x)
+            check_vocab(s_logits, t_logits)
+            mask = x.get("attention_mask") if isinstance(x, dict) else None
+            weights, targets = token_weights(s_logits, y, mask, shift)
+            nll += float(chunked_sum(cross_entropy_rows, s_logits, None, targets, weights))
+            kl += float(chunked_sum(_kl_rows, s_logits, t_logits, None, weights))
+            tokens += float(weights.sum())
+            real = weights > 0
+            agree += int(((s_logits.argmax(dim=-1) == t_logits.argmax(dim=-1)) & real).sum())
+            counted += int(real.sum())
+    s_net.train(was_s)
+    t_net.train(was_t)
+    return {
+        "perplexity": math.exp(nll / max(tokens, 1.0)),
+        "agreement": agree / max(counted, 1),
+        "kl": kl / max(tokens, 1.0),
+    }

@@ -75,6 +75,14 @@ def split_batch(batch: Any) -> tuple[Any, torch.Tensor | None]:
                 f"a dict batch needs input_ids (got keys {sorted(batch)}); use the dict a "
                 "tokenizer returns"
             )
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        shape = getattr(ids, "shape", None)
+        if mask is not None and shape is not None and getattr(mask, "shape", shape) != shape:
+            # checked before the model sees it: transformers fails on it with a bare size error
+            raise DataError(
+                f"padding mask (attention_mask) has shape {tuple(mask.shape)} but input_ids has "
+                f"{tuple(shape)}; pass the attention_mask the tokenizer returned with these ids"
+            )
         labels = batch.get("labels")
         if labels is None:
             labels = batch["input_ids"]
