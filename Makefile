@@ -40,7 +40,7 @@ bench-bitdistill: bitdistill-models data
 # GGUF export checked by a real client (issue 17): llama-cpp-python built from its source
 # distribution (needs a C++ compiler and cmake; one compile job at nice 19), then llama.cpp loads
 # our files for a tiny Llama and SmolLM2 and its logits are compared with qdistill's packed model
-# (benchmarks/gguf.py -> benchmarks/results/gguf.csv). Not part of `make test`.
+# (benchmarks/llamacpp_check.py -> benchmarks/results/gguf.csv). Not part of `make test`.
 LLAMA_CPP_PYTHON ?= llama-cpp-python==0.3.36
 .PHONY: gguf-check
 gguf-check: bitdistill-models
@@ -48,7 +48,7 @@ gguf-check: bitdistill-models
 		CMAKE_BUILD_PARALLEL_LEVEL=1 CMAKE_ARGS="-DLLAVA_BUILD=OFF" nice -n 19 \
 		$(BIN)/pip install --no-binary llama-cpp-python '$(LLAMA_CPP_PYTHON)' && \
 		echo "llama-cpp-python built from source in $$(( $$(date +%s) - start )) s"; }
-	$(BIN)/python benchmarks/gguf.py
+	$(BIN)/python benchmarks/llamacpp_check.py
 
 test: setup data
 	$(BIN)/ruff check qdistill tests benchmarks

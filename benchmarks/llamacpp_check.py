@@ -24,8 +24,8 @@ row and, for F32, max |diff| <= ``--f32-atol``; the script exits 1 otherwise.
 ``--speed`` adds tokens/s of greedy decoding (llama.cpp on our file, our packed model, the fp32
 model; same process, interleaved); timings need an otherwise idle machine.
 
-    python benchmarks/gguf.py                    # tiny + smollm2, writes results/gguf.csv
-    python benchmarks/gguf.py --models tiny      # seconds, no model package needed
+    python benchmarks/llamacpp_check.py                    # tiny + smollm2, writes results/gguf.csv
+    python benchmarks/llamacpp_check.py --models tiny      # seconds, no model package needed
 """
 
 from __future__ import annotations
@@ -42,11 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# this script is named gguf.py: drop its own folder from the path so that `import gguf` is the
-# gguf package, not this file
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import qdistill as qd  # noqa: E402
 
