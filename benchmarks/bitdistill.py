@@ -25,7 +25,7 @@ set with the packed file loaded back (ternary students through the packed CPU ke
 is that file's size; latency is one sequence (batch 1, ``--max-length`` tokens) through the
 loaded model, median of interleaved repetitions with all models of the same seed, ``--threads``.
 
-    python benchmarks/bitdistill.py --threads 1 --share-stage2   # the committed table
+    python benchmarks/bitdistill.py --threads 2 --share-stage2   # the committed table (18 min idle)
     python benchmarks/bitdistill.py --latency-only --threads 2   # re-time its saved files
     python benchmarks/bitdistill.py            # 3 seeds, stage 2 per seed
     # on a busy machine, one 1-thread process per seed, then merge:
@@ -300,7 +300,7 @@ def main() -> int:
     p.add_argument("--teacher-lr", type=float, default=1e-4)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-3, help="peak rate of the ternary students")
-    p.add_argument("--pretrain-tokens", type=int, default=30_000)
+    p.add_argument("--pretrain-tokens", type=int, default=100_000)
     p.add_argument("--pretrain-lr", type=float, default=1e-3)
     p.add_argument(
         "--stage2-curve", default="", help="extra stage-2 budgets for bitdistill, e.g. 200000"
