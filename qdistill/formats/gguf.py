@@ -84,6 +84,18 @@ def _fp16_scale(d: torch.Tensor, what: str) -> torch.Tensor:
     return fp16_round(d)
 
 
+def _scale_and_inverse(
+    d: torch.Tensor | None, given: torch.Tensor | None, what: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multiplier and stored fp16 scale of each block. ggml multiplies by ``1 / d`` of the raw
+    (float32) ``d`` and stores ``d`` rounded to fp16; a given scale (calibration, LSQ) is
+    rounded to fp16 first and its own reciprocal used."""
+    if given is None:
+        return _reciprocal(d), _fp16_scale(d, what)
+    scale = _fp16_scale(given.float().reshape(-1), what)
+    return _reciprocal(scale), scale
+
+
 def _fixed(fmt: Any, name: str, **expected: Any) -> None:
     """GGUF fixes the block size and code range: refuse other settings with the preset's name."""
     wrong = {k: getattr(fmt, k) for k, v in expected.items() if getattr(fmt, k) != v}
@@ -128,12 +140,8 @@ class GGUFQ8_0(IntFormat):
         (calibration, LSQ) is rounded to fp16 first and the codes clamped to int8's +-127."""
         check_finite(x)
         blocks = to_blocks(x.float(), None, 32)
-        if scale is None:
-            d = blocks.abs().amax(dim=1) / 127
-            inv, scale = _reciprocal(d), _fp16_scale(d, "Q8_0")
-        else:
-            scale = _fp16_scale(scale.float().reshape(-1), "Q8_0")
-            inv = _reciprocal(scale)
+        d = blocks.abs().amax(dim=1) / 127 if scale is None else None
+        inv, scale = _scale_and_inverse(d, scale, "Q8_0")
         q = round_half_away(blocks * inv.reshape(-1, 1)).clamp(-127, 127)
         return from_code_blocks(self, x, (q + 128).to(torch.uint8), scale)
 
@@ -187,12 +195,8 @@ class GGUFQ4_0(IntFormat):
         """Codes and fp16 scales exactly as ggml's ``quantize_row_q4_0_ref``."""
         check_finite(x)
         blocks = to_blocks(x.float(), None, 32)
-        if scale is None:
-            d = self._d(blocks)
-            inv, scale = _reciprocal(d), _fp16_scale(d, "Q4_0")
-        else:
-            scale = _fp16_scale(scale.float().reshape(-1), "Q4_0")
-            inv = _reciprocal(scale)
+        d = self._d(blocks) if scale is None else None
+        inv, scale = _scale_and_inverse(d, scale, "Q4_0")
         c = torch.trunc(blocks * inv.reshape(-1, 1) + 8.5).clamp(0, 15)
         return from_code_blocks(self, x, c.to(torch.uint8), scale)
 
