@@ -56,6 +56,7 @@ from qdistill.data.text import classification_loader, text_loader
 from qdistill.data.wordnet import general_text, load_wordnet
 from qdistill.errors import QDistillError
 from qdistill.recipes.bitdistill import BitDistillConfig, bitdistill, finetune
+from qdistill.report.runtime import interleaved_medians
 from qdistill.report.table import write_csv
 from qdistill.train.metrics import accuracy, balanced_accuracy, predictions
 
@@ -79,17 +80,12 @@ COLUMNS = ["variant", "seed", "accuracy", "balanced_accuracy", "bytes", "latency
 
 
 def latency_ms(models: dict[str, torch.nn.Module], batch: dict, reps: int) -> dict[str, float]:
-    """Median wall time of one forward pass per model, repetitions interleaved across models."""
-    times: dict[str, list[float]] = {k: [] for k in models}
+    """Median milliseconds of one forward pass per model, repetitions interleaved across models
+    (``qdistill.report.runtime.interleaved_medians``, one warm-up call each)."""
     with torch.inference_mode():
-        for m in models.values():  # warm-up
-            m(batch)
-        for _ in range(reps):
-            for name, m in models.items():
-                t = time.perf_counter()
-                m(batch)
-                times[name].append((time.perf_counter() - t) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+        fns = {name: (lambda m=m: m(batch)) for name, m in models.items()}
+        seconds = interleaved_medians(fns, reps=reps, warmup=1)
+    return {name: s * 1e3 for name, s in seconds.items()}
 
 
 def stage2_key(config: BitDistillConfig, per_seed: bool = True) -> str | None:

@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -32,6 +30,7 @@ import qdistill as qd
 from qdistill.data.text import tokenize
 from qdistill.errors import QDistillError
 from qdistill.pack.kernels import cpu_path
+from qdistill.report.runtime import interleaved_medians
 
 TEXT = (
     "a large domesticated mammal with a flowing mane and tail, used for riding, racing and "
@@ -58,17 +57,12 @@ def build(tmp: Path) -> tuple[torch.nn.Module, torch.nn.Module, object]:
 
 
 def latency_ms(models: dict[str, torch.nn.Module], batch: dict, reps: int) -> dict[str, float]:
-    """Median milliseconds of one forward pass per model, repetitions interleaved."""
-    times: dict[str, list[float]] = {k: [] for k in models}
+    """Median milliseconds of one forward pass per model, repetitions interleaved across models
+    (``qdistill.report.runtime.interleaved_medians``, one warm-up call each)."""
     with torch.inference_mode():
-        for m in models.values():
-            m(batch)
-        for _ in range(reps):
-            for name, m in models.items():
-                t = time.perf_counter()
-                m(batch)
-                times[name].append((time.perf_counter() - t) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+        fns = {name: (lambda m=m: m(batch)) for name, m in models.items()}
+        seconds = interleaved_medians(fns, reps=reps, warmup=1)
+    return {name: s * 1e3 for name, s in seconds.items()}
 
 
 def main() -> int:
