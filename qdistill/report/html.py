@@ -153,6 +153,18 @@ def _png(fig: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _finished(fig: Any, ax: Any, drawn: int, xlabel: str, ylabel: str) -> str | None:
+    """A line plot's labels, grid and legend, as a PNG; None when no line was drawn."""
+    if not drawn:
+        return None
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
 def _loss_figure(runs: list[RunData]) -> str | None:
     """Loss per step and per epoch (``loss`` of step records, ``train_loss`` of epochs)."""
     fig = _figure((7, 4))
@@ -171,14 +183,7 @@ def _loss_figure(runs: list[RunData]) -> str | None:
                 xs, ys = zip(*sorted(steps), strict=True)
                 ax.plot(xs, ys, linewidth=0.8, label=f"{run.name} / {stage} (step)")
                 drawn += 1
-    if not drawn:
-        return None
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return _png(fig)
+    return _finished(fig, ax, drawn, "optimizer step", "training loss")
 
 
 def pareto_front(points: list[dict[str, Any]], x: str = "bytes") -> list[dict[str, Any]]:
@@ -324,14 +329,7 @@ def _accuracy_figure(runs: list[RunData]) -> str | None:
                     xs, ys = zip(*sorted(pts), strict=True)
                     ax.plot(xs, ys, style, label=f"{run.name} / {stage} {key}")
                     drawn += 1
-    if not drawn:
-        return None
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("accuracy")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return _png(fig)
+    return _finished(fig, ax, drawn, "epoch", "accuracy")
 
 
 def write_report(run_dirs: list[str | os.PathLike[str]], out: str | os.PathLike[str]) -> Path:
