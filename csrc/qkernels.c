@@ -1150,6 +1150,388 @@ static void lut_row_c(const uint8_t *w, const float *s, const uint8_t *zp, int z
     }
 }
 
+/* ---- Many rows: dequantize a panel once, then a register-blocked fp32 GEMM (#15 item 2) ----
+ * From WO_PANEL_MIN_ROWS batch rows on (AVX-512 / AVX2 levels), the weight-only products stop
+ * dequantizing every weight once per 4 batch rows: a thread takes WO_R output rows at a time,
+ * dequantizes WO_KC inputs of each into a small float panel (vectorized, exactly the formats'
+ * (c - zp) * s; L1-resident), and runs an outer-product micro-kernel over it (the BLIS /
+ * oneDNN sgemm structure): each panel weight is broadcast and multiplied with 16 (8) batch rows
+ * of a transposed activation block at once, WO_R x 2 vector accumulators in registers, so the
+ * float multiply-adds run on full vectors with no horizontal sums. The activations are
+ * transposed once per call into xt ([k][16 or 32 rows] per group of batch rows, zero padded; in
+ * the kernel's input order: the "lsb" 2/4-bit layout dequantizes a chunk in deinterleaved
+ * order, see deinterleave). Partial sums of a panel live in cp between K blocks. Only the order
+ * of the fp32 sums differs from F.linear on the dequantized weight. */
+#define WO_KC 128           /* inputs per K block (a multiple of every lut chunk: 32, 64) */
+#define WO_MB 128           /* batch rows per pass (bounds xt and cp) */
+#define WO_R512 12          /* output rows per micro-kernel, AVX-512: 24 accumulators of 32 */
+#define WO_R256 6           /* AVX2: 12 accumulators of 16 registers */
+#define WO_PANEL_MIN_ROWS 8 /* from this many batch rows on */
+
+/* The weight of a weight-only layer: int8 codes (kind 0) or "lsb" 2/4-bit codes (kind 1). */
+typedef struct {
+    int kind;
+    const void *w;
+    const float *s;
+    const uint8_t *zp;
+    int zp_const, bits;
+    int64_t I, G, cpg, row_bytes;
+} wo_weight;
+
+/* Batch rows in the group of activations that starts rem rows before the end of a pass: 2L
+ * lanes while more than L rows are left, then L, or L / 2 where that suffices (AVX-512: 8 rows
+ * in one ymm instead of half an empty zmm). */
+static inline int wo_width(int64_t rem, int L) {
+    return rem > L ? 2 * L : (L == 16 && rem <= 8) ? 8 : L;
+}
+
+/* x rows b_start .. b_start + nbr - 1 -> xt: groups of wo_width rows, each [I][width] at
+ * xt + b0 * I, zero padded, inputs in the kernel's order (lut: chunk c of 16 * per inputs holds
+ * at (p * 16 + l) the input per * l + p, see deinterleave). */
+static void wo_transpose(const wo_weight *W, const float *x, int64_t b_start, int64_t nbr,
+                         int L, float *xt) {
+    const int64_t I = W->I;
+    const int per = W->kind == 0 ? 1 : 8 / W->bits;
+    for (int64_t b0 = 0; b0 < nbr; b0 += wo_width(nbr - b0, L)) {
+        const int width = wo_width(nbr - b0, L);
+        float *dst = xt + b0 * I;
+        for (int j = 0; j < width; j++) {
+            if (b0 + j >= nbr) {
+                for (int64_t k = 0; k < I; k++) dst[k * width + j] = 0.0f;
+                continue;
+            }
+            const float *xr = x + (b_start + b0 + j) * I;
+            if (per == 1) {
+                for (int64_t k = 0; k < I; k++) dst[k * width + j] = xr[k];
+                continue;
+            }
+            for (int64_t c = 0; c < I; c += 16 * per)
+                for (int p = 0; p < per; p++)
+                    for (int l = 0; l < 16; l++) dst[(c + 16 * p + l) * width + j] = xr[c + per * l + p];
+        }
+    }
+}
+
+#ifdef __x86_64__
+/* The AVX-512 panel path (masked byte loads and 32 ymm registers need AVX-512 VL too). */
+static int wo_wide(int level) {
+    return level == 0 && has_avx512() && __builtin_cpu_supports("avx512vl");
+}
+
+#define WO512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
+
+/* Row o, kernel inputs k0 .. k0 + n - 1, dequantized into dst (AVX-512). */
+WO512_TARGET static void wo_dequant_avx512(const wo_weight *W, int64_t o, int64_t k0, int64_t n,
+                                           float *dst) {
+    if (W->kind == 0) {
+        const int8_t *w = (const int8_t *)W->w + o * W->I + k0;
+        const __m512 sv = _mm512_set1_ps(W->s[o]);
+        for (int64_t i = 0; i < n; i += 16) {
+            __mmask16 m = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+            __m512i c = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, w + i));
+            _mm512_mask_storeu_ps(dst + i, m, _mm512_mul_ps(_mm512_cvtepi32_ps(c), sv));
+        }
+        return;
+    }
+    const int bits = W->bits, per = 8 / bits;
+    const uint8_t *w = (const uint8_t *)W->w + o * W->row_bytes;
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i codes_of_lane = _mm512_and_si512(iota, _mm512_set1_epi32((1 << bits) - 1));
+    const int64_t c0 = k0 / (16 * per), c1 = (k0 + n) / (16 * per);
+    int64_t gi = c0 / W->cpg, left = 0;
+    __m512 table = _mm512_setzero_ps();
+    for (int64_t c = c0; c < c1; c++) {
+        if (left == 0) { /* a new group (or the first chunk): its table */
+            left = c == c0 ? W->cpg - c0 % W->cpg : W->cpg;
+            gi += c != c0;
+            int32_t z = W->zp ? (int32_t)W->zp[o * W->G + gi] : W->zp_const;
+            table = _mm512_mul_ps(
+                _mm512_cvtepi32_ps(_mm512_sub_epi32(codes_of_lane, _mm512_set1_epi32(z))),
+                _mm512_set1_ps(W->s[o * W->G + gi]));
+        }
+        left--;
+        __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + 16 * c)));
+        float *d = dst + (c - c0) * 16 * per;
+        for (int p = 0; p < per; p++)
+            _mm512_storeu_ps(d + 16 * p,
+                             _mm512_permutexvar_ps(p ? _mm512_srli_epi32(v, bits * p) : v, table));
+    }
+}
+
+/* cp[R][16 V] (+)= wd[R][WO_KC] x xt[n][16 V]: the outer-product micro-kernel. */
+__attribute__((always_inline, target("avx512f,avx512bw,avx512vl,fma"))) static inline void
+wo_micro_impl512(const float *wd, const float *xt, int64_t n, const int V, float *cp, int first) {
+    __m512 acc[WO_R512][2];
+    for (int r = 0; r < WO_R512; r++)
+        for (int v = 0; v < V; v++)
+            acc[r][v] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(cp + (r * V + v) * 16);
+    for (int64_t k = 0; k < n; k++) {
+        __m512 xv[2];
+        for (int v = 0; v < V; v++) xv[v] = _mm512_loadu_ps(xt + (k * V + v) * 16);
+        for (int r = 0; r < WO_R512; r++) {
+            __m512 wb = _mm512_set1_ps(wd[r * WO_KC + k]);
+            for (int v = 0; v < V; v++) acc[r][v] = _mm512_fmadd_ps(wb, xv[v], acc[r][v]);
+        }
+    }
+    for (int r = 0; r < WO_R512; r++)
+        for (int v = 0; v < V; v++) _mm512_storeu_ps(cp + (r * V + v) * 16, acc[r][v]);
+}
+
+/* 8 batch rows: one ymm per output row (AVX-512 VL: 32 registers, so WO_R512 rows). */
+WO512_TARGET static void wo_micro8_avx512(const float *wd, const float *xt, int64_t n, float *cp,
+                                          int first) {
+    __m256 acc[WO_R512];
+    for (int r = 0; r < WO_R512; r++)
+        acc[r] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(cp + r * 8);
+    for (int64_t k = 0; k < n; k++) {
+        __m256 xv = _mm256_loadu_ps(xt + k * 8);
+        for (int r = 0; r < WO_R512; r++)
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(wd[r * WO_KC + k]), xv, acc[r]);
+    }
+    for (int r = 0; r < WO_R512; r++) _mm256_storeu_ps(cp + r * 8, acc[r]);
+}
+
+WO512_TARGET static void wo_micro_avx512(const float *wd, const float *xt, int64_t n, int width,
+                                         float *cp, int first) {
+    if (width == 32) wo_micro_impl512(wd, xt, n, 2, cp, first);
+    else if (width == 16) wo_micro_impl512(wd, xt, n, 1, cp, first);
+    else wo_micro8_avx512(wd, xt, n, cp, first);
+}
+
+/* The same with 8-lane AVX2. */
+__attribute__((target("avx2,fma"))) static void wo_dequant_avx2(const wo_weight *W, int64_t o,
+                                                                 int64_t k0, int64_t n, float *dst) {
+    if (W->kind == 0) {
+        const int8_t *w = (const int8_t *)W->w + o * W->I + k0;
+        const float s = W->s[o];
+        const __m256 sv = _mm256_set1_ps(s);
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                                        _mm_loadl_epi64((const __m128i *)(w + i)))),
+                                                    sv));
+        for (; i < n; i++) dst[i] = (float)w[i] * s;
+        return;
+    }
+    const int bits = W->bits, per = 8 / bits;
+    const uint8_t *w = (const uint8_t *)W->w + o * W->row_bytes;
+    const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
+    const __m256i iota = _mm256_and_si256(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), mask);
+    const int64_t c0 = k0 / (16 * per), c1 = (k0 + n) / (16 * per);
+    int64_t gi = c0 / W->cpg, left = 0;
+    __m256 t_lo = _mm256_setzero_ps(), t_hi = t_lo;
+    for (int64_t c = c0; c < c1; c++) {
+        if (left == 0) {
+            left = c == c0 ? W->cpg - c0 % W->cpg : W->cpg;
+            gi += c != c0;
+            __m256i z = _mm256_set1_epi32(W->zp ? (int32_t)W->zp[o * W->G + gi] : W->zp_const);
+            __m256 sv = _mm256_set1_ps(W->s[o * W->G + gi]);
+            t_lo = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(iota, z)), sv);
+            t_hi = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(
+                                     _mm256_add_epi32(iota, _mm256_set1_epi32(8)), z)),
+                                 sv);
+        }
+        left--;
+        float *d = dst + (c - c0) * 16 * per;
+        for (int h = 0; h < 2; h++) {
+            __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w + 16 * c + 8 * h)));
+            for (int p = 0; p < per; p++) {
+                __m256i idx = _mm256_and_si256(p ? _mm256_srli_epi32(v, bits * p) : v, mask);
+                __m256 wv = _mm256_permutevar8x32_ps(t_lo, idx);
+                if (bits == 4)
+                    wv = _mm256_blendv_ps(wv, _mm256_permutevar8x32_ps(t_hi, idx),
+                                          _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+                _mm256_storeu_ps(d + 16 * p + 8 * h, wv);
+            }
+        }
+    }
+}
+
+__attribute__((always_inline, target("avx2,fma"))) static inline void
+wo_micro_impl256(const float *wd, const float *xt, int64_t n, const int V, float *cp, int first) {
+    __m256 acc[WO_R256][2];
+    for (int r = 0; r < WO_R256; r++)
+        for (int v = 0; v < V; v++)
+            acc[r][v] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(cp + (r * V + v) * 8);
+    for (int64_t k = 0; k < n; k++) {
+        __m256 xv[2];
+        for (int v = 0; v < V; v++) xv[v] = _mm256_loadu_ps(xt + (k * V + v) * 8);
+        for (int r = 0; r < WO_R256; r++) {
+            __m256 wb = _mm256_broadcast_ss(wd + r * WO_KC + k);
+            for (int v = 0; v < V; v++) acc[r][v] = _mm256_fmadd_ps(wb, xv[v], acc[r][v]);
+        }
+    }
+    for (int r = 0; r < WO_R256; r++)
+        for (int v = 0; v < V; v++) _mm256_storeu_ps(cp + (r * V + v) * 8, acc[r][v]);
+}
+
+__attribute__((target("avx2,fma"))) static void wo_micro_avx2(const float *wd, const float *xt,
+                                                               int64_t n, int width, float *cp,
+                                                               int first) {
+    if (width == 16) wo_micro_impl256(wd, xt, n, 2, cp, first);
+    else wo_micro_impl256(wd, xt, n, 1, cp, first);
+}
+
+/* y [B][O] = x [B][I] W^T + bias through panels (wide: 1 = AVX-512, 0 = AVX2). Returns -1
+ * (y untouched) when the activation block cannot be allocated: the caller then takes the
+ * row-at-a-time path, which needs no more memory. */
+static int wo_panel_gemm(const wo_weight *W, const float *x, const float *bias, float *y,
+                         int64_t B, int64_t O, int wide) {
+    const int L = wide ? 16 : 8, R = wide ? WO_R512 : WO_R256;
+    const int64_t I = W->I, mb = B < WO_MB ? B : WO_MB;
+    float *xt = (float *)malloc((size_t)(((mb + 2 * L - 1) / (2 * L)) * 2 * L * I) * sizeof(float));
+    if (!xt) return -1;
+    for (int64_t b_start = 0; b_start < B; b_start += WO_MB) {
+        const int64_t nbr = B - b_start < WO_MB ? B - b_start : WO_MB;
+        wo_transpose(W, x, b_start, nbr, L, xt);
+#pragma omp parallel for schedule(static) if (nbr * O * I >= PARALLEL_MIN_WORK)
+        for (int64_t o0 = 0; o0 < O; o0 += R) {
+            float wd[WO_R512 * WO_KC] __attribute__((aligned(64)));
+            float cp[(WO_MB + 32) * WO_R512] __attribute__((aligned(64)));
+            const int rows = O - o0 < R ? (int)(O - o0) : R;
+            for (int64_t k0 = 0; k0 < I; k0 += WO_KC) {
+                const int64_t n = I - k0 < WO_KC ? I - k0 : WO_KC;
+                for (int r = 0; r < R; r++) {
+                    if (r >= rows) memset(wd + r * WO_KC, 0, (size_t)n * sizeof(float));
+                    else if (wide) wo_dequant_avx512(W, o0 + r, k0, n, wd + r * WO_KC);
+                    else wo_dequant_avx2(W, o0 + r, k0, n, wd + r * WO_KC);
+                }
+                for (int64_t b0 = 0; b0 < nbr; b0 += wo_width(nbr - b0, L)) {
+                    const int width = wo_width(nbr - b0, L);
+                    const float *xb = xt + b0 * I + k0 * width;
+                    if (wide) wo_micro_avx512(wd, xb, n, width, cp + b0 * R, k0 == 0);
+                    else wo_micro_avx2(wd, xb, n, width, cp + b0 * R, k0 == 0);
+                }
+            }
+            for (int64_t b0 = 0; b0 < nbr; b0 += wo_width(nbr - b0, L)) {
+                const int width = wo_width(nbr - b0, L);
+                const float *c = cp + b0 * R;
+                for (int r = 0; r < rows; r++) {
+                    const float bo = bias ? bias[o0 + r] : 0.0f;
+                    for (int j = 0; j < width && b0 + j < nbr; j++)
+                        y[(b_start + b0 + j) * O + o0 + r] = c[r * width + j] + bo;
+                }
+            }
+        }
+    }
+    free(xt);
+    return 0;
+}
+#endif
+
+/* ---- Few rows: several output rows per pass (#15 item 1) ----
+ * A tile of WO_TR output rows and nb (<= NB) batch rows: the WO_TR x nb accumulators stay in
+ * registers for the whole row (R and nb are compile-time constants of every instantiation),
+ * each activation load feeds WO_TR rows, and the weight rows stream with a software prefetch
+ * WO_PF bytes ahead. int8: the code is converted (vpmovsxbd + vcvtdq2ps) and the row's scale
+ * applied once to the finished sum; lut: as lut_row_impl, with one table per row and group. */
+#define WO_TR 4
+#define WO_PF 1024
+
+#ifdef __x86_64__
+__attribute__((always_inline, target("avx512f,avx512bw,avx512vl,fma"))) static inline void
+i8w_tile_impl512(const int8_t *w, int64_t I, const int R, const float *s, const float **x,
+                 const int nb, float *out) {
+    __m512 acc[WO_TR][NB];
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < nb; b++) acc[r][b] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 64 <= I; i += 64) {
+        for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w + r * I + i + WO_PF), _MM_HINT_T0);
+        for (int u = 0; u < 4; u++) {
+            __m512 xv[NB];
+            for (int b = 0; b < nb; b++) xv[b] = _mm512_loadu_ps(x[b] + i + 16 * u);
+            for (int r = 0; r < R; r++) {
+                __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                    _mm_loadu_si128((const __m128i *)(w + r * I + i + 16 * u))));
+                for (int b = 0; b < nb; b++) acc[r][b] = _mm512_fmadd_ps(wv, xv[b], acc[r][b]);
+            }
+        }
+    }
+    for (; i < I; i += 16) {
+        __mmask16 m = I - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (I - i)) - 1);
+        __m512 xv[NB];
+        for (int b = 0; b < nb; b++) xv[b] = _mm512_maskz_loadu_ps(m, x[b] + i);
+        for (int r = 0; r < R; r++) {
+            __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, w + r * I + i)));
+            for (int b = 0; b < nb; b++) acc[r][b] = _mm512_fmadd_ps(wv, xv[b], acc[r][b]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < nb; b++) out[r * NB + b] = _mm512_reduce_add_ps(acc[r][b]) * s[r];
+}
+
+WO512_TARGET static void i8w_tile_avx512(const int8_t *w, int64_t I, int R, const float *s,
+                                         const float **x, int nb, float *out) {
+#define I8T4(n) i8w_tile_impl512(w, I, WO_TR, s, x, n, out)
+#define I8T1(n) i8w_tile_impl512(w, I, 1, s, x, n, out)
+    if (R == WO_TR) { NB_SWITCH(nb, I8T4) } else { NB_SWITCH(nb, I8T1) }
+#undef I8T4
+#undef I8T1
+}
+
+/* lut: rows w + r * row_bytes, scales / zero points s + r * G, zp + r * G (or zp_const). */
+__attribute__((always_inline, target("avx512f,avx512bw,avx512vl,fma"))) static inline void
+lut_tile_impl512(const uint8_t *w, int64_t row_bytes, const float *s, const uint8_t *zp,
+                 int zp_const, const int bits, const float **xd, int64_t G, int64_t cpg,
+                 const int R, const int nb, float *out) {
+    const int per = 8 / bits;
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i codes_of_lane = _mm512_and_si512(iota, _mm512_set1_epi32((1 << bits) - 1));
+    const __m512 base = _mm512_cvtepi32_ps(_mm512_sub_epi32(codes_of_lane, _mm512_set1_epi32(zp_const)));
+    const __m512 lanes = _mm512_cvtepi32_ps(codes_of_lane);
+    __m512 acc[WO_TR][NB];
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < nb; b++) acc[r][b] = _mm512_setzero_ps();
+    for (int64_t gi = 0; gi < G; gi++) {
+        __m512 table[WO_TR];
+        for (int r = 0; r < R; r++) {
+            /* ((i & mask) - zp) * s, exactly IntFormat's dequantized value (the difference of
+               two small integers is exact in fp32) */
+            __m512 d = zp ? _mm512_sub_ps(lanes, _mm512_set1_ps((float)zp[r * G + gi])) : base;
+            table[r] = _mm512_mul_ps(d, _mm512_set1_ps(s[r * G + gi]));
+        }
+        for (int64_t c = gi * cpg, c_end = c + cpg; c < c_end; c++) {
+            for (int r = 0; r < R; r++)
+                _mm_prefetch((const char *)(w + r * row_bytes + 16 * c + WO_PF), _MM_HINT_T0);
+            for (int r = 0; r < R; r++) {
+                __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + r * row_bytes + 16 * c)));
+                for (int p = 0; p < per; p++) {
+                    /* vpermps reads the low 4 bits of each index; the table repeats with period
+                       2**bits, so the codes above them are harmless */
+                    __m512 wv = _mm512_permutexvar_ps(p ? _mm512_srli_epi32(v, bits * p) : v, table[r]);
+                    for (int b = 0; b < nb; b++)
+                        acc[r][b] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xd[b] + (c * per + p) * 16), acc[r][b]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < nb; b++) out[r * NB + b] = _mm512_reduce_add_ps(acc[r][b]);
+}
+
+WO512_TARGET static void lut_tile_avx512(const uint8_t *w, int64_t row_bytes, const float *s,
+                                         const uint8_t *zp, int zp_const, int bits,
+                                         const float **xd, int64_t G, int64_t cpg, int R, int nb,
+                                         float *out) {
+#define LT(b_, r_, n) lut_tile_impl512(w, row_bytes, s, zp, zp_const, b_, xd, G, cpg, r_, n, out)
+#define LT44(n) LT(4, WO_TR, n)
+#define LT41(n) LT(4, 1, n)
+#define LT24(n) LT(2, WO_TR, n)
+#define LT21(n) LT(2, 1, n)
+    if (bits == 4) {
+        if (R == WO_TR) { NB_SWITCH(nb, LT44) } else { NB_SWITCH(nb, LT41) }
+    } else {
+        if (R == WO_TR) { NB_SWITCH(nb, LT24) } else { NB_SWITCH(nb, LT21) }
+    }
+#undef LT
+#undef LT44
+#undef LT41
+#undef LT24
+#undef LT21
+}
+#endif
+
 /* y[b, o] = sum_i ((c[o, i] - zp[o, g(i)]) * s[o, g(i)]) x[b, i] + bias[o]
  * w: [O][I * bits / 8] lsb codes; s: [O][G]; zp: [O][G] or NULL (then zp_const for all). */
 int qd_lut_gemm(const uint8_t *w, const float *s, const uint8_t *zp, int zp_const, int bits,
@@ -1158,10 +1540,39 @@ int qd_lut_gemm(const uint8_t *w, const float *s, const uint8_t *zp, int zp_cons
     int per = 8 / bits;
     int64_t G = I / g, cpg = g / (16 * per), row_bytes = I * bits / 8;
     if (B <= 0 || O <= 0) return 0;
+#ifdef __x86_64__
+    if (B >= WO_PANEL_MIN_ROWS && level != 1 && has_avx2()) {
+        const wo_weight W = {1, w, s, zp, zp_const, bits, I, G, cpg, row_bytes};
+        if (wo_panel_gemm(&W, x, bias, y, B, O, wo_wide(level)) == 0) return 0;
+    }
+#endif
     float *xd = (float *)malloc((size_t)(B * I) * sizeof(float));
     if (!xd) return -1; /* y untouched: the caller raises MemoryError */
     deinterleave(x, xd, B, I, per);
 #ifdef __x86_64__
+    if (wo_wide(level)) {
+#pragma omp parallel for schedule(static) if (B * O * I >= PARALLEL_MIN_WORK)
+        for (int64_t t = 0; t < (O + WO_TR - 1) / WO_TR; t++) {
+            const int64_t o_end = (t + 1) * WO_TR < O ? (t + 1) * WO_TR : O;
+            for (int64_t o = t * WO_TR; o < o_end;) {
+                const int R = o_end - o >= WO_TR ? WO_TR : 1;
+                for (int64_t b0 = 0; b0 < B; b0 += NB) {
+                    int nb = B - b0 < NB ? (int)(B - b0) : NB;
+                    const float *xs[NB];
+                    float out[WO_TR * NB];
+                    for (int b = 0; b < NB; b++) xs[b] = xd + (b0 + (b < nb ? b : 0)) * I;
+                    lut_tile_avx512(w + o * row_bytes, row_bytes, s + o * G, zp ? zp + o * G : NULL,
+                                    zp_const, bits, xs, G, cpg, R, nb, out);
+                    for (int r = 0; r < R; r++)
+                        for (int b = 0; b < nb; b++)
+                            y[(b0 + b) * O + o + r] = out[r * NB + b] + (bias ? bias[o + r] : 0.0f);
+                }
+                o += R;
+            }
+        }
+        free(xd);
+        return 0;
+    }
     int fast = level == 0 && has_avx512();
     int fast2 = !fast && level != 1 && has_avx2();
 #endif
@@ -1194,6 +1605,31 @@ int qd_lut_gemm(const uint8_t *w, const float *s, const uint8_t *zp, int zp_cons
 void qd_int8w_gemm(const int8_t *w, const float *w_scale, const float *x, const float *bias,
                    float *y, int64_t B, int64_t O, int64_t I, int level) {
 #ifdef __x86_64__
+    if (B >= WO_PANEL_MIN_ROWS && level != 1 && has_avx2()) {
+        const wo_weight W = {0, w, w_scale, NULL, 0, 8, I, 1, 1, I};
+        if (wo_panel_gemm(&W, x, bias, y, B, O, wo_wide(level)) == 0) return;
+    }
+    if (wo_wide(level)) {
+#pragma omp parallel for schedule(static) if (B * O * I >= PARALLEL_MIN_WORK)
+        for (int64_t t = 0; t < (O + WO_TR - 1) / WO_TR; t++) {
+            const int64_t o_end = (t + 1) * WO_TR < O ? (t + 1) * WO_TR : O;
+            for (int64_t o = t * WO_TR; o < o_end;) {
+                const int R = o_end - o >= WO_TR ? WO_TR : 1;
+                for (int64_t b0 = 0; b0 < B; b0 += NB) {
+                    int nb = B - b0 < NB ? (int)(B - b0) : NB;
+                    const float *xs[NB];
+                    float out[WO_TR * NB];
+                    for (int b = 0; b < NB; b++) xs[b] = x + (b0 + (b < nb ? b : 0)) * I;
+                    i8w_tile_avx512(w + o * I, I, R, w_scale + o, xs, nb, out);
+                    for (int r = 0; r < R; r++)
+                        for (int b = 0; b < nb; b++)
+                            y[(b0 + b) * O + o + r] = out[r * NB + b] + (bias ? bias[o + r] : 0.0f);
+                }
+                o += R;
+            }
+        }
+        return;
+    }
     int fast = level == 0 && has_avx512();
     int fast2 = !fast && level != 1 && has_avx2();
 #endif

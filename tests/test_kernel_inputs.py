@@ -317,8 +317,9 @@ def test_kernels_are_built_where_a_compiler_exists():
 @needs_kernels
 @pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_AS is a Linux address-space limit")
 def test_failed_allocation_in_c_raises_memory_error(tmp_path):
-    """The weight-only LUT kernel mallocs a copy of its input: under an address-space limit that
-    leaves no room for it, the call raises MemoryError instead of returning torch.empty."""
+    """The weight-only LUT kernel mallocs a copy of its input (below 8 rows: all of it; from 8
+    on, the panel path copies at most 128 rows): under an address-space limit that leaves no
+    room for it, the call raises MemoryError instead of returning torch.empty."""
     script = textwrap.dedent(
         """
         import resource, torch
@@ -326,13 +327,13 @@ def test_failed_allocation_in_c_raises_memory_error(tmp_path):
         import qdistill as qd
         from qdistill.pack import kernels
         torch.set_num_threads(1)
-        net = lambda: nn.Sequential(nn.Linear(256, 2))
+        net = lambda: nn.Sequential(nn.Linear(1 << 21, 2))
         fq = qd.quantize_(net(), qd.QuantConfig(weights=qd.IntFormat(4, group_size=64)))
         packed = qd.load(qd.save(fq.eval(), "m.qd.safetensors"), model=net())
         with torch.no_grad():
-            packed(torch.randn(1, 256))
+            packed(torch.randn(1, 1 << 21))
             assert packed[0]._kernel.kind == "lut"
-            x = torch.randn(1 << 17, 256)  # 128 MiB: the kernel's copy would need as much
+            x = torch.randn(7, 1 << 21)  # 56 MiB: the kernel's copy would need as much
             vm = int([l for l in open("/proc/self/status") if l.startswith("VmSize")][0].split()[1])
             limit = vm * 1024 + (32 << 20)
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -348,7 +349,7 @@ def test_failed_allocation_in_c_raises_memory_error(tmp_path):
         timeout=120,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert "MemoryError" in r.stdout and "out of memory for a batch of 131072 rows" in r.stdout
+    assert "MemoryError" in r.stdout and "out of memory for a batch of 7 rows" in r.stdout
 
 
 @needs_kernels
