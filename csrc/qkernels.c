@@ -1425,8 +1425,12 @@ static int wo_panel_gemm(const wo_weight *W, const float *x, const float *bias, 
  * each activation load feeds WO_TR rows, and the weight rows stream with a software prefetch
  * WO_PF bytes ahead. int8: the code is converted (vpmovsxbd + vcvtdq2ps) and the row's scale
  * applied once to the finished sum; lut: as lut_row_impl, with one table per row and group. */
+#ifndef WO_TR
 #define WO_TR 4
+#endif
+#ifndef WO_PF
 #define WO_PF 1024
+#endif
 
 #ifdef __x86_64__
 __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,fma"))) static inline void
@@ -1532,6 +1536,127 @@ WO512_TARGET static void lut_tile_avx512(const uint8_t *w, int64_t row_bytes, co
 }
 #endif
 
+/* ---- int8 weights x fp32 activations with VNNI, one row ----
+ * The float path spends 3 vector instructions per 16 weights (widen, convert, FMA): with
+ * AVX-512 VNNI the product becomes integer arithmetic that is exact. Each activation row is
+ * written x_i = sx * q_i + e_i with q_i = nearbyint(x_i / sx) an integer of 23 bits (sx =
+ * max|x| / WO_QMAX, so |e_i| <= max|x| * 2^-23.98: the precision of an fp32 sum of the row), and
+ * q_i split into three signed bytes (balanced base 256: q = d0 + 256 d1 + 65536 d2). Then
+ * sum_i w_i x_i = sx * sum_p 256^p sum_i w_i d_p,i up to the e_i: three exact integer dot
+ * products, 64 weights per vpdpbusd (u8 x s8: the unsigned operand is the stored code c = w + 128,
+ * and sum_i w d = sum_i c d - 128 sum_i d). 4 instructions per 64 weights instead of 12, so the
+ * batch-1 product is bound by the memory stream, not the vector ports. A row holding NaN or Inf
+ * takes the float path (its products must be NaN / Inf as in F.linear). */
+#define WO_QMAX 8257536       /* 2^23 - 2^17: every balanced digit stays in [-128, 127] */
+#define WO_VNNI_MAX_I 65536   /* |sum_i c d| <= 255 * 128 * I < 2^31 */
+/* One row: three vpdpbusd per 64 weights and row; from 2 rows on the float tiles (one widening
+ * per weight, shared by the rows) were faster in an A/B (benchmarks/wo_ab.py). */
+#define WO_VNNI_MAX_ROWS 1
+
+/* x [I] -> digit planes q [3][I_pad] (zero padded), their sums, sx. 1 if x is not finite. */
+static int wo_split_row(const float *x, int64_t I, int64_t I_pad, int8_t *q, int32_t *qsum,
+                        double *sx) {
+    float amax = 0.0f;
+    for (int64_t i = 0; i < I; i++) {
+        float a = fabsf(x[i]);
+        if (!(a <= FLT_MAX)) return 1;
+        amax = a > amax ? a : amax;
+    }
+    const double inv = amax > 0.0f ? WO_QMAX / (double)amax : 0.0;
+    *sx = (double)amax / WO_QMAX;
+    int32_t s0 = 0, s1 = 0, s2 = 0;
+    for (int64_t i = 0; i < I; i++) {
+        int32_t v = (int32_t)llrint((double)x[i] * inv); /* |v| <= WO_QMAX */
+        int32_t d0 = ((v + 128) & 255) - 128;
+        v = (v - d0) / 256; /* exact: |v| <= 32256 */
+        int32_t d1 = ((v + 128) & 255) - 128;
+        int32_t d2 = (v - d1) / 256; /* |d2| <= 126 */
+        q[i] = (int8_t)d0;
+        q[I_pad + i] = (int8_t)d1;
+        q[2 * I_pad + i] = (int8_t)d2;
+        s0 += d0;
+        s1 += d1;
+        s2 += d2;
+    }
+    for (int64_t i = I; i < I_pad; i++) q[i] = q[I_pad + i] = q[2 * I_pad + i] = 0;
+    qsum[0] = s0;
+    qsum[1] = s1;
+    qsum[2] = s2;
+    return 0;
+}
+
+#ifdef __x86_64__
+/* R output rows (w + r * I) x one split activation row: dots[r][p] = sum_i c_r,i d_p,i. */
+__attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"))) static inline void
+i8w_vnni_impl(const int8_t *w, int64_t I, int64_t I_pad, const int R, const int8_t *q,
+              int32_t *dots) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512i acc[WO_TR][3];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = acc[r][2] = _mm512_setzero_si512();
+    int64_t i = 0;
+    for (; i < I; i += 64) {
+        const __mmask64 m = I - i >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (I - i)) - 1);
+        const __m512i d0 = _mm512_loadu_si512((const void *)(q + i));
+        const __m512i d1 = _mm512_loadu_si512((const void *)(q + I_pad + i));
+        const __m512i d2 = _mm512_loadu_si512((const void *)(q + 2 * I_pad + i));
+        for (int r = 0; r < R; r++) {
+            _mm_prefetch((const char *)(w + r * I + i + WO_PF), _MM_HINT_T0);
+            /* past the row's end the code reads as 0x80 (128), times a zero digit */
+            __m512i c = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w + r * I + i), flip);
+            acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], c, d0);
+            acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], c, d1);
+            acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], c, d2);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int p = 0; p < 3; p++) dots[3 * r + p] = _mm512_reduce_add_epi32(acc[r][p]);
+}
+
+VNNI_TARGET static void i8w_vnni_tile(const int8_t *w, int64_t I, int64_t I_pad, int R,
+                                      const int8_t *q, int32_t *dots) {
+    if (R == WO_TR) i8w_vnni_impl(w, I, I_pad, WO_TR, q, dots);
+    else i8w_vnni_impl(w, I, I_pad, 1, q, dots);
+}
+
+/* y = x W^T * s + bias for B (<= WO_VNNI_MAX_ROWS) rows. Returns 0, or 1 (y untouched: the
+ * caller takes the float path) if x holds NaN / Inf or the digit planes cannot be allocated. */
+static int i8w_vnni_gemm(const int8_t *w, const float *w_scale, const float *x,
+                         const float *bias, float *y, int64_t B, int64_t O, int64_t I) {
+    const int64_t I_pad = (I + 63) / 64 * 64;
+    int8_t *q = (int8_t *)malloc((size_t)(3 * B * I_pad));
+    int32_t qsum[3 * WO_VNNI_MAX_ROWS];
+    double sx[WO_VNNI_MAX_ROWS];
+    if (!q) return 1;
+    for (int64_t b = 0; b < B; b++)
+        if (wo_split_row(x + b * I, I, I_pad, q + 3 * b * I_pad, qsum + 3 * b, sx + b)) {
+            free(q);
+            return 1;
+        }
+#pragma omp parallel for schedule(static) if (B * O * I >= PARALLEL_MIN_WORK)
+    for (int64_t t = 0; t < (O + WO_TR - 1) / WO_TR; t++) {
+        const int64_t o_end = (t + 1) * WO_TR < O ? (t + 1) * WO_TR : O;
+        for (int64_t o = t * WO_TR; o < o_end;) {
+            const int R = o_end - o >= WO_TR ? WO_TR : 1;
+            for (int64_t b = 0; b < B; b++) {
+                int32_t dots[3 * WO_TR];
+                const int32_t *qs = qsum + 3 * b;
+                i8w_vnni_tile(w + o * I, I, I_pad, R, q + 3 * b * I_pad, dots);
+                for (int r = 0; r < R; r++) {
+                    int64_t d = 0;
+                    for (int p = 2; p >= 0; p--)
+                        d = d * 256 + ((int64_t)dots[3 * r + p] - 128 * (int64_t)qs[p]);
+                    y[b * O + o + r] = (float)((double)d * sx[b] * (double)w_scale[o + r]) +
+                                       (bias ? bias[o + r] : 0.0f);
+                }
+            }
+            o += R;
+        }
+    }
+    free(q);
+    return 0;
+}
+#endif
+
 /* y[b, o] = sum_i ((c[o, i] - zp[o, g(i)]) * s[o, g(i)]) x[b, i] + bias[o]
  * w: [O][I * bits / 8] lsb codes; s: [O][G]; zp: [O][G] or NULL (then zp_const for all). */
 int qd_lut_gemm(const uint8_t *w, const float *s, const uint8_t *zp, int zp_const, int bits,
@@ -1609,6 +1734,9 @@ void qd_int8w_gemm(const int8_t *w, const float *w_scale, const float *x, const 
         const wo_weight W = {0, w, w_scale, NULL, 0, 8, I, 1, 1, I};
         if (wo_panel_gemm(&W, x, bias, y, B, O, wo_wide(level)) == 0) return;
     }
+    if (level == 0 && has_vnni() && B <= WO_VNNI_MAX_ROWS && I <= WO_VNNI_MAX_I &&
+        i8w_vnni_gemm(w, w_scale, x, bias, y, B, O, I) == 0)
+        return;
     if (wo_wide(level)) {
 #pragma omp parallel for schedule(static) if (B * O * I >= PARALLEL_MIN_WORK)
         for (int64_t t = 0; t < (O + WO_TR - 1) / WO_TR; t++) {

@@ -102,3 +102,23 @@ def test_nan_and_inf_stay_in_their_row(tmp_path, name, rows):
             assert torch.equal(torch.isnan(y[2]), torch.isnan(ref[2]))
             assert torch.equal(y[2][~torch.isnan(y[2])].double(), ref[2][~torch.isnan(ref[2])])
             assert close(y[finite], ref[finite])
+
+
+@needs_kernels
+def test_one_row_int8_with_a_wide_range_nan_and_inf(tmp_path):
+    """One row of int8 weights takes integer arithmetic where the CPU has AVX-512 VNNI (the row
+    as 23-bit integers times its scale, in three byte planes): inputs spread over 8 decades stay
+    within the contract, and a NaN or Inf row falls back to float products (NaN / +-Inf as
+    float64 gives them), on every level."""
+    layer = packed_layer(FORMATS["int8"][0], 4096, 37, tmp_path)
+    x = torch.randn(1, 4096) * torch.logspace(-6, 2, 4096)
+    nan, inf = x.clone(), x.clone()
+    nan[0, 9] = float("nan")
+    inf[0, 9] = float("inf")
+    with torch.no_grad():
+        for level in LEVELS:
+            assert close(kernels.linear(layer, layer._kernel, x, level=level), reference(layer, x))
+            assert torch.isnan(kernels.linear(layer, layer._kernel, nan, level=level)).all()
+            y, ref = kernels.linear(layer, layer._kernel, inf, level=level), reference(layer, inf)
+            assert torch.equal(torch.isnan(y), torch.isnan(ref))
+            assert torch.equal(y[~torch.isnan(y)].double(), ref[~torch.isnan(ref)])
