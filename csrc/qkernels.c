@@ -1158,7 +1158,7 @@ static void lut_row_c(const uint8_t *w, const float *s, const uint8_t *zp, int z
  * oneDNN sgemm structure): each panel weight is broadcast and multiplied with 16 (8) batch rows
  * of a transposed activation block at once, WO_R x 2 vector accumulators in registers, so the
  * float multiply-adds run on full vectors with no horizontal sums. The activations are
- * transposed once per call into xt ([k][16 or 32 rows] per group of batch rows, zero padded; in
+ * transposed once per call into xt ([k][8, 16 or 32 rows] per group of batch rows, zero padded; in
  * the kernel's input order: the "lsb" 2/4-bit layout dequantizes a chunk in deinterleaved
  * order, see deinterleave). Partial sums of a panel live in cp between K blocks. Only the order
  * of the fp32 sums differs from F.linear on the dequantized weight. */
@@ -1192,23 +1192,25 @@ static void wo_transpose(const wo_weight *W, const float *x, int64_t b_start, in
                          int L, float *xt) {
     const int64_t I = W->I;
     const int per = W->kind == 0 ? 1 : 8 / W->bits;
-    for (int64_t b0 = 0; b0 < nbr; b0 += wo_width(nbr - b0, L)) {
-        const int width = wo_width(nbr - b0, L);
+    int64_t n_pad = 0; /* every group but the last is 2L rows wide */
+    while (n_pad < nbr) n_pad += wo_width(nbr - n_pad, L);
+#pragma omp parallel for schedule(static) if (n_pad * I >= PARALLEL_MIN_WORK / 8)
+    for (int64_t jj = 0; jj < n_pad; jj++) {
+        const int64_t b0 = jj / (2 * L) * (2 * L);
+        const int width = wo_width(nbr - b0, L), j = (int)(jj - b0);
         float *dst = xt + b0 * I;
-        for (int j = 0; j < width; j++) {
-            if (b0 + j >= nbr) {
-                for (int64_t k = 0; k < I; k++) dst[k * width + j] = 0.0f;
-                continue;
-            }
-            const float *xr = x + (b_start + b0 + j) * I;
-            if (per == 1) {
-                for (int64_t k = 0; k < I; k++) dst[k * width + j] = xr[k];
-                continue;
-            }
-            for (int64_t c = 0; c < I; c += 16 * per)
-                for (int p = 0; p < per; p++)
-                    for (int l = 0; l < 16; l++) dst[(c + 16 * p + l) * width + j] = xr[c + per * l + p];
+        if (jj >= nbr) {
+            for (int64_t k = 0; k < I; k++) dst[k * width + j] = 0.0f;
+            continue;
         }
+        const float *xr = x + (b_start + jj) * I;
+        if (per == 1) {
+            for (int64_t k = 0; k < I; k++) dst[k * width + j] = xr[k];
+            continue;
+        }
+        for (int64_t c = 0; c < I; c += 16 * per)
+            for (int p = 0; p < per; p++)
+                for (int l = 0; l < 16; l++) dst[(c + 16 * p + l) * width + j] = xr[c + per * l + p];
     }
 }
 
@@ -1425,12 +1427,8 @@ static int wo_panel_gemm(const wo_weight *W, const float *x, const float *bias, 
  * each activation load feeds WO_TR rows, and the weight rows stream with a software prefetch
  * WO_PF bytes ahead. int8: the code is converted (vpmovsxbd + vcvtdq2ps) and the row's scale
  * applied once to the finished sum; lut: as lut_row_impl, with one table per row and group. */
-#ifndef WO_TR
 #define WO_TR 4
-#endif
-#ifndef WO_PF
 #define WO_PF 1024
-#endif
 
 #ifdef __x86_64__
 __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,fma"))) static inline void
