@@ -12,6 +12,7 @@ setup.py build_ext --inplace)``.
 
     OMP_NUM_THREADS=1 python benchmarks/wo_ab.py --so /tmp/wo-old/_qkernels*.so \\
         qdistill/_qkernels*.so --kind int8w --rows 1,4,8,32
+    OMP_NUM_THREADS=1 python benchmarks/wo_ab.py --so ... --kind lut --bits 4 --group 64 --symmetric
 """
 
 from __future__ import annotations
@@ -43,10 +44,11 @@ def make_call(lib: ctypes.CDLL, kind: str, bits: int, group: int, level: int, t:
     if kind == "int8w":
         args = (t["w8"].data_ptr(), t["s"].data_ptr(), x.data_ptr(), t["bias"].data_ptr())
         return lambda: lib.qd_int8w_gemm(*args, y.data_ptr(), rows, out_f, in_f, level)
-    ptrs = (t["wq"].data_ptr(), t["sg"].data_ptr(), t["zp"].data_ptr())
+    zp = t["zp"]  # None: symmetric, every zero point 2**(bits-1) as IntFormat's offset
+    ptrs = (t["wq"].data_ptr(), t["sg"].data_ptr(), None if zp is None else zp.data_ptr())
     return lambda: lib.qd_lut_gemm(
-        *ptrs, 0, bits, x.data_ptr(), t["bias"].data_ptr(), y.data_ptr(), rows, out_f, in_f,
-        group, level,
+        *ptrs, 1 << (bits - 1), bits, x.data_ptr(), t["bias"].data_ptr(), y.data_ptr(), rows,
+        out_f, in_f, group, level,
     )  # fmt: skip
 
 
@@ -56,18 +58,24 @@ def main() -> None:
     p.add_argument("--kind", choices=["int8w", "lut"], default="int8w")
     p.add_argument("--bits", type=int, choices=[2, 4], default=4, help="lut: code width")
     p.add_argument("--group", type=int, default=64, help="lut: weights per scale")
+    p.add_argument("--symmetric", action="store_true", help="lut: no zero points")
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--level", type=int, default=0)
     p.add_argument("--rows", default="1,2,4,8,16,32")
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--shapes", default="", help="e.g. 4096x4096,384x384 (outputs x inputs)")
     args = p.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     libs = [load(s) for s in args.so]
     shapes = SHAPES
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     name = args.kind if args.kind == "int8w" else f"lut {args.bits}-bit g{args.group}"
-    print(f"# {name}, level {args.level}, 1 thread, min of {args.rounds} interleaved rounds")
+    name += " symmetric" if args.symmetric and args.kind == "lut" else ""
+    print(
+        f"# {name}, level {args.level}, {args.threads} thread(s) (set OMP_NUM_THREADS to match), "
+        f"fastest call of {args.rounds} interleaved rounds"
+    )
     print(f"# a: {args.so[0]}\n# b: {args.so[1]}")
     head = f"{'outputs x inputs':<18}{'rows':>5}{'a us':>10}{'b us':>10}{'fp32 us':>10}"
     extra = args.kind == "int8w"
@@ -79,7 +87,9 @@ def main() -> None:
             "s": torch.rand(out_f) * 0.01,
             "wq": torch.randint(0, 256, (out_f * in_f * args.bits // 8,), dtype=torch.uint8),
             "sg": torch.rand(out_f * in_f // g) * 0.01,
-            "zp": torch.randint(0, 1 << args.bits, (out_f * in_f // g,), dtype=torch.uint8),
+            "zp": None
+            if args.symmetric
+            else torch.randint(0, 1 << args.bits, (out_f * in_f // g,), dtype=torch.uint8),
             "bias": torch.randn(out_f),
         }
         wf = torch.randn(out_f, in_f)

@@ -1349,29 +1349,46 @@ __attribute__((target("avx2,fma"))) static void wo_dequant_avx2(const wo_weight 
     }
 }
 
+/* V = 1 and 2 apart, with flat accumulator arrays: GCC kept a shared [R][2] array in memory
+ * (a store after every FMA) for the 16-register AVX2 target. */
 __attribute__((always_inline, target("avx2,fma"))) static inline void
-wo_micro_impl256(const float *wd, const float *xt, int64_t n, const int V, float *cp, int first) {
-    __m256 acc[WO_R256][2];
-    for (int r = 0; r < WO_R256; r++)
-        for (int v = 0; v < V; v++)
-            acc[r][v] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(cp + (r * V + v) * 8);
+wo_micro1_avx2(const float *wd, const float *xt, int64_t n, float *cp, int first) {
+    __m256 acc[WO_R256];
+    for (int r = 0; r < WO_R256; r++) acc[r] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(cp + r * 8);
     for (int64_t k = 0; k < n; k++) {
-        __m256 xv[2];
-        for (int v = 0; v < V; v++) xv[v] = _mm256_loadu_ps(xt + (k * V + v) * 8);
+        const __m256 xv = _mm256_loadu_ps(xt + k * 8);
+        for (int r = 0; r < WO_R256; r++)
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(wd[r * WO_KC + k]), xv, acc[r]);
+    }
+    for (int r = 0; r < WO_R256; r++) _mm256_storeu_ps(cp + r * 8, acc[r]);
+}
+
+__attribute__((always_inline, target("avx2,fma"))) static inline void
+wo_micro2_avx2(const float *wd, const float *xt, int64_t n, float *cp, int first) {
+    __m256 a0[WO_R256], a1[WO_R256];
+    for (int r = 0; r < WO_R256; r++) {
+        a0[r] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(cp + r * 16);
+        a1[r] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(cp + r * 16 + 8);
+    }
+    for (int64_t k = 0; k < n; k++) {
+        const __m256 x0 = _mm256_loadu_ps(xt + k * 16), x1 = _mm256_loadu_ps(xt + k * 16 + 8);
         for (int r = 0; r < WO_R256; r++) {
-            __m256 wb = _mm256_broadcast_ss(wd + r * WO_KC + k);
-            for (int v = 0; v < V; v++) acc[r][v] = _mm256_fmadd_ps(wb, xv[v], acc[r][v]);
+            const __m256 wb = _mm256_set1_ps(wd[r * WO_KC + k]);
+            a0[r] = _mm256_fmadd_ps(wb, x0, a0[r]);
+            a1[r] = _mm256_fmadd_ps(wb, x1, a1[r]);
         }
     }
-    for (int r = 0; r < WO_R256; r++)
-        for (int v = 0; v < V; v++) _mm256_storeu_ps(cp + (r * V + v) * 8, acc[r][v]);
+    for (int r = 0; r < WO_R256; r++) {
+        _mm256_storeu_ps(cp + r * 16, a0[r]);
+        _mm256_storeu_ps(cp + r * 16 + 8, a1[r]);
+    }
 }
 
 __attribute__((target("avx2,fma"))) static void wo_micro_avx2(const float *wd, const float *xt,
                                                                int64_t n, int width, float *cp,
                                                                int first) {
-    if (width == 16) wo_micro_impl256(wd, xt, n, 2, cp, first);
-    else wo_micro_impl256(wd, xt, n, 1, cp, first);
+    if (width == 16) wo_micro2_avx2(wd, xt, n, cp, first);
+    else wo_micro1_avx2(wd, xt, n, cp, first);
 }
 
 /* y [B][O] = x [B][I] W^T + bias through panels (wide: 1 = AVX-512, 0 = AVX2). Returns -1
