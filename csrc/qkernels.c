@@ -1493,6 +1493,57 @@ WO512_TARGET static void i8w_tile_avx512(const int8_t *w, int64_t I, int R, cons
 #undef I8T1
 }
 
+/* The int8 tile with 8-lane AVX2 (16 registers: 4 output rows for 1-2 batch rows, 2 for 3-4). */
+__attribute__((always_inline, target("avx2,fma"))) static inline void
+i8w_tile_impl256(const int8_t *w, int64_t I, const int R, const float *s, const float **x,
+                 const int nb, float *out) {
+    __m256 acc[WO_TR][NB];
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < nb; b++) acc[r][b] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= I; i += 32) {
+        for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w + r * I + i + WO_PF), _MM_HINT_T0);
+        for (int u = 0; u < 4; u++) {
+            __m256 xv[NB];
+            for (int b = 0; b < nb; b++) xv[b] = _mm256_loadu_ps(x[b] + i + 8 * u);
+            for (int r = 0; r < R; r++) {
+                __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                    _mm_loadl_epi64((const __m128i *)(w + r * I + i + 8 * u))));
+                for (int b = 0; b < nb; b++) acc[r][b] = _mm256_fmadd_ps(wv, xv[b], acc[r][b]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < nb; b++) {
+            float total = hsum_ps(acc[r][b]);
+            for (int64_t j = i; j < I; j++) total += (float)w[r * I + j] * x[b][j];
+            out[r * NB + b] = total * s[r];
+        }
+}
+
+__attribute__((target("avx2,fma"))) static void i8w_tile_avx2(const int8_t *w, int64_t I, int R,
+                                                               const float *s, const float **x,
+                                                               int nb, float *out) {
+    if (R == 1) {
+        switch (nb) {
+        case 1: i8w_tile_impl256(w, I, 1, s, x, 1, out); break;
+        case 2: i8w_tile_impl256(w, I, 1, s, x, 2, out); break;
+        case 3: i8w_tile_impl256(w, I, 1, s, x, 3, out); break;
+        default: i8w_tile_impl256(w, I, 1, s, x, 4, out);
+        }
+    } else if (R == 2) {
+        switch (nb) {
+        case 1: i8w_tile_impl256(w, I, 2, s, x, 1, out); break;
+        case 2: i8w_tile_impl256(w, I, 2, s, x, 2, out); break;
+        case 3: i8w_tile_impl256(w, I, 2, s, x, 3, out); break;
+        default: i8w_tile_impl256(w, I, 2, s, x, 4, out);
+        }
+    } else { /* WO_TR rows: chosen for at most 2 batch rows */
+        if (nb == 1) i8w_tile_impl256(w, I, WO_TR, s, x, 1, out);
+        else i8w_tile_impl256(w, I, WO_TR, s, x, 2, out);
+    }
+}
+
 /* lut: rows w + r * row_bytes, scales / zero points s + r * G, zp + r * G (or zp_const). */
 __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,fma"))) static inline void
 lut_tile_impl512(const uint8_t *w, int64_t row_bytes, const float *s, const uint8_t *zp,
@@ -1758,18 +1809,23 @@ void qd_int8w_gemm(const int8_t *w, const float *w_scale, const float *x, const 
     if (level == 0 && has_vnni() && B <= WO_VNNI_MAX_ROWS && I <= WO_VNNI_MAX_I &&
         i8w_vnni_gemm(w, w_scale, x, bias, y, B, O, I) == 0)
         return;
-    if (wo_wide(level)) {
+    const int wide = wo_wide(level);
+    if (wide || (level != 1 && has_avx2())) {
 #pragma omp parallel for schedule(static) if (B * O * I >= PARALLEL_MIN_WORK)
         for (int64_t t = 0; t < (O + WO_TR - 1) / WO_TR; t++) {
             const int64_t o_end = (t + 1) * WO_TR < O ? (t + 1) * WO_TR : O;
             for (int64_t o = t * WO_TR; o < o_end;) {
-                const int R = o_end - o >= WO_TR ? WO_TR : 1;
+                /* AVX2: 2 output rows a tile from 3 batch rows on (16 registers) */
+                const int64_t left = o_end - o, nb0 = B < NB ? B : NB;
+                const int R = left >= WO_TR && (wide || nb0 <= 2) ? WO_TR
+                              : left >= 2 && !wide && nb0 > 2 ? 2 : 1;
                 for (int64_t b0 = 0; b0 < B; b0 += NB) {
                     int nb = B - b0 < NB ? (int)(B - b0) : NB;
                     const float *xs[NB];
                     float out[WO_TR * NB];
                     for (int b = 0; b < NB; b++) xs[b] = x + (b0 + (b < nb ? b : 0)) * I;
-                    i8w_tile_avx512(w + o * I, I, R, w_scale + o, xs, nb, out);
+                    if (wide) i8w_tile_avx512(w + o * I, I, R, w_scale + o, xs, nb, out);
+                    else i8w_tile_avx2(w + o * I, I, R, w_scale + o, xs, nb, out);
                     for (int r = 0; r < R; r++)
                         for (int b = 0; b < nb; b++)
                             y[(b0 + b) * O + o + r] = out[r * NB + b] + (bias ? bias[o + r] : 0.0f);
