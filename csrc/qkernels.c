@@ -1151,7 +1151,7 @@ static void lut_row_c(const uint8_t *w, const float *s, const uint8_t *zp, int z
 }
 
 /* ---- Many rows: dequantize a panel once, then a register-blocked fp32 GEMM (#15 item 2) ----
- * From WO_PANEL_MIN_ROWS(_512) batch rows on (AVX2 / AVX-512 levels), the weight-only products
+ * From WO_PANEL_MIN_ROWS(_TILED) batch rows on (AVX2 / AVX-512 levels), the weight-only products
  * stop dequantizing every weight once per 4 batch rows: a thread takes WO_R output rows at a time,
  * dequantizes WO_KC inputs of each into a small float panel (vectorized, exactly the formats'
  * (c - zp) * s; L1-resident), and runs an outer-product micro-kernel over it (the BLIS /
@@ -1166,11 +1166,12 @@ static void lut_row_c(const uint8_t *w, const float *s, const uint8_t *zp, int z
 #define WO_MB 128           /* batch rows per pass (bounds xt and cp) */
 #define WO_R512 12          /* output rows per micro-kernel, AVX-512: 24 accumulators of 32 */
 #define WO_R256 6           /* AVX2: 12 accumulators of 16 registers */
-/* From this many batch rows on: 8 with AVX2; 16 with AVX-512, whose tiles of 4 output rows
- * (below) were faster up to 12 rows in an interleaved A/B (benchmarks/wo_ab.py, 1 thread, MiniLM
- * and 4096 x 4096 shapes: 8 rows 1.2-1.9x faster as two tile passes than as a panel). */
+/* From this many batch rows on: 8 where only the one-row-at-a-time kernels exist (2/4-bit
+ * codes with AVX2: the panel tied them at 8 rows and won 1.6-1.7x at 16); 16 where tiles of 4
+ * output rows exist (int8, and 2/4-bit with AVX-512): two tile passes beat the panel at 8 rows
+ * by 1.1-1.9x in an interleaved A/B (benchmarks/wo_ab.py, 1 thread, MiniLM and 4096 x 4096). */
 #define WO_PANEL_MIN_ROWS 8
-#define WO_PANEL_MIN_ROWS_512 16
+#define WO_PANEL_MIN_ROWS_TILED 16
 
 /* The weight of a weight-only layer: int8 codes (kind 0) or "lsb" 2/4-bit codes (kind 1). */
 typedef struct {
@@ -1736,7 +1737,7 @@ int qd_lut_gemm(const uint8_t *w, const float *s, const uint8_t *zp, int zp_cons
     int64_t G = I / g, cpg = g / (16 * per), row_bytes = I * bits / 8;
     if (B <= 0 || O <= 0) return 0;
 #ifdef __x86_64__
-    if (B >= (wo_wide(level) ? WO_PANEL_MIN_ROWS_512 : WO_PANEL_MIN_ROWS) && level != 1 &&
+    if (B >= (wo_wide(level) ? WO_PANEL_MIN_ROWS_TILED : WO_PANEL_MIN_ROWS) && level != 1 &&
         has_avx2()) {
         const wo_weight W = {1, w, s, zp, zp_const, bits, I, G, cpg, row_bytes};
         if (wo_panel_gemm(&W, x, bias, y, B, O, wo_wide(level)) == 0) return 0;
@@ -1801,8 +1802,7 @@ int qd_lut_gemm(const uint8_t *w, const float *s, const uint8_t *zp, int zp_cons
 void qd_int8w_gemm(const int8_t *w, const float *w_scale, const float *x, const float *bias,
                    float *y, int64_t B, int64_t O, int64_t I, int level) {
 #ifdef __x86_64__
-    if (B >= (wo_wide(level) ? WO_PANEL_MIN_ROWS_512 : WO_PANEL_MIN_ROWS) && level != 1 &&
-        has_avx2()) {
+    if (B >= WO_PANEL_MIN_ROWS_TILED && level != 1 && has_avx2()) {
         const wo_weight W = {0, w, w_scale, NULL, 0, 8, I, 1, 1, I};
         if (wo_panel_gemm(&W, x, bias, y, B, O, wo_wide(level)) == 0) return;
     }

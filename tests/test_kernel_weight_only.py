@@ -1,14 +1,15 @@
 """The weight-only kernels (float activations x int8 / 4-bit / 2-bit codes, issue #15) at odd
 sizes, on every SIMD level, against an independent float64 reference.
 
-From 8 batch rows on (AVX2; 16 with AVX-512) a panel path (a block of dequantized weights,
-then a register-blocked fp32 GEMM over groups of 8 / 16 / 32 batch rows, 128 rows a pass); below
-that, tiles of 4 output rows (AVX-512), and one row with AVX-512 VNNI (int8) exact integer
-products on the input split into three byte planes. Both only change the order of the fp32
-sums against ``F.linear`` on the dequantized weight, so the contract is the one of
-tests/test_kernels.py: within 1e-5 of the output's largest magnitude (a wrong code anywhere
-moves it by ~1e-2). The reference is ``x @ W^T + b`` in float64 on the layer's own dequantized
-weight (``unpacked_weight``: exactly the fake-quant weight).
+From 16 batch rows on (8 for 2/4-bit codes with AVX2) a panel path (a block of dequantized
+weights, then a register-blocked fp32 GEMM over groups of 8 / 16 / 32 batch rows, 128 rows a
+pass); below that, tiles of 4 output rows (int8; 2/4-bit with AVX-512), and for one int8 row
+with AVX-512 VNNI exact integer products on the input split into three byte planes. The
+float paths only change the order of the fp32 sums against ``F.linear`` on the dequantized
+weight, the integer one rounds each input to 2^-24 of its row's largest (as an fp32 sum does),
+so the contract is the one of tests/test_kernels.py: within 1e-5 of the output's largest
+magnitude (a wrong code anywhere moves it by ~1e-2). The reference is ``x @ W^T + b`` in
+float64 on the layer's own dequantized weight (``unpacked_weight``: the fake-quant weight).
 """
 
 import pytest
@@ -54,10 +55,10 @@ def reference(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 @needs_kernels
 @pytest.mark.parametrize("name,in_f", CASES, ids=str)
 def test_odd_sizes_on_every_level(tmp_path, name, in_f):
-    """Rows 1-7 (tiles of 4 output rows, remainders of the 4-row batch blocks), 8 (AVX2: the
-    panel's 8-row group), 16 (a 16-row group), 20 (a 32-row group, 12 of it padding), 33 and 40
-    (AVX-512: 32 + 1 or 8; AVX2: 16 + 16 + 1 or 8); 37 outputs (not a multiple of the panel's 12
-    / 6 rows or the tiles' 4); widths off every block (100, 129, 5000; 160, 320 and
+    """Rows 1-8 (tiles of 4 output rows, remainders of the 4-row batch blocks; 8: the AVX2
+    2/4-bit panel's 8-row group), 16 (a 16-row group), 20 (a 32-row group, 12 of it padding), 33
+    and 40 (AVX-512: 32 + 1 or 8; AVX2: 16 + 16 + 1 or 8); 37 outputs (not a multiple of the
+    panel's 12 / 6 rows or the tiles' 4); widths off every block (100, 129, 5000; 160, 320 and
     4000 end in a partial 128-input block) and on them (384, 4096)."""
     fmt, kind, _ = FORMATS[name]
     layer = packed_layer(fmt, in_f, 37, tmp_path)
