@@ -82,7 +82,11 @@ def main() -> None:
     p.add_argument("--kind", choices=list(KINDS), default="int8w")
     p.add_argument("--level", type=int, default=2, help="1: portable C, 2: AVX2")
     p.add_argument("--rows", default="1,2,4,8,32")
+    p.add_argument("--shapes", default="", help="e.g. 384x384,1536x384 (outputs x inputs)")
     args = p.parse_args()
+    shapes = SHAPES
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     if not (shutil.which("valgrind") and shutil.which("gcc")):
         p.error("needs valgrind and gcc (apt-get install -y valgrind gcc)")
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,7 +101,7 @@ def main() -> None:
         for n, so in zip(names, args.so, strict=True):
             print(f"# {n}: {so}")
         print(f"{'outputs x inputs':<18}{'rows':>5}" + "".join(f"{n:>12}" for n in names))
-        for out_f, in_f in SHAPES:
+        for out_f, in_f in shapes:
             for rows in (int(r) for r in args.rows.split(",")):
                 if out_f * in_f * rows > 4096 * 4096 * 8:
                     continue  # minutes under valgrind
