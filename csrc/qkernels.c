@@ -971,87 +971,6 @@ static void deinterleave(const float *x, float *xd, int64_t B, int64_t I, int pe
 }
 
 #ifdef __x86_64__
-#define AVX512_TARGET __attribute__((target("avx512f,avx512bw")))
-
-/* nb and bits are compile-time constants in every instantiation (always_inline + switch), so
- * that the accumulators live in registers. */
-__attribute__((always_inline, target("avx512f,avx512bw"))) static inline void lut_row_impl(
-    const uint8_t *w, const float *s, const uint8_t *zp, int zp_const, const int bits,
-    const float **xd, int64_t G, int64_t chunks_per_group, const int nb, float *out) {
-    const int per = 8 / bits;
-    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i codes_of_lane = _mm512_and_si512(iota, _mm512_set1_epi32((1 << bits) - 1));
-    __m512 acc[NB][8];
-    for (int b = 0; b < nb; b++)
-        for (int a = 0; a < 2 * per; a++) acc[b][a] = _mm512_setzero_ps();
-    for (int64_t gi = 0; gi < G; gi++) {
-        int32_t z = zp ? (int32_t)zp[gi] : zp_const;
-        /* table[i] = ((i & mask) - zp) * s: the dequantized value exactly as IntFormat makes it */
-        __m512 table = _mm512_mul_ps(
-            _mm512_cvtepi32_ps(_mm512_sub_epi32(codes_of_lane, _mm512_set1_epi32(z))),
-            _mm512_set1_ps(s[gi]));
-        int64_t c = gi * chunks_per_group, c_end = c + chunks_per_group;
-        for (; c < c_end; c++) {
-            __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + 16 * c)));
-            const int h = (int)(c & 1) * per; /* two sets of accumulators: shorter FMA chains */
-            for (int p = 0; p < per; p++) {
-                /* vpermps reads only the low 4 bits of each index; the code above it is harmless
-                   because the table repeats with period 2**bits */
-                __m512 wv = _mm512_permutexvar_ps(p ? _mm512_srli_epi32(v, bits * p) : v, table);
-                for (int b = 0; b < nb; b++) {
-                    __m512 xv = _mm512_loadu_ps(xd[b] + (c * per + p) * 16);
-                    if (h) acc[b][per + p] = _mm512_fmadd_ps(wv, xv, acc[b][per + p]);
-                    else acc[b][p] = _mm512_fmadd_ps(wv, xv, acc[b][p]);
-                }
-            }
-        }
-    }
-    for (int b = 0; b < nb; b++) {
-        __m512 t = acc[b][0];
-        for (int a = 1; a < 2 * per; a++) t = _mm512_add_ps(t, acc[b][a]);
-        out[b] = _mm512_reduce_add_ps(t);
-    }
-}
-
-AVX512_TARGET static void lut_row_avx512(const uint8_t *w, const float *s, const uint8_t *zp,
-                                         int zp_const, int bits, const float **xd, int64_t G,
-                                         int64_t cpg, int nb, float *out) {
-#define LUT4(n) lut_row_impl(w, s, zp, zp_const, 4, xd, G, cpg, n, out)
-#define LUT2(n) lut_row_impl(w, s, zp, zp_const, 2, xd, G, cpg, n, out)
-    if (bits == 4) { NB_SWITCH(nb, LUT4) } else { NB_SWITCH(nb, LUT2) }
-#undef LUT4
-#undef LUT2
-}
-
-__attribute__((always_inline, target("avx512f,avx512bw"))) static inline void int8w_row_impl(
-    const int8_t *w, float s, const float **x, int64_t I, const int nb, float *out) {
-    __m512 acc[NB][2];
-    const __m512 sv = _mm512_set1_ps(s);
-    for (int b = 0; b < nb; b++) acc[b][0] = acc[b][1] = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + 32 <= I; i += 32) {
-        for (int h = 0; h < 2; h++) {
-            /* (code - 128) * s: the dequantized weight exactly as IntFormat computes it */
-            __m512 wv = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                                          _mm_loadu_si128((const __m128i *)(w + i + 16 * h)))), sv);
-            for (int b = 0; b < nb; b++)
-                acc[b][h] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x[b] + i + 16 * h), acc[b][h]);
-        }
-    }
-    for (int b = 0; b < nb; b++) {
-        float total = _mm512_reduce_add_ps(_mm512_add_ps(acc[b][0], acc[b][1]));
-        for (int64_t j = i; j < I; j++) total += ((float)w[j] * s) * x[b][j];
-        out[b] = total;
-    }
-}
-
-AVX512_TARGET static void int8w_row_avx512(const int8_t *w, float s, const float **x, int64_t I,
-                                           int nb, float *out) {
-#define I8W(n) int8w_row_impl(w, s, x, I, n, out)
-    NB_SWITCH(nb, I8W)
-#undef I8W
-}
-
 /* The same table lookup with 8-lane AVX2: vpermps looks up 8 entries, so a 4-bit code takes
  * two lookups (codes 0-7 and 8-15) and a blend on the code's bit 3. */
 __attribute__((always_inline, target("avx2,fma"))) static inline void lut_row_impl_avx2(
@@ -1097,35 +1016,6 @@ __attribute__((target("avx2,fma"))) static void lut_row_avx2(const uint8_t *w, c
     if (bits == 4) { NB_SWITCH(nb, LUT4A) } else { NB_SWITCH(nb, LUT2A) }
 #undef LUT4A
 #undef LUT2A
-}
-
-__attribute__((always_inline, target("avx2,fma"))) static inline void int8w_row_impl_avx2(
-    const int8_t *w, float s, const float **x, int64_t I, const int nb, float *out) {
-    __m256 acc[NB][2];
-    const __m256 sv = _mm256_set1_ps(s);
-    for (int b = 0; b < nb; b++) acc[b][0] = acc[b][1] = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 16 <= I; i += 16) {
-        for (int h = 0; h < 2; h++) {
-            __m256 wv = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
-                                          _mm_loadl_epi64((const __m128i *)(w + i + 8 * h)))), sv);
-            for (int b = 0; b < nb; b++)
-                acc[b][h] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x[b] + i + 8 * h), acc[b][h]);
-        }
-    }
-    for (int b = 0; b < nb; b++) {
-        float total = hsum_ps(_mm256_add_ps(acc[b][0], acc[b][1]));
-        for (int64_t j = i; j < I; j++) total += ((float)w[j] * s) * x[b][j];
-        out[b] = total;
-    }
-}
-
-__attribute__((target("avx2,fma"))) static void int8w_row_avx2(const int8_t *w, float s,
-                                                                const float **x, int64_t I, int nb,
-                                                                float *out) {
-#define I8W2(n) int8w_row_impl_avx2(w, s, x, I, n, out)
-    NB_SWITCH(nb, I8W2)
-#undef I8W2
 }
 
 #endif
@@ -1448,7 +1338,7 @@ static int wo_panel_gemm(const wo_weight *W, const float *x, const float *bias, 
  * registers for the whole row (R and nb are compile-time constants of every instantiation),
  * each activation load feeds WO_TR rows, and the weight rows stream with a software prefetch
  * WO_PF bytes ahead. int8: the code is converted (vpmovsxbd + vcvtdq2ps) and the row's scale
- * applied once to the finished sum; lut: as lut_row_impl, with one table per row and group. */
+ * applied once to the finished sum; lut: as lut_row_impl_avx2, with one table per row and group. */
 #define WO_TR 4
 #define WO_PF 1024
 
@@ -1770,8 +1660,7 @@ int qd_lut_gemm(const uint8_t *w, const float *s, const uint8_t *zp, int zp_cons
         free(xd);
         return 0;
     }
-    int fast = level == 0 && has_avx512();
-    int fast2 = !fast && level != 1 && has_avx2();
+    const int fast2 = level != 1 && has_avx2(); /* the AVX-512 CPUs took the tiles above */
 #endif
 #pragma omp parallel for schedule(static) if (B * O * I >= PARALLEL_MIN_WORK)
     for (int64_t o = 0; o < O; o++) {
@@ -1784,9 +1673,7 @@ int qd_lut_gemm(const uint8_t *w, const float *s, const uint8_t *zp, int zp_cons
             float out[NB];
             for (int b = 0; b < NB; b++) xs[b] = xd + (b0 + (b < nb ? b : 0)) * I;
 #ifdef __x86_64__
-            if (fast)
-                lut_row_avx512(wr, so, zo, zp_const, bits, xs, G, cpg, nb, out);
-            else if (fast2)
+            if (fast2)
                 lut_row_avx2(wr, so, zo, zp_const, bits, xs, G, cpg, nb, out);
             else
 #endif
@@ -1835,9 +1722,8 @@ void qd_int8w_gemm(const int8_t *w, const float *w_scale, const float *x, const 
         }
         return;
     }
-    int fast = level == 0 && has_avx512();
-    int fast2 = !fast && level != 1 && has_avx2();
 #endif
+    /* portable C (level 1, or a CPU without AVX2) */
 #pragma omp parallel for schedule(static) if (B * O * I >= PARALLEL_MIN_WORK)
     for (int64_t o = 0; o < O; o++) {
         const int8_t *wr = w + o * I;
@@ -1846,18 +1732,11 @@ void qd_int8w_gemm(const int8_t *w, const float *w_scale, const float *x, const 
             const float *xs[NB];
             float out[NB];
             for (int b = 0; b < NB; b++) xs[b] = x + (b0 + (b < nb ? b : 0)) * I;
-#ifdef __x86_64__
-            if (fast)
-                int8w_row_avx512(wr, w_scale[o], xs, I, nb, out);
-            else if (fast2)
-                int8w_row_avx2(wr, w_scale[o], xs, I, nb, out);
-            else
-#endif
-                for (int b = 0; b < nb; b++) {
-                    float acc = 0.0f;
-                    for (int64_t i = 0; i < I; i++) acc += ((float)wr[i] * w_scale[o]) * xs[b][i];
-                    out[b] = acc;
-                }
+            for (int b = 0; b < nb; b++) {
+                float acc = 0.0f;
+                for (int64_t i = 0; i < I; i++) acc += ((float)wr[i] * w_scale[o]) * xs[b][i];
+                out[b] = acc;
+            }
             for (int b = 0; b < nb; b++) y[(b0 + b) * O + o] = out[b] + (bias ? bias[o] : 0.0f);
         }
     }
