@@ -1,0 +1,106 @@
+"""The W8A8 and W4A8 register blocks of issue #15 (csrc/qkernels.c) on odd sizes, every level.
+
+W8A8 with VNNI runs a GEMV block at batch 1 (8 output rows) and 6 output rows x up to 4 batch
+rows below torch._int_mm's cut-over (switched off here, so every row count runs the C kernel);
+77 and 200 outputs leave partial blocks of 6 and 8, rows 8 and 13 cover two full batch blocks
+and the first count that _int_mm would take. The integer dot products must be exact, so each
+level is compared with ``torch.equal`` against dots computed in float64 from the int8 weights
+and the C-quantized activations, followed by the same fp32 epilogue ops in torch.
+
+W4A8 at batch 1 with VNNI runs a multi-tile GEMV (4 tiles of 16 output rows a pass, #15 item 1)
+that applies the same per-tile ops in the same order as the one-tile GEMM path, so a row alone
+must give bit for bit what it gives as row 0 of a 2-row batch; both are also compared with the
+fake-quant twin (float rounding only).
+"""
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+import qdistill as qd
+from qdistill.pack import kernels
+
+ROW8 = qd.IntFormat(8, axis="row")
+needs_kernels = pytest.mark.skipif(kernels.library() is None, reason="C kernels not built")
+
+
+def packed_pair(tmp_path, wfmt, in_f: int, out_f: int):
+    torch.manual_seed(in_f * 7 + out_f)
+    fq = nn.Sequential(nn.Linear(in_f, out_f))
+    qd.quantize_(fq, qd.QuantConfig(weights=wfmt, activations=ROW8))
+    fq.eval()
+    path = qd.save(fq, tmp_path / "m.qd.safetensors")
+    return fq, qd.load(path, model=nn.Sequential(nn.Linear(in_f, out_f)))
+
+
+def levels() -> list[int]:
+    lib = kernels.library()
+    out = [1]  # portable C everywhere
+    if lib is not None and lib.qd_has_avx2():
+        out.append(2)
+    if lib is not None and lib.qd_has_vnni():
+        out.append(0)
+    return out
+
+
+def reference_int8(layer, kp, x: torch.Tensor) -> torch.Tensor:
+    """Exact integer dots (float64) of the int8 weights and the C-quantized activations, then
+    the kernel's epilogue ``(float)dot * x_scale * w_scale + bias`` in fp32."""
+    xq, xs, _ = kernels.quantize_rows(x, kp.in_padded, eps=kp.act_eps, level=1)
+    dot = xq.double() @ kp.weight.double().T
+    y = dot.to(torch.int32).float() * xs[:, None] * kp.weight_scale[None, :]
+    return y + layer.bias
+
+
+@needs_kernels
+@pytest.mark.parametrize("in_f", [100, 129, 384, 4096, 5000])
+def test_w8a8_blocks_bit_exact_on_odd_sizes(tmp_path, in_f):
+    for out_f in (77, 200):
+        fq, packed = packed_pair(tmp_path, qd.IntFormat(8, axis=0), in_f, out_f)
+        layer = packed[0]
+        with torch.no_grad():
+            layer(torch.randn(1, in_f))
+            kp = dataclasses.replace(layer._kernel, int_mm=False)
+            assert kp.kind == "int8"
+            for rows in (1, 2, 3, 7, 8, 13, 33, 40):
+                x = torch.randn(rows, in_f) * 2
+                ref = reference_int8(layer, kp, x)
+                for level in levels():
+                    assert torch.equal(kernels.linear(layer, kp, x, level=level), ref), (
+                        out_f,
+                        rows,
+                        level,
+                    )
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "wfmt,in_f",
+    [
+        (qd.IntFormat(4, symmetric=False, axis=0), 104),
+        (qd.IntFormat(4, symmetric=False, axis=0), 136),
+        (qd.IntFormat(4, group_size=64), 384),
+        (qd.IntFormat(4, symmetric=False, group_size=128), 4096),
+        (qd.IntFormat(4, axis=0), 5000),
+    ],
+    ids=str,
+)
+def test_w4a8_gemv_matches_the_gemm_rows_bit_for_bit(tmp_path, wfmt, in_f):
+    for out_f in (16, 77, 200):  # 1 tile; 4 + 1 tiles; 3 x 4 + 1 tiles (last one partial)
+        fq, packed = packed_pair(tmp_path, wfmt, in_f, out_f)
+        layer = packed[0]
+        with torch.no_grad():
+            x = torch.randn(2, in_f) * 2
+            layer(x)
+            kp = layer._kernel
+            assert kp.kind == "int4"
+            twin = fq(x)
+            for level in levels():
+                pair = kernels.linear(layer, kp, x, level=level)
+                for r in range(2):
+                    alone = kernels.linear(layer, kp, x[r : r + 1], level=level)
+                    assert torch.equal(alone[0], pair[r]), (out_f, level, r)
+                err = (pair - twin).abs().max()
+                assert err <= 1e-5 * twin.abs().max() + 1e-6, (out_f, level)
