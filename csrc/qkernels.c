@@ -976,6 +976,67 @@ __attribute__((target("avx2,fma"))) static void int4_tile_avx2(
         for (int b = 0; b < nb; b++) _mm256_storeu_ps(out + 16 * b + 8 * h, acc[b]);
     }
 }
+
+/* The AVX2 batch-1 GEMV: INT4_GEMV_TILES_AVX2 tiles a pass, both 32-byte halves of every 64-byte
+ * chunk from one load pass (int4_tile_avx2 walks each tile twice, once per half), each tile a
+ * prefetched stream; per half the ops of int4_tile_avx2 in its order (the same results bit for
+ * bit). 2 tiles: 8 accumulators of the 16 ymm registers. */
+#define INT4_GEMV_TILES_AVX2 2
+__attribute__((always_inline, target("avx2,fma"))) static inline void
+int4_gemv_avx2_impl(const uint8_t *w, int64_t tstride, const float *s, const uint8_t *zp,
+                    int64_t sstride, const int8_t *x, const int32_t *xgsum, int64_t G,
+                    int64_t cpg, const int RT, float *out) {
+    const __m256i mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    __m256 acc[INT4_GEMV_TILES_AVX2][2];
+#pragma GCC unroll 2
+    for (int t = 0; t < RT; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+    for (int64_t gi = 0; gi < G; gi++) {
+        __m256i d[INT4_GEMV_TILES_AVX2][2];
+#pragma GCC unroll 2
+        for (int t = 0; t < RT; t++) d[t][0] = d[t][1] = _mm256_setzero_si256();
+        for (int64_t kk = 0; kk < cpg; kk++) {
+            int64_t k = gi * cpg + kk;
+            __m256i xlo = _mm256_set1_epi32(load_i32(x + 8 * k));
+            __m256i xhi = _mm256_set1_epi32(load_i32(x + 8 * k + 4));
+#pragma GCC unroll 2
+            for (int t = 0; t < RT; t++) {
+                const uint8_t *wk = w + t * tstride + 64 * k;
+                _mm_prefetch((const char *)(wk + 64 * TERN_PF), _MM_HINT_T0);
+#pragma GCC unroll 2
+                for (int h = 0; h < 2; h++) {
+                    __m256i v = _mm256_loadu_si256((const __m256i *)(wk + 32 * h));
+                    __m256i lo = _mm256_and_si256(v, mask);
+                    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                    __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo),
+                                                 _mm256_maddubs_epi16(hi, xhi));
+                    d[t][h] = _mm256_add_epi32(d[t][h], _mm256_madd_epi16(p, ones));
+                }
+            }
+        }
+        __m256i xg = _mm256_set1_epi32(xgsum[gi]);
+#pragma GCC unroll 2
+        for (int t = 0; t < RT; t++)
+#pragma GCC unroll 2
+            for (int h = 0; h < 2; h++) {
+                const int64_t o = t * sstride + 16 * gi + 8 * h;
+                __m256i zv = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zp + o)));
+                __m256i dd = _mm256_sub_epi32(d[t][h], _mm256_mullo_epi32(zv, xg));
+                acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dd), _mm256_loadu_ps(s + o), acc[t][h]);
+            }
+    }
+#pragma GCC unroll 2
+    for (int t = 0; t < RT; t++) {
+        _mm256_storeu_ps(out + 16 * t, acc[t][0]);
+        _mm256_storeu_ps(out + 16 * t + 8, acc[t][1]);
+    }
+}
+
+__attribute__((target("avx2,fma"))) static void int4_gemv_avx2(
+    const uint8_t *w, int64_t tstride, const float *s, const uint8_t *zp, int64_t sstride,
+    const int8_t *x, const int32_t *xgsum, int64_t G, int64_t cpg, int rt, float *out) {
+    if (rt >= 2) int4_gemv_avx2_impl(w, tstride, s, zp, sstride, x, xgsum, G, cpg, 2, out);
+    else int4_gemv_avx2_impl(w, tstride, s, zp, sstride, x, xgsum, G, cpg, 1, out);
+}
 #endif
 
 static void int4_tile_c(const uint8_t *w, const float *s, const uint8_t *zp, const int8_t **x,
@@ -1019,15 +1080,21 @@ int qd_int4_gemm(const uint8_t *w, const float *s, const uint8_t *zp, const int8
             xgsum[r * G + gi] = sum;
         }
 #ifdef __x86_64__
-    if (path == 2 && B == 1) { /* GEMV: INT4_GEMV_TILES tiles a pass */
-        int64_t n_units = (T + INT4_GEMV_TILES - 1) / INT4_GEMV_TILES;
+    if (path && B == 1) { /* GEMV: rt_max tiles a pass */
+        const int64_t rt_max = path == 2 ? INT4_GEMV_TILES : INT4_GEMV_TILES_AVX2;
+        int64_t n_units = (T + rt_max - 1) / rt_max;
 #pragma omp parallel for schedule(static) if (O * I >= PARALLEL_MIN_WORK)
         for (int64_t u = 0; u < n_units; u++) {
-            int64_t t0 = u * INT4_GEMV_TILES;
-            int rt = T - t0 < INT4_GEMV_TILES ? (int)(T - t0) : INT4_GEMV_TILES;
+            int64_t t0 = u * rt_max;
+            int rt = T - t0 < rt_max ? (int)(T - t0) : (int)rt_max;
             float out[INT4_GEMV_TILES * 16];
-            int4_gemv_vnni(w + t0 * (I / 8) * 64, (I / 8) * 64, s + t0 * G * 16, zp + t0 * G * 16,
-                           G * 16, x, xgsum, G, cpg, rt, out);
+            const uint8_t *wu = w + t0 * (I / 8) * 64;
+            if (path == 2)
+                int4_gemv_vnni(wu, (I / 8) * 64, s + t0 * G * 16, zp + t0 * G * 16, G * 16, x,
+                               xgsum, G, cpg, rt, out);
+            else
+                int4_gemv_avx2(wu, (I / 8) * 64, s + t0 * G * 16, zp + t0 * G * 16, G * 16, x,
+                               xgsum, G, cpg, rt, out);
             int64_t rows = O - 16 * t0 < 16 * rt ? O - 16 * t0 : 16 * rt;
             float *yr = y + 16 * t0;
             for (int64_t r = 0; r < rows; r++)
