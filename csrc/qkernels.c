@@ -75,28 +75,6 @@ __attribute__((target("avx2"))) static inline float hsum_ps(__m256 v) {
 
 
 #define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni")))
-
-__attribute__((target("avx2"))) static void int8_rows_avx2(const int8_t *w, const int8_t **x,
-                                                            int64_t n, int32_t *out, int nb) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256i acc[NB];
-    for (int b = 0; b < nb; b++) acc[b] = _mm256_setzero_si256();
-    int64_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-        __m256i wv = _mm256_loadu_si256((const __m256i *)(w + i));
-        __m256i wa = _mm256_sign_epi8(wv, wv); /* |w|: maddubs multiplies unsigned x signed */
-        for (int b = 0; b < nb; b++) {
-            __m256i xv = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(x[b] + i)), wv);
-            acc[b] = _mm256_add_epi32(acc[b], _mm256_madd_epi16(_mm256_maddubs_epi16(wa, xv), ones));
-        }
-    }
-    for (int b = 0; b < nb; b++) {
-        int32_t total = hsum_epi32(acc[b]);
-        for (int64_t j = i; j < n; j++) total += (int32_t)w[j] * x[b][j];
-        out[b] = total;
-    }
-}
-
 #endif
 
 static int has_avx2(void) {
@@ -764,6 +742,71 @@ VNNI_TARGET static void i8_block_vnni(const int8_t *w, const int8_t *x, int64_t 
 }
 #endif
 
+#ifdef __x86_64__
+/* W8A8 with AVX2 (no VNNI), register-blocked like the VNNI kernel: RB output rows (rows of them
+ * real) x BB batch rows, accumulator b * RB + r; maddubs multiplies u8 x s8, so each pair is
+ * |w| x sign(x, w) (pair sums <= 2 * 127 * 127: no int16 saturation). Batch 1
+ * streams 4 weight rows at once (prefetched); the GEMM block is 2 rows x 4 batch rows. */
+__attribute__((always_inline, target("avx2"))) static inline void
+i8_avx2_impl(const int8_t *w, const int8_t *x, int64_t I, const int RB, const int BB,
+             const int PF, int rows, int64_t o0, const float *x_scale, const float *w_scale,
+             const float *bias, float *y, int64_t O) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc[8];
+    const int8_t *wr[4];
+#pragma GCC unroll 8
+    for (int a = 0; a < RB * BB; a++) acc[a] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+    for (int r = 0; r < RB; r++) wr[r] = w + (r < rows ? r : rows - 1) * I;
+    int64_t i = 0;
+    for (; i + 32 <= I; i += 32) {
+        __m256i wv[4], wa[4];
+#pragma GCC unroll 4
+        for (int r = 0; r < RB; r++) {
+            if (PF) _mm_prefetch((const char *)(wr[r] + i + 64 * I8_PF), _MM_HINT_T0);
+            wv[r] = _mm256_loadu_si256((const __m256i *)(wr[r] + i));
+            wa[r] = _mm256_sign_epi8(wv[r], wv[r]);
+        }
+#pragma GCC unroll 4
+        for (int b = 0; b < BB; b++) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(x + b * I + i));
+#pragma GCC unroll 4
+            for (int r = 0; r < RB; r++)
+                acc[b * RB + r] = _mm256_add_epi32(
+                    acc[b * RB + r],
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(wa[r], _mm256_sign_epi8(xv, wv[r])), ones));
+        }
+    }
+    for (int b = 0; b < BB; b++)
+        for (int r = 0; r < rows; r++) {
+            int32_t dot = hsum_epi32(acc[b * RB + r]);
+            for (int64_t j = i; j < I; j++) dot += (int32_t)wr[r][j] * x[b * I + j];
+            int64_t o = o0 + r;
+            y[b * O + o] = epilogue(dot, x_scale[b], w_scale[o], bias, o);
+        }
+}
+
+#define I8_AVX2_RB 2
+#define I8_AVX2_BB 4
+
+__attribute__((target("avx2"))) static void i8_block_avx2(const int8_t *w, const int8_t *x,
+                                                           int64_t I, int bb, int rows,
+                                                           int64_t o0, const float *x_scale,
+                                                           const float *w_scale,
+                                                           const float *bias, float *y,
+                                                           int64_t O) {
+#define I8A(R, N, PF) i8_avx2_impl(w, x, I, R, N, PF, rows, o0, x_scale, w_scale, bias, y, O)
+    switch (bb) {
+    case 0: I8A(4, 1, 1); break; /* batch 1: the GEMV block */
+    case 1: I8A(I8_AVX2_RB, 1, 0); break;
+    case 2: I8A(I8_AVX2_RB, 2, 0); break;
+    case 3: I8A(I8_AVX2_RB, 3, 0); break;
+    default: I8A(I8_AVX2_RB, 4, 0);
+    }
+#undef I8A
+}
+#endif
+
 /* y[b, o] = (sum_i w[o, i] x[b, i]) * x_scale[b] * w_scale[o] + bias[o] */
 void qd_int8_gemm(const int8_t *w, const int8_t *x, const int32_t *wsum, const float *x_scale,
                   const float *w_scale, const float *bias, float *y, int64_t B, int64_t O,
@@ -785,28 +828,26 @@ void qd_int8_gemm(const int8_t *w, const int8_t *x, const int32_t *wsum, const f
         }
         return;
     }
+    if (path == 1) { /* blocks of 4 output rows (batch 1) or 2 x up to 4 batch rows */
+        int64_t RB = B == 1 ? 4 : I8_AVX2_RB, n_blocks = (O + RB - 1) / RB;
+#pragma omp parallel for schedule(static) if (B * O * I >= PARALLEL_MIN_WORK)
+        for (int64_t u = 0; u < n_blocks; u++) {
+            int64_t o0 = u * RB;
+            int rows = O - o0 < RB ? (int)(O - o0) : (int)RB;
+            for (int64_t b0 = 0; b0 < B; b0 += I8_AVX2_BB) {
+                int bb = B == 1 ? 0 : (B - b0 < I8_AVX2_BB ? (int)(B - b0) : I8_AVX2_BB);
+                i8_block_avx2(w + o0 * I, x + b0 * I, I, bb, rows, o0, x_scale + b0, w_scale,
+                              bias, y + b0 * O, O);
+            }
+        }
+        return;
+    }
 #endif
 #pragma omp parallel for schedule(static) if (B * O * I >= PARALLEL_MIN_WORK)
     for (int64_t o = 0; o < O; o++) {
         const int8_t *wr = w + o * I;
-        for (int64_t b0 = 0; b0 < B; b0 += 4) {
-            int nb = B - b0 < 4 ? (int)(B - b0) : 4;
-#ifdef __x86_64__
-            if (path) {
-                const int8_t *xs[4];
-                int32_t out[4];
-                for (int b = 0; b < 4; b++) xs[b] = x + (b0 + (b < nb ? b : 0)) * I;
-                int8_rows_avx2(wr, xs, I, out, nb);
-                for (int b = 0; b < nb; b++)
-                    y[(b0 + b) * O + o] = epilogue(out[b], x_scale[b0 + b], w_scale[o], bias, o);
-                continue;
-            }
-#endif
-            for (int b = 0; b < nb; b++) {
-                int64_t r = b0 + b;
-                y[r * O + o] = epilogue(int8_row_c(wr, x + r * I, I), x_scale[r], w_scale[o], bias, o);
-            }
-        }
+        for (int64_t r = 0; r < B; r++)
+            y[r * O + o] = epilogue(int8_row_c(wr, x + r * I, I), x_scale[r], w_scale[o], bias, o);
     }
 }
 
