@@ -362,6 +362,9 @@ static inline float epilogue(int32_t dot, float xs, float ws, const float *bias,
  * agree bit for bit.
  */
 #define TERN_I16_CHUNKS 8
+/* acc += dpbusd(a (u8), b (s8)) in place: GCC 12 copies the tied accumulator of the intrinsic
+ * to a fresh register (and spills) in blocks of more than ~8 of them */
+#define DPBUSD(acc, a, b) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "vm"(b))
 #ifndef TERN_PF
 #define TERN_PF 8
 #endif
@@ -461,9 +464,60 @@ tern_vnni_impl(const uint8_t *w, int64_t tstride, const int8_t *x, int64_t xstri
                          SPLIT == 2 ? _mm512_add_epi32(acc[t][b][0], acc[t][b][1]) : acc[t][b][0]);
 }
 
+/* Batch 1 without shifts: code p of a byte masked in place (v & (3 << 2p)) is 4^p times the code,
+ * so one accumulator per tile and p sums 4^p * sum c x exactly, and the dot product is
+ * acc_0 + (acc_1 >> 2) + (acc_2 >> 4) + (acc_3 >> 6) (exact shifts of multiples of 4^p). 4 ANDs
+ * and 4 dpbusd per 64-byte chunk instead of 3 shifts more (the GEMV is partly bound by the two
+ * vector ports p0 / p5 with AVX-512); RT tiles x 4 accumulators. |acc_3| <= 64 * 3 * 127 * I / 4
+ * fits int32 while I_pad <= TERN_MASKED_MAX_I. */
+#define TERN_MASKED_MAX_I (1 << 18)
+__attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"))) static inline void
+tern_gemv_masked_impl(const uint8_t *w, int64_t tstride, const int8_t *x, int64_t nk,
+                      const int RT, int64_t o0, const a8_epi *e) {
+    __m512i acc[4][4], m[4];
+#pragma GCC unroll 4
+    for (int p = 0; p < 4; p++) m[p] = _mm512_set1_epi8((char)(3 << (2 * p)));
+#pragma GCC unroll 4
+    for (int t = 0; t < RT; t++)
+#pragma GCC unroll 4
+        for (int p = 0; p < 4; p++) acc[t][p] = _mm512_setzero_si512();
+    for (int64_t k = 0; k < nk; k++) {
+        __m512i v[4];
+#pragma GCC unroll 4
+        for (int t = 0; t < RT; t++) {
+            const uint8_t *wk = w + t * tstride + 64 * k;
+            _mm_prefetch((const char *)(wk + 64 * TERN_PF), _MM_HINT_T0);
+            v[t] = _mm512_loadu_si512((const void *)wk);
+        }
+#pragma GCC unroll 4
+        for (int p = 0; p < 4; p++) {
+            __m512i xv = _mm512_set1_epi32(load_i32(x + 16 * k + 4 * p));
+#pragma GCC unroll 4
+            for (int t = 0; t < RT; t++)
+                DPBUSD(acc[t][p], _mm512_and_si512(v[t], m[p]), xv);
+        }
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < RT; t++) {
+        __m512i dot = _mm512_add_epi32(
+            _mm512_add_epi32(acc[t][0], _mm512_srai_epi32(acc[t][1], 2)),
+            _mm512_add_epi32(_mm512_srai_epi32(acc[t][2], 4), _mm512_srai_epi32(acc[t][3], 6)));
+        epi16_avx512(e, 0, o0 + 16 * t, dot);
+    }
+}
+
 VNNI_TARGET static void tern_gemv_vnni(const uint8_t *w, int64_t tstride, const int8_t *x,
                                        int64_t nk, int rt, int64_t o0, const a8_epi *e) {
-    switch (rt) { /* fewer than 4 tiles: the last block of a layer */
+    if (16 * nk <= TERN_MASKED_MAX_I) {
+        switch (rt) { /* fewer than 4 tiles: the last block of a layer */
+        case 1: tern_gemv_masked_impl(w, tstride, x, nk, 1, o0, e); break;
+        case 2: tern_gemv_masked_impl(w, tstride, x, nk, 2, o0, e); break;
+        case 3: tern_gemv_masked_impl(w, tstride, x, nk, 3, o0, e); break;
+        default: tern_gemv_masked_impl(w, tstride, x, nk, 4, o0, e);
+        }
+        return;
+    }
+    switch (rt) {
     case 1: tern_vnni_impl(w, tstride, x, 0, nk, 1, 1, 2, 1, o0, e); break;
     case 2: tern_vnni_impl(w, tstride, x, 0, nk, 2, 1, 2, 1, o0, e); break;
     case 3: tern_vnni_impl(w, tstride, x, 0, nk, 3, 1, 2, 1, o0, e); break;
@@ -666,9 +720,6 @@ VNNI_TARGET static inline __m512i hsum16_epi32(const __m512i *a) {
 #ifndef I8_PF
 #define I8_PF 8
 #endif
-/* acc += dpbusd(a (u8), b (s8)) in place: GCC 12 copies the tied accumulator of the intrinsic
- * to a fresh register (and spills) in blocks of more than ~8 of them */
-#define DPBUSD(acc, a, b) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "vm"(b))
 __attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"))) static inline void
 i8_vnni_impl(const int8_t *w, const int8_t *x, int64_t I, const int RB, const int BB,
              const int PF, int rows, int64_t o0, const int32_t *wsum, const float *x_scale,

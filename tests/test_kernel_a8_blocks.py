@@ -11,8 +11,14 @@ W4A8 at batch 1 with VNNI runs a multi-tile GEMV (4 tiles of 16 output rows a pa
 that applies the same per-tile ops in the same order as the one-tile GEMM path, so a row alone
 must give bit for bit what it gives as row 0 of a 2-row batch; both are also compared with the
 fake-quant twin (float rounding only).
+
+The W1.58A8 / W2A8 GEMV masks each 2-bit code in place (4^p times the code) and shifts the four
+sums back at the end; at the largest codes and activations its int32 sums are at their proven
+bound at 2^18 inputs, past which it falls back to the shifting kernel: both must give the closed
+form.
 """
 
+import ctypes
 import dataclasses
 
 import pytest
@@ -104,3 +110,28 @@ def test_w4a8_gemv_matches_the_gemm_rows_bit_for_bit(tmp_path, wfmt, in_f):
                     assert torch.equal(alone[0], pair[r]), (out_f, level, r)
                 err = (pair - twin).abs().max()
                 assert err <= 1e-5 * twin.abs().max() + 1e-6, (out_f, level)
+
+
+@needs_kernels
+@pytest.mark.parametrize("in_f", [4112, 1 << 18, 360_000])
+def test_ternary_gemv_at_the_int32_bound_and_past_it(in_f):
+    """Codes 3 against +-127 everywhere, one row: the masked GEMV's top accumulator holds
+    64 * 3 * 127 * in_f / 4 (1.6e9 at 2^18 inputs, under 2^31); past 2^18 the shifting kernel
+    runs (at 360,000 inputs the masked sums would pass 2^31). Every level must give
+    3 * 127 * in_f (exact in int32, rounded once to fp32)."""
+    lib = kernels.library()
+    out_f = 19
+    codes = torch.full((out_f, in_f), 3, dtype=torch.uint8)
+    w, i_pad = kernels.repack_ternary(codes, in_f)
+    for sign in (1, -1):
+        x = torch.full((1, i_pad), 127 * sign, dtype=torch.int8)
+        rowsum = x.sum(1, dtype=torch.int32)
+        zp = torch.zeros(out_f, dtype=torch.int32)
+        ones = torch.ones(out_f)
+        for level in levels():
+            y = torch.empty(1, out_f)
+            lib.qd_ternary_gemm(w.data_ptr(), x.data_ptr(), rowsum.data_ptr(), zp.data_ptr(),
+                                ones.data_ptr(), ones.data_ptr(), None, y.data_ptr(), 1, out_f,
+                                i_pad, ctypes.c_int(level))  # fmt: skip
+            expected = torch.full((1, out_f), 3.0 * 127 * in_f * sign)
+            assert torch.equal(y, expected), (level, sign)
