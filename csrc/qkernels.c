@@ -8,7 +8,7 @@
  *                    rows in the lanes; see its section), register-blocked GEMV / GEMM.
  *                    sum_i (c_i - zp) q_i = sum_i c_i q_i - zp * sum_i q_i.
  *   qd_int8_gemm:    int8 weights (code - 128), row layout (torch._int_mm reads the same tensor);
- *                    with VNNI register-blocked (8 output rows at batch 1, 4 x 4 batch rows).
+ *                    register-blocked (VNNI: 8 rows at batch 1, 6 x 4 batch rows; AVX2: 4, 2 x 4).
  *   qd_int4_gemm:    4-bit codes with a scale and zero point per group of g weights (g a multiple
  *                    of 8) in the "tile16" layout: 16 output rows interleaved so that one 64-byte
  *                    vector holds, for each of the 16 rows, 8 consecutive codes (byte 4r + j =
