@@ -1037,23 +1037,28 @@ VNNI_TARGET static void int4_tile_vnni(const uint8_t *w, const float *s, const u
 #undef I4
 }
 
-__attribute__((target("avx2,fma"))) static void int4_tile_avx2(
+/* nb a compile-time constant after inlining (the accumulators stay in registers; with a run-time
+ * count they lived on the stack) */
+__attribute__((always_inline, target("avx2,fma"))) static inline void int4_tile_avx2_impl(
     const uint8_t *w, const float *s, const uint8_t *zp, const int8_t **x, const int32_t **xgsum,
-    int64_t G, int64_t cpg, int nb, float *out) {
+    int64_t G, int64_t cpg, const int nb, float *out) {
     const __m256i mask = _mm256_set1_epi8(15);
     const __m256i ones = _mm256_set1_epi16(1);
     for (int h = 0; h < 2; h++) { /* rows 8h .. 8h + 7: the h-th 32 bytes of each 64 */
         __m256 acc[NB];
+#pragma GCC unroll 4
         for (int b = 0; b < nb; b++) acc[b] = _mm256_setzero_ps();
         for (int64_t gi = 0; gi < G; gi++) {
             __m256i d[NB];
-            for (int b = 0; b < nb; b++) d[b] = _mm256_setzero_si256();
+    #pragma GCC unroll 4
+        for (int b = 0; b < nb; b++) d[b] = _mm256_setzero_si256();
             for (int64_t kk = 0; kk < cpg; kk++) {
                 int64_t k = gi * cpg + kk;
                 __m256i v = _mm256_loadu_si256((const __m256i *)(w + 64 * k + 32 * h));
                 __m256i lo = _mm256_and_si256(v, mask);
                 __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-                for (int b = 0; b < nb; b++) {
+        #pragma GCC unroll 4
+        for (int b = 0; b < nb; b++) {
                     const int8_t *xk = x[b] + 8 * k;
                     /* pair sums <= 2 * 15 * 128: lo + hi fits int16 */
                     __m256i p = _mm256_add_epi16(
@@ -1064,13 +1069,23 @@ __attribute__((target("avx2,fma"))) static void int4_tile_avx2(
             }
             __m256i zv = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zp + 16 * gi + 8 * h)));
             __m256 sv = _mm256_loadu_ps(s + 16 * gi + 8 * h);
-            for (int b = 0; b < nb; b++) {
+    #pragma GCC unroll 4
+        for (int b = 0; b < nb; b++) {
                 __m256i dd = _mm256_sub_epi32(d[b], _mm256_mullo_epi32(zv, _mm256_set1_epi32(xgsum[b][gi])));
                 acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dd), sv, acc[b]);
             }
         }
+#pragma GCC unroll 4
         for (int b = 0; b < nb; b++) _mm256_storeu_ps(out + 16 * b + 8 * h, acc[b]);
     }
+}
+
+__attribute__((target("avx2,fma"))) static void int4_tile_avx2(
+    const uint8_t *w, const float *s, const uint8_t *zp, const int8_t **x, const int32_t **xgsum,
+    int64_t G, int64_t cpg, int nb, float *out) {
+#define I4A(n) int4_tile_avx2_impl(w, s, zp, x, xgsum, G, cpg, n, out)
+    NB_SWITCH(nb, I4A)
+#undef I4A
 }
 
 /* The AVX2 batch-1 GEMV: INT4_GEMV_TILES_AVX2 tiles a pass, both 32-byte halves of every 64-byte
