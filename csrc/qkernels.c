@@ -774,9 +774,9 @@ i8_vnni_impl(const int8_t *w, const int8_t *x, int64_t I, const int RB, const in
 }
 
 /* The GEMM block: I8_RB output rows x up to I8_BB batch rows (24 accumulators). Interleaved
- * on the Sapphire Rapids VM (1 thread, 4096x4096, 32 rows): 6 x 4 ran at ~160 G multiply-adds/s,
- * 93% of the measured VNNI peak (one 512-bit dpbusd a cycle); 4 x 4 was 10-20% slower, 4 x 6
- * and 8 x 3 within the noise of 6 x 4. */
+ * on the Sapphire Rapids VM (1 thread, 1024x1024 to 4096x4096, 32 rows): ~160-170 G
+ * multiply-adds/s, about half the dpbusd peak (two 512-bit dpbusd a cycle); 4 x 4 was 10-20%
+ * slower, 4 x 6, 8 x 3, 4 x 5 and 5 x 4 (weights in registers) within the noise of 6 x 4. */
 #define I8_RB 6
 #define I8_BB 4
 

@@ -68,9 +68,9 @@ _WARNED = False
 DISABLE_ENV = "QDISTILL_NO_KERNELS"
 # From this many rows on, W8A8 runs torch._int_mm (oneDNN; AMX on CPUs that have it) on CPUs
 # with VNNI: it needs more than 16 rows (fewer are padded up to 17). Against the VNNI GEMM (6
-# outputs x 4 batch rows, ~93% of the dpbusd peak) it loses below 32 rows at every size tried
-# and wins from 32-48 on (1.2-2x at 64-128 rows on 4096 inputs, where AMX outruns VNNI);
-# interleaved in one process, 1 thread, on the 2-core Sapphire Rapids VM under load.
+# outputs x 4 batch rows) it loses below 32 rows at every size tried and wins from 32-48 on
+# (1.2-2x at 64-128 rows on 4096 inputs, where oneDNN's AMX outruns VNNI); interleaved in one
+# process, 1 thread, on the 2-core Sapphire Rapids VM under load.
 INT_MM_MIN_ROWS = 32
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
