@@ -1043,6 +1043,80 @@ VNNI_TARGET static void int4_gemv_vnni(const uint8_t *w, int64_t tstride, const 
 #undef I4G
 }
 
+/* The VNNI GEMM over 2 tiles a pass (2+ batch rows): each pair of broadcast activation words
+ * feeds both tiles (16 broadcasts per 32 dpbusd instead of per 16: the one-tile loop is bound
+ * by its loads and the two vector ports), the 2 x nb int32 sums in registers, the float sums in
+ * out[t][b][16] (loaded and stored once per group). Per tile, row and group the same ops in the
+ * same order as int4_tile_impl: the same results bit for bit. */
+__attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"))) static inline void
+int4_tile2_impl(const uint8_t *w, int64_t tstride, const float *s, const uint8_t *zp,
+                int64_t sstride, const int8_t **x, const int32_t **xgsum, int64_t G, int64_t cpg,
+                const int nb, float *out) {
+    const __m512i mask = _mm512_set1_epi8(15);
+#pragma GCC unroll 2
+    for (int t = 0; t < 2; t++)
+#pragma GCC unroll 8
+        for (int b = 0; b < nb; b++) _mm512_storeu_ps(out + (t * NB4 + b) * 16, _mm512_setzero_ps());
+    for (int64_t gi = 0; gi < G; gi++) {
+        __m512i d[2][NB4];
+#pragma GCC unroll 2
+        for (int t = 0; t < 2; t++)
+#pragma GCC unroll 8
+            for (int b = 0; b < nb; b++) d[t][b] = _mm512_setzero_si512();
+        for (int64_t kk = 0; kk < cpg; kk++) {
+            int64_t k = gi * cpg + kk;
+            __m512i lo[2], hi[2];
+#pragma GCC unroll 2
+            for (int t = 0; t < 2; t++) {
+                const uint8_t *wk = w + t * tstride + 64 * k;
+                _mm_prefetch((const char *)(wk + 64 * TERN_PF), _MM_HINT_T0);
+                __m512i v = _mm512_loadu_si512((const void *)wk);
+                lo[t] = _mm512_and_si512(v, mask);
+                hi[t] = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+            }
+#pragma GCC unroll 8
+            for (int b = 0; b < nb; b++) {
+                const int8_t *xk = x[b] + 8 * k;
+                __m512i xl = _mm512_set1_epi32(load_i32(xk)), xh = _mm512_set1_epi32(load_i32(xk + 4));
+                DPBUSD(d[0][b], lo[0], xl);
+                DPBUSD(d[1][b], lo[1], xl);
+                DPBUSD(d[0][b], hi[0], xh);
+                DPBUSD(d[1][b], hi[1], xh);
+            }
+        }
+#pragma GCC unroll 2
+        for (int t = 0; t < 2; t++) {
+            __m512i zv = _mm512_cvtepu8_epi32(
+                _mm_loadu_si128((const __m128i *)(zp + t * sstride + 16 * gi)));
+            __m512 sv = _mm512_loadu_ps(s + t * sstride + 16 * gi);
+#pragma GCC unroll 8
+            for (int b = 0; b < nb; b++) {
+                float *o = out + (t * NB4 + b) * 16;
+                __m512i dd = _mm512_sub_epi32(d[t][b], _mm512_mullo_epi32(zv, _mm512_set1_epi32(xgsum[b][gi])));
+                _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_cvtepi32_ps(dd), sv, _mm512_loadu_ps(o)));
+            }
+        }
+    }
+}
+
+VNNI_TARGET static void int4_tile2_vnni(const uint8_t *w, int64_t tstride, const float *s,
+                                        const uint8_t *zp, int64_t sstride, const int8_t **x,
+                                        const int32_t **xgsum, int64_t G, int64_t cpg, int nb,
+                                        float *out) {
+#define I4T(n) int4_tile2_impl(w, tstride, s, zp, sstride, x, xgsum, G, cpg, n, out)
+    switch (nb) {
+    case 1: I4T(1); break;
+    case 2: I4T(2); break;
+    case 3: I4T(3); break;
+    case 4: I4T(4); break;
+    case 5: I4T(5); break;
+    case 6: I4T(6); break;
+    case 7: I4T(7); break;
+    default: I4T(8);
+    }
+#undef I4T
+}
+
 /* One tile of 16 output rows for nb (<= NB) batch rows; out[b][r] before x_scale and bias. */
 VNNI_TARGET static void int4_tile_vnni(const uint8_t *w, const float *s, const uint8_t *zp,
                                        const int8_t **x, const int32_t **xgsum, int64_t G,
@@ -1234,6 +1308,46 @@ int qd_int4_gemm(const uint8_t *w, const float *s, const uint8_t *zp, const int8
             float *yr = y + 16 * t0;
             for (int64_t r = 0; r < rows; r++)
                 yr[r] = out[r] * x_scale[0] + (bias ? bias[16 * t0 + r] : 0.0f);
+        }
+        free(xgsum);
+        return 0;
+    }
+#endif
+#ifdef __x86_64__
+    if (path == 2 && T >= 2) { /* GEMM: 2 tiles x up to NB4 batch rows a pass */
+        int64_t n_units = (T + 1) / 2;
+#pragma omp parallel for schedule(static) if (B * O * I >= PARALLEL_MIN_WORK)
+        for (int64_t u = 0; u < n_units; u++) {
+            int64_t t0 = 2 * u;
+            int rt = T - t0 < 2 ? 1 : 2;
+            const uint8_t *wt = w + t0 * (I / 8) * 64;
+            float out[2 * NB4 * 16];
+            for (int64_t b0 = 0; b0 < B; b0 += NB4) {
+                int nb = B - b0 < NB4 ? (int)(B - b0) : NB4;
+                const int8_t *xs[NB4];
+                const int32_t *gs[NB4];
+                for (int b = 0; b < NB4; b++) {
+                    int64_t r = b0 + (b < nb ? b : 0);
+                    xs[b] = x + r * I;
+                    gs[b] = xgsum + r * G;
+                }
+                if (rt == 2)
+                    int4_tile2_vnni(wt, (I / 8) * 64, s + t0 * G * 16, zp + t0 * G * 16, G * 16, xs,
+                                    gs, G, cpg, nb, out);
+                else
+                    int4_tile_vnni(wt, s + t0 * G * 16, zp + t0 * G * 16, xs, gs, G, cpg, nb, out);
+                for (int t = 0; t < rt; t++) {
+                    int64_t o0 = 16 * (t0 + t);
+                    int rows = O - o0 < 16 ? (int)(O - o0) : 16;
+                    for (int b = 0; b < nb; b++) {
+                        float xs_b = x_scale[b0 + b];
+                        float *yr = y + (b0 + b) * O + o0;
+                        const float *ob = out + (t * NB4 + b) * 16;
+                        for (int r = 0; r < rows; r++)
+                            yr[r] = ob[r] * xs_b + (bias ? bias[o0 + r] : 0.0f);
+                    }
+                }
+            }
         }
         free(xgsum);
         return 0;

@@ -8,9 +8,10 @@ level is compared with ``torch.equal`` against dots computed in float64 from the
 and the C-quantized activations, followed by the same fp32 epilogue ops in torch.
 
 W4A8 at batch 1 with VNNI runs a multi-tile GEMV (4 tiles of 16 output rows a pass, #15 item 1)
-that applies the same per-tile ops in the same order as the one-tile GEMM path, so a row alone
-must give bit for bit what it gives as row 0 of a 2-row batch; both are also compared with the
-fake-quant twin (float rounding only).
+and from 2 rows a GEMM over 2 tiles a pass (one tile for an odd last one), all applying the same
+per-tile ops in the same order, so a row alone must give bit for bit what it gives inside a
+13-row batch (a block of 8 rows and one of 5); both are also compared with the fake-quant twin
+(float rounding only).
 
 The W1.58A8 / W2A8 GEMV masks each 2-bit code in place (4^p times the code) and shifts the four
 sums back at the end; at the largest codes and activations its int32 sums are at their proven
@@ -98,17 +99,17 @@ def test_w4a8_gemv_matches_the_gemm_rows_bit_for_bit(tmp_path, wfmt, in_f):
         fq, packed = packed_pair(tmp_path, wfmt, in_f, out_f)
         layer = packed[0]
         with torch.no_grad():
-            x = torch.randn(2, in_f) * 2
+            x = torch.randn(13, in_f) * 2
             layer(x)
             kp = layer._kernel
             assert kp.kind == "int4"
             twin = fq(x)
             for level in levels():
-                pair = kernels.linear(layer, kp, x, level=level)
-                for r in range(2):
+                batch = kernels.linear(layer, kp, x, level=level)
+                for r in range(x.shape[0]):
                     alone = kernels.linear(layer, kp, x[r : r + 1], level=level)
-                    assert torch.equal(alone[0], pair[r]), (out_f, level, r)
-                err = (pair - twin).abs().max()
+                    assert torch.equal(alone[0], batch[r]), (out_f, level, r)
+                err = (batch - twin).abs().max()
                 assert err <= 1e-5 * twin.abs().max() + 1e-6, (out_f, level)
 
 
