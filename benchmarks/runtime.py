@@ -6,7 +6,7 @@ of 30), at batch 1 and 32, on 2 threads:
 
 * ``fp32``: ``nn.Linear`` / ``nn.Conv2d`` (PyTorch's own kernels, oneDNN/MKL);
 * ``int8``: W8A8, per-channel int8 weights, per-token int8 activations (our C kernel; on CPUs
-  with VNNI, torch._int_mm on the same codes from batch 13);
+  with VNNI, torch._int_mm on the same codes from batch 32);
 * ``int8-wo``: int8 weights only, fp32 activations (C kernel);
 * ``int4``: W4A8, 4-bit weights with a scale per group of 64, per-token int8 activations;
 * ``int4-wo``: W4A16 style, 4-bit weights with a scale per group of 64, fp32 activations

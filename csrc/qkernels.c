@@ -8,7 +8,7 @@
  *                    rows in the lanes; see its section), register-blocked GEMV / GEMM.
  *                    sum_i (c_i - zp) q_i = sum_i c_i q_i - zp * sum_i q_i.
  *   qd_int8_gemm:    int8 weights (code - 128), row layout (torch._int_mm reads the same tensor);
- *                    with VNNI register-blocked (8 output rows at batch 1, 4 x 4 batch rows).
+ *                    register-blocked (VNNI: 8 rows at batch 1, 6 x 4 batch rows; AVX2: 4, 2 x 4).
  *   qd_int4_gemm:    4-bit codes with a scale and zero point per group of g weights (g a multiple
  *                    of 8) in the "tile16" layout: 16 output rows interleaved so that one 64-byte
  *                    vector holds, for each of the 16 rows, 8 consecutive codes (byte 4r + j =
@@ -75,28 +75,6 @@ __attribute__((target("avx2"))) static inline float hsum_ps(__m256 v) {
 
 
 #define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni")))
-
-__attribute__((target("avx2"))) static void int8_rows_avx2(const int8_t *w, const int8_t **x,
-                                                            int64_t n, int32_t *out, int nb) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256i acc[NB];
-    for (int b = 0; b < nb; b++) acc[b] = _mm256_setzero_si256();
-    int64_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-        __m256i wv = _mm256_loadu_si256((const __m256i *)(w + i));
-        __m256i wa = _mm256_sign_epi8(wv, wv); /* |w|: maddubs multiplies unsigned x signed */
-        for (int b = 0; b < nb; b++) {
-            __m256i xv = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(x[b] + i)), wv);
-            acc[b] = _mm256_add_epi32(acc[b], _mm256_madd_epi16(_mm256_maddubs_epi16(wa, xv), ones));
-        }
-    }
-    for (int b = 0; b < nb; b++) {
-        int32_t total = hsum_epi32(acc[b]);
-        for (int64_t j = i; j < n; j++) total += (int32_t)w[j] * x[b][j];
-        out[b] = total;
-    }
-}
-
 #endif
 
 static int has_avx2(void) {
@@ -369,12 +347,14 @@ static inline float epilogue(int32_t dot, float xs, float ws, const float *bias,
  *
  * Register blocking (compile-time block sizes; accumulators stay in registers; one call per
  * block of rows, never per output row; no memset):
- *   1 batch row (GEMV): 4 tiles (64 output rows) a pass, two accumulators a tile (8 independent
- *     dpbusd chains), software prefetch TERN_PF lines ahead in each of the 4 weight streams.
+ *   1 batch row (GEMV): 4 tiles (64 output rows) a pass, four accumulators a tile (16
+ *     independent dpbusd chains; see tern_gemv_masked_impl), software prefetch TERN_PF lines
+ *     ahead in each of the 4 weight streams.
  *   2+ rows (GEMM): 2 tiles x up to 8 batch rows (16 accumulators); each 64-byte weight load is
  *     unpacked once for all 8 batch rows, each activation word is a broadcast operand. The
  *     weight panel of one block (I * 8 bytes: 12 KB at 1536 inputs, 32 KB at 4096) stays in
- *     L1/L2 while the batch blocks pass over it.
+ *     L1/L2 while the batch blocks pass over it. Its weights are prefetched too (the
+ *     first batch block streams them from memory: 1.05-1.2x at 2-8 rows, cold weights).
  * AVX2 (maddubs): u8 x s8 pair sums in int16 are at most 2 * 3 * 127 = 762 in magnitude (codes
  *   <= 3, |x| <= 127, which the quantizer guarantees: it clamps to +-127); an int16 lane takes 4
  *   of them a chunk for at most TERN_I16_CHUNKS = 8 chunks (32 * 762 = 24384 < 32767: provably
@@ -384,7 +364,13 @@ static inline float epilogue(int32_t dot, float xs, float ws, const float *bias,
  * agree bit for bit.
  */
 #define TERN_I16_CHUNKS 8
+/* acc += dpbusd(a (u8), b (s8)) in place: GCC 12 copies the tied accumulator of the intrinsic
+ * to a fresh register (a vmovdqa per dpbusd in the W4A8 GEMM) or spills it (blocks of more than
+ * ~8 accumulators); used for every hot dpbusd (W4A8 GEMM 1.05-1.1x, W8A8 see i8_vnni_impl) */
+#define DPBUSD(acc, a, b) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "vm"(b))
+#ifndef TERN_PF
 #define TERN_PF 8
+#endif
 #define TERN_AVX2_BT 4
 
 /* Where a block's results go: y[b][o] = (float)(dot - zp[o] * rowsum[b]) * x_scale[b] *
@@ -469,7 +455,7 @@ tern_vnni_impl(const uint8_t *w, int64_t tstride, const int8_t *x, int64_t xstri
                 __m512i xv = _mm512_set1_epi32(load_i32(x + b * xstride + 16 * k + 4 * p));
                 const int s = SPLIT == 2 ? (p & 1) : 0;
 #pragma GCC unroll 4
-                for (int t = 0; t < RT; t++) acc[t][b][s] = _mm512_dpbusd_epi32(acc[t][b][s], c[t], xv);
+                for (int t = 0; t < RT; t++) DPBUSD(acc[t][b][s], c[t], xv);
             }
         }
     }
@@ -481,9 +467,60 @@ tern_vnni_impl(const uint8_t *w, int64_t tstride, const int8_t *x, int64_t xstri
                          SPLIT == 2 ? _mm512_add_epi32(acc[t][b][0], acc[t][b][1]) : acc[t][b][0]);
 }
 
+/* Batch 1 without shifts: code p of a byte masked in place (v & (3 << 2p)) is 4^p times the code,
+ * so one accumulator per tile and p sums 4^p * sum c x exactly, and the dot product is
+ * acc_0 + (acc_1 >> 2) + (acc_2 >> 4) + (acc_3 >> 6) (exact shifts of multiples of 4^p). 4 ANDs
+ * and 4 dpbusd per 64-byte chunk instead of 3 shifts more (the GEMV is partly bound by the two
+ * vector ports p0 / p5 with AVX-512); RT tiles x 4 accumulators. |acc_3| <= 64 * 3 * 127 * I / 4
+ * fits int32 while I_pad <= TERN_MASKED_MAX_I. */
+#define TERN_MASKED_MAX_I (1 << 18)
+__attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"))) static inline void
+tern_gemv_masked_impl(const uint8_t *w, int64_t tstride, const int8_t *x, int64_t nk,
+                      const int RT, int64_t o0, const a8_epi *e) {
+    __m512i acc[4][4], m[4];
+#pragma GCC unroll 4
+    for (int p = 0; p < 4; p++) m[p] = _mm512_set1_epi8((char)(3 << (2 * p)));
+#pragma GCC unroll 4
+    for (int t = 0; t < RT; t++)
+#pragma GCC unroll 4
+        for (int p = 0; p < 4; p++) acc[t][p] = _mm512_setzero_si512();
+    for (int64_t k = 0; k < nk; k++) {
+        __m512i v[4];
+#pragma GCC unroll 4
+        for (int t = 0; t < RT; t++) {
+            const uint8_t *wk = w + t * tstride + 64 * k;
+            _mm_prefetch((const char *)(wk + 64 * TERN_PF), _MM_HINT_T0);
+            v[t] = _mm512_loadu_si512((const void *)wk);
+        }
+#pragma GCC unroll 4
+        for (int p = 0; p < 4; p++) {
+            __m512i xv = _mm512_set1_epi32(load_i32(x + 16 * k + 4 * p));
+#pragma GCC unroll 4
+            for (int t = 0; t < RT; t++)
+                DPBUSD(acc[t][p], _mm512_and_si512(v[t], m[p]), xv);
+        }
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < RT; t++) {
+        __m512i dot = _mm512_add_epi32(
+            _mm512_add_epi32(acc[t][0], _mm512_srai_epi32(acc[t][1], 2)),
+            _mm512_add_epi32(_mm512_srai_epi32(acc[t][2], 4), _mm512_srai_epi32(acc[t][3], 6)));
+        epi16_avx512(e, 0, o0 + 16 * t, dot);
+    }
+}
+
 VNNI_TARGET static void tern_gemv_vnni(const uint8_t *w, int64_t tstride, const int8_t *x,
                                        int64_t nk, int rt, int64_t o0, const a8_epi *e) {
-    switch (rt) { /* fewer than 4 tiles: the last block of a layer */
+    if (16 * nk <= TERN_MASKED_MAX_I) {
+        switch (rt) { /* fewer than 4 tiles: the last block of a layer */
+        case 1: tern_gemv_masked_impl(w, tstride, x, nk, 1, o0, e); break;
+        case 2: tern_gemv_masked_impl(w, tstride, x, nk, 2, o0, e); break;
+        case 3: tern_gemv_masked_impl(w, tstride, x, nk, 3, o0, e); break;
+        default: tern_gemv_masked_impl(w, tstride, x, nk, 4, o0, e);
+        }
+        return;
+    }
+    switch (rt) {
     case 1: tern_vnni_impl(w, tstride, x, 0, nk, 1, 1, 2, 1, o0, e); break;
     case 2: tern_vnni_impl(w, tstride, x, 0, nk, 2, 1, 2, 1, o0, e); break;
     case 3: tern_vnni_impl(w, tstride, x, 0, nk, 3, 1, 2, 1, o0, e); break;
@@ -495,8 +532,8 @@ VNNI_TARGET static void tern_gemm_vnni(const uint8_t *w, int64_t tstride, const 
                                        int64_t xstride, int64_t nk, int rt, int bt, int64_t o0,
                                        const a8_epi *e) {
 #define TV(n, sp)                                                                              \
-    if (rt == 2) tern_vnni_impl(w, tstride, x, xstride, nk, 2, n, sp, 0, o0, e);             \
-    else tern_vnni_impl(w, tstride, x, xstride, nk, 1, n, sp, 0, o0, e)
+    if (rt == 2) tern_vnni_impl(w, tstride, x, xstride, nk, 2, n, sp, 1, o0, e);             \
+    else tern_vnni_impl(w, tstride, x, xstride, nk, 1, n, sp, 1, o0, e)
     switch (bt) {
     case 1: TV(1, 2); break;
     case 2: TV(2, 2); break;
@@ -649,11 +686,12 @@ void qd_ternary_gemm(const uint8_t *w, const int8_t *x, const int32_t *rowsum, c
  * W8A8 with VNNI, register-blocked (#15 items 1-2). The weights stay in their row layout
  * (int8, [O][I]) because from INT_MM_MIN_ROWS rows on torch._int_mm (oneDNN, AMX on this Xeon)
  * reads the same tensor; this kernel covers batch 1 (GEMV: 8 output rows a pass, 8 independent
- * dpbusd chains) and the rows below that (4 output rows x 4 batch rows, 16 accumulators in
- * registers, every weight load feeding 4 batch rows and every activation load 4 output rows).
- * The inputs run in steps of 64 with a masked last step (no tail loop). The 16 (or 8)
- * accumulators are reduced together by a transposing add tree (45 instructions for 16 sums
- * instead of 16 separate reductions). dpbusd multiplies u8 x s8, so the activations are
+ * dpbusd chains, software prefetch) and the rows below that (6 output rows x 4 batch rows, 24
+ * accumulators in registers, every weight load feeding 4 batch rows and every activation load
+ * 6 output rows; the dpbusd is inline asm so that GCC accumulates in place instead of copying
+ * and spilling the accumulators). The inputs run in unmasked steps of 64 and a masked last
+ * step. The accumulators are reduced 16 at a time by a transposing add tree (45 instructions
+ * for 16 sums instead of 16 separate reductions). dpbusd multiplies u8 x s8, so the activations are
  * shifted to u8 (x ^ 0x80 = x + 128) and 128 * sum_i w[o, i] (wsum) is subtracted afterwards,
  * which keeps the integer dot product exact.
  * ------------------------------------------------------------------------------------------ */
@@ -661,12 +699,15 @@ void qd_ternary_gemm(const uint8_t *w, const int8_t *x, const int32_t *rowsum, c
 /* lane l of the result = the sum of the 16 lanes of a[l] */
 VNNI_TARGET static inline __m512i hsum16_epi32(const __m512i *a) {
     __m512i b[8], c[4], d[2];
+#pragma GCC unroll 8
     for (int j = 0; j < 8; j++) /* 128-bit lane: [a2j, a2j+1, a2j, a2j+1] partial sums */
         b[j] = _mm512_add_epi32(_mm512_unpacklo_epi32(a[2 * j], a[2 * j + 1]),
                                 _mm512_unpackhi_epi32(a[2 * j], a[2 * j + 1]));
+#pragma GCC unroll 4
     for (int j = 0; j < 4; j++) /* 128-bit lane: [a4j, .., a4j+3] partial sums */
         c[j] = _mm512_add_epi32(_mm512_unpacklo_epi64(b[2 * j], b[2 * j + 1]),
                                 _mm512_unpackhi_epi64(b[2 * j], b[2 * j + 1]));
+#pragma GCC unroll 2
     for (int j = 0; j < 2; j++) /* lanes: c2j (L0+L1), c2j (L2+L3), c2j+1 (..), c2j+1 (..) */
         d[j] = _mm512_add_epi32(_mm512_shuffle_i32x4(c[2 * j], c[2 * j + 1], 0x88),
                                 _mm512_shuffle_i32x4(c[2 * j], c[2 * j + 1], 0xDD));
@@ -675,34 +716,58 @@ VNNI_TARGET static inline __m512i hsum16_epi32(const __m512i *a) {
 }
 
 /* RB output rows (rows of them real: the others repeat the last real row and are dropped) x BB
- * batch rows; accumulator b * RB + r. */
+ * batch rows, accumulator b * RB + r (at most 24: with the BB activation vectors and one weight
+ * vector, 31 of the 32 zmm registers). The inputs run in unmasked steps of 64 and one masked
+ * last step; PF: prefetch each weight row I8_PF lines ahead (the first batch block streams the
+ * weights from memory: 1.05-1.15x at 2-16 rows on cold weights; later blocks find them in L1). */
+#ifndef I8_PF
+#define I8_PF 8
+#endif
 __attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"))) static inline void
-i8_vnni_impl(const int8_t *w, const int8_t *x, int64_t I, const int RB, const int BB, int rows,
-             int64_t o0, const int32_t *wsum, const float *x_scale, const float *w_scale,
-             const float *bias, float *y, int64_t O) {
+i8_vnni_impl(const int8_t *w, const int8_t *x, int64_t I, const int RB, const int BB,
+             const int PF, const int FLIP, int rows, int64_t o0, const int32_t *wsum, const float *x_scale,
+             const float *w_scale, const float *bias, float *y, int64_t O) {
     const __m512i flip = _mm512_set1_epi8((char)0x80);
-    __m512i acc[16];
+    __m512i acc[32];
     const int8_t *wr[8];
-#pragma GCC unroll 16
-    for (int a = 0; a < 16; a++) acc[a] = _mm512_setzero_si512();
+#pragma GCC unroll 32
+    for (int a = 0; a < 32; a++) acc[a] = _mm512_setzero_si512();
 #pragma GCC unroll 8
     for (int r = 0; r < RB; r++) wr[r] = w + (r < rows ? r : rows - 1) * I;
-    for (int64_t i = 0; i < I; i += 64) {
-        __mmask64 m = I - i >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (I - i)) - 1);
-        __m512i xv[4];
-#pragma GCC unroll 4
-        for (int b = 0; b < BB; b++) /* absent lanes: 0 ^ 0x80 times a zero weight */
-            xv[b] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, x + b * I + i), flip);
+    int64_t i = 0;
+    for (; i + 64 <= I; i += 64) {
+        __m512i wv[8];
 #pragma GCC unroll 8
         for (int r = 0; r < RB; r++) {
-            __m512i wv = _mm512_maskz_loadu_epi8(m, wr[r] + i);
-#pragma GCC unroll 4
-            for (int b = 0; b < BB; b++)
-                acc[b * RB + r] = _mm512_dpbusd_epi32(acc[b * RB + r], xv[b], wv);
+            if (PF) _mm_prefetch((const char *)(wr[r] + i + 64 * I8_PF), _MM_HINT_T0);
+            wv[r] = _mm512_loadu_si512((const void *)(wr[r] + i));
+        }
+#pragma GCC unroll 8
+        for (int b = 0; b < BB; b++) {
+            __m512i xv = _mm512_loadu_si512((const void *)(x + b * I + i));
+            if (!FLIP) xv = _mm512_xor_si512(xv, flip); /* FLIP: x holds the u8 codes already */
+#pragma GCC unroll 8
+            for (int r = 0; r < RB; r++)
+                DPBUSD(acc[b * RB + r], xv, wv[r]);
         }
     }
-    int32_t dot[16];
+    if (i < I) { /* absent lanes: 0 ^ 0x80 times a zero weight */
+        __mmask64 m = ((__mmask64)1 << (I - i)) - 1;
+        __m512i wv[8];
+#pragma GCC unroll 8
+        for (int r = 0; r < RB; r++) wv[r] = _mm512_maskz_loadu_epi8(m, wr[r] + i);
+#pragma GCC unroll 8
+        for (int b = 0; b < BB; b++) {
+            __m512i xv = _mm512_maskz_loadu_epi8(m, x + b * I + i);
+            if (!FLIP) xv = _mm512_xor_si512(xv, flip);
+#pragma GCC unroll 8
+            for (int r = 0; r < RB; r++)
+                DPBUSD(acc[b * RB + r], xv, wv[r]);
+        }
+    }
+    int32_t dot[32] = {0};
     _mm512_storeu_si512((void *)dot, hsum16_epi32(acc));
+    if (RB * BB > 16) _mm512_storeu_si512((void *)(dot + 16), hsum16_epi32(acc + 16));
     for (int b = 0; b < BB; b++)
         for (int r = 0; r < rows; r++) {
             int64_t o = o0 + r;
@@ -710,39 +775,137 @@ i8_vnni_impl(const int8_t *w, const int8_t *x, int64_t I, const int RB, const in
         }
 }
 
+/* The GEMM block: I8_RB output rows x up to I8_BB batch rows (24 accumulators). Interleaved
+ * on the Sapphire Rapids VM (1 thread, 1024x1024 to 4096x4096, 32 rows): ~160-170 G
+ * multiply-adds/s, about half the dpbusd peak (two 512-bit dpbusd a cycle); 4 x 4 was 10-20%
+ * slower, 4 x 6, 8 x 3, 4 x 5 and 5 x 4 (weights in registers) within the noise of 6 x 4. */
+#define I8_RB 6
+#define I8_BB 4
+
 VNNI_TARGET static void i8_block_vnni(const int8_t *w, const int8_t *x, int64_t I, int bb,
-                                      int rows, int64_t o0, const int32_t *wsum,
+                                      int flipped, int rows, int64_t o0, const int32_t *wsum,
                                       const float *x_scale, const float *w_scale,
                                       const float *bias, float *y, int64_t O) {
-#define I8V(R, N) i8_vnni_impl(w, x, I, R, N, rows, o0, wsum, x_scale, w_scale, bias, y, O)
-    switch (bb) {
-    case 0: I8V(8, 1); break; /* batch 1: the GEMV block */
-    case 1: I8V(4, 1); break;
-    case 2: I8V(4, 2); break;
-    case 3: I8V(4, 3); break;
-    default: I8V(4, 4);
+#define I8V(R, N, F) i8_vnni_impl(w, x, I, R, N, 1, F, rows, o0, wsum, x_scale, w_scale, bias, y, O)
+    if (!flipped) {
+        switch (bb) {
+        case 0: I8V(8, 1, 0); break; /* batch 1: the GEMV block */
+        case 1: I8V(I8_RB, 1, 0); break;
+        case 2: I8V(I8_RB, 2, 0); break;
+        case 3: I8V(I8_RB, 3, 0); break;
+        default: I8V(I8_RB, 4, 0);
+        }
+        return;
+    }
+    switch (bb) { /* the activations already as u8 (x ^ 0x80): no xor in the loop */
+    case 0: I8V(8, 1, 1); break;
+    case 1: I8V(I8_RB, 1, 1); break;
+    case 2: I8V(I8_RB, 2, 1); break;
+    case 3: I8V(I8_RB, 3, 1); break;
+    default: I8V(I8_RB, 4, 1);
     }
 #undef I8V
 }
 #endif
 
-/* y[b, o] = (sum_i w[o, i] x[b, i]) * x_scale[b] * w_scale[o] + bias[o] */
-void qd_int8_gemm(const int8_t *w, const int8_t *x, const int32_t *wsum, const float *x_scale,
-                  const float *w_scale, const float *bias, float *y, int64_t B, int64_t O,
-                  int64_t I, int level) {
+#ifdef __x86_64__
+/* W8A8 with AVX2 (no VNNI), register-blocked like the VNNI kernel: RB output rows (rows of them
+ * real) x BB batch rows, accumulator b * RB + r; maddubs multiplies u8 x s8, so each pair is
+ * |w| x sign(x, w) (pair sums <= 2 * 127 * 127: no int16 saturation). Batch 1
+ * streams 4 weight rows at once (prefetched); the GEMM block is 2 rows x 4 batch rows. */
+__attribute__((always_inline, target("avx2"))) static inline void
+i8_avx2_impl(const int8_t *w, const int8_t *x, int64_t I, const int RB, const int BB,
+             const int PF, int rows, int64_t o0, const float *x_scale, const float *w_scale,
+             const float *bias, float *y, int64_t O) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc[8];
+    const int8_t *wr[4];
+#pragma GCC unroll 8
+    for (int a = 0; a < RB * BB; a++) acc[a] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+    for (int r = 0; r < RB; r++) wr[r] = w + (r < rows ? r : rows - 1) * I;
+    int64_t i = 0;
+    for (; i + 32 <= I; i += 32) {
+        __m256i wv[4], wa[4];
+#pragma GCC unroll 4
+        for (int r = 0; r < RB; r++) {
+            if (PF) _mm_prefetch((const char *)(wr[r] + i + 64 * I8_PF), _MM_HINT_T0);
+            wv[r] = _mm256_loadu_si256((const __m256i *)(wr[r] + i));
+            wa[r] = _mm256_sign_epi8(wv[r], wv[r]);
+        }
+#pragma GCC unroll 4
+        for (int b = 0; b < BB; b++) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(x + b * I + i));
+#pragma GCC unroll 4
+            for (int r = 0; r < RB; r++)
+                acc[b * RB + r] = _mm256_add_epi32(
+                    acc[b * RB + r],
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(wa[r], _mm256_sign_epi8(xv, wv[r])), ones));
+        }
+    }
+    for (int b = 0; b < BB; b++)
+        for (int r = 0; r < rows; r++) {
+            int32_t dot = hsum_epi32(acc[b * RB + r]);
+            for (int64_t j = i; j < I; j++) dot += (int32_t)wr[r][j] * x[b * I + j];
+            int64_t o = o0 + r;
+            y[b * O + o] = epilogue(dot, x_scale[b], w_scale[o], bias, o);
+        }
+}
+
+#define I8_AVX2_RB 2
+#define I8_AVX2_BB 4
+
+__attribute__((target("avx2"))) static void i8_block_avx2(const int8_t *w, const int8_t *x,
+                                                           int64_t I, int bb, int rows,
+                                                           int64_t o0, const float *x_scale,
+                                                           const float *w_scale,
+                                                           const float *bias, float *y,
+                                                           int64_t O) {
+#define I8A(R, N, PF) i8_avx2_impl(w, x, I, R, N, PF, rows, o0, x_scale, w_scale, bias, y, O)
+    switch (bb) {
+    case 0: I8A(4, 1, 1); break; /* batch 1: the GEMV block */
+    case 1: I8A(I8_AVX2_RB, 1, 0); break;
+    case 2: I8A(I8_AVX2_RB, 2, 0); break;
+    case 3: I8A(I8_AVX2_RB, 3, 0); break;
+    default: I8A(I8_AVX2_RB, 4, 0);
+    }
+#undef I8A
+}
+#endif
+
+/* y[b, o] = (sum_i w[o, i] x[b, i]) * x_scale[b] * w_scale[o] + bias[o]; flipped (VNNI path
+ * only): x holds x ^ 0x80 (the u8 codes dpbusd takes), made once per call by qd_a8_linear
+ * instead of once per block in the loop (4 of the 28 vector ops of a 6 x 4 step) */
+static void int8_gemm(const int8_t *w, const int8_t *x, const int32_t *wsum, const float *x_scale,
+                      const float *w_scale, const float *bias, float *y, int64_t B, int64_t O,
+                      int64_t I, int level, int flipped) {
     int path = pick(level);
     (void)path; /* portable builds: C only */
 #ifdef __x86_64__
-    if (path == 2) { /* blocks of RB output rows x up to 4 batch rows */
-        int64_t RB = B == 1 ? 8 : 4, n_blocks = (O + RB - 1) / RB;
+    if (path == 2) { /* blocks of RB output rows x up to I8_BB batch rows */
+        int64_t RB = B == 1 ? 8 : I8_RB, n_blocks = (O + RB - 1) / RB;
 #pragma omp parallel for schedule(static) if (B * O * I >= PARALLEL_MIN_WORK)
         for (int64_t u = 0; u < n_blocks; u++) {
             int64_t o0 = u * RB;
             int rows = O - o0 < RB ? (int)(O - o0) : (int)RB;
-            for (int64_t b0 = 0; b0 < B; b0 += 4) {
-                int bb = B == 1 ? 0 : (B - b0 < 4 ? (int)(B - b0) : 4);
-                i8_block_vnni(w + o0 * I, x + b0 * I, I, bb, rows, o0, wsum, x_scale + b0,
-                              w_scale, bias, y + b0 * O, O);
+            for (int64_t b0 = 0; b0 < B; b0 += I8_BB) {
+                int bb = B == 1 ? 0 : (B - b0 < I8_BB ? (int)(B - b0) : I8_BB);
+                i8_block_vnni(w + o0 * I, x + b0 * I, I, bb, flipped, rows, o0, wsum,
+                              x_scale + b0, w_scale, bias, y + b0 * O, O);
+            }
+        }
+        return;
+    }
+    if (path == 1) { /* blocks of 4 output rows (batch 1) or 2 x up to 4 batch rows */
+        int64_t RB = B == 1 ? 4 : I8_AVX2_RB, n_blocks = (O + RB - 1) / RB;
+#pragma omp parallel for schedule(static) if (B * O * I >= PARALLEL_MIN_WORK)
+        for (int64_t u = 0; u < n_blocks; u++) {
+            int64_t o0 = u * RB;
+            int rows = O - o0 < RB ? (int)(O - o0) : (int)RB;
+            for (int64_t b0 = 0; b0 < B; b0 += I8_AVX2_BB) {
+                int bb = B == 1 ? 0 : (B - b0 < I8_AVX2_BB ? (int)(B - b0) : I8_AVX2_BB);
+                i8_block_avx2(w + o0 * I, x + b0 * I, I, bb, rows, o0, x_scale + b0, w_scale,
+                              bias, y + b0 * O, O);
             }
         }
         return;
@@ -751,25 +914,15 @@ void qd_int8_gemm(const int8_t *w, const int8_t *x, const int32_t *wsum, const f
 #pragma omp parallel for schedule(static) if (B * O * I >= PARALLEL_MIN_WORK)
     for (int64_t o = 0; o < O; o++) {
         const int8_t *wr = w + o * I;
-        for (int64_t b0 = 0; b0 < B; b0 += 4) {
-            int nb = B - b0 < 4 ? (int)(B - b0) : 4;
-#ifdef __x86_64__
-            if (path) {
-                const int8_t *xs[4];
-                int32_t out[4];
-                for (int b = 0; b < 4; b++) xs[b] = x + (b0 + (b < nb ? b : 0)) * I;
-                int8_rows_avx2(wr, xs, I, out, nb);
-                for (int b = 0; b < nb; b++)
-                    y[(b0 + b) * O + o] = epilogue(out[b], x_scale[b0 + b], w_scale[o], bias, o);
-                continue;
-            }
-#endif
-            for (int b = 0; b < nb; b++) {
-                int64_t r = b0 + b;
-                y[r * O + o] = epilogue(int8_row_c(wr, x + r * I, I), x_scale[r], w_scale[o], bias, o);
-            }
-        }
+        for (int64_t r = 0; r < B; r++)
+            y[r * O + o] = epilogue(int8_row_c(wr, x + r * I, I), x_scale[r], w_scale[o], bias, o);
     }
+}
+
+void qd_int8_gemm(const int8_t *w, const int8_t *x, const int32_t *wsum, const float *x_scale,
+                  const float *w_scale, const float *bias, float *y, int64_t B, int64_t O,
+                  int64_t I, int level) {
+    int8_gemm(w, x, wsum, x_scale, w_scale, bias, y, B, O, I, level, 0);
 }
 
 
@@ -779,7 +932,8 @@ void qd_int8_gemm(const int8_t *w, const int8_t *x, const int32_t *wsum, const f
 
 
 #ifdef __x86_64__
-/* Up to NB4 batch rows a pass with VNNI (one int32 accumulator per batch row and group, the
+/* Up to NB4 batch rows a pass with VNNI, the tile's codes prefetched TERN_PF lines ahead
+ * (1.1-1.3x at 2-16 rows on cold weights) (one int32 accumulator per batch row and group, the
  * low and high nibbles feeding the same one from 5 rows on; float accumulators across groups): the codes are
  * unpacked once for 8 batch rows, and 8 independent dpbusd chains keep the unit busy (#15). */
 
@@ -797,15 +951,16 @@ int4_tile_impl(const uint8_t *w, const float *s, const uint8_t *zp, const int8_t
         for (int b = 0; b < nb; b++) d[b] = e[b] = _mm512_setzero_si512();
         for (int64_t kk = 0; kk < cpg; kk++) {
             int64_t k = gi * cpg + kk;
+            _mm_prefetch((const char *)(w + 64 * (k + TERN_PF)), _MM_HINT_T0);
             __m512i v = _mm512_loadu_si512((const void *)(w + 64 * k));
             __m512i lo = _mm512_and_si512(v, mask);
             __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
 #pragma GCC unroll 8
             for (int b = 0; b < nb; b++) {
                 const int8_t *xk = x[b] + 8 * k;
-                d[b] = _mm512_dpbusd_epi32(d[b], lo, _mm512_set1_epi32(load_i32(xk)));
-                if (split) e[b] = _mm512_dpbusd_epi32(e[b], hi, _mm512_set1_epi32(load_i32(xk + 4)));
-                else d[b] = _mm512_dpbusd_epi32(d[b], hi, _mm512_set1_epi32(load_i32(xk + 4)));
+                DPBUSD(d[b], lo, _mm512_set1_epi32(load_i32(xk)));
+                if (split) DPBUSD(e[b], hi, _mm512_set1_epi32(load_i32(xk + 4)));
+                else DPBUSD(d[b], hi, _mm512_set1_epi32(load_i32(xk + 4)));
             }
         }
         __m512i zv = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(zp + 16 * gi)));
@@ -823,6 +978,144 @@ int4_tile_impl(const uint8_t *w, const float *s, const uint8_t *zp, const int8_t
 
 #define NB_SWITCH(nb, CALL) \
     switch (nb) { case 1: CALL(1); break; case 2: CALL(2); break; case 3: CALL(3); break; default: CALL(4); }
+
+/* Batch 1 (GEMV, #15 item 1): RT tiles (RT * 16 output rows) a pass, each tile its own weight
+ * stream (tstride bytes apart) prefetched TERN_PF lines ahead, the low and high nibbles in two
+ * int32 chains a tile (2 * RT independent dpbusd chains instead of 2), the two broadcast
+ * activation words shared by the RT tiles. Per tile and group the same ops in the same order as
+ * int4_tile_impl (so the results are those of the one-tile path bit for bit; the group scales
+ * and zero points prefetched a few groups ahead: 2-7% on cold weights); out[16 t + r]
+ * before x_scale and bias. s / zp: the first tile's, sstride apart. */
+__attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"))) static inline void
+int4_gemv_impl(const uint8_t *w, int64_t tstride, const float *s, const uint8_t *zp,
+               int64_t sstride, const int8_t *x, const int32_t *xgsum, int64_t G, int64_t cpg,
+               const int RT, float *out) {
+    const __m512i mask = _mm512_set1_epi8(15);
+    __m512 acc[4];
+#pragma GCC unroll 4
+    for (int t = 0; t < RT; t++) acc[t] = _mm512_setzero_ps();
+    for (int64_t gi = 0; gi < G; gi++) {
+        __m512i d[4], e[4];
+#pragma GCC unroll 4
+        for (int t = 0; t < RT; t++) d[t] = e[t] = _mm512_setzero_si512();
+        for (int64_t kk = 0; kk < cpg; kk++) {
+            int64_t k = gi * cpg + kk;
+            __m512i xlo = _mm512_set1_epi32(load_i32(x + 8 * k));
+            __m512i xhi = _mm512_set1_epi32(load_i32(x + 8 * k + 4));
+#pragma GCC unroll 4
+            for (int t = 0; t < RT; t++) {
+                const uint8_t *wk = w + t * tstride + 64 * k;
+                _mm_prefetch((const char *)(wk + 64 * TERN_PF), _MM_HINT_T0);
+                __m512i v = _mm512_loadu_si512((const void *)wk);
+                DPBUSD(d[t], _mm512_and_si512(v, mask), xlo);
+                DPBUSD(e[t], _mm512_and_si512(_mm512_srli_epi16(v, 4), mask), xhi);
+            }
+        }
+        __m512i xg = _mm512_set1_epi32(xgsum[gi]);
+#pragma GCC unroll 4
+        for (int t = 0; t < RT; t++) {
+            _mm_prefetch((const char *)(s + t * sstride + 16 * (gi + 4)), _MM_HINT_T0);
+            _mm_prefetch((const char *)(zp + t * sstride + 16 * (gi + 16)), _MM_HINT_T0);
+            __m512i zv = _mm512_cvtepu8_epi32(
+                _mm_loadu_si128((const __m128i *)(zp + t * sstride + 16 * gi)));
+            __m512 sv = _mm512_loadu_ps(s + t * sstride + 16 * gi);
+            __m512i dd = _mm512_sub_epi32(_mm512_add_epi32(d[t], e[t]), _mm512_mullo_epi32(zv, xg));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dd), sv, acc[t]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < RT; t++) _mm512_storeu_ps(out + 16 * t, acc[t]);
+}
+
+#define INT4_GEMV_TILES 4
+
+VNNI_TARGET static void int4_gemv_vnni(const uint8_t *w, int64_t tstride, const float *s,
+                                       const uint8_t *zp, int64_t sstride, const int8_t *x,
+                                       const int32_t *xgsum, int64_t G, int64_t cpg, int rt,
+                                       float *out) {
+#define I4G(n) int4_gemv_impl(w, tstride, s, zp, sstride, x, xgsum, G, cpg, n, out)
+    switch (rt) { /* fewer than 4 tiles: the last block of a layer */
+    case 1: I4G(1); break;
+    case 2: I4G(2); break;
+    case 3: I4G(3); break;
+    default: I4G(4);
+    }
+#undef I4G
+}
+
+/* The VNNI GEMM over 2 tiles a pass (2+ batch rows): each pair of broadcast activation words
+ * feeds both tiles (16 broadcasts per 32 dpbusd instead of per 16: the one-tile loop is bound
+ * by its loads and the two vector ports), the 2 x nb int32 sums in registers, the float sums in
+ * out[t][b][16] (loaded and stored once per group). Per tile, row and group the same ops in the
+ * same order as int4_tile_impl: the same results bit for bit. */
+__attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"))) static inline void
+int4_tile2_impl(const uint8_t *w, int64_t tstride, const float *s, const uint8_t *zp,
+                int64_t sstride, const int8_t **x, const int32_t **xgsum, int64_t G, int64_t cpg,
+                const int nb, float *out) {
+    const __m512i mask = _mm512_set1_epi8(15);
+#pragma GCC unroll 2
+    for (int t = 0; t < 2; t++)
+#pragma GCC unroll 8
+        for (int b = 0; b < nb; b++) _mm512_storeu_ps(out + (t * NB4 + b) * 16, _mm512_setzero_ps());
+    for (int64_t gi = 0; gi < G; gi++) {
+        __m512i d[2][NB4];
+#pragma GCC unroll 2
+        for (int t = 0; t < 2; t++)
+#pragma GCC unroll 8
+            for (int b = 0; b < nb; b++) d[t][b] = _mm512_setzero_si512();
+        for (int64_t kk = 0; kk < cpg; kk++) {
+            int64_t k = gi * cpg + kk;
+            __m512i lo[2], hi[2];
+#pragma GCC unroll 2
+            for (int t = 0; t < 2; t++) {
+                const uint8_t *wk = w + t * tstride + 64 * k;
+                _mm_prefetch((const char *)(wk + 64 * TERN_PF), _MM_HINT_T0);
+                __m512i v = _mm512_loadu_si512((const void *)wk);
+                lo[t] = _mm512_and_si512(v, mask);
+                hi[t] = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+            }
+#pragma GCC unroll 8
+            for (int b = 0; b < nb; b++) {
+                const int8_t *xk = x[b] + 8 * k;
+                __m512i xl = _mm512_set1_epi32(load_i32(xk)), xh = _mm512_set1_epi32(load_i32(xk + 4));
+                DPBUSD(d[0][b], lo[0], xl);
+                DPBUSD(d[1][b], lo[1], xl);
+                DPBUSD(d[0][b], hi[0], xh);
+                DPBUSD(d[1][b], hi[1], xh);
+            }
+        }
+#pragma GCC unroll 2
+        for (int t = 0; t < 2; t++) {
+            __m512i zv = _mm512_cvtepu8_epi32(
+                _mm_loadu_si128((const __m128i *)(zp + t * sstride + 16 * gi)));
+            __m512 sv = _mm512_loadu_ps(s + t * sstride + 16 * gi);
+#pragma GCC unroll 8
+            for (int b = 0; b < nb; b++) {
+                float *o = out + (t * NB4 + b) * 16;
+                __m512i dd = _mm512_sub_epi32(d[t][b], _mm512_mullo_epi32(zv, _mm512_set1_epi32(xgsum[b][gi])));
+                _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_cvtepi32_ps(dd), sv, _mm512_loadu_ps(o)));
+            }
+        }
+    }
+}
+
+VNNI_TARGET static void int4_tile2_vnni(const uint8_t *w, int64_t tstride, const float *s,
+                                        const uint8_t *zp, int64_t sstride, const int8_t **x,
+                                        const int32_t **xgsum, int64_t G, int64_t cpg, int nb,
+                                        float *out) {
+#define I4T(n) int4_tile2_impl(w, tstride, s, zp, sstride, x, xgsum, G, cpg, n, out)
+    switch (nb) {
+    case 1: I4T(1); break;
+    case 2: I4T(2); break;
+    case 3: I4T(3); break;
+    case 4: I4T(4); break;
+    case 5: I4T(5); break;
+    case 6: I4T(6); break;
+    case 7: I4T(7); break;
+    default: I4T(8);
+    }
+#undef I4T
+}
 
 /* One tile of 16 output rows for nb (<= NB) batch rows; out[b][r] before x_scale and bias. */
 VNNI_TARGET static void int4_tile_vnni(const uint8_t *w, const float *s, const uint8_t *zp,
@@ -842,23 +1135,28 @@ VNNI_TARGET static void int4_tile_vnni(const uint8_t *w, const float *s, const u
 #undef I4
 }
 
-__attribute__((target("avx2,fma"))) static void int4_tile_avx2(
+/* nb a compile-time constant after inlining (the accumulators stay in registers; with a run-time
+ * count they lived on the stack) */
+__attribute__((always_inline, target("avx2,fma"))) static inline void int4_tile_avx2_impl(
     const uint8_t *w, const float *s, const uint8_t *zp, const int8_t **x, const int32_t **xgsum,
-    int64_t G, int64_t cpg, int nb, float *out) {
+    int64_t G, int64_t cpg, const int nb, float *out) {
     const __m256i mask = _mm256_set1_epi8(15);
     const __m256i ones = _mm256_set1_epi16(1);
     for (int h = 0; h < 2; h++) { /* rows 8h .. 8h + 7: the h-th 32 bytes of each 64 */
         __m256 acc[NB];
+#pragma GCC unroll 4
         for (int b = 0; b < nb; b++) acc[b] = _mm256_setzero_ps();
         for (int64_t gi = 0; gi < G; gi++) {
             __m256i d[NB];
-            for (int b = 0; b < nb; b++) d[b] = _mm256_setzero_si256();
+    #pragma GCC unroll 4
+        for (int b = 0; b < nb; b++) d[b] = _mm256_setzero_si256();
             for (int64_t kk = 0; kk < cpg; kk++) {
                 int64_t k = gi * cpg + kk;
                 __m256i v = _mm256_loadu_si256((const __m256i *)(w + 64 * k + 32 * h));
                 __m256i lo = _mm256_and_si256(v, mask);
                 __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-                for (int b = 0; b < nb; b++) {
+        #pragma GCC unroll 4
+        for (int b = 0; b < nb; b++) {
                     const int8_t *xk = x[b] + 8 * k;
                     /* pair sums <= 2 * 15 * 128: lo + hi fits int16 */
                     __m256i p = _mm256_add_epi16(
@@ -869,13 +1167,84 @@ __attribute__((target("avx2,fma"))) static void int4_tile_avx2(
             }
             __m256i zv = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zp + 16 * gi + 8 * h)));
             __m256 sv = _mm256_loadu_ps(s + 16 * gi + 8 * h);
-            for (int b = 0; b < nb; b++) {
+    #pragma GCC unroll 4
+        for (int b = 0; b < nb; b++) {
                 __m256i dd = _mm256_sub_epi32(d[b], _mm256_mullo_epi32(zv, _mm256_set1_epi32(xgsum[b][gi])));
                 acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dd), sv, acc[b]);
             }
         }
+#pragma GCC unroll 4
         for (int b = 0; b < nb; b++) _mm256_storeu_ps(out + 16 * b + 8 * h, acc[b]);
     }
+}
+
+__attribute__((target("avx2,fma"))) static void int4_tile_avx2(
+    const uint8_t *w, const float *s, const uint8_t *zp, const int8_t **x, const int32_t **xgsum,
+    int64_t G, int64_t cpg, int nb, float *out) {
+#define I4A(n) int4_tile_avx2_impl(w, s, zp, x, xgsum, G, cpg, n, out)
+    NB_SWITCH(nb, I4A)
+#undef I4A
+}
+
+/* The AVX2 batch-1 GEMV: INT4_GEMV_TILES_AVX2 tiles a pass, both 32-byte halves of every 64-byte
+ * chunk from one load pass (int4_tile_avx2 walks each tile twice, once per half), each tile a
+ * prefetched stream; per half the ops of int4_tile_avx2 in its order (the same results bit for
+ * bit). 2 tiles: 8 accumulators of the 16 ymm registers. */
+#define INT4_GEMV_TILES_AVX2 2
+__attribute__((always_inline, target("avx2,fma"))) static inline void
+int4_gemv_avx2_impl(const uint8_t *w, int64_t tstride, const float *s, const uint8_t *zp,
+                    int64_t sstride, const int8_t *x, const int32_t *xgsum, int64_t G,
+                    int64_t cpg, const int RT, float *out) {
+    const __m256i mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    __m256 acc[INT4_GEMV_TILES_AVX2][2];
+#pragma GCC unroll 2
+    for (int t = 0; t < RT; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+    for (int64_t gi = 0; gi < G; gi++) {
+        __m256i d[INT4_GEMV_TILES_AVX2][2];
+#pragma GCC unroll 2
+        for (int t = 0; t < RT; t++) d[t][0] = d[t][1] = _mm256_setzero_si256();
+        for (int64_t kk = 0; kk < cpg; kk++) {
+            int64_t k = gi * cpg + kk;
+            __m256i xlo = _mm256_set1_epi32(load_i32(x + 8 * k));
+            __m256i xhi = _mm256_set1_epi32(load_i32(x + 8 * k + 4));
+#pragma GCC unroll 2
+            for (int t = 0; t < RT; t++) {
+                const uint8_t *wk = w + t * tstride + 64 * k;
+                _mm_prefetch((const char *)(wk + 64 * TERN_PF), _MM_HINT_T0);
+#pragma GCC unroll 2
+                for (int h = 0; h < 2; h++) {
+                    __m256i v = _mm256_loadu_si256((const __m256i *)(wk + 32 * h));
+                    __m256i lo = _mm256_and_si256(v, mask);
+                    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                    __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo),
+                                                 _mm256_maddubs_epi16(hi, xhi));
+                    d[t][h] = _mm256_add_epi32(d[t][h], _mm256_madd_epi16(p, ones));
+                }
+            }
+        }
+        __m256i xg = _mm256_set1_epi32(xgsum[gi]);
+#pragma GCC unroll 2
+        for (int t = 0; t < RT; t++)
+#pragma GCC unroll 2
+            for (int h = 0; h < 2; h++) {
+                const int64_t o = t * sstride + 16 * gi + 8 * h;
+                __m256i zv = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zp + o)));
+                __m256i dd = _mm256_sub_epi32(d[t][h], _mm256_mullo_epi32(zv, xg));
+                acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dd), _mm256_loadu_ps(s + o), acc[t][h]);
+            }
+    }
+#pragma GCC unroll 2
+    for (int t = 0; t < RT; t++) {
+        _mm256_storeu_ps(out + 16 * t, acc[t][0]);
+        _mm256_storeu_ps(out + 16 * t + 8, acc[t][1]);
+    }
+}
+
+__attribute__((target("avx2,fma"))) static void int4_gemv_avx2(
+    const uint8_t *w, int64_t tstride, const float *s, const uint8_t *zp, int64_t sstride,
+    const int8_t *x, const int32_t *xgsum, int64_t G, int64_t cpg, int rt, float *out) {
+    if (rt >= 2) int4_gemv_avx2_impl(w, tstride, s, zp, sstride, x, xgsum, G, cpg, 2, out);
+    else int4_gemv_avx2_impl(w, tstride, s, zp, sstride, x, xgsum, G, cpg, 1, out);
 }
 #endif
 
@@ -919,6 +1288,71 @@ int qd_int4_gemm(const uint8_t *w, const float *s, const uint8_t *zp, const int8
             for (int64_t i = 0; i < g; i++) sum += x[r * I + gi * g + i];
             xgsum[r * G + gi] = sum;
         }
+#ifdef __x86_64__
+    if (path && B == 1) { /* GEMV: rt_max tiles a pass */
+        const int64_t rt_max = path == 2 ? INT4_GEMV_TILES : INT4_GEMV_TILES_AVX2;
+        int64_t n_units = (T + rt_max - 1) / rt_max;
+#pragma omp parallel for schedule(static) if (O * I >= PARALLEL_MIN_WORK)
+        for (int64_t u = 0; u < n_units; u++) {
+            int64_t t0 = u * rt_max;
+            int rt = T - t0 < rt_max ? (int)(T - t0) : (int)rt_max;
+            float out[INT4_GEMV_TILES * 16];
+            const uint8_t *wu = w + t0 * (I / 8) * 64;
+            if (path == 2)
+                int4_gemv_vnni(wu, (I / 8) * 64, s + t0 * G * 16, zp + t0 * G * 16, G * 16, x,
+                               xgsum, G, cpg, rt, out);
+            else
+                int4_gemv_avx2(wu, (I / 8) * 64, s + t0 * G * 16, zp + t0 * G * 16, G * 16, x,
+                               xgsum, G, cpg, rt, out);
+            int64_t rows = O - 16 * t0 < 16 * rt ? O - 16 * t0 : 16 * rt;
+            float *yr = y + 16 * t0;
+            for (int64_t r = 0; r < rows; r++)
+                yr[r] = out[r] * x_scale[0] + (bias ? bias[16 * t0 + r] : 0.0f);
+        }
+        free(xgsum);
+        return 0;
+    }
+#endif
+#ifdef __x86_64__
+    if (path == 2 && T >= 2) { /* GEMM: 2 tiles x up to NB4 batch rows a pass */
+        int64_t n_units = (T + 1) / 2;
+#pragma omp parallel for schedule(static) if (B * O * I >= PARALLEL_MIN_WORK)
+        for (int64_t u = 0; u < n_units; u++) {
+            int64_t t0 = 2 * u;
+            int rt = T - t0 < 2 ? 1 : 2;
+            const uint8_t *wt = w + t0 * (I / 8) * 64;
+            float out[2 * NB4 * 16];
+            for (int64_t b0 = 0; b0 < B; b0 += NB4) {
+                int nb = B - b0 < NB4 ? (int)(B - b0) : NB4;
+                const int8_t *xs[NB4];
+                const int32_t *gs[NB4];
+                for (int b = 0; b < NB4; b++) {
+                    int64_t r = b0 + (b < nb ? b : 0);
+                    xs[b] = x + r * I;
+                    gs[b] = xgsum + r * G;
+                }
+                if (rt == 2)
+                    int4_tile2_vnni(wt, (I / 8) * 64, s + t0 * G * 16, zp + t0 * G * 16, G * 16, xs,
+                                    gs, G, cpg, nb, out);
+                else
+                    int4_tile_vnni(wt, s + t0 * G * 16, zp + t0 * G * 16, xs, gs, G, cpg, nb, out);
+                for (int t = 0; t < rt; t++) {
+                    int64_t o0 = 16 * (t0 + t);
+                    int rows = O - o0 < 16 ? (int)(O - o0) : 16;
+                    for (int b = 0; b < nb; b++) {
+                        float xs_b = x_scale[b0 + b];
+                        float *yr = y + (b0 + b) * O + o0;
+                        const float *ob = out + (t * NB4 + b) * 16;
+                        for (int r = 0; r < rows; r++)
+                            yr[r] = ob[r] * xs_b + (bias ? bias[o0 + r] : 0.0f);
+                    }
+                }
+            }
+        }
+        free(xgsum);
+        return 0;
+    }
+#endif
 #pragma omp parallel for schedule(static) if (B * O * I >= PARALLEL_MIN_WORK)
     for (int64_t t = 0; t < T; t++) {
         const uint8_t *wt = w + t * (I / 8) * 64;
@@ -1818,9 +2252,13 @@ int64_t qd_a8_linear(int kind, const void *w, const float *w_scale, const void *
         if (kind == 0)
             qd_ternary_gemm((const uint8_t *)w, xq, rowsum, (const int32_t *)zp, x_scale, w_scale,
                             bias, y, B, O, I_pad, level);
-        else if (kind == 1)
-            qd_int8_gemm((const int8_t *)w, xq, wsum, x_scale, w_scale, bias, y, B, O, I_pad,
-                         level);
+        else if (kind == 1) {
+            int flip = B > 1 && pick(level) == 2; /* the VNNI GEMM takes u8 codes */
+            if (flip)
+                for (int64_t i = 0; i < B * I_pad; i++) xq[i] = (int8_t)((uint8_t)xq[i] ^ 0x80u);
+            int8_gemm((const int8_t *)w, xq, wsum, x_scale, w_scale, bias, y, B, O, I_pad, level,
+                      flip);
+        }
         else
             status = qd_int4_gemm((const uint8_t *)w, w_scale, (const uint8_t *)zp, xq, x_scale,
                                   bias, y, B, O, I, g, level);

@@ -67,10 +67,11 @@ _LOADED = False
 _WARNED = False
 DISABLE_ENV = "QDISTILL_NO_KERNELS"
 # From this many rows on, W8A8 runs torch._int_mm (oneDNN; AMX on CPUs that have it) on CPUs
-# with VNNI: it needs more than 16 rows (fewer are padded up to 17). Against the register-blocked
-# VNNI kernel (#15) it loses at 8-12 rows and wins from about 16 (interleaved in one process on
-# the 2-core Sapphire Rapids VM under load, 384x384 / 1536x384 / 384x1536, 1.1-2x either way).
-INT_MM_MIN_ROWS = 13
+# with VNNI: it needs more than 16 rows (fewer are padded up to 17). Against the VNNI GEMM (6
+# outputs x 4 batch rows) it loses below 32 rows at every size tried and wins from 32-48 on
+# (1.2-2x at 64-128 rows on 4096 inputs, where oneDNN's AMX outruns VNNI); interleaved in one
+# process, 1 thread, on the 2-core Sapphire Rapids VM under load.
+INT_MM_MIN_ROWS = 32
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES: dict[str, list[Any]] = {
