@@ -1,0 +1,113 @@
+"""The demo: seeds and mean ± std, the cached teacher and its logit table, reproducibility."""
+
+import statistics
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from qdistill.demo import Demo, DemoConfig, TeacherLogits, summarize
+from qdistill.formats import MinMaxFormat
+from qdistill.report import read_csv
+from qdistill.report.plot import plot_accuracy_mean_std
+
+
+def test_summarize_gives_mean_and_sample_std_per_method_and_width():
+    rows = [
+        {"method": "teacher", "bits": 32, "seed": 0, "accuracy": 91.0, "bytes": 900},
+        *(
+            {"method": "qat", "bits": 2, "seed": s, "accuracy": a, "bytes": 30}
+            for s, a in enumerate([80.0, 82.0, 84.5])
+        ),
+    ]
+    table = summarize(rows)
+    assert [(r["method"], r["bits"], r["runs"]) for r in table] == [
+        ("teacher", 32, 1),
+        ("qat", 2, 3),
+    ]
+    assert table[0]["accuracy"] == "91.00"  # one run: no std
+    sd = statistics.stdev([80.0, 82.0, 84.5])  # 2.25
+    assert table[1]["accuracy"] == f"82.17 ± {sd:.2f}" == "82.17 ± 2.25"
+
+
+def test_teacher_logits_equal_the_teacher_on_shuffled_batches():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(16, 5)).eval()
+    images = torch.randn(50, 1, 4, 4)
+    images[7] = images[3]  # a repeated image
+    data = TensorDataset(images, torch.zeros(50, dtype=torch.long))
+    table = TeacherLogits(teacher, data, batch_size=16)
+    assert table.table.shape == (50, 5)
+    for x, _ in DataLoader(data, batch_size=13, shuffle=True):
+        assert torch.allclose(table(x), teacher(x), atol=1e-6)
+    unseen = torch.randn(3, 1, 4, 4)  # not in the table: the teacher answers
+    assert torch.equal(table(unseen), teacher(unseen))
+
+
+def test_quantizer_is_polinos_min_max():
+    fmt = DemoConfig().quant_config(2).weights
+    assert fmt == MinMaxFormat(2, group_size=256)
+
+
+def tiny(out, **kw) -> DemoConfig:
+    base = dict(
+        out=str(out), dataset="digits", subset=300, bits=(2,), seeds=(0, 1), teacher_epochs=1,
+        student_epochs=1, progress=False, teacher_kwargs={"width": 8}, batch_size=64,
+    )  # fmt: skip
+    return DemoConfig(**{**base, **kw})
+
+
+def test_demo_rows_per_seed_teacher_cached_and_same_csv_from_scratch(tmp_path, monkeypatch):
+    trained = []
+    original = Demo._train
+    monkeypatch.setattr(
+        Demo,
+        "_train",
+        lambda self, m, name, *a, **k: trained.append(name) or original(self, m, name, *a, **k),
+    )
+    Demo(tiny(tmp_path / "a")).run()
+    rows = read_csv(tmp_path / "a" / "demo.csv")
+    assert list(rows[0]) == ["method", "bits", "seed", "accuracy", "bytes", "ratio_vs_teacher"]
+    runs = [(r["method"], r["bits"], r["seed"]) for r in rows]
+    assert runs[0] == ("teacher", 32, 0) and len(runs) == 1 + 2 * 4
+    for seed in (0, 1):
+        for method, bits in [
+            ("float", 32),
+            ("post-mortem", 2),
+            ("qat", 2),
+            ("quantized-distillation", 2),
+        ]:
+            assert (method, bits, seed) in runs
+    assert trained.count("teacher") == 1
+    md = (tmp_path / "a" / "demo.md").read_text()
+    assert "| qat | 2 | 2 |" in md and " ± " in md
+    assert (tmp_path / "a" / "demo.png").read_bytes()[:4] == b"\x89PNG"
+    # a second run in the same folder reuses the teacher file (trained once per setting)
+    trained.clear()
+    Demo(tiny(tmp_path / "a")).run()
+    assert "teacher" not in trained and len(trained) == 2 * 3
+    assert read_csv(tmp_path / "a" / "demo.csv") == rows
+    # a fresh folder trains everything again and writes the same table
+    Demo(tiny(tmp_path / "b")).run()
+    assert read_csv(tmp_path / "b" / "demo.csv") == rows
+    # another teacher setting is another file
+    assert tiny(tmp_path).teacher_key() != tiny(tmp_path, teacher_epochs=2).teacher_key()
+
+
+def test_demo_refuses_no_seeds(tmp_path):
+    with pytest.raises(ValueError, match="seeds"):
+        Demo(tiny(tmp_path, seeds=()))
+
+
+def test_mean_std_plot(tmp_path):
+    rows = [
+        {"method": m, "bits": b, "accuracy": a + s, "bytes": 100 * b}
+        for m, a in [("qat", 80.0), ("qd", 82.0)]
+        for b in (2, 4)
+        for s in (0.0, 1.0, 2.0)
+    ]
+    path = plot_accuracy_mean_std(rows, tmp_path / "p.png", reference={"teacher": 90.0})
+    assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size > 5000
+    with pytest.raises(Exception, match="nothing to plot"):
+        plot_accuracy_mean_std([], tmp_path / "q.png")
