@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--seeds", type=int, nargs="+", default=None, help="student seeds (default 0 1 2)"
     )
+    demo.add_argument(
+        "--workers", type=positive_int, default=None, help="student processes (default 2)"
+    )
     demo.add_argument("--resume", action="store_true", help="continue a killed run")
     _add_common(demo)
 
@@ -207,6 +210,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             "student_epochs": args.student_epochs,
             "subset": args.subset,
             "seeds": tuple(args.seeds) if args.seeds else None,
+            "workers": args.workers,
             "resume": args.resume,
             "progress": not args.no_progress,
         }.items()

@@ -31,12 +31,16 @@ redoes only the unfinished stages (and resumes the interrupted one from its last
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
+import resource
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +86,7 @@ class DemoConfig:
     temperature: float = 2.0
     alpha: float = 0.7
     group_size: int = 256
+    workers: int = 2
     resume: bool = False
     progress: bool = True
     teacher_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -208,13 +213,9 @@ class Demo:
         )
         return model.eval()
 
-    def _record(self, method: str, bits: int, seed: int, model: nn.Module, name: str) -> None:
-        path = save(model, self.models_dir / f"{name}.qd.safetensors")
-        self._record_file(method, bits, seed, path, copy.deepcopy(model))
-
-    def _record_file(
+    def _score(
         self, method: str, bits: int, seed: int, path: Path, template: nn.Module
-    ) -> None:
+    ) -> dict[str, Any]:
         """Score what ships: the packed file, loaded back into a copy of the architecture."""
         acc = evaluate(load(path, model=template), self.test_loader)
         row = {
@@ -224,17 +225,14 @@ class Demo:
             "accuracy": round(100.0 * acc, 2),
             "bytes": os.path.getsize(path),
         }
-        self.rows.append(row)
         log.info("%s", row)
+        return row
 
-    def _cached(self, path: Path, template: nn.Module) -> nn.Module | None:
-        if self.cfg.resume and path.exists():
-            log.info("resume: reusing finished stage %s", path.name)
-            return load(path, model=template)
-        return None
+    def _path(self, method: str, bits: int, seed: int) -> Path:
+        return self.models_dir / f"{method}-{bits}bit-s{seed}.qd.safetensors"
 
     # ------------------------------------------------------------------ stages
-    def train_teacher(self) -> nn.Module:
+    def train_teacher(self) -> tuple[nn.Module, dict[str, Any]]:
         """The teacher, trained once per teacher setting and kept in the output folder."""
         teacher = self._new("teacher-cnn", 0)
         path = self.out / f"teacher-{self.cfg.teacher_key()}.qd.safetensors"
@@ -244,54 +242,80 @@ class Demo:
         else:
             teacher = self._train(teacher, "teacher", self.cfg.teacher_epochs, seed=0)
             save(teacher, path)
-        self._record_file("teacher", 32, 0, path, self._new("teacher-cnn", 0))
-        return teacher.eval()
+        return teacher.eval(), self._score("teacher", 32, 0, path, self._new("teacher-cnn", 0))
 
-    def train_float_student(self, seed: int) -> nn.Module:
-        name = f"student-float-s{seed}"
+    def student(
+        self, method: str, bits: int, seed: int, teacher: nn.Module | None = None
+    ) -> dict[str, Any]:
+        """Train one student (``float``, ``qat`` or ``quantized-distillation``; resuming: reuse
+        its file) with one thread, pack it and score the file. One thread makes the result
+        the same whichever process runs it (see :func:`run_demo`'s workers)."""
+        path = self._path(method, bits, seed)
         student = self._new("student-cnn", seed)
-        cached = self._cached(self.models_dir / f"{name}.qd.safetensors", copy.deepcopy(student))
-        if cached is None:
-            student = self._train(student, name, self.cfg.student_epochs, seed)
-        else:
-            student = cached
-        self._record("float", 32, seed, student.eval(), name)
-        return student.eval()
-
-    def quantized_student(self, bits: int, seed: int, teacher: nn.Module | None) -> None:
-        method = "quantized-distillation" if teacher is not None else "qat"
-        name = f"{method}-{bits}bit-s{seed}"
-        student = self._new("student-cnn", seed)
-        path = self.models_dir / f"{name}.qd.safetensors"
         if self.cfg.resume and path.exists():
-            log.info("resume: reusing finished stage %s", name)
-            self._record_file(method, bits, seed, path, student)
-            return
-        quantize_(student, self.cfg.quant_config(bits))
-        student = self._train(student, name, self.cfg.student_epochs, seed, teacher=teacher)
-        self._record(method, bits, seed, student, name)
+            log.info("resume: reusing finished stage %s", path.name)
+            return self._score(method, bits, seed, path, student)
+        if method != "float":
+            quantize_(student, self.cfg.quant_config(bits))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            teacher = teacher if method == "quantized-distillation" else None
+            name = path.name.split(".")[0]
+            student = self._train(student, name, self.cfg.student_epochs, seed, teacher=teacher)
+        finally:
+            torch.set_num_threads(threads)
+        save(student, path)
+        return self._score(method, bits, seed, path, copy.deepcopy(student))
+
+    def post_mortem(self, bits: int, seed: int) -> dict[str, Any]:
+        """The trained float student of ``seed``, rounded to ``bits`` (no training)."""
+        template = self._new("student-cnn", seed)
+        float_student = load(self._path("float", 32, seed), model=template)
+        rounded = post_mortem(float_student, self.cfg.quant_config(bits))
+        path = save(rounded, self._path("post-mortem", bits, seed))
+        return self._score("post-mortem", bits, seed, path, copy.deepcopy(rounded))
 
     # ------------------------------------------------------------------ the whole job
-    def run(self) -> list[dict[str, Any]]:
-        wall, cpu = time.perf_counter(), time.process_time()
-        teacher = self.train_teacher()
-        soft_targets = TeacherLogits(teacher, self.train_loader.dataset)
+    def tasks(self) -> list[tuple[str, int, int]]:
+        """Every student to train, as ``(method, bits, seed)``."""
+        out = [("float", 32, s) for s in self.cfg.seeds]
         for seed in self.cfg.seeds:
-            float_student = self.train_float_student(seed)
             for bits in self.cfg.bits:
-                rounded = post_mortem(float_student, self.cfg.quant_config(bits))
-                self._record("post-mortem", bits, seed, rounded, f"post-mortem-{bits}bit-s{seed}")
-                self.quantized_student(bits, seed, teacher=None)
-                self.quantized_student(bits, seed, teacher=soft_targets)
-        teacher_bytes = self.rows[0]["bytes"]
+                out += [("qat", bits, seed), ("quantized-distillation", bits, seed)]
+        return out
+
+    def run(self) -> list[dict[str, Any]]:
+        wall = time.perf_counter()
+        teacher, teacher_row = self.train_teacher()
+        soft_targets = TeacherLogits(teacher, self.train_loader.dataset)
+        tasks = self.tasks()
+        if self.cfg.workers > 1:
+            rows = _in_workers(self.cfg, soft_targets, tasks)
+        else:
+            rows = []
+            for i, task in enumerate(tasks):
+                rows.append(self.student(*task, teacher=soft_targets))
+                _report(i, len(tasks), rows[-1])
+        for seed in self.cfg.seeds:
+            rows += [self.post_mortem(bits, seed) for bits in self.cfg.bits]
+        order = {m: i for i, m in enumerate(METHODS)}
+        rows.sort(
+            key=lambda r: (r["seed"], -r["bits"] if r["bits"] < 32 else -99, order[r["method"]])
+        )
+        self.rows = [teacher_row, *rows]
         for row in self.rows:
-            row["ratio_vs_teacher"] = round(teacher_bytes / row["bytes"], 2)
+            row["ratio_vs_teacher"] = round(teacher_row["bytes"] / row["bytes"], 2)
         self.write_outputs()
+        own, children = (
+            resource.getrusage(resource.RUSAGE_SELF),
+            resource.getrusage(resource.RUSAGE_CHILDREN),
+        )
         timing = {
             "wall_s": round(time.perf_counter() - wall, 1),
-            "cpu_s": round(time.process_time() - cpu, 1),
-            "threads": torch.get_num_threads(),
-            "load_average": [round(v, 2) for v in os.getloadavg()],
+            "cpu_s": round(own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime, 1),
+            "workers": self.cfg.workers,
+            "load_average_1_5_15min": [round(v, 2) for v in os.getloadavg()],
         }
         (self.out / "demo-timing.json").write_text(json.dumps(timing, indent=2) + "\n")
         log.info("demo took %s", timing)
@@ -336,6 +360,46 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return table
+
+
+def _report(i: int, n: int, row: dict[str, Any]) -> None:
+    print(
+        f"[{i + 1}/{n}] {row['method']} {row['bits']}-bit seed {row['seed']}: "
+        f"{row['accuracy']:.2f}%",
+        flush=True,
+    )
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_start(cfg: DemoConfig, teacher: nn.Module) -> None:
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(1)
+    _WORKER["demo"] = Demo(dataclasses.replace(cfg, progress=False))
+    _WORKER["teacher"] = teacher
+
+
+def _worker_task(task: tuple[str, int, int]) -> dict[str, Any]:
+    return _WORKER["demo"].student(*task, teacher=_WORKER["teacher"])
+
+
+def _in_workers(
+    cfg: DemoConfig, teacher: nn.Module, tasks: list[tuple[str, int, int]]
+) -> list[dict[str, Any]]:
+    """The students trained by ``cfg.workers`` fresh processes (spawned, not forked: no
+    OpenMP state is inherited), one thread each; every task is seeded on its own, so the rows
+    do not depend on which worker ran what, or in which order."""
+    ctx = multiprocessing.get_context("spawn")
+    rows = []
+    with ProcessPoolExecutor(
+        cfg.workers, mp_context=ctx, initializer=_worker_start, initargs=(cfg, teacher)
+    ) as pool:
+        futures = [pool.submit(_worker_task, t) for t in tasks]
+        for i, done in enumerate(as_completed(futures)):
+            rows.append(done.result())
+            _report(i, len(tasks), rows[-1])
+    return rows
 
 
 def run_demo(cfg: DemoConfig) -> list[dict[str, Any]]:

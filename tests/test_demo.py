@@ -53,7 +53,7 @@ def test_quantizer_is_polinos_min_max():
 def tiny(out, **kw) -> DemoConfig:
     base = dict(
         out=str(out), dataset="digits", subset=300, bits=(2,), seeds=(0, 1), teacher_epochs=1,
-        student_epochs=1, progress=False, teacher_kwargs={"width": 8}, batch_size=64,
+        student_epochs=1, progress=False, teacher_kwargs={"width": 8}, batch_size=64, workers=1,
     )  # fmt: skip
     return DemoConfig(**{**base, **kw})
 
@@ -93,6 +93,13 @@ def test_demo_rows_per_seed_teacher_cached_and_same_csv_from_scratch(tmp_path, m
     assert read_csv(tmp_path / "b" / "demo.csv") == rows
     # another teacher setting is another file
     assert tiny(tmp_path).teacher_key() != tiny(tmp_path, teacher_epochs=2).teacher_key()
+
+
+def test_worker_processes_give_the_same_rows(tmp_path):
+    # spawned workers (one thread each, like the in-process students) cost their start-up only
+    one = Demo(tiny(tmp_path / "one", seeds=(0,))).run()
+    two = Demo(tiny(tmp_path / "two", seeds=(0,), workers=2)).run()
+    assert len(two) == 1 + 4 and two == one
 
 
 def test_demo_refuses_no_seeds(tmp_path):
