@@ -196,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    import pathlib
+
     from qdistill.demo import SUMMARY_COLUMNS, DemoConfig, run_demo, summarize
     from qdistill.report import markdown_table
 
@@ -219,7 +221,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     cfg = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
     rows = run_demo(cfg)
     print(markdown_table(summarize(rows), columns=SUMMARY_COLUMNS))
-    print(f"\nwrote {cfg.out}/demo.csv, demo.md and demo.png")
+    timing = json.loads((pathlib.Path(cfg.out) / "demo-timing.json").read_text())
+    print(
+        f"\nwrote {cfg.out}/demo.csv, demo.md and demo.png; {timing['wall_s']:.0f} s wall, "
+        f"{timing['cpu_s']:.0f} s CPU, load average {timing['load_average_1_5_15min']}"
+    )
     return 0
 
 

@@ -50,6 +50,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from qdistill.data import DATASETS, make_loaders
+from qdistill.data.loaders import _subset
 from qdistill.distill import KD, distill, supervised
 from qdistill.formats import MinMaxFormat
 from qdistill.models import build_model
@@ -83,6 +84,7 @@ class DemoConfig:
     warmup: float = 0.05
     batch_size: int = 128
     subset: int | None = None
+    student_subset: int | None = None
     temperature: float = 2.0
     alpha: float = 0.7
     group_size: int = 256
@@ -173,6 +175,10 @@ class Demo:
             subset=cfg.subset,
             seed=0,  # the same data for every seed: seeds vary initial weights and batch order
         )
+        self.student_loader = self.train_loader
+        if cfg.student_subset is not None:  # the students' transfer set: a fixed part of it
+            part = _subset(self.train_loader.dataset, cfg.student_subset, seed=0)
+            self.student_loader = DataLoader(part, batch_size=cfg.batch_size, shuffle=True)
         self.models_dir.mkdir(parents=True, exist_ok=True)  # only once the data is there
         self.rows: list[dict[str, Any]] = []
 
@@ -189,18 +195,21 @@ class Demo:
         epochs: int,
         seed: int,
         teacher: nn.Module | None = None,
+        loader: DataLoader | None = None,
     ) -> nn.Module:
-        """Adam, linear warmup then cosine decay to 0 (stepped per batch), optional teacher."""
+        """Adam, linear warmup then cosine decay to 0 (stepped per batch), optional teacher;
+        on the students' data unless ``loader`` is given."""
+        loader = self.student_loader if loader is None else loader
         if teacher is not None:
             run = distill(teacher, model, KD(self.cfg.temperature, self.cfg.alpha))
         else:
             run = supervised(model)
         optimizer = torch.optim.Adam(run.parameters(), lr=self.cfg.lr)
-        steps = epochs * len(self.train_loader)
+        steps = epochs * len(loader)
         scheduler = warmup_decay(optimizer, steps, warmup=self.cfg.warmup, decay="cosine")
         fit(
             run,
-            self.train_loader,
+            loader,
             epochs=epochs,
             optimizer=optimizer,
             scheduler=scheduler,
@@ -240,7 +249,9 @@ class Demo:
             log.info("reusing the teacher %s (same settings)", path)
             teacher = load(path, model=teacher)
         else:
-            teacher = self._train(teacher, "teacher", self.cfg.teacher_epochs, seed=0)
+            teacher = self._train(
+                teacher, "teacher", self.cfg.teacher_epochs, seed=0, loader=self.train_loader
+            )
             save(teacher, path)
         return teacher.eval(), self._score("teacher", 32, 0, path, self._new("teacher-cnn", 0))
 
@@ -288,7 +299,7 @@ class Demo:
     def run(self) -> list[dict[str, Any]]:
         wall = time.perf_counter()
         teacher, teacher_row = self.train_teacher()
-        soft_targets = TeacherLogits(teacher, self.train_loader.dataset)
+        soft_targets = TeacherLogits(teacher, self.student_loader.dataset)
         tasks = self.tasks()
         if self.cfg.workers > 1:
             rows = _in_workers(self.cfg, soft_targets, tasks)

@@ -102,6 +102,14 @@ def test_worker_processes_give_the_same_rows(tmp_path):
     assert len(two) == 1 + 4 and two == one
 
 
+def test_students_train_on_their_transfer_set_the_teacher_on_all(tmp_path):
+    demo = Demo(tiny(tmp_path, student_subset=120))
+    assert len(demo.train_loader.dataset) == 300 and len(demo.student_loader.dataset) == 120
+    full = {tuple(x.flatten().tolist()) for x, _ in demo.train_loader.dataset}
+    assert all(tuple(x.flatten().tolist()) in full for x, _ in demo.student_loader.dataset)
+    assert len(Demo(tiny(tmp_path)).student_loader.dataset) == 300  # default: the same data
+
+
 def test_demo_refuses_no_seeds(tmp_path):
     with pytest.raises(ValueError, match="seeds"):
         Demo(tiny(tmp_path, seeds=()))
