@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from qdistill.demo import Demo, DemoConfig, TeacherLogits, summarize
+from qdistill.demo import Demo, DemoConfig, TeacherLogits, paired_gains, summarize
 from qdistill.formats import MinMaxFormat
 from qdistill.report import read_csv
 from qdistill.report.plot import plot_accuracy_mean_std
@@ -29,6 +29,16 @@ def test_summarize_gives_mean_and_sample_std_per_method_and_width():
     assert table[0]["accuracy"] == "91.00"  # one run: no std
     sd = statistics.stdev([80.0, 82.0, 84.5])  # 2.25
     assert table[1]["accuracy"] == f"82.17 ± {sd:.2f}" == "82.17 ± 2.25"
+
+
+def test_paired_gains_subtract_per_seed():
+    acc = {("qat", 0): 80.0, ("qat", 1): 70.0, ("quantized-distillation", 0): 81.0}
+    acc[("quantized-distillation", 1)] = 72.0
+    rows = [{"method": m, "bits": 2, "seed": s, "accuracy": a} for (m, s), a in acc.items()]
+    # per seed +1 and +2: mean +1.5, sample std 0.71 (the accuracies' own spread is ~7)
+    assert paired_gains(rows) == [
+        {"bits": 2, "runs": 2, "quantized-distillation - qat": "+1.50 ± 0.71"}
+    ]
 
 
 def test_teacher_logits_equal_the_teacher_on_shuffled_batches():
