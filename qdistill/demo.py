@@ -108,8 +108,8 @@ class DemoConfig:
         processes (their start-up would cost more than they save on 7 short runs)."""
         base = {
             "subset": 6000,
-            "teacher_epochs": 3,
-            "student_epochs": 5,
+            "teacher_epochs": 2,
+            "student_epochs": 3,
             "seeds": (0,),
             "workers": 1,
         }
