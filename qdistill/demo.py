@@ -256,7 +256,7 @@ class Demo:
         return self.models_dir / f"{method}-{bits}bit-s{seed}.qd.safetensors"
 
     # ------------------------------------------------------------------ stages
-    def train_teacher(self) -> tuple[nn.Module, dict[str, Any]]:
+    def teacher_and_row(self) -> tuple[nn.Module, dict[str, Any]]:
         """The teacher, trained once per teacher setting and kept in the output folder."""
         teacher = self._new("teacher-cnn", 0)
         path = self.out / f"teacher-{self.cfg.teacher_key()}.qd.safetensors"
@@ -294,6 +294,21 @@ class Demo:
         save(student, path)
         return self._score(method, bits, seed, path, copy.deepcopy(student))
 
+    def train_teacher(self) -> nn.Module:
+        """The teacher, for scripts that reuse the demo's models (``benchmarks/*.py``); its row
+        goes to ``self.rows`` with the accuracy as a fraction, as before the seeds."""
+        teacher, row = self.teacher_and_row()
+        self.rows.append({**row, "accuracy": row["accuracy"] / 100.0})
+        return teacher
+
+    def train_float_student(self, seed: int | None = None) -> nn.Module:
+        """The float student of ``seed`` (default: the first), trained or, resuming, reused;
+        for the same scripts, row as in :meth:`train_teacher`."""
+        seed = self.cfg.seeds[0] if seed is None else seed
+        row = self.student("float", 32, seed)
+        self.rows.append({**row, "accuracy": row["accuracy"] / 100.0})
+        return load(self._path("float", 32, seed), model=self._new("student-cnn", seed)).eval()
+
     def post_mortem(self, bits: int, seed: int) -> dict[str, Any]:
         """The trained float student of ``seed``, rounded to ``bits`` (no training)."""
         template = self._new("student-cnn", seed)
@@ -313,7 +328,7 @@ class Demo:
 
     def run(self) -> list[dict[str, Any]]:
         wall = time.perf_counter()
-        teacher, teacher_row = self.train_teacher()
+        teacher, teacher_row = self.teacher_and_row()
         soft_targets = TeacherLogits(teacher, self.student_loader.dataset)
         tasks = self.tasks()
         if self.cfg.workers > 1:

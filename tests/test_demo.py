@@ -114,6 +114,17 @@ def test_students_train_on_their_transfer_set_the_teacher_on_all(tmp_path):
     assert len(Demo(tiny(tmp_path)).student_loader.dataset) == 300  # default: the same data
 
 
+def test_benchmarks_api_teacher_and_float_student(tmp_path):
+    demo = Demo(tiny(tmp_path, resume=True))
+    teacher, student = demo.train_teacher(), demo.train_float_student()
+    assert isinstance(teacher, nn.Module) and isinstance(student, nn.Module)
+    assert [r["method"] for r in demo.rows] == ["teacher", "float"]
+    assert all(0.0 < r["accuracy"] <= 1.0 for r in demo.rows)  # fractions, as the scripts expect
+    x = next(iter(demo.test_loader))[0]
+    again = Demo(tiny(tmp_path, resume=True)).train_float_student()  # reused from its file
+    assert torch.equal(again(x), student(x))
+
+
 def test_demo_refuses_no_seeds(tmp_path):
     with pytest.raises(ValueError, match="seeds"):
         Demo(tiny(tmp_path, seeds=()))
