@@ -125,7 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--teacher-epochs", type=positive_int, default=None)
     demo.add_argument("--student-epochs", type=positive_int, default=None)
     demo.add_argument("--subset", type=positive_int, default=None, help="use the first N examples")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--seeds", type=int, nargs="+", default=None, help="student seeds (default 0 1 2)"
+    )
+    demo.add_argument(
+        "--workers", type=positive_int, default=None, help="student processes (default 2)"
+    )
     demo.add_argument("--resume", action="store_true", help="continue a killed run")
     _add_common(demo)
 
@@ -191,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from qdistill.demo import DemoConfig, run_demo
+    import pathlib
+
+    from qdistill.demo import SUMMARY_COLUMNS, DemoConfig, run_demo, summarize
     from qdistill.report import markdown_table
 
     overrides = {
@@ -204,7 +211,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             "teacher_epochs": args.teacher_epochs,
             "student_epochs": args.student_epochs,
             "subset": args.subset,
-            "seed": args.seed,
+            "seeds": tuple(args.seeds) if args.seeds else None,
+            "workers": args.workers,
             "resume": args.resume,
             "progress": not args.no_progress,
         }.items()
@@ -212,8 +220,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     }
     cfg = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
     rows = run_demo(cfg)
-    print(markdown_table(rows, columns=["method", "bits", "accuracy", "bytes", "ratio_vs_teacher"]))
-    print(f"\nwrote {cfg.out}/demo.csv, demo.md and demo.png")
+    print(markdown_table(summarize(rows), columns=SUMMARY_COLUMNS))
+    timing = json.loads((pathlib.Path(cfg.out) / "demo-timing.json").read_text())
+    print(
+        f"\nwrote {cfg.out}/demo.csv, demo.md and demo.png; {timing['wall_s']:.0f} s wall, "
+        f"{timing['cpu_s']:.0f} s CPU, load average {timing['load_average_1_5_15min']}"
+    )
     return 0
 
 

@@ -24,7 +24,7 @@ def test_demo_on_digits_writes_table_and_plot(tmp_path, capsys):
         for m in ("post-mortem", "qat", "quantized-distillation"):
             assert (m, bits) in methods
     assert ("teacher", 32) in methods and ("float", 32) in methods
-    assert list(rows[0]) == ["method", "bits", "accuracy", "bytes", "ratio_vs_teacher"]
+    assert list(rows[0]) == ["method", "bits", "seed", "accuracy", "bytes", "ratio_vs_teacher"]
     by = {(r["method"], r["bits"]): r for r in rows}
     assert by[("teacher", 32)]["accuracy"] > 80
     # packed files really shrink with the bit width

@@ -14,7 +14,7 @@ from qdistill.formats.base import (
     to_blocks,
 )
 from qdistill.formats.fp import ELEMENTS, FPFormat
-from qdistill.formats.integer import IntFormat, int2, int4, int8
+from qdistill.formats.integer import IntFormat, MinMaxFormat, int2, int4, int8
 from qdistill.formats.nonuniform import (
     BucketCodebookFormat,
     CodebookFormat,
@@ -31,6 +31,7 @@ FORMAT_KINDS: dict[str, type] = {
     "power": PowerFormat,
     "codebook": CodebookFormat,
     "bucket_codebook": BucketCodebookFormat,
+    "minmax": MinMaxFormat,
 }
 
 
@@ -68,6 +69,7 @@ __all__ = [
     "nearest_point",
     "Format",
     "IntFormat",
+    "MinMaxFormat",
     "QuantizedTensor",
     "fake_quantize",
     "format_from_dict",

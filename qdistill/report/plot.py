@@ -151,3 +151,75 @@ def plot_grouped_bars(
     fig.tight_layout()
     fig.savefig(path)
     return path
+
+
+def plot_accuracy_mean_std(
+    rows: list[dict[str, Any]],
+    path: str | os.PathLike[str],
+    *,
+    x: str = "bytes",
+    y: str = "accuracy",
+    series: str = "method",
+    label: str = "bits",
+    reference: dict[str, float] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Like :func:`plot_accuracy_vs_size` for repeated runs (e.g. one per seed): the rows that
+    share a ``series`` and ``label`` value become one point at their mean, with an error bar of
+    one sample standard deviation (none for a single run), plotted at their mean ``x``."""
+    import statistics
+
+    _check_rows(rows, [x, y, series])
+    if any(not r[x] > 0 for r in rows):
+        raise QDistillError(f"{x!r} must be positive for a log-scale axis")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = _figure((7, 4.5))
+    ax = fig.subplots()
+    groups: dict[Any, dict[Any, list[dict[str, Any]]]] = {}
+    for r in rows:
+        groups.setdefault(r[series], {}).setdefault(r.get(label), []).append(r)
+    markers = "osD^v<>Pp*"
+    for i, (name, by_label) in enumerate(groups.items()):
+        pts = []
+        for lab, runs in by_label.items():
+            ys = [float(r[y]) for r in runs]
+            sd = statistics.stdev(ys) if len(ys) > 1 else 0.0
+            pts.append((statistics.fmean(float(r[x]) for r in runs), statistics.fmean(ys), sd, lab))
+        pts.sort()
+        ax.errorbar(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            yerr=[p[2] for p in pts],
+            marker=markers[i % len(markers)],
+            label=str(name),
+            linewidth=1,
+            capsize=3,
+        )
+        for px, py, _, lab in pts:
+            if lab is not None:
+                ax.annotate(
+                    f"{lab}", (px, py), textcoords="offset points", xytext=(4, 4), fontsize=7
+                )
+    for i, (name, value) in enumerate((reference or {}).items()):
+        ax.axhline(value, color="grey", linestyle="--" if i == 0 else ":", linewidth=1)
+        ax.text(
+            0.99,
+            value,
+            f"{name} {value:g}",
+            transform=ax.get_yaxis_transform(),
+            ha="right",
+            va="bottom",
+            fontsize=8,
+            color="grey",
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel(f"{x} (log scale)")
+    ax.set_ylabel(f"{y} (mean ± std)")
+    if title:
+        ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
