@@ -1538,11 +1538,30 @@ static void amx_pair(const int8_t *wp, const int8_t *x, int64_t ldx, int64_t KS,
     TILE_STORE(1, c + 16, 128);
 }
 
+/* y[b][n] = (float)c[b][n] * xs[b] * ws[n] + bias[n] for b < rows, n < cols (c: [32][32]),
+ * the ops of epilogue() in its order, 16 outputs a vector (every AMX CPU has AVX-512) */
+__attribute__((target("avx512f"))) static void amx_epilogue(const int32_t *c, int rows, int cols,
+                                                           const float *xs, const float *ws,
+                                                           const float *bias, float *y,
+                                                           int64_t O) {
+    for (int n = 0; n < cols; n += 16) {
+        __mmask16 m = cols - n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (cols - n)) - 1);
+        __m512 wv = _mm512_maskz_loadu_ps(m, ws + n);
+        __m512 bv = bias ? _mm512_maskz_loadu_ps(m, bias + n) : _mm512_setzero_ps();
+        for (int b = 0; b < rows; b++) {
+            __m512 v = _mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)(c + 32 * b + n)));
+            v = _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(xs[b])), wv);
+            _mm512_mask_storeu_ps(y + b * O + n, m, _mm512_add_ps(v, bv));
+        }
+    }
+}
+
 /* y [B][O] = per-token int8 (x) x wp (qd_amx_pack_int8 of the int8 weights) with the VNNI
  * kernel's epilogue. Returns as qd_a8_linear: 0, the count of NaN / Inf rows, or -1. */
 static int64_t int8_amx_linear(const int8_t *wp, const float *w_scale, const float *bias,
                                int64_t O, int64_t I, float eps, const float *x, float *y,
                                int64_t B, int level) {
+    if (B <= 0 || O <= 0) return 0;
     int64_t KS = (I + AMX_KSTEP - 1) / AMX_KSTEP, ldx = KS * AMX_KSTEP;
     int64_t Bp = (B + 15) / 16 * 16, NP = (O + AMX_PAIR - 1) / AMX_PAIR;
     char *buf = (char *)malloc((size_t)B * 8 + (size_t)Bp * (size_t)ldx);
@@ -1567,10 +1586,8 @@ static int64_t int8_amx_linear(const int8_t *wp, const float *w_scale, const flo
             for (int64_t b0 = 0; b0 < B; b0 += 32) {
                 int rows = B - b0 < 32 ? (int)(B - b0) : 32;
                 amx_pair(wp + p * KS * 2048, xq + b0 * ldx, ldx, KS, rows > 16 ? 2 : 1, c);
-                for (int b = 0; b < rows; b++)
-                    for (int n = 0; n < cols; n++)
-                        y[(b0 + b) * O + o0 + n] =
-                            epilogue(c[32 * b + n], x_scale[b0 + b], w_scale[o0 + n], bias, o0 + n);
+                amx_epilogue(c, rows, cols, x_scale + b0, w_scale + o0, bias ? bias + o0 : NULL,
+                             y + b0 * O + o0, O);
             }
         }
         amx_end();
@@ -2480,13 +2497,15 @@ typedef struct {
     const int8_t *amx_w; /* int8: the weights in AMX's B-tile layout (qd_amx_pack_int8) or NULL */
 } qd_a8_plan;
 
-/* level as in pick(), and 3: as 0 without AMX (the tests compare the two) */
+/* level as in pick(), and 3: as 0 without AMX; 4: as 0 with AMX at any row count (the tests
+ * and benchmarks compare them) */
 int64_t qd_a8_run(const qd_a8_plan *p, const float *x, float *y, int64_t B, int level) {
 #ifdef QD_AMX
-    if (level == 0 && p->kind == 1 && p->amx_w && B >= AMX_MIN_ROWS && has_amx())
+    if ((level == 4 || (level == 0 && B >= AMX_MIN_ROWS)) && p->kind == 1 && p->amx_w &&
+        has_amx())
         return int8_amx_linear(p->amx_w, p->w_scale, p->bias, p->O, p->I, p->eps, x, y, B, 0);
 #endif
-    if (level == 3) level = 0;
+    if (level >= 3) level = 0;
     return qd_a8_linear((int)p->kind, p->w, p->w_scale, p->zp, p->wsum, p->bias, p->O, p->I,
                         p->I_pad, p->g, p->eps, x, y, B, level);
 }
