@@ -301,7 +301,8 @@ class KernelPlan:
     int_mm: bool = False
     act_eps: float = 0.0  # floor of each input row's max |x| (IntFormat.eps; BitNet: 1e-5)
     # int8 on CPUs with AMX: a second copy of the weights in AMX's B-tile layout (outputs padded
-    # to 32, inputs to 64), which qd_a8_run uses from 16 rows on (``weight`` serves fewer rows)
+    # to 32, inputs to 64), which qd_a8_run uses from 4 rows on (``weight`` serves fewer rows,
+    # the AVX2 / portable levels and torch._int_mm where there is no AMX)
     amx_weight: torch.Tensor | None = None
     # The fixed arguments of qd_a8_linear (kind, pointers, sizes; #15 item 4) in a C struct,
     # made on the first call and kept while the layer's bias stays the same tensor at the same
@@ -575,7 +576,8 @@ def _alloc_failed(layer: Any, rows: int) -> MemoryError:
 
 def linear(layer: Any, kp: KernelPlan, x: torch.Tensor, level: int = 0) -> torch.Tensor:
     """``layer(x)`` through its kernel. ``level`` 0: the fastest path the CPU has; 1: portable
-    C; 2: at most AVX2 (the levels exist so that tests can compare the paths). The kernels
+    C; 2: at most AVX2; W8A8 only: 3: as 0 without AMX, 4: AMX at every row count (the levels
+    exist so that tests can compare the paths). The kernels
     apply the scales and the bias themselves: one or two C calls and no other torch ops.
     ``x``: ``[..., in_features]``, any float dtype, on the CPU (checked: ``InputError``)."""
     x = float_input(layer, x)
