@@ -1399,7 +1399,8 @@ int qd_int4_gemm(const uint8_t *w, const float *s, const uint8_t *zp, const int8
  * [64 k + 4 r + j] (zero past O and I), so a pair's panel is one contiguous stream. A block of
  * 2 x 2 C tiles (32 batch rows x 32 outputs; tmm0-3) loads per 64-input step one or two A
  * tiles (tmm4-5: 16 batch rows each, the per-token int8 codes, rows padded to 16 with zeros,
- * inputs to 64) and two B tiles (tmm6-7) and issues 2-4 tdpbssd. Threads take pairs of output
+ * inputs to 64, copied per call into contiguous 1 KB tiles) and two B tiles (tmm6-7) and
+ * issues 2-4 tdpbssd. The epilogue is vectorized (AVX-512). Threads take pairs of output
  * tiles; a pair's panel (2 KB per 64 inputs: 128 KB at 4096) stays in L2 while the batch
  * blocks pass over it. The int32 dots are exact, so the results equal the VNNI kernel's bit
  * for bit (same epilogue: dot * x_scale * w_scale + bias, in that order).
@@ -1424,6 +1425,7 @@ int qd_int4_gemm(const uint8_t *w, const float *s, const uint8_t *zp, const int8
 #define AMX_MIN_ROWS 4
 #define AMX_KSTEP 64   /* inputs a step (one A tile row, 16 rows of a B tile x 4) */
 #define AMX_PAIR 32    /* output rows a block (two B tiles) */
+
 
 int64_t qd_amx_int8_bytes(int64_t O, int64_t I) {
     return ((O + AMX_PAIR - 1) / AMX_PAIR) * AMX_PAIR * ((I + AMX_KSTEP - 1) / AMX_KSTEP) *
@@ -1504,22 +1506,21 @@ static void amx_begin(void) {
 
 static void amx_end(void) { __asm__ volatile("tilerelease" ::); }
 
-/* c [32][32] int32 = x rows [0, 16 mt) (row stride ldx, KS steps of 64 inputs) times the
- * pair panel wp (KS blocks of 2 KB) */
-static void amx_pair(const int8_t *wp, const int8_t *x, int64_t ldx, int64_t KS, int mt,
-                     int32_t *c) {
+/* c [32][32] int32 = 16 mt activation rows (x: the A tiles of one or two blocks of 16 rows,
+ * KS contiguous 1 KB tiles each) times the pair panel wp (KS blocks of 2 KB) */
+static void amx_pair(const int8_t *wp, const int8_t *x, int64_t KS, int mt, int32_t *c) {
     TILE_ZERO(0);
     TILE_ZERO(1);
     if (mt == 2) {
         TILE_ZERO(2);
         TILE_ZERO(3);
-        const int8_t *x1 = x + 16 * ldx;
+        const int8_t *x1 = x + KS * 1024;
         for (int64_t k = 0; k < KS; k++) {
             const int8_t *wk = wp + k * 2048;
             TILE_LOAD(6, wk, 64);
             TILE_LOAD(7, wk + 1024, 64);
-            TILE_LOAD(4, x + k * AMX_KSTEP, ldx);
-            TILE_LOAD(5, x1 + k * AMX_KSTEP, ldx);
+            TILE_LOAD(4, x + k * 1024, 64);
+            TILE_LOAD(5, x1 + k * 1024, 64);
             TILE_DP(0, 4, 6);
             TILE_DP(1, 4, 7);
             TILE_DP(2, 5, 6);
@@ -1532,7 +1533,7 @@ static void amx_pair(const int8_t *wp, const int8_t *x, int64_t ldx, int64_t KS,
             const int8_t *wk = wp + k * 2048;
             TILE_LOAD(6, wk, 64);
             TILE_LOAD(7, wk + 1024, 64);
-            TILE_LOAD(4, x + k * AMX_KSTEP, ldx);
+            TILE_LOAD(4, x + k * 1024, 64);
             TILE_DP(0, 4, 6);
             TILE_DP(1, 4, 7);
         }
@@ -1567,7 +1568,7 @@ static int64_t int8_amx_linear(const int8_t *wp, const float *w_scale, const flo
     if (B <= 0 || O <= 0) return 0;
     int64_t KS = (I + AMX_KSTEP - 1) / AMX_KSTEP, ldx = KS * AMX_KSTEP;
     int64_t Bp = (B + 15) / 16 * 16, NP = (O + AMX_PAIR - 1) / AMX_PAIR;
-    char *buf = (char *)malloc((size_t)B * 8 + (size_t)Bp * (size_t)ldx);
+    char *buf = (char *)malloc((size_t)B * 8 + (size_t)Bp * (size_t)ldx * 2);
     if (!buf) return -1;
     float *x_scale = (float *)buf;
     int32_t *rowsum = (int32_t *)(buf + 4 * B);
@@ -1578,6 +1579,13 @@ static int64_t int8_amx_linear(const int8_t *wp, const float *w_scale, const flo
         return status;
     }
     memset(xq + B * ldx, 0, (size_t)((Bp - B) * ldx)); /* the last A tile's absent rows */
+    /* the A tiles made contiguous (1 KB each: block of 16 rows mb, step k at (mb KS + k) KB)
+     * instead of 16 rows ldx apart: 1.0-1.17x at 8-64 rows, 1 thread, cached weights */
+    int8_t *xa = xq + Bp * ldx;
+    for (int64_t mb = 0; mb < Bp / 16; mb++)
+        for (int64_t k = 0; k < KS; k++)
+            for (int r = 0; r < 16; r++)
+                memcpy(xa + ((mb * KS + k) * 16 + r) * 64, xq + (mb * 16 + r) * ldx + k * 64, 64);
 #pragma omp parallel if (B * O * I >= PARALLEL_MIN_WORK)
     {
         int32_t c[32 * 32];
@@ -1588,7 +1596,7 @@ static int64_t int8_amx_linear(const int8_t *wp, const float *w_scale, const flo
             int cols = O - o0 < AMX_PAIR ? (int)(O - o0) : AMX_PAIR;
             for (int64_t b0 = 0; b0 < B; b0 += 32) {
                 int rows = B - b0 < 32 ? (int)(B - b0) : 32;
-                amx_pair(wp + p * KS * 2048, xq + b0 * ldx, ldx, KS, rows > 16 ? 2 : 1, c);
+                amx_pair(wp + p * KS * 2048, xa + b0 / 16 * KS * 1024, KS, rows > 16 ? 2 : 1, c);
                 amx_epilogue(c, rows, cols, x_scale + b0, w_scale + o0, bias ? bias + o0 : NULL,
                              y + b0 * O + o0, O);
             }
