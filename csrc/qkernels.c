@@ -135,12 +135,12 @@ int64_t qd_advise_hugepages(void *p, int64_t n) {
 
 int qd_has_avx2(void) { return has_avx2(); }
 int qd_has_vnni(void) { return has_vnni(); }
-/* The ABI of this file (kernels.ABI_VERSION): 4 = qd_ternary_gemm reads the tile16x16 layout
+/* The ABI of this file (kernels.ABI_VERSION): 5 = qd_a8_plan ends with amx_w (AMX W8A8); 4 = qd_ternary_gemm reads the tile16x16 layout
  * (I_pad a multiple of 16, rows padded to 16; kind 0 of qd_a8_linear likewise); 3 = quantize_rows takes a level (dispatch like the
  * gemms), qd_a8_linear / qd_a8_run exist (one call per layer: quantize + product + bias); 2 =
  * quantize_rows takes eps and returns its count of non-finite rows, int4 / lut gemms return -1
  * when an allocation fails. */
-int qd_abi_version(void) { return 4; }
+int qd_abi_version(void) { return 5; }
 
 /* level: 0 = the best the CPU has, 1 = portable C, 2 = at most AVX2 */
 static int pick(int level) {
@@ -1390,6 +1390,233 @@ int qd_int4_gemm(const uint8_t *w, const float *s, const uint8_t *zp, const int8
 }
 
 /* ------------------------------------------------------------------------------------------
+ * W8A8 with AMX (Intel Advanced Matrix Extensions: Sapphire Rapids and later), many rows
+ * (#15 item 2, helper amx). tdpbssd multiplies a 16 x 64 int8 tile of activations by a
+ * 64 x 16 int8 tile of weights into a 16 x 16 int32 tile (s8 x s8: no u8 flip, no wsum), one
+ * instruction per 16K multiply-adds. The weights are repacked once, at plan time, into the
+ * B-tile layout (qd_amx_pack_int8): output rows in pairs of 16-row tiles, inputs in steps of
+ * 64; block (p, k) is 2 KB, tile t of it holds byte 64 r + 4 c + j = w[32 p + 16 t + c]
+ * [64 k + 4 r + j] (zero past O and I), so a pair's panel is one contiguous stream. A block of
+ * 2 x 2 C tiles (32 batch rows x 32 outputs; tmm0-3) loads per 64-input step one or two A
+ * tiles (tmm4-5: 16 batch rows each, the per-token int8 codes, rows padded to 16 with zeros,
+ * inputs to 64, copied per call into contiguous 1 KB tiles) and two B tiles (tmm6-7) and
+ * issues 2-4 tdpbssd. The epilogue is vectorized (AVX-512). Threads take pairs of output
+ * tiles; a pair's panel (2 KB per 64 inputs: 128 KB at 4096) stays in L2 while the batch
+ * blocks pass over it. The int32 dots are exact, so the results equal the VNNI kernel's bit
+ * for bit (same epilogue: dot * x_scale * w_scale + bias, in that order).
+ * Linux only: a process must ask for the tile data state once (arch_prctl ARCH_REQ_XCOMP_PERM,
+ * XFEATURE_XTILEDATA = 18); where that fails, CPUID lacks AMX-TILE / AMX-INT8 / palette 1 of
+ * 8 tiles x 16 rows x 64 bytes, or the compiler is too old for the instructions, there is no
+ * AMX and the VNNI / AVX2 / C paths run. The instructions are inline asm (GCC >= 11 / clang
+ * >= 12 and binutils >= 2.36 know them), so the rest of the file builds for plain x86-64.
+ * ------------------------------------------------------------------------------------------ */
+#if defined(__x86_64__) && defined(__linux__) && \
+    (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11)
+#define QD_AMX 1
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+/* From this many rows on, W8A8 runs the AMX GEMM (where the plan has its weights): 1 thread,
+ * interleaved against the VNNI kernel on the Sapphire Rapids VM, AMX won 1.3-2.5x at 4 rows on
+ * MiniLM shapes and tied on 4096x4096 (both stream the weights), 1.5-5.8x at 8-16 rows; at
+ * 1-2 rows the VNNI GEMV was 5-30% faster (software prefetch of the B tiles: no difference) */
+#define AMX_MIN_ROWS 4
+#define AMX_KSTEP 64   /* inputs a step (one A tile row, 16 rows of a B tile x 4) */
+#define AMX_PAIR 32    /* output rows a block (two B tiles) */
+
+
+int64_t qd_amx_int8_bytes(int64_t O, int64_t I) {
+    return ((O + AMX_PAIR - 1) / AMX_PAIR) * AMX_PAIR * ((I + AMX_KSTEP - 1) / AMX_KSTEP) *
+           AMX_KSTEP;
+}
+
+/* w [O][I] int8 (row layout) -> out (qd_amx_int8_bytes(O, I) bytes) in the B-tile layout */
+void qd_amx_pack_int8(const int8_t *w, int64_t O, int64_t I, int8_t *out) {
+    int64_t KS = (I + AMX_KSTEP - 1) / AMX_KSTEP, NP = (O + AMX_PAIR - 1) / AMX_PAIR;
+#pragma omp parallel for schedule(static) if (O * I >= PARALLEL_MIN_WORK)
+    for (int64_t p = 0; p < NP; p++)
+        for (int64_t k = 0; k < KS; k++) {
+            int8_t *blk = out + (p * KS + k) * 2048;
+            for (int t = 0; t < 2; t++)
+                for (int r = 0; r < 16; r++)
+                    for (int c = 0; c < 16; c++)
+                        for (int j = 0; j < 4; j++) {
+                            int64_t o = AMX_PAIR * p + 16 * t + c, i = AMX_KSTEP * k + 4 * r + j;
+                            blk[1024 * t + 64 * r + 4 * c + j] = o < O && i < I ? w[o * I + i] : 0;
+                        }
+        }
+}
+
+#ifdef QD_AMX
+#define ARCH_GET_XCOMP_PERM 0x1022
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+static int amx_probe(void) {
+    unsigned a, b, c, d;
+    if (__get_cpuid_max(0, NULL) < 0x1D) return 0;
+    __cpuid_count(7, 0, a, b, c, d);
+    if (!((d >> 24) & 1) || !((d >> 25) & 1)) return 0; /* AMX-TILE, AMX-INT8 */
+    __cpuid_count(0x1D, 0, a, b, c, d);                  /* palettes */
+    if (a < 1) return 0;
+    __cpuid_count(0x1D, 1, a, b, c, d); /* palette 1: bytes a row, tiles, rows */
+    if ((b & 0xFFFF) < 64 || (b >> 16) < 8 || (c & 0xFFFF) < 16) return 0;
+    unsigned long perm = 0;
+    if (syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) != 0) return 0;
+    if (syscall(SYS_arch_prctl, ARCH_GET_XCOMP_PERM, &perm) != 0) return 0;
+    return (perm >> XFEATURE_XTILEDATA) & 1;
+}
+
+static int has_amx(void) {
+    static int cached = -1; /* the probe is idempotent: a race only repeats it */
+    int v = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);
+    if (v < 0) {
+        v = amx_probe();
+        __atomic_store_n(&cached, v, __ATOMIC_RELEASE);
+    }
+    return v;
+}
+
+/* ldtilecfg's 64-byte operand: palette 1, every one of the 8 tiles 16 rows x 64 bytes */
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_cfg;
+
+#define TILE_LOAD(t, p, s) \
+    __asm__ volatile("tileloadd (%0,%1,1), %%tmm" #t ::"r"(p), "r"((int64_t)(s)) : "memory")
+#define TILE_STORE(t, p, s) \
+    __asm__ volatile("tilestored %%tmm" #t ", (%0,%1,1)" ::"r"(p), "r"((int64_t)(s)) : "memory")
+#define TILE_DP(c, a, b) __asm__ volatile("tdpbssd %%tmm" #b ", %%tmm" #a ", %%tmm" #c ::)
+#define TILE_ZERO(t) __asm__ volatile("tilezero %%tmm" #t ::)
+
+static void amx_begin(void) {
+    amx_cfg cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = 16;
+    }
+    __asm__ volatile("ldtilecfg %0" ::"m"(cfg));
+}
+
+static void amx_end(void) { __asm__ volatile("tilerelease" ::); }
+
+/* c [32][32] int32 = 16 mt activation rows (x: the A tiles of one or two blocks of 16 rows,
+ * KS contiguous 1 KB tiles each) times the pair panel wp (KS blocks of 2 KB) */
+static void amx_pair(const int8_t *wp, const int8_t *x, int64_t KS, int mt, int32_t *c) {
+    TILE_ZERO(0);
+    TILE_ZERO(1);
+    if (mt == 2) {
+        TILE_ZERO(2);
+        TILE_ZERO(3);
+        const int8_t *x1 = x + KS * 1024;
+        for (int64_t k = 0; k < KS; k++) {
+            const int8_t *wk = wp + k * 2048;
+            TILE_LOAD(6, wk, 64);
+            TILE_LOAD(7, wk + 1024, 64);
+            TILE_LOAD(4, x + k * 1024, 64);
+            TILE_LOAD(5, x1 + k * 1024, 64);
+            TILE_DP(0, 4, 6);
+            TILE_DP(1, 4, 7);
+            TILE_DP(2, 5, 6);
+            TILE_DP(3, 5, 7);
+        }
+        TILE_STORE(2, c + 16 * 32, 128);
+        TILE_STORE(3, c + 16 * 32 + 16, 128);
+    } else {
+        for (int64_t k = 0; k < KS; k++) {
+            const int8_t *wk = wp + k * 2048;
+            TILE_LOAD(6, wk, 64);
+            TILE_LOAD(7, wk + 1024, 64);
+            TILE_LOAD(4, x + k * 1024, 64);
+            TILE_DP(0, 4, 6);
+            TILE_DP(1, 4, 7);
+        }
+    }
+    TILE_STORE(0, c, 128);
+    TILE_STORE(1, c + 16, 128);
+}
+
+/* y[b][n] = (float)c[b][n] * xs[b] * ws[n] + bias[n] for b < rows, n < cols (c: [32][32]),
+ * the ops of epilogue() in its order, 16 outputs a vector (every AMX CPU has AVX-512) */
+__attribute__((target("avx512f"))) static void amx_epilogue(const int32_t *c, int rows, int cols,
+                                                           const float *xs, const float *ws,
+                                                           const float *bias, float *y,
+                                                           int64_t O) {
+    for (int n = 0; n < cols; n += 16) {
+        __mmask16 m = cols - n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (cols - n)) - 1);
+        __m512 wv = _mm512_maskz_loadu_ps(m, ws + n);
+        __m512 bv = bias ? _mm512_maskz_loadu_ps(m, bias + n) : _mm512_setzero_ps();
+        for (int b = 0; b < rows; b++) {
+            __m512 v = _mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)(c + 32 * b + n)));
+            v = _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(xs[b])), wv);
+            _mm512_mask_storeu_ps(y + b * O + n, m, _mm512_add_ps(v, bv));
+        }
+    }
+}
+
+/* y [B][O] = per-token int8 (x) x wp (qd_amx_pack_int8 of the int8 weights) with the VNNI
+ * kernel's epilogue. Returns as qd_a8_linear: 0, the count of NaN / Inf rows, or -1. */
+static int64_t int8_amx_linear(const int8_t *wp, const float *w_scale, const float *bias,
+                               int64_t O, int64_t I, float eps, const float *x, float *y,
+                               int64_t B, int level) {
+    if (B <= 0 || O <= 0) return 0;
+    int64_t KS = (I + AMX_KSTEP - 1) / AMX_KSTEP, ldx = KS * AMX_KSTEP;
+    int64_t Bp = (B + 15) / 16 * 16, NP = (O + AMX_PAIR - 1) / AMX_PAIR;
+    char *buf = (char *)malloc((size_t)B * 8 + (size_t)Bp * (size_t)ldx * 2);
+    if (!buf) return -1;
+    float *x_scale = (float *)buf;
+    int32_t *rowsum = (int32_t *)(buf + 4 * B);
+    int8_t *xq = (int8_t *)(buf + 8 * B);
+    int64_t status = qd_quantize_rows(x, xq, x_scale, rowsum, B, I, ldx, eps, level);
+    if (status) {
+        free(buf);
+        return status;
+    }
+    memset(xq + B * ldx, 0, (size_t)((Bp - B) * ldx)); /* the last A tile's absent rows */
+    /* the A tiles made contiguous (1 KB each: block of 16 rows mb, step k at (mb KS + k) KB)
+     * instead of 16 rows ldx apart: 1.0-1.17x at 8-64 rows, 1 thread, cached weights */
+    int8_t *xa = xq + Bp * ldx;
+    for (int64_t mb = 0; mb < Bp / 16; mb++)
+        for (int64_t k = 0; k < KS; k++)
+            for (int r = 0; r < 16; r++)
+                memcpy(xa + ((mb * KS + k) * 16 + r) * 64, xq + (mb * 16 + r) * ldx + k * 64, 64);
+#pragma omp parallel if (B * O * I >= PARALLEL_MIN_WORK)
+    {
+        int32_t c[32 * 32];
+        amx_begin();
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < NP; p++) {
+            int64_t o0 = p * AMX_PAIR;
+            int cols = O - o0 < AMX_PAIR ? (int)(O - o0) : AMX_PAIR;
+            for (int64_t b0 = 0; b0 < B; b0 += 32) {
+                int rows = B - b0 < 32 ? (int)(B - b0) : 32;
+                amx_pair(wp + p * KS * 2048, xa + b0 / 16 * KS * 1024, KS, rows > 16 ? 2 : 1, c);
+                amx_epilogue(c, rows, cols, x_scale + b0, w_scale + o0, bias ? bias + o0 : NULL,
+                             y + b0 * O + o0, O);
+            }
+        }
+        amx_end();
+    }
+    free(buf);
+    return 0;
+}
+#endif
+
+int qd_has_amx(void) {
+#ifdef QD_AMX
+    return has_amx();
+#else
+    return 0;
+#endif
+}
+
+/* ------------------------------------------------------------------------------------------
  * Weight-only: 2- or 4-bit codes (file layout "lsb") x float activations, by table lookup
  * ------------------------------------------------------------------------------------------ */
 
@@ -2278,9 +2505,18 @@ typedef struct {
     const float *bias;
     int64_t O, I, I_pad, g;
     float eps;
+    const int8_t *amx_w; /* int8: the weights in AMX's B-tile layout (qd_amx_pack_int8) or NULL */
 } qd_a8_plan;
 
+/* level as in pick(), and 3: as 0 without AMX; 4: as 0 with AMX at any row count (the tests
+ * and benchmarks compare them) */
 int64_t qd_a8_run(const qd_a8_plan *p, const float *x, float *y, int64_t B, int level) {
+#ifdef QD_AMX
+    if ((level == 4 || (level == 0 && B >= AMX_MIN_ROWS)) && p->kind == 1 && p->amx_w &&
+        has_amx())
+        return int8_amx_linear(p->amx_w, p->w_scale, p->bias, p->O, p->I, p->eps, x, y, B, 0);
+#endif
+    if (level >= 3) level = 0;
     return qd_a8_linear((int)p->kind, p->w, p->w_scale, p->zp, p->wsum, p->bias, p->O, p->I,
                         p->I_pad, p->g, p->eps, x, y, B, level);
 }

@@ -66,6 +66,7 @@ _LIB: ctypes.CDLL | None = None
 _LOADED = False
 _WARNED = False
 DISABLE_ENV = "QDISTILL_NO_KERNELS"
+NO_AMX_ENV = "QDISTILL_NO_AMX"  # set: W8A8 plans made afterwards never use AMX
 # From this many rows on, W8A8 runs torch._int_mm (oneDNN; AMX on CPUs that have it) on CPUs
 # with VNNI: it needs more than 16 rows (fewer are padded up to 17). Against the VNNI GEMM (6
 # outputs x 4 batch rows) it loses below 32 rows at every size tried and wins from 32-48 on
@@ -86,6 +87,8 @@ _SIGNATURES: dict[str, list[Any]] = {
     "qd_dequant_rows": [_P, _I64, _INT, _INT, _P, _P, _INT] + [_I64] * 4 + [_P],
     "qd_dequant_gather": [_P, _I64, _INT, _INT, _P, _P, _INT, _P] + [_I64] * 3 + [_P],
     "qd_advise_hugepages": [_P, _I64],
+    "qd_amx_int8_bytes": [_I64, _I64],
+    "qd_amx_pack_int8": [_P, _I64, _I64, _P],
 }
 # return values: rows with NaN/Inf (quantize, a8_linear), 0 or -1 for a failed allocation
 _RESTYPES: dict[str, Any] = {
@@ -95,11 +98,12 @@ _RESTYPES: dict[str, Any] = {
     "qd_int4_gemm": _INT,
     "qd_lut_gemm": _INT,
     "qd_advise_hugepages": _I64,
+    "qd_amx_int8_bytes": _I64,
 }
 # kernel weights of at least this many bytes are copied into memory advised for huge pages
 HUGEPAGE_MIN_BYTES = 4 << 20
 # bumped whenever the C ABI changes, so that a stale build is not called with the wrong one
-ABI_VERSION = 4
+ABI_VERSION = 5
 # qd_a8_linear's kind argument: the per-token int8 paths it fuses (quantize + product + bias)
 _A8_KINDS = {"ternary": 0, "int8": 1, "int4": 2}
 
@@ -120,6 +124,7 @@ class A8Plan(ctypes.Structure):
         ("I_pad", ctypes.c_int64),
         ("g", ctypes.c_int64),
         ("eps", ctypes.c_float),
+        ("amx_w", ctypes.c_void_p),
     ]
 
 
@@ -135,6 +140,7 @@ def _load() -> ctypes.CDLL | None:
                 fn = getattr(lib, name)
                 fn.argtypes, fn.restype = argtypes, _RESTYPES.get(name)
             lib.qd_has_vnni.restype = lib.qd_has_avx2.restype = ctypes.c_int
+            lib.qd_has_amx.restype = ctypes.c_int
             return lib
         except (OSError, AttributeError):  # foreign/stale build: use the portable path
             continue
@@ -294,6 +300,10 @@ class KernelPlan:
     # VNNI (or AMX); on an AVX2-only AMD EPYC it ran W8A8 at batch 32 8x slower than fp32
     int_mm: bool = False
     act_eps: float = 0.0  # floor of each input row's max |x| (IntFormat.eps; BitNet: 1e-5)
+    # int8 on CPUs with AMX: a second copy of the weights in AMX's B-tile layout (outputs padded
+    # to 32, inputs to 64), which qd_a8_run uses from 4 rows on (``weight`` serves fewer rows,
+    # the AVX2 / portable levels and torch._int_mm where there is no AMX)
+    amx_weight: torch.Tensor | None = None
     # The fixed arguments of qd_a8_linear (kind, pointers, sizes; #15 item 4) in a C struct,
     # made on the first call and kept while the layer's bias stays the same tensor at the same
     # address: a call then passes only the plan, x, y, rows and level. _args is (the A8Plan,
@@ -331,6 +341,7 @@ class KernelPlan:
             self.in_padded,
             self.group_size,
             self.act_eps,
+            None if self.amx_weight is None else self.amx_weight.data_ptr(),
         )
         cplan.bias_tensor = bias  # the memory its pointer names lives as long as the struct
         self._args = (cplan, ctypes.addressof(cplan))
@@ -436,10 +447,24 @@ def _plan(layer: Any) -> KernelPlan | None:
         return KernelPlan(kind, streamed(weight), scales, in_f, i_pad, zp, bits=2)
     weight = streamed((codes.to(torch.int16) - 128).to(torch.int8).contiguous())  # int8 / int8w
     wsum = weight.sum(dim=1, dtype=torch.int32) if kind == "int8" else None
-    int_mm = kind == "int8" and bool(library().qd_has_vnni())
+    amx = amx_weight(weight) if kind == "int8" else None
+    int_mm = kind == "int8" and amx is None and bool(library().qd_has_vnni())
     return KernelPlan(
-        kind, weight, _row_scales(layer, out_f), in_f, in_f, weight_sum=wsum, int_mm=int_mm
-    )
+        kind, weight, _row_scales(layer, out_f), in_f, in_f, weight_sum=wsum, int_mm=int_mm,
+        amx_weight=amx,
+    )  # fmt: skip
+
+
+def amx_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """The int8 weights ``[O, I]`` repacked for the AMX W8A8 GEMM (``qd_amx_pack_int8``), or
+    None where the CPU / OS has no AMX or ``QDISTILL_NO_AMX`` is set (read at plan time)."""
+    lib = library()
+    if lib is None or os.environ.get(NO_AMX_ENV) or not lib.qd_has_amx():
+        return None
+    out_f, in_f = weight.shape
+    packed = torch.empty(lib.qd_amx_int8_bytes(out_f, in_f), dtype=torch.int8)
+    lib.qd_amx_pack_int8(weight.data_ptr(), out_f, in_f, packed.data_ptr())
+    return streamed(packed)
 
 
 def streamed(weight: torch.Tensor) -> torch.Tensor:
@@ -551,7 +576,8 @@ def _alloc_failed(layer: Any, rows: int) -> MemoryError:
 
 def linear(layer: Any, kp: KernelPlan, x: torch.Tensor, level: int = 0) -> torch.Tensor:
     """``layer(x)`` through its kernel. ``level`` 0: the fastest path the CPU has; 1: portable
-    C; 2: at most AVX2 (the levels exist so that tests can compare the paths). The kernels
+    C; 2: at most AVX2; W8A8 only: 3: as 0 without AMX, 4: AMX at every row count (the levels
+    exist so that tests can compare the paths). The kernels
     apply the scales and the bias themselves: one or two C calls and no other torch ops.
     ``x``: ``[..., in_features]``, any float dtype, on the CPU (checked: ``InputError``)."""
     x = float_input(layer, x)
