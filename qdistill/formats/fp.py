@@ -34,6 +34,7 @@ from qdistill.formats.base import (
     from_code_blocks,
     to_blocks,
 )
+from qdistill.formats.storage import Storage
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,13 @@ class FPFormat:
     @property
     def bits(self) -> int:
         return self.elem.bits
+
+    @property
+    def storage(self) -> Storage:
+        """Minifloat codes: a table of values, times the block's scale."""
+        return Storage(
+            self.bits, levels="table", zero="none", axis=self.axis, group_size=self.group_size
+        )
 
     def scales(self, blocks: torch.Tensor) -> torch.Tensor:
         amax = blocks.abs().amax(dim=1).float().clamp_min(1e-30)

@@ -44,6 +44,7 @@ from qdistill.formats.base import (
     to_blocks,
 )
 from qdistill.formats.nonuniform import BucketCodebookFormat
+from qdistill.formats.storage import Storage, affine_int
 
 MIN_BITS, MAX_BITS = 2, 8
 _TINY_SCALE = 1e-12
@@ -105,6 +106,13 @@ class IntFormat:
     def offset(self) -> int:
         """Constant added to signed symmetric values to make unsigned codes."""
         return 2 ** (self.bits - 1) if self.symmetric else 0
+
+    @property
+    def storage(self) -> Storage:
+        """How the codes are stored (:mod:`qdistill.formats.storage`): affine, a constant
+        zero point ``offset`` when symmetric, else an integer zero point per block."""
+        sign = bool(getattr(self, "signed_scales", False))
+        return affine_int(self.bits, self.symmetric, self.qmin, self.axis, self.group_size, sign)
 
     # ------------------------------------------------------------------ scales
     def scales(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

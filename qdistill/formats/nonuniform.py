@@ -26,6 +26,7 @@ from qdistill.formats.base import (
     from_code_blocks,
     to_blocks,
 )
+from qdistill.formats.storage import Storage
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,14 @@ class PowerFormat:
     @property
     def qmax(self) -> int:
         return 2 ** (self.bits - 1) - 1
+
+    @property
+    def storage(self) -> Storage:
+        """Codes ``q + 2**(bits-1)``, ``|q| <= qmax``, read through the power grid."""
+        return Storage(
+            self.bits, levels="table", zero="none", qmin=1, axis=self.axis,
+            group_size=self.group_size,
+        )  # fmt: skip
 
     def quantize(
         self, x: torch.Tensor, generator: torch.Generator | None = None
@@ -103,6 +112,11 @@ class CodebookFormat:
 
     def table(self) -> torch.Tensor:
         return torch.tensor(self.points, dtype=torch.float32)
+
+    @property
+    def storage(self) -> Storage:
+        """Indices into the points (one scale of 1 per tensor)."""
+        return Storage(self.bits, levels="table", zero="none", qmax=len(self.points) - 1)
 
     def quantize(
         self, x: torch.Tensor, generator: torch.Generator | None = None
@@ -168,6 +182,15 @@ class BucketCodebookFormat:
 
     def table(self) -> torch.Tensor:
         return torch.tensor(self.points, dtype=torch.float32)
+
+    @property
+    def storage(self) -> Storage:
+        """Indices into the points; each bucket's minimum is a float zero point added to
+        ``scale * point``."""
+        return Storage(
+            self.bits, levels="table", zero="float", qmax=len(self.points) - 1,
+            group_size=self.group_size,
+        )  # fmt: skip
 
     def normalise(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Blocks scaled to [0, 1], with each block's min and range."""

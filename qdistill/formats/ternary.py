@@ -25,6 +25,7 @@ from qdistill.formats.base import (
     from_code_blocks,
     to_blocks,
 )
+from qdistill.formats.storage import Storage
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,14 @@ class TernaryFormat:
     def bits(self) -> int:
         """Bits per stored code in the 2-bit layout."""
         return 2
+
+    @property
+    def storage(self) -> Storage:
+        """Codes ``t + 1`` in {0, 1, 2}: value ``(c - 1) * scale``, two bits or trits."""
+        return Storage(
+            2, "lsb" if self.packing == "2bit" else "trits", offset=1, qmax=2, axis=self.axis,
+            group_size=self.group_size, signed_scales=bool(getattr(self, "signed_scales", False)),
+        )  # fmt: skip
 
     def quantize(
         self, x: torch.Tensor, generator: torch.Generator | None = None
@@ -94,6 +103,11 @@ class BinaryFormat:
     @property
     def bits(self) -> int:
         return 1
+
+    @property
+    def storage(self) -> Storage:
+        """Codes 0 / 1: value ``(2c - 1) * scale``, one bit."""
+        return Storage(1, mul=2, offset=1, axis=self.axis, group_size=self.group_size)
 
     def quantize(
         self, x: torch.Tensor, generator: torch.Generator | None = None

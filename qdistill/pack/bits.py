@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from qdistill.errors import FormatError
+from qdistill.formats.storage import storage_of
 
 
 def packed_nbytes(numel: int, bits: int) -> int:
@@ -91,7 +92,7 @@ def unpack_trits(packed: torch.Tensor, numel: int) -> torch.Tensor:
 
 
 def _uses_trits(fmt: object) -> bool:
-    return getattr(fmt, "packing", "bits") == "trits"
+    return storage_of(fmt).packing == "trits"
 
 
 def pack_for(codes: torch.Tensor, fmt: object) -> torch.Tensor:
@@ -107,5 +108,6 @@ def unpack_for(packed: torch.Tensor, fmt: object, numel: int) -> torch.Tensor:
 
 
 def nbytes_for(fmt: object, numel: int) -> int:
-    """Bytes the packed codes of ``numel`` values take in ``fmt``."""
-    return -(-numel // 5) if _uses_trits(fmt) else packed_nbytes(numel, fmt.bits)  # type: ignore[attr-defined]
+    """Bytes the packed codes of ``numel`` values take in ``fmt`` (its storage descriptor's
+    :meth:`~qdistill.formats.storage.Storage.nbytes`)."""
+    return storage_of(fmt).nbytes(numel)

@@ -48,16 +48,11 @@ from torch import nn
 
 from qdistill.errors import FileFormatError, QDistillError
 from qdistill.formats import (
-    BucketCodebookFormat,
-    CodebookFormat,
     Format,
-    IntFormat,
-    PowerFormat,
-    TernaryFormat,
     format_from_dict,
 )
-from qdistill.formats.base import block_count
-from qdistill.pack.bits import nbytes_for, unpack_for
+from qdistill.formats.storage import storage_of
+from qdistill.pack.bits import unpack_for
 from qdistill.pack.huffman import MAX_CODE_LENGTH
 from qdistill.quant.modules import is_hf_conv1d, linear_weight_shape
 
@@ -147,6 +142,10 @@ def parse_format(spec: Any, path: Path, what: str) -> Format:
         raise _fail(path, what, f"cannot be read ({exc})") from None
     if not _is_int(bits) or not 1 <= bits <= 8:
         raise _fail(path, what, f"has {bits!r}-bit codes; packed codes take 1..8 bits")
+    try:
+        storage_of(fmt)  # what every later check reads
+    except (QDistillError, TypeError, ValueError) as exc:
+        raise _fail(path, what, f"has no valid storage ({exc})") from None
     if what.endswith(" format") and spec.get("stochastic"):
         raise _fail(path, f"{what}.stochastic", "is true; packed weights are rounded to nearest")
     return fmt
@@ -234,7 +233,7 @@ def check_layer_entry(name: Any, meta: Any, path: Path) -> tuple[Format, Format 
     if meta.get("layout", "lsb") not in LAYOUTS:
         raise _fail(path, f"layer {name!r} layout", f"{meta['layout']!r} is unknown")
     try:
-        block_count(shape, getattr(fmt, "axis", None), getattr(fmt, "group_size", None))
+        storage_of(fmt).n_scales(shape)
     except QDistillError as exc:
         raise _fail(path, f"layer {name!r} format", f"does not fit its shape ({exc})") from None
     numel = math.prod(shape)
@@ -418,12 +417,10 @@ def _check_geometry(target: nn.Module, meta: dict[str, Any], path: Path, name: s
 
 
 def _needs_zero_point(fmt: Format) -> str | None:
-    """``"int"`` / ``"float"`` for formats that store a zero point, else None."""
-    if isinstance(fmt, IntFormat) and not fmt.symmetric:
-        return "int"
-    if isinstance(fmt, BucketCodebookFormat):
-        return "float"
-    return None
+    """``"int"`` / ``"float"`` for formats that store a zero point per block (their storage
+    descriptor says so), else None."""
+    zero = storage_of(fmt).zero
+    return zero if zero in ("int", "float") else None
 
 
 _DTYPES = {
@@ -484,12 +481,12 @@ def check_layer_tensors(
                 path, f"tensor '{p}weight_codes'",
                 f"holds {nbytes} bytes; {numel} Huffman codes need {low}..{high}",
             )  # fmt: skip
-    elif nbytes != nbytes_for(fmt, numel):
+    elif nbytes != storage_of(fmt).nbytes(numel):
         raise FileFormatError(
             f"{path}: tensor '{p}weight_codes' holds {nbytes} bytes, expected "
-            f"{nbytes_for(fmt, numel)}; the file is truncated or corrupt"
+            f"{storage_of(fmt).nbytes(numel)}; the file is truncated or corrupt"
         )
-    blocks = block_count(shape, getattr(fmt, "axis", None), getattr(fmt, "group_size", None))
+    blocks = storage_of(fmt).n_scales(shape)
     _expect_float(tensor("weight_scale"), blocks, path, p + "weight_scale")
     zp_kind, zp = _needs_zero_point(fmt), tensor("weight_zero_point")
     if zp_kind is None and zp is not None:
@@ -575,16 +572,9 @@ def _finite_positive(t: torch.Tensor, path: Path, key: str, positive: bool = Tru
 
 
 def _code_range(fmt: Format) -> tuple[int, int]:
-    """Smallest and largest valid unsigned code of ``fmt``."""
-    if isinstance(fmt, IntFormat):
-        return fmt.qmin, fmt.qmax
-    if isinstance(fmt, TernaryFormat):
-        return 0, 2
-    if isinstance(fmt, (CodebookFormat, BucketCodebookFormat)):
-        return 0, len(fmt.points) - 1
-    if isinstance(fmt, PowerFormat):
-        return 1, 2**fmt.bits - 1
-    return 0, 2**fmt.bits - 1
+    """Smallest and largest valid unsigned code of ``fmt`` (from its storage descriptor)."""
+    st = storage_of(fmt)
+    return st.qmin, st.qmax
 
 
 def check_layer_values(
@@ -601,24 +591,26 @@ def check_layer_values(
     if zp is not None:
         if zp.is_floating_point():
             _finite_positive(zp, path, p + "weight_zero_point", positive=False)
-        if isinstance(fmt, IntFormat) and not fmt.symmetric:
+        st = storage_of(fmt)
+        if st.zero == "int":
             zf = zp.double()
-            if bool(((zf < 0) | (zf > fmt.qmax) | ~torch.isfinite(zf)).any()):
+            if bool(((zf < 0) | (zf > st.qmax) | ~torch.isfinite(zf)).any()):
                 raise _fail(
                     path, f"tensor '{p}weight_zero_point'",
                     f"holds {float(zf.max()) if bool((zf > 0).any()) else float(zf.min())}, "
-                    f"outside 0..{fmt.qmax} for {fmt.bits} bits",
+                    f"outside 0..{st.qmax} for {st.bits} bits",
                 )  # fmt: skip
     for key in ("act_scale", "bias"):
         t = tensors.get(key)
         if t is not None:
             _finite_positive(t, path, p + key, positive=key == "act_scale")
     numel = math.prod(meta["shape"])
-    lo, hi = _code_range(fmt)
-    if (lo, hi) == (0, 2**fmt.bits - 1) and getattr(fmt, "packing", "bits") != "trits":
+    st = storage_of(fmt)
+    lo, hi = st.qmin, st.qmax
+    if st.all_codes_valid:
         return  # every bit pattern is a valid code
     codes = tensors["weight_codes"]
-    if getattr(fmt, "packing", None) == "trits" and bool((codes > 242).any()):
+    if st.packing == "trits" and bool((codes > 242).any()):
         raise _fail(path, f"tensor '{p}weight_codes'", "holds a byte > 242 (not five trits)")
     values = unpack_for(codes, fmt, numel).numpy()
     bad = np.flatnonzero((values < lo) | (values > hi))
