@@ -13,10 +13,12 @@ bit-exact with their ``dequantize``) into a transient buffer and hands it to ``F
 module's resident memory stays the packed codes; the fp32 weight matrix is never held whole
 (for layers larger than one tile) and never kept between calls.
 
-Formats: IntFormat (1..8 bits, symmetric or with zero points), TernaryFormat (2-bit or trit
-packing) and BinaryFormat, per tensor, per output channel, per bucket or per row. Anything else
-(FP and codebook formats, per-input-channel scales, inputs needing a gradient, no C extension)
-takes the portable path of :class:`~qdistill.pack.modules.PackedMixin`.
+Formats: whatever the row reader takes (:mod:`qdistill.pack.dequant`, from the weight's storage
+descriptor): affine codes with scales in memory order (IntFormat of 1..8 bits, TernaryFormat,
+BinaryFormat), per tensor, per output channel, per bucket or per row. Anything else (FP and
+codebook formats, per-input-channel scales, inputs needing a gradient, no C extension) takes
+the portable path of :class:`~qdistill.pack.modules.PackedMixin`. The tiles are the registry
+entry ``"conv_tiles"`` (:mod:`qdistill.pack.registry`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from qdistill.pack.dequant import DequantPlan, dequant_plan, dequantize_rows
+from qdistill.formats.storage import Storage
+from qdistill.pack import registry
+from qdistill.pack.dequant import DequantPlan, dequantize_rows, storage_plan
 
 # fp32 weights per tile: 64K weights = 256 KB, a core's L2 on most x86 server CPUs
 TILE_WEIGHTS = 1 << 16
@@ -54,13 +58,18 @@ class ConvPlan:
 
     rows: DequantPlan
     tiles: list[tuple[int, int, int]]  # (first channel, end channel, convolution groups)
+    kernel: str = "conv_tiles"  # the registry entry that runs this plan
 
 
 def plan(layer: Any) -> ConvPlan | None:
-    """The tiled path of a PackedConv2d, or None (portable path)."""
-    dp = dequant_plan(
-        layer.weight_format, layer.weight_shape, layer.weight_scale, layer.weight_zero_point
-    )
+    """The fast path of a PackedConv2d (the registry's first Conv2d entry that accepts its
+    weights' storage), or None (portable path)."""
+    found = registry.prepare(layer)
+    return None if found is None else found[1]
+
+
+def _prepare(layer: Any, st: Storage, site: registry.Site) -> ConvPlan | None:
+    dp = storage_plan(st, site.shape, layer.weight_scale, layer.weight_zero_point)
     if dp is None:
         return None
     return ConvPlan(dp, conv_tiles(dp.rows, layer.conv["groups"], dp.row_len, TILE_WEIGHTS))
@@ -81,3 +90,8 @@ def conv2d(layer: Any, cp: ConvPlan, x: torch.Tensor) -> torch.Tensor:
         b = None if bias is None else bias[o0:o1]
         outs.append(F.conv2d(xt, w, b, c["stride"], c["padding"], c["dilation"], n_groups))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+registry.register(
+    registry.Kernel("conv_tiles", ("conv",), None, registry.row_readable, _prepare, conv2d)
+)

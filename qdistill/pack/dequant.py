@@ -4,9 +4,13 @@ For layers whose fast path is "dequantize what this call needs, then a float op"
 Conv2d's output channels (:mod:`qdistill.pack.conv`) or the rows an Embedding looks up
 (:class:`~qdistill.pack.modules.PackedEmbedding`). ``qd_dequant_rows`` / ``qd_dequant_gather``
 apply the formats' own arithmetic, ``(code * mul - zero_point) * scale``, so the rows equal the
-format's ``dequantize`` bit for bit. Formats: IntFormat (1..8 bits, symmetric or with zero
-points), TernaryFormat (2-bit or trit packing) and BinaryFormat, per tensor, per output
-channel, per bucket or per row; anything else has no plan (callers use the portable path).
+format's ``dequantize`` bit for bit. What they read comes from the weight's storage descriptor
+(:mod:`qdistill.formats.storage`): any affine storage (bit stream or trits, a constant or
+integer zero point) whose scales follow memory order (per tensor, per output channel, per
+bucket or per row): today IntFormat (1..8 bits), TernaryFormat and BinaryFormat. Anything else
+has no plan (callers use the portable path). The Embedding gather is the registry entry
+``"gather"`` (:mod:`qdistill.pack.registry`); the Conv2d tiles (:mod:`qdistill.pack.conv`) use
+the same row reader.
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ from typing import Any
 import torch
 
 from qdistill.errors import FileFormatError, InputIndexError, InputTypeError
-from qdistill.formats import BinaryFormat, IntFormat, TernaryFormat
-from qdistill.pack import kernels
+from qdistill.formats.storage import Storage, storage_of
+from qdistill.pack import kernels, registry
 from qdistill.pack.inputs import describe, on_cpu
 
 
@@ -35,31 +39,8 @@ class DequantPlan:
     bucket: int  # consecutive weights (row-major) per scale
     rows: int
     row_len: int
-
-
-def _code_layout(fmt: Any) -> tuple[int, int, int] | None:
-    """(bits, mul, zp_const) of a format whose values are ``(c * mul - zp) * scale``."""
-    if isinstance(fmt, IntFormat):
-        return fmt.bits, 1, fmt.offset
-    if isinstance(fmt, TernaryFormat):
-        return (2 if fmt.packing == "2bit" else 0), 1, 1
-    if isinstance(fmt, BinaryFormat):
-        return 1, 2, 1
-    return None
-
-
-def _bucket(fmt: Any, shape: tuple[int, ...]) -> int | None:
-    """Consecutive weights sharing one scale, or None when scales do not follow memory order."""
-    group, axis = getattr(fmt, "group_size", None), getattr(fmt, "axis", None)
-    if group:
-        return int(group)
-    if axis is None:
-        return math.prod(shape)
-    if axis == 0:
-        return math.prod(shape[1:])
-    if axis == "row":
-        return shape[-1]
-    return None
+    nbytes: int = 0  # bytes of packed codes the weight takes (its storage's count)
+    kernel: str = "gather"  # the registry entry that runs this plan (an Embedding's)
 
 
 def dequant_plan(
@@ -68,12 +49,23 @@ def dequant_plan(
     scale: torch.Tensor,
     zero_point: torch.Tensor | None,
 ) -> DequantPlan | None:
-    """Prepare :func:`dequantize_rows` for one packed weight (None: no C path for it)."""
-    layout, bucket = _code_layout(fmt), _bucket(fmt, shape)
-    if layout is None or bucket is None or not on_cpu(scale, zero_point):
-        return None  # (C reads CPU memory only)
-    if kernels.library() is None:
+    """Prepare :func:`dequantize_rows` for one packed weight of format ``fmt`` (None: no C path
+    for it)."""
+    return storage_plan(storage_of(fmt), tuple(shape), scale, zero_point)
+
+
+def storage_plan(
+    st: Storage,
+    shape: tuple[int, ...],
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+) -> DequantPlan | None:
+    """:func:`dequant_plan` from the weight's storage descriptor."""
+    if not registry.row_readable(st, registry.Site("conv", "other", shape)):
         return None
+    if not on_cpu(scale, zero_point) or kernels.library() is None:
+        return None  # (C reads CPU memory only)
+    bucket = st.bucket(shape)
     rows, row_len = shape[0], math.prod(shape[1:])
     n_buckets = -(-rows * row_len // bucket)
     scale = scale.detach().float().reshape(-1).contiguous()
@@ -87,8 +79,9 @@ def dequant_plan(
         zp = zp.expand(n_buckets).contiguous() if zp.numel() == 1 else zp.contiguous()
         if zp.numel() != n_buckets:
             return None
-    bits, mul, zp_const = layout
-    return DequantPlan(bits, mul, scale, zp, zp_const, bucket, rows, row_len)
+    bits = 0 if st.packing == "trits" else st.bits
+    nbytes = st.nbytes(rows * row_len)
+    return DequantPlan(bits, st.mul, scale, zp, st.offset, bucket, rows, row_len, nbytes)
 
 
 def _check_codes(codes: torch.Tensor, dp: DequantPlan) -> None:
@@ -97,8 +90,7 @@ def _check_codes(codes: torch.Tensor, dp: DequantPlan) -> None:
             f"packed codes must be contiguous uint8 on the CPU for the C reader, got "
             f"{codes.dtype} on {codes.device}; load the file with qdistill.load"
         )
-    numel = dp.rows * dp.row_len
-    expected = -(-numel // 5) if dp.bits == 0 else -(-numel * dp.bits // 8)
+    expected = dp.nbytes
     if codes.numel() != expected:
         raise FileFormatError(
             f"packed weight holds {codes.numel()} bytes, its shape needs {expected}; "
@@ -154,3 +146,18 @@ def gather_rows(
         dp.row_len, dp.bucket, out.data_ptr(),
     )  # fmt: skip
     return out.reshape(*index.shape, dp.row_len)
+
+
+def _prepare_gather(layer: Any, st: Storage, site: registry.Site) -> DequantPlan | None:
+    return storage_plan(st, site.shape, layer.weight_scale, layer.weight_zero_point)
+
+
+def _run_gather(layer: Any, dp: DequantPlan, index: torch.Tensor) -> torch.Tensor:
+    return gather_rows(layer.weight_codes, dp, index, layer=layer)
+
+
+registry.register(
+    registry.Kernel(
+        "gather", ("embedding",), None, registry.row_readable, _prepare_gather, _run_gather
+    )
+)

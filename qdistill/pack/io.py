@@ -31,6 +31,7 @@ from torch import nn
 from qdistill.atomic import atomic_save_safetensors
 from qdistill.errors import FileFormatError, QDistillError
 from qdistill.formats import format_from_dict
+from qdistill.formats.storage import storage_of
 from qdistill.models import hf_arch
 from qdistill.pack import huffman, validate
 from qdistill.pack.bits import pack_for, unpack_for
@@ -316,21 +317,16 @@ def _huffman_decode(
 
 def _check_packed_sizes(path: Path, name: str, layer: PackedMixin) -> None:
     """Catch a truncated or tampered codes/scale tensor at load time, naming it."""
-    from qdistill.formats.base import block_count
-    from qdistill.pack.bits import nbytes_for
-
+    st = storage_of(layer.weight_format)
     numel = int(torch.Size(layer.weight_shape).numel())
-    need = nbytes_for(layer.weight_format, numel)
+    need = st.nbytes(numel)
     if layer.weight_codes.numel() != need:
         raise FileFormatError(
             f"{path}: tensor '{name}.weight_codes' holds {layer.weight_codes.numel()} bytes, "
             f"expected {need}; the file is truncated or corrupt"
         )
-    fmt = layer.weight_format
     # from the shape alone (to_blocks on a meta tensor pulled in torch._dynamo: +70 MB RSS)
-    blocks = block_count(
-        layer.weight_shape, getattr(fmt, "axis", None), getattr(fmt, "group_size", None)
-    )
+    blocks = st.n_scales(layer.weight_shape)
     if layer.weight_scale.numel() != blocks:
         raise FileFormatError(
             f"{path}: tensor '{name}.weight_scale' holds {layer.weight_scale.numel()} scales, "

@@ -23,6 +23,13 @@ lut       ``IntFormat(4)`` / ``IntFormat(2)`` /            float (weight-only, "
 int8w     ``IntFormat(8)`` symmetric, per tensor/channel   float (weight-only)
 ========  ===============================================  ==================================
 
+Each kind is an entry of :mod:`qdistill.pack.registry` (registered at the end of this module)
+that accepts weights by their storage descriptor (:mod:`qdistill.formats.storage`), not by
+format class: ``ternary`` takes any affine 2-bit bit stream with an integer zero point and one
+scale per row, ``int8`` / ``int8w`` any 8-bit codes ``q + 128``, ``int4`` / ``lut`` any affine
+4-bit (and 2-bit) codes with whole groups in a row; the table names the formats that are stored
+that way today.
+
 The per-token int8 activation codes are made in C exactly as ``IntFormat(8, axis="row")``
 makes them (vectorized with round-half-to-even instructions, which round as ``nearbyintf``
 does; threaded over many rows), so the integer dot products are exactly those of the
@@ -59,7 +66,8 @@ from typing import Any
 import torch
 
 from qdistill.errors import FileFormatError, FormatError, InputError
-from qdistill.formats import IntFormat, TernaryFormat
+from qdistill.formats.storage import Storage, storage_of
+from qdistill.pack import registry
 from qdistill.pack.inputs import describe, float_input, on_cpu
 
 _LIB: ctypes.CDLL | None = None
@@ -175,53 +183,21 @@ def cpu_path() -> str:
 
 
 def _is_row_int8(fmt: Any) -> bool:
-    return isinstance(fmt, IntFormat) and fmt.bits == 8 and fmt.symmetric and fmt.axis == "row"
-
-
-def _per_row_scale(fmt: Any) -> bool:
-    """One scale per output channel or per tensor (expandable to per channel)."""
-    return getattr(fmt, "group_size", None) is None and getattr(fmt, "axis", None) in (None, 0)
-
-
-def _group(fmt: Any, in_features: int) -> int | None:
-    """Weights per scale along a row: the group size, or the whole row; None if groups straddle
-    rows (then no kernel applies)."""
-    g = getattr(fmt, "group_size", None)
-    if g:
-        return g if in_features % g == 0 else None
-    return in_features if _per_row_scale(fmt) else None
-
-
-def _two_bit(fmt: Any) -> bool:
-    return (isinstance(fmt, TernaryFormat) and fmt.packing == "2bit") or (
-        isinstance(fmt, IntFormat) and fmt.bits == 2
-    )
+    """Per-token symmetric int8 inputs (``IntFormat(8, axis="row")``), read from the
+    activation format's storage descriptor."""
+    return registry.act_kind(fmt) == "int8_row"
 
 
 def kernel_kind(
     weight_format: Any, act_format: Any, is_linear: bool, in_features: int = 0
 ) -> str | None:
-    """Which fast path fits a packed layer (see the module docstring), or None."""
-    if not is_linear or getattr(weight_format, "stochastic", False):
+    """Which Linear fast path fits a packed layer (see the module docstring), or None: the
+    first entry of :mod:`qdistill.pack.registry` that accepts the weights' storage."""
+    if not is_linear:
         return None
-    fmt, g = weight_format, _group(weight_format, in_features)
-    if g is None:
-        return None
-    if act_format is None:  # weight-only: float activations
-        if isinstance(fmt, IntFormat) and fmt.bits == 8 and fmt.symmetric:
-            return "int8w" if _per_row_scale(fmt) else None
-        if (isinstance(fmt, IntFormat) and fmt.bits == 4) or _two_bit(fmt):
-            return "lut" if g % (128 // fmt.bits) == 0 else None
-        return None
-    if not _is_row_int8(act_format):
-        return None
-    if _two_bit(fmt):
-        return "ternary" if _per_row_scale(fmt) else None
-    if isinstance(fmt, IntFormat) and fmt.bits == 8 and fmt.symmetric:
-        return "int8" if _per_row_scale(fmt) else None
-    if isinstance(fmt, IntFormat) and fmt.bits == 4:
-        return "int4" if g % 8 == 0 else None
-    return None
+    site = registry.Site("linear", registry.act_kind(act_format), (0, in_features))
+    entry = registry.select(storage_of(weight_format), site)
+    return None if entry is None else entry.name
 
 
 def repack_ternary(codes: torch.Tensor, in_features: int) -> tuple[torch.Tensor, int]:
@@ -358,16 +334,12 @@ def _row_scales(layer: Any, out_f: int) -> torch.Tensor:
     return scale.expand(out_f).contiguous() if scale.numel() == 1 else scale.contiguous()
 
 
-def _check_sizes(layer: Any, fmt: Any, out_f: int, in_f: int) -> None:
+def _check_sizes(layer: Any, st: Storage, out_f: int, in_f: int) -> None:
     """The kernels index codes, scales, zero points and bias by the layer's shape: refuse
     tensors of any other size (one check per layer, at plan time) instead of reading past them."""
-    from qdistill.pack.bits import nbytes_for
-
-    g = _group(fmt, in_f) or in_f
-    per_tensor = getattr(fmt, "axis", None) is None and not getattr(fmt, "group_size", None)
-    n_scales = 1 if per_tensor else out_f * (in_f // g)
+    n_scales = st.n_scales((out_f, in_f))
     expected = {
-        "weight_codes": nbytes_for(fmt, out_f * in_f),
+        "weight_codes": st.nbytes(out_f * in_f),
         "weight_scale": n_scales,
         "weight_zero_point": n_scales,
         "bias": out_f,
@@ -382,76 +354,114 @@ def _check_sizes(layer: Any, fmt: Any, out_f: int, in_f: int) -> None:
 
 
 def plan(layer: Any) -> KernelPlan | None:
-    """Prepare the fast path of a packed Linear once (None: use the portable path)."""
-    kp = _plan(layer)
-    if kp is not None:
-        kp.act_eps = act_eps(layer.act_format)
-        kp.out_features = int(layer.weight_shape[0])
+    """Prepare the fast path of a packed Linear once (None: use the portable path): the
+    registry's first Linear entry that accepts the weights' storage, if the layer can take it."""
+    found = registry.prepare(layer)
+    if found is None:
+        return None
+    kp = found[1]
+    kp.act_eps = act_eps(layer.act_format)
+    kp.out_features = int(layer.weight_shape[0])
     return kp
 
 
-def _plan(layer: Any) -> KernelPlan | None:
-    out_f, in_f = layer.weight_shape[0], int(torch.Size(layer.weight_shape[1:]).numel())
-    fmt = layer.weight_format
-    kind = kernel_kind(fmt, layer.act_format, not hasattr(layer, "conv"), in_f)
+def _ready(layer: Any, st: Storage) -> tuple[int, int] | None:
+    """``(out_features, in_features)`` once the layer's tensors are on the CPU (C reads CPU
+    memory only), the extension loaded and the tensors' sizes checked; else None."""
     tensors = (layer.weight_codes, layer.weight_scale, layer.weight_zero_point, layer.bias)
-    if kind is None or not on_cpu(*tensors) or library() is None:  # C reads CPU memory only
+    if not on_cpu(*tensors) or library() is None:
         return None
-    _check_sizes(layer, fmt, out_f, in_f)
-    from qdistill.pack.bits import unpack_for
+    out_f, in_f = layer.weight_shape[0], int(torch.Size(layer.weight_shape[1:]).numel())
+    _check_sizes(layer, st, out_f, in_f)
+    return out_f, in_f
 
+
+def _codes(layer: Any, st: Storage, out_f: int, in_f: int) -> torch.Tensor:
+    """The layer's unsigned codes ``[O, I]`` from the file's packed stream."""
+    from qdistill.pack.bits import unpack_codes
+
+    return unpack_codes(layer.weight_codes, st.bits, out_f * in_f).reshape(out_f, in_f)
+
+
+def _prepare_lut(layer: Any, st: Storage, site: registry.Site) -> KernelPlan | None:
+    """Weight-only 4 / 2-bit: reads the file's own layout, nothing to repack."""
+    sizes = _ready(layer, st)
+    if sizes is None:
+        return None
+    out_f, in_f = sizes
     zp_file = layer.weight_zero_point
-    offset = int(getattr(fmt, "offset", 1))  # symmetric IntFormat: 2**(b-1); ternary: 1
-    if kind == "lut":  # reads the file's own layout: nothing to repack
-        g = _group(fmt, in_f)
-        scale = layer.weight_scale.float().reshape(-1)
-        if scale.numel() == 1:
-            scale = scale.expand(out_f)
-        zp = None if zp_file is None else zp_file.to(torch.uint8).reshape(-1)
-        if zp is not None and zp.numel() == 1:
-            zp = zp.expand(out_f)
-        return KernelPlan(
-            kind,
-            layer.weight_codes,
-            scale.contiguous(),
-            in_f,
-            in_f,
-            None if zp is None else zp.contiguous(),
-            g,
-            offset,
-            fmt.bits,
+    scale = layer.weight_scale.float().reshape(-1)
+    if scale.numel() == 1:
+        scale = scale.expand(out_f)
+    zp = None if zp_file is None else zp_file.to(torch.uint8).reshape(-1)
+    if zp is not None and zp.numel() == 1:
+        zp = zp.expand(out_f)
+    return KernelPlan(
+        "lut",
+        layer.weight_codes,
+        scale.contiguous(),
+        in_f,
+        in_f,
+        None if zp is None else zp.contiguous(),
+        st.row_group(in_f),
+        st.offset,
+        st.bits,
+    )
+
+
+def _prepare_int4(layer: Any, st: Storage, site: registry.Site) -> KernelPlan | None:
+    """W4A8: codes and per-group scales / zero points in tiles of 16 rows."""
+    sizes = _ready(layer, st)
+    if sizes is None:
+        return None
+    out_f, in_f = sizes
+    codes, zp_file, g = _codes(layer, st, out_f, in_f), layer.weight_zero_point, st.row_group(in_f)
+    scales = layer.weight_scale.float().reshape(-1)
+    scales = scales.expand(out_f) if scales.numel() == 1 else scales
+    if zp_file is None:
+        zp = torch.full((out_f, in_f // g), st.offset, dtype=torch.uint8)
+    else:
+        zp = zp_file.to(torch.uint8).reshape(-1)
+        zp = (zp.expand(out_f) if zp.numel() == 1 else zp).reshape(out_f, in_f // g)
+    s = _tiles16(scales.reshape(out_f, in_f // g).float())
+    w4 = streamed(repack_int4(codes))
+    return KernelPlan("int4", w4, s, in_f, in_f, _tiles16(zp), g, bits=4)
+
+
+def _prepare_ternary(layer: Any, st: Storage, site: registry.Site) -> KernelPlan | None:
+    """W1.58A8 / W2A8: 2-bit codes in the tile16x16 layout; a zero point per row unless it is
+    the ternary constant 1 (which the kernel assumes when given none)."""
+    sizes = _ready(layer, st)
+    if sizes is None:
+        return None
+    out_f, in_f = sizes
+    weight, i_pad = repack_ternary(_codes(layer, st, out_f, in_f), in_f)
+    zp_file, zp = layer.weight_zero_point, None
+    if st.zero == "int" or st.offset != 1:
+        zp = (
+            torch.full((out_f,), st.offset, dtype=torch.int32)
+            if zp_file is None
+            else zp_file.to(torch.int32).reshape(-1).expand(out_f).contiguous()
         )
-    codes = unpack_for(layer.weight_codes, fmt, out_f * in_f).reshape(out_f, in_f)
-    if kind == "int4":
-        g = _group(fmt, in_f)
-        scales = layer.weight_scale.float().reshape(-1)
-        scales = scales.expand(out_f) if scales.numel() == 1 else scales
-        if zp_file is None:
-            zp = torch.full((out_f, in_f // g), offset, dtype=torch.uint8)
-        else:
-            zp = zp_file.to(torch.uint8).reshape(-1)
-            zp = (zp.expand(out_f) if zp.numel() == 1 else zp).reshape(out_f, in_f // g)
-        s = _tiles16(scales.reshape(out_f, in_f // g).float())
-        w4 = streamed(repack_int4(codes))
-        return KernelPlan(kind, w4, s, in_f, in_f, _tiles16(zp), g, bits=4)
-    if kind == "ternary":
-        weight, i_pad = repack_ternary(codes, in_f)
-        zp = None
-        if isinstance(fmt, IntFormat):
-            zp = (
-                torch.full((out_f,), offset, dtype=torch.int32)
-                if zp_file is None
-                else zp_file.to(torch.int32).reshape(-1).expand(out_f).contiguous()
-            )
-        scales = _row_scales(layer, out_f)
-        return KernelPlan(kind, streamed(weight), scales, in_f, i_pad, zp, bits=2)
-    weight = streamed((codes.to(torch.int16) - 128).to(torch.int8).contiguous())  # int8 / int8w
+    scales = _row_scales(layer, out_f)
+    return KernelPlan("ternary", streamed(weight), scales, in_f, i_pad, zp, bits=2)
+
+
+def _prepare_int8(layer: Any, st: Storage, site: registry.Site) -> KernelPlan | None:
+    """W8A8 and weight-only int8: the codes minus their offset (128) as signed bytes."""
+    sizes = _ready(layer, st)
+    if sizes is None:
+        return None
+    out_f, in_f = sizes
+    kind = "int8" if site.acts == "int8_row" else "int8w"
+    codes = _codes(layer, st, out_f, in_f)
+    weight = streamed((codes.to(torch.int16) - st.offset).to(torch.int8).contiguous())
     wsum = weight.sum(dim=1, dtype=torch.int32) if kind == "int8" else None
     amx = amx_weight(weight) if kind == "int8" else None
     int_mm = kind == "int8" and amx is None and bool(library().qd_has_vnni())
     return KernelPlan(
-        kind, weight, _row_scales(layer, out_f), in_f, in_f, weight_sum=wsum, int_mm=int_mm,
-        amx_weight=amx,
+        kind, weight, _row_scales(layer, out_f), in_f, in_f, weight_sum=wsum,
+        zp_const=st.offset, int_mm=int_mm, amx_weight=amx,
     )  # fmt: skip
 
 
@@ -627,7 +637,6 @@ def _a8_failed(layer: Any, kp: KernelPlan, x: torch.Tensor, rows: int, status: i
 def _general_linear(layer: Any, kp: KernelPlan, x: torch.Tensor, level: int) -> torch.Tensor:
     """:func:`checked_linear` where no prepared call applies: the first call, a bias replaced
     since (or not float32), torch._int_mm's rows, the weight-only kinds, no rows."""
-    lib = _LIB or library()  # a plan exists, so the library loaded (no env lookup per call)
     lead = x.shape[:-1]
     out_f = layer.weight_shape[0]
     bias = layer.bias
@@ -640,23 +649,46 @@ def _general_linear(layer: Any, kp: KernelPlan, x: torch.Tensor, level: int) -> 
     rows = x.numel() // kp.in_features
     if rows == 0:
         return x.new_empty(*lead, out_f)
-    if kp.kind in ("lut", "int8w"):
-        x2 = x.reshape(rows, kp.in_features).contiguous()
-        y = torch.empty(rows, out_f, dtype=torch.float32)
-        if kp.kind == "lut":
-            status = lib.qd_lut_gemm(
-                kp.weight.data_ptr(), kp.weight_scale.data_ptr(), _ptr(kp.zero_point),
-                kp.zp_const, kp.bits, x2.data_ptr(), _ptr(bias), y.data_ptr(), rows, out_f,
-                kp.in_features, kp.group_size, int(level),
-            )  # fmt: skip
-            if status:
-                raise _alloc_failed(layer, rows)
-        else:
-            lib.qd_int8w_gemm(
-                kp.weight.data_ptr(), kp.weight_scale.data_ptr(), x2.data_ptr(), _ptr(bias),
-                y.data_ptr(), rows, out_f, kp.in_features, int(level),
-            )  # fmt: skip
-        return y.reshape(*lead, out_f)
+    return registry.get(kp.kind).run(layer, kp, x, bias, rows, int(level))
+
+
+def _run_lut(
+    layer: Any, kp: KernelPlan, x: torch.Tensor, bias: Any, rows: int, level: int
+) -> torch.Tensor:
+    """Weight-only 4 / 2-bit: ``qd_lut_gemm`` on float rows."""
+    out_f = layer.weight_shape[0]
+    x2 = x.reshape(rows, kp.in_features).contiguous()
+    y = torch.empty(rows, out_f, dtype=torch.float32)
+    status = (_LIB or library()).qd_lut_gemm(
+        kp.weight.data_ptr(), kp.weight_scale.data_ptr(), _ptr(kp.zero_point),
+        kp.zp_const, kp.bits, x2.data_ptr(), _ptr(bias), y.data_ptr(), rows, out_f,
+        kp.in_features, kp.group_size, level,
+    )  # fmt: skip
+    if status:
+        raise _alloc_failed(layer, rows)
+    return y.reshape(*x.shape[:-1], out_f)
+
+
+def _run_int8w(
+    layer: Any, kp: KernelPlan, x: torch.Tensor, bias: Any, rows: int, level: int
+) -> torch.Tensor:
+    """Weight-only int8: ``qd_int8w_gemm`` on float rows."""
+    out_f = layer.weight_shape[0]
+    x2 = x.reshape(rows, kp.in_features).contiguous()
+    y = torch.empty(rows, out_f, dtype=torch.float32)
+    (_LIB or library()).qd_int8w_gemm(
+        kp.weight.data_ptr(), kp.weight_scale.data_ptr(), x2.data_ptr(), _ptr(bias),
+        y.data_ptr(), rows, out_f, kp.in_features, level,
+    )  # fmt: skip
+    return y.reshape(*x.shape[:-1], out_f)
+
+
+def _run_a8(
+    layer: Any, kp: KernelPlan, x: torch.Tensor, bias: Any, rows: int, level: int
+) -> torch.Tensor:
+    """The per-token int8 kinds (ternary, int8, int4): one ``qd_a8_run`` call (quantize +
+    product + bias), or for W8A8 batches torch._int_mm on the same codes."""
+    lead, out_f = x.shape[:-1], layer.weight_shape[0]
     if kp.kind == "int8" and level == 0 and rows >= INT_MM_MIN_ROWS and kp.int_mm:
         bufs = new_input_buffers(rows, kp.in_padded)
         xq, x_scale, _ = _quantize_rows(x, rows, kp.in_padded, bufs, layer, kp.act_eps)
@@ -668,7 +700,7 @@ def _general_linear(layer: Any, kp: KernelPlan, x: torch.Tensor, level: int) -> 
         kp._args, kp._bias, kp._bias_ptr = saved
     x2 = x if x.is_contiguous() else x.contiguous()
     y = torch.empty(*lead, out_f, dtype=torch.float32)
-    status = lib.qd_a8_run(args[1], x2.data_ptr(), y.data_ptr(), rows, int(level))
+    status = (_LIB or library()).qd_a8_run(args[1], x2.data_ptr(), y.data_ptr(), rows, level)
     if status:
         raise _a8_failed(layer, kp, x2, rows, status)
     return y
@@ -678,7 +710,49 @@ def unrepack(kp: KernelPlan, out_features: int) -> torch.Tensor:
     """The file's codes ``[O, I]`` back from a kernel's layout (so only one copy is kept)."""
     w = kp.weight
     if kp.kind in ("int8", "int8w"):
-        return (w.to(torch.int16) + 128).to(torch.uint8)
+        return (w.to(torch.int16) + kp.zp_const).to(torch.uint8)
     if kp.kind == "int4":
         return unrepack_int4(w, out_features, kp.in_features)
     return unrepack_ternary(w, out_features, kp.in_features)  # ternary, tile16x16
+
+
+# ------------------------------------------------------------------------------------------
+# The Linear entries of the kernel registry (issue #15 item 5), most specific first. Each
+# accepts storage by its descriptor alone (qdistill.formats.storage): any format whose codes
+# are stored the same way takes the same kernel.
+# ------------------------------------------------------------------------------------------
+
+
+def _two_bit_rows(st: Storage, site: registry.Site) -> bool:
+    return registry.integer_codes(st, 2) and st.scale_per_row
+
+
+def _int8_rows(st: Storage, site: registry.Site) -> bool:
+    return registry.offset128(st) and st.scale_per_row
+
+
+def _int4_groups(st: Storage, site: registry.Site) -> bool:
+    g = st.row_group(site.row_len)
+    return registry.integer_codes(st, 4) and g is not None and g % 8 == 0
+
+
+def _lut_groups(st: Storage, site: registry.Site) -> bool:
+    """4 or 2-bit codes whose groups hold whole 64-byte lines of codes (32 / 64 weights)."""
+    g = st.row_group(site.row_len)
+    return (
+        registry.integer_codes(st)
+        and st.bits in (2, 4)
+        and g is not None
+        and g % (128 // st.bits) == 0
+    )
+
+
+_LIN, _A8, _FLOAT = ("linear",), ("int8_row",), ("float",)
+for _entry in (
+    registry.Kernel("ternary", _LIN, _A8, _two_bit_rows, _prepare_ternary, _run_a8),
+    registry.Kernel("int8", _LIN, _A8, _int8_rows, _prepare_int8, _run_a8),
+    registry.Kernel("int4", _LIN, _A8, _int4_groups, _prepare_int4, _run_a8),
+    registry.Kernel("int8w", _LIN, _FLOAT, _int8_rows, _prepare_int8, _run_int8w),
+    registry.Kernel("lut", _LIN, _FLOAT, _lut_groups, _prepare_lut, _run_lut),
+):
+    registry.register(_entry)

@@ -26,7 +26,7 @@ from torch import nn
 from qdistill.errors import FormatError
 from qdistill.formats import Format, QuantizedTensor, format_from_dict
 from qdistill.pack import conv as packed_conv
-from qdistill.pack import dequant, inputs, kernels
+from qdistill.pack import dequant, inputs, kernels, registry
 from qdistill.pack.bits import pack_for, unpack_for
 from qdistill.quant.modules import QuantConv2d, QuantEmbedding, QuantLinear, deterministic
 
@@ -211,7 +211,8 @@ class PackedConv2d(PackedMixin, nn.Module):
             and x.device.type == "cpu"
             and not (torch.is_grad_enabled() and x.requires_grad)
         ):
-            return packed_conv.conv2d(self, self._tiles, self.quantized_input(x))
+            run = registry.get(self._tiles.kernel).run
+            return run(self, self._tiles, self.quantized_input(x))
         c = self.conv
         return F.conv2d(
             self.quantized_input(x),
@@ -255,11 +256,10 @@ class PackedEmbedding(PackedMixin, nn.Module):
 
     def forward(self, index: torch.Tensor) -> torch.Tensor:
         if self._rows is False:
-            self._rows = dequant.dequant_plan(
-                self.weight_format, self.weight_shape, self.weight_scale, self.weight_zero_point
-            )
+            found = registry.prepare(self)
+            self._rows = None if found is None else found[1]
         if self._rows is not None:
-            return dequant.gather_rows(self.weight_codes, self._rows, index, layer=self)
+            return registry.get(self._rows.kernel).run(self, self._rows, index)
         dequant.check_index(index, self.num_embeddings, self)
         return F.embedding(index, self.unpacked_weight(), self.padding_idx)
 

@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qdistill.errors import ConfigError, QDistillError
-from qdistill.formats import IntFormat
+from qdistill.formats.storage import Storage, storage_of
+from qdistill.pack import registry
 from qdistill.pack.bits import unpack_for
 from qdistill.pack.modules import PackedEmbedding, PackedMixin, pack_layer
 from qdistill.quant.modules import is_quantized
@@ -52,36 +53,27 @@ class _QDQLayer(nn.Module):
 
     def __init__(self, packed: PackedMixin, weight_dtype: str = "uint8") -> None:
         super().__init__()
-        fmt = packed.weight_format
         w = packed.unpacked_weight()
         self.conv = getattr(packed, "conv", None)
         self.weight = nn.Parameter(w, requires_grad=False)
         self.bias = None if packed.bias is None else nn.Parameter(packed.bias.clone(), False)
         self.weight_qdq: tuple | None = None
-        if isinstance(fmt, IntFormat) and fmt.bits == 8 and fmt.symmetric and fmt.axis in (0, None):
-            scale = packed.weight_scale.float().reshape(-1)
-            if fmt.axis is None:
-                scale = scale.expand(w.shape[0]).contiguous()
-            self.register_buffer("w_scale", scale)
-            offset = 128 if weight_dtype == "uint8" else 0
+        # the registry's export entry for these codes (by their storage descriptor)
+        codes = export_codes(packed)
+        if codes is not None and codes["kind"] == "int8":
+            self.register_buffer("w_scale", codes["scale"])
+            offset = codes["zero_point"] if weight_dtype == "uint8" else 0
             self.register_buffer("w_zero", torch.full((w.shape[0],), offset, dtype=torch.int32))
             self.weight_qdq = (offset - 128, offset + 127)
         act = packed.act_format
+        kind = registry.act_kind(act)
         self.act_qdq: tuple[float, int] | None = None
-        if (
-            isinstance(act, IntFormat)
-            and act.bits == 8
-            and not act.symmetric
-            and act.axis is None
-            and packed.act_scale is not None
-        ):
+        if kind == "uint8_tensor" and packed.act_scale is not None:
             self.act_qdq = (float(packed.act_scale), int(packed.act_zero_point))
         # per-token dynamic int8 (IntFormat(8, axis="row")), rounded as IntFormat rounds it
-        self.act_row = (
-            isinstance(act, IntFormat) and act.bits == 8 and act.symmetric and act.axis == "row"
-        )
+        self.act_row = kind == "int8_row"
         self.act_eps = float(getattr(act, "eps", None) or 0.0)  # BitNet's floor of max|x|
-        self.int4 = _int4_codes(packed)
+        self.int4 = codes if codes is not None and codes["kind"] == "uint4" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_qdq is not None:
@@ -102,33 +94,63 @@ class _QDQLayer(nn.Module):
         return F.conv2d(x, w, self.bias, c["stride"], c["padding"], c["dilation"], c["groups"])
 
 
-def _int4_codes(packed: PackedMixin) -> dict | None:
+def export_codes(packed: PackedMixin) -> dict | None:
+    """How the ONNX export stores ``packed``'s weight codes: the dict of the first registry
+    entry with an ``export`` function that accepts its storage, or None (float weights)."""
+    st, site = storage_of(packed.weight_format), registry.site_of(packed)
+    entry = registry.select(st, site, role="export")
+    return None if entry is None else entry.export(packed, st)
+
+
+def _per_row_int8(st: Storage, site: registry.Site) -> bool:
+    return registry.offset128(st) and st.scale_per_row
+
+
+def _int8_codes(packed: PackedMixin, st: Storage) -> dict:
+    """8-bit codes ``q + 128`` with one scale per output channel: a per-channel QDQ pair of
+    the float weight, which :func:`_int8_initializers` turns back into these codes."""
+    out_f = packed.weight_shape[0]
+    scale = packed.weight_scale.float().reshape(-1)
+    if scale.numel() == 1:
+        scale = scale.expand(out_f)
+    return {"kind": "int8", "scale": scale.contiguous(), "zero_point": st.offset}
+
+
+def _uint4_rows(st: Storage, site: registry.Site) -> bool:
+    return registry.integer_codes(st, 4) and st.row_group(site.row_len) is not None
+
+
+def _int4_codes(packed: PackedMixin, st: Storage) -> dict:
     """Codes ``[O, I]``, scales and zero points of a 4-bit integer weight whose scale blocks
-    ONNX can describe (per output channel, or groups within a row), else None."""
-    fmt = packed.weight_format
-    if not (isinstance(fmt, IntFormat) and fmt.bits == 4) or fmt.stochastic:
-        return None
+    ONNX can describe (per output channel, or groups within a row)."""
     shape = packed.weight_shape
     out_f, per_row = shape[0], int(torch.Size(shape[1:]).numel())
-    g = fmt.group_size
-    if g is None and fmt.axis not in (0, None):
-        return None
-    if g is not None and per_row % g:
-        return None  # groups straddle rows
+    g = st.group_size
     blocks = 1 if g is None else per_row // g
-    codes = unpack_for(packed.packed_codes(), fmt, out_f * per_row).reshape(out_f, per_row)
+    codes = unpack_for(packed.packed_codes(), packed.weight_format, out_f * per_row)
+    codes = codes.reshape(out_f, per_row)
     scale = packed.weight_scale.float().reshape(-1)
     zp = packed.weight_zero_point
-    zp = torch.full_like(scale, fmt.offset, dtype=torch.uint8) if zp is None else zp.reshape(-1)
+    zp = torch.full_like(scale, st.offset, dtype=torch.uint8) if zp is None else zp.reshape(-1)
     if scale.numel() == 1:  # per tensor: one scale for every row
         scale, zp = scale.expand(out_f), zp.expand(out_f)
     return {
+        "kind": "uint4",
         "codes": codes,
         "scale": scale.reshape(out_f, blocks).contiguous(),
         "zero_point": zp.to(torch.uint8).reshape(out_f, blocks).contiguous(),
         "group_size": g,
         "shape": tuple(shape),
     }
+
+
+_QDQ_MODULES = ("linear", "conv")
+registry.register(
+    registry.Kernel("onnx_int8", _QDQ_MODULES, None, _per_row_int8, export=_int8_codes)
+)
+registry.register(
+    registry.Kernel("onnx_uint4", _QDQ_MODULES, None, _uint4_rows, export=_int4_codes)
+)
 
 
 WEIGHT_DTYPES = ("uint8", "int8")

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from qdistill.errors import QDistillError
 from qdistill.formats import Format, fake_quantize
-from qdistill.pack.bits import pack_for
+from qdistill.formats.storage import storage_of
 from qdistill.quant.calibrate import as_batches
 from qdistill.quant.config import QuantConfig
 from qdistill.quant.modules import compute_layers, is_hf_conv1d, linear_weight
@@ -36,11 +36,9 @@ def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def layer_bytes(module: nn.Module, fmt: Format) -> int:
-    """Bytes the layer's packed tensors take in ``fmt`` (codes, scales, zero points, bias)."""
-    q = fmt.quantize(linear_weight(module).detach())
-    total = pack_for(q.codes, fmt).numel() + q.scale.numel() * 4
-    if q.zero_point is not None:
-        total += q.zero_point.numel()
+    """Bytes the layer's packed tensors take in ``fmt`` (codes, scales, zero points: the
+    format's storage descriptor counts them from the shape; plus the bias)."""
+    total = storage_of(fmt).file_nbytes(tuple(linear_weight(module).shape))
     if getattr(module, "bias", None) is not None:
         total += module.bias.numel() * 4
     return int(total)
