@@ -88,6 +88,12 @@ def register(entry: Kernel) -> Kernel:
     return entry
 
 
+def unregister(name: str) -> None:
+    """Remove the entry called ``name`` (a plugin's or a test's)."""
+    _BY_NAME.pop(name, None)
+    _ENTRIES[:] = [e for e in _ENTRIES if e.name != name]
+
+
 def entries() -> list[Kernel]:
     """Every registered entry, in the order they are tried."""
     global _LOADED
