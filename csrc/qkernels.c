@@ -135,12 +135,14 @@ int64_t qd_advise_hugepages(void *p, int64_t n) {
 
 int qd_has_avx2(void) { return has_avx2(); }
 int qd_has_vnni(void) { return has_vnni(); }
-/* The ABI of this file (kernels.ABI_VERSION): 5 = qd_a8_plan ends with amx_w (AMX W8A8); 4 = qd_ternary_gemm reads the tile16x16 layout
+/* The ABI of this file (kernels.ABI_VERSION): 6 = qd_dequant_rows / qd_dequant_gather take a
+ * divisor and float zero points (affine storage with a float zero point per bucket); 5 =
+ * qd_a8_plan ends with amx_w (AMX W8A8); 4 = qd_ternary_gemm reads the tile16x16 layout
  * (I_pad a multiple of 16, rows padded to 16; kind 0 of qd_a8_linear likewise); 3 = quantize_rows takes a level (dispatch like the
  * gemms), qd_a8_linear / qd_a8_run exist (one call per layer: quantize + product + bias); 2 =
  * quantize_rows takes eps and returns its count of non-finite rows, int4 / lut gemms return -1
  * when an allocation fails. */
-int qd_abi_version(void) { return 5; }
+int qd_abi_version(void) { return 6; }
 
 /* level: 0 = the best the CPU has, 1 = portable C, 2 = at most AVX2 */
 static int pick(int level) {
@@ -2408,11 +2410,14 @@ void qd_int8w_gemm(const int8_t *w, const float *w_scale, const float *x, const 
  * bucket = n / G (G = K: per output channel; G = O * K: per tensor; else the group size), zp =
  * zp_arr[bucket] or zp_const. bits 1..8: the "lsb" bit stream (code n in bits n*bits ..);
  * bits 0: base-3 trits, five a byte (byte = c0 + 3 c1 + 9 c2 + 27 c3 + 81 c4). n_bytes bounds
- * every read. The arithmetic is the formats' own (integer shift, then one fp32 multiply), so
- * the result equals their dequantize() exactly. */
+ * every read. Storage with a float zero point per bucket (Polino's min-max: value = beta +
+ * alpha * c / levels) passes div (the integer level is divided by it in fp32; 1: no division)
+ * and zf (added last; NULL: none). The arithmetic is the formats' own (integer shift, one fp32
+ * division, multiply and add, never fused: -ffp-contract=off), so the result equals their
+ * dequantize() exactly. */
 static void dequant_row(const uint8_t *codes, int64_t n_bytes, int bits, int mul,
-                        const float *scale, const uint8_t *zp_arr, int zp_const, int64_t o,
-                        int64_t K, int64_t G, float *dst) {
+                        const float *scale, const uint8_t *zp_arr, int zp_const, int div,
+                        const float *zf, int64_t o, int64_t K, int64_t G, float *dst) {
     static const uint8_t pow3[5] = {1, 3, 9, 27, 81};
     const uint32_t mask = bits ? (1u << bits) - 1u : 0u;
     int64_t n = o * K, bucket = n / G, left = G - n % G;
@@ -2429,7 +2434,10 @@ static void dequant_row(const uint8_t *codes, int64_t n_bytes, int bits, int mul
             c = (v >> (bit & 7)) & mask;
         }
         int32_t zp = zp_arr ? (int32_t)zp_arr[bucket] : zp_const;
-        dst[i] = (float)((int32_t)c * mul - zp) * scale[bucket];
+        float level = (float)((int32_t)c * mul - zp);
+        if (div != 1) level = level / (float)div;
+        dst[i] = level * scale[bucket];
+        if (zf) dst[i] = zf[bucket] + dst[i];
         if (--left == 0) {
             bucket++;
             left = G;
@@ -2439,21 +2447,24 @@ static void dequant_row(const uint8_t *codes, int64_t n_bytes, int bits, int mul
 
 /* Rows o0 .. o1 - 1 into out [o1 - o0, K] (Conv2d tiles). */
 void qd_dequant_rows(const uint8_t *codes, int64_t n_bytes, int bits, int mul, const float *scale,
-                     const uint8_t *zp_arr, int zp_const, int64_t o0, int64_t o1, int64_t K,
-                     int64_t G, float *out) {
+                     const uint8_t *zp_arr, int zp_const, int div, const float *zf, int64_t o0,
+                     int64_t o1, int64_t K, int64_t G, float *out) {
 #pragma omp parallel for schedule(static) if ((o1 - o0) * K >= PARALLEL_MIN_WORK)
     for (int64_t o = o0; o < o1; o++)
-        dequant_row(codes, n_bytes, bits, mul, scale, zp_arr, zp_const, o, K, G, out + (o - o0) * K);
+        dequant_row(codes, n_bytes, bits, mul, scale, zp_arr, zp_const, div, zf, o, K, G,
+                    out + (o - o0) * K);
 }
 
 /* Rows idx[0 .. n_idx - 1] into out [n_idx, K] (Embedding lookups; indices checked by the
  * caller to lie in 0 .. O - 1). */
 void qd_dequant_gather(const uint8_t *codes, int64_t n_bytes, int bits, int mul,
-                       const float *scale, const uint8_t *zp_arr, int zp_const,
-                       const int64_t *idx, int64_t n_idx, int64_t K, int64_t G, float *out) {
+                       const float *scale, const uint8_t *zp_arr, int zp_const, int div,
+                       const float *zf, const int64_t *idx, int64_t n_idx, int64_t K, int64_t G,
+                       float *out) {
 #pragma omp parallel for schedule(static) if (n_idx * K >= PARALLEL_MIN_WORK)
     for (int64_t r = 0; r < n_idx; r++)
-        dequant_row(codes, n_bytes, bits, mul, scale, zp_arr, zp_const, idx[r], K, G, out + r * K);
+        dequant_row(codes, n_bytes, bits, mul, scale, zp_arr, zp_const, div, zf, idx[r], K, G,
+                    out + r * K);
 }
 
 /* One C call per layer for the per-token int8 paths (#15 item 4): quantize the float rows x

@@ -9,6 +9,7 @@
   Linear.
 """
 
+import copy
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -18,11 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import qdistill as qd
-from qdistill.formats import QuantizedTensor, register_format
+from qdistill.formats import BucketCodebookFormat, QuantizedTensor, register_format
 from qdistill.formats.base import check_finite, from_blocks, from_code_blocks, to_blocks
 from qdistill.formats.gguf import GGUFQ4_0, GGUFQ8_0, GGUFTernary
 from qdistill.formats.storage import Storage, storage_of
-from qdistill.pack import kernels, registry
+from qdistill.pack import conv as packed_conv
+from qdistill.pack import dequant, kernels, registry
 from qdistill.pack.onnx_export import export_codes
 
 ROW8 = qd.IntFormat(8, axis="row")
@@ -254,3 +256,84 @@ def test_one_registered_entry_runs_a_packed_linear(tmp_path):
         registry.unregister("test_fp8")
     site = registry.Site("linear", "float", (8, 24))
     assert registry.select(storage_of(qd.FPFormat()), site) is None
+
+
+# ------------------------------------------------------------------------------------------
+# affine storage with a float zero point (Polino's min-max: beta + alpha * c / (2**b - 1)),
+# here as the uniform BucketCodebookFormat, which describes itself that way
+# ------------------------------------------------------------------------------------------
+
+
+def minmax(bits: int, group_size: int | None = 16) -> BucketCodebookFormat:
+    s = 2**bits - 1
+    return BucketCodebookFormat(tuple(i / s for i in range(s + 1)), group_size)
+
+
+def test_float_zero_storage_takes_no_integer_kernel_but_the_row_reader():
+    st = storage_of(minmax(4))
+    assert st.affine and st.zero == "float" and st.div == 15 and not st.integer_zero
+    for acts in ("int8_row", "float"):
+        assert registry.select(st, registry.Site("linear", acts, (8, 64))).name == "tiles"
+    assert registry.select(st, registry.Site("conv", "float", (8, 4, 2, 2))).name == "conv_tiles"
+    assert registry.select(st, registry.Site("embedding", "float", (8, 64))).name == "gather"
+    table = BucketCodebookFormat((0.0, 0.2, 1.0), 16)  # not a uniform grid: no kernel
+    assert registry.select(storage_of(table), registry.Site("linear", "float", (8, 64))) is None
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [16, 50, None], ids=["g16", "g50", "tensor"])
+def test_float_zero_rows_read_back_bit_for_bit(bits, group):
+    fmt = minmax(bits, group)
+    torch.manual_seed(bits)
+    w = torch.randn(40, 32) * 2
+    q = fmt.quantize(w)
+    codes = qd.pack.bits.pack_for(q.codes, fmt)
+    dp = dequant.dequant_plan(fmt, (40, 32), q.scale, q.zero_point)
+    assert dp is not None and dp.div == 2**bits - 1 and dp.zero_float is not None
+    table = fmt.dequantize(q)
+    assert torch.equal(dequant.dequantize_rows(codes, dp, 0, 40), table)
+    idx = torch.tensor([[39, 0, 7], [7, 13, 3]])
+    assert torch.equal(dequant.gather_rows(codes, dp, idx), table[idx])
+
+
+@needs_kernels
+@pytest.mark.parametrize("act", [None, ROW8], ids=["weight-only", "A8"])
+@pytest.mark.parametrize("tile", [None, 100], ids=["one-tile", "tiles"])
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 5)], ids=str)
+def test_float_zero_linear_tiles_equal_the_fake_quant_twin(tmp_path, monkeypatch, act, tile, shape):
+    if tile:
+        monkeypatch.setattr(packed_conv, "TILE_WEIGHTS", tile)
+    fq, packed = _roundtrip(
+        lambda: nn.Sequential(nn.Linear(33, 21)),
+        qd.QuantConfig(weights=minmax(4, 64), activations=act),
+        tmp_path,
+    )
+    x = torch.randn(*shape, 33)
+    with torch.no_grad():
+        y, ref = packed(x), fq(x)
+    kp = packed[0]._kernel
+    assert kp is not None and kp.kind == "tiles" and (len(kp.tiles) > 1) == bool(tile)
+    if tile:  # F.linear per tile: the float sums may be ordered differently
+        assert close(y, ref)
+    else:  # the same fp32 weight and the same F.linear: the same numbers
+        assert torch.equal(y, ref)
+    assert kp.weight is packed[0].weight_codes  # codes stay the only copy
+    twin = copy.deepcopy(packed)
+    with torch.no_grad():
+        assert torch.equal(twin(x), y)
+
+
+@needs_kernels
+def test_float_zero_conv_and_embedding(tmp_path):
+    def net():
+        return nn.ModuleDict({"emb": nn.Embedding(50, 32), "conv": nn.Conv2d(4, 8, 2)})
+
+    cfg = qd.QuantConfig(weights=minmax(3, 16), embeddings=minmax(5, 32))
+    fq, packed = _roundtrip(net, cfg, tmp_path)
+    idx = torch.tensor([[0, 49, 7], [7, 3, 3]])
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        assert torch.equal(packed["emb"](idx), fq["emb"](idx))
+        assert torch.equal(packed["conv"](x), fq["conv"](x))  # one tile: the same F.conv2d
+    assert packed["emb"]._rows.zero_float is not None and packed["conv"]._tiles is not None

@@ -38,6 +38,10 @@ EXPECTED = [
      dict(bits=3, levels="table", zero="none", qmin=0, qmax=4)),
     (BucketCodebookFormat((0.0, 0.3, 1.0), group_size=16),
      dict(bits=2, levels="table", zero="float", qmax=2, group_size=16)),
+    # uniform points i / 7: Polino's min-max grid, affine with a float zero point
+    (BucketCodebookFormat(tuple(i / 7 for i in range(8)), group_size=16),
+     dict(bits=3, zero="float", div=7, offset=0, qmin=0, qmax=7, group_size=16)),
+    (BucketCodebookFormat((0.0, 0.5, 1.0)), dict(bits=2, zero="float", div=2, qmax=2)),
     (GGUFQ8_0(), dict(bits=8, zero="constant", offset=128, group_size=32, signed_scales=True)),
     (GGUFQ4_0(), dict(bits=4, zero="constant", offset=8, qmin=0, group_size=32,
                       signed_scales=True)),
@@ -74,15 +78,21 @@ AFFINE = [(f, d) for f, d in EXPECTED if d.get("levels", "affine") == "affine"]
 
 @pytest.mark.parametrize("fmt,fields", AFFINE, ids=[str(f) for f, _ in AFFINE])
 def test_affine_descriptor_reproduces_dequantize_bit_for_bit(fmt, fields):
-    """value = (code * mul - zero) * scale, with zero the constant offset or the block's own
-    integer zero point: what the C row reader and the integer kernels compute."""
+    """value = ((code * mul - zero) / div) * scale [+ float zero], with zero the constant
+    offset or the block's own integer zero point: what the C row reader and the integer kernels
+    compute (in fp32, one rounding per operation)."""
     torch.manual_seed(1)
     st = storage_of(fmt)
     x = torch.randn(24, 40) * 3
     q = fmt.quantize(x)
     blocks = to_blocks(q.codes.to(torch.int32), st.axis, st.group_size)
-    zero = st.offset if st.zero == "constant" else q.zero_point.to(torch.int32).reshape(-1, 1)
-    values = (blocks * st.mul - zero).float() * q.scale.reshape(-1, 1)
+    zero = q.zero_point.to(torch.int32).reshape(-1, 1) if st.zero == "int" else st.offset
+    level = (blocks * st.mul - zero).float()
+    if st.div != 1:
+        level = level / st.div
+    values = level * q.scale.reshape(-1, 1)
+    if st.zero == "float":
+        values = q.zero_point.reshape(-1, 1) + values
     ref = fmt.dequantize(q)
     assert torch.equal(qd.formats.from_blocks(values, q.shape, st.axis, st.group_size), ref)
 
@@ -148,3 +158,14 @@ def test_bad_descriptors_are_refused():
         Storage(9)
     with pytest.raises(FormatError, match="zero="):
         Storage(4, zero="half")
+    with pytest.raises(FormatError, match="div="):
+        Storage(4, div=0)
+
+
+def test_uniform_grid_division_rounds_like_the_fp32_table():
+    """The C reader divides the integer level in fp32; the format's table holds i / s rounded
+    to fp32 from a double. Equal for every grid of 2..256 points (one correctly rounded
+    division of exact integers; double rounding through float64 is innocuous for division)."""
+    for s in range(1, 256):
+        c = torch.arange(s + 1, dtype=torch.float32)
+        assert torch.equal(c / s, torch.tensor([i / s for i in range(s + 1)])), s

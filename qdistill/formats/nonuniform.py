@@ -186,10 +186,16 @@ class BucketCodebookFormat:
     @property
     def storage(self) -> Storage:
         """Indices into the points; each bucket's minimum is a float zero point added to
-        ``scale * point``."""
+        ``scale * point``. Points that are the uniform grid ``i / (n - 1)`` (in fp32, as the
+        table holds them) make the values affine in the code: ``(c / (n - 1)) * scale + min``,
+        Polino et al.'s min-max quantizer, which the C row reader computes bit for bit (one
+        fp32 division of exact integers rounds as the fp32 table entry does)."""
+        n = len(self.points)
+        steps = n - 1
+        uniform = list(self.points) == torch.tensor([i / steps for i in range(n)]).tolist()
         return Storage(
-            self.bits, levels="table", zero="float", qmax=len(self.points) - 1,
-            group_size=self.group_size,
+            self.bits, levels="affine" if uniform else "table", zero="float",
+            div=steps if uniform else 1, qmax=n - 1, group_size=self.group_size,
         )  # fmt: skip
 
     def normalise(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

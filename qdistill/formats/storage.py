@@ -14,8 +14,10 @@ Values (``s``: the block's scale, ``c``: the unsigned code):
   ternary ``(c - 1) * s``, binary ``(2c - 1) * s``; Krishnamoorthi 2018, Sec. 2.1);
 * ``levels="affine"``, ``zero="int"``: ``(c * mul - z) * s`` with an integer zero point ``z``
   per block (asymmetric integers; torch's ``fake_quantize_per_channel_affine``);
-* ``levels="affine"``, ``zero="float"``: ``(c * mul - offset) * s + m`` with a float ``m`` per
-  block (Polino et al. 2018, Sec. 2.1: min-max scaling, ``m`` the bucket's minimum);
+* ``levels="affine"``, ``zero="float"``: ``((c * mul - offset) / div) * s + m`` with a float
+  ``m`` per block (Polino et al. 2018, Sec. 2.1: min-max scaling, ``m = beta`` the bucket's
+  minimum, ``s = alpha`` its range, ``div = 2**bits - 1`` the number of steps; the division is
+  one fp32 division, ``div = 1`` none);
 * ``levels="table"``: any other function of the code (minifloats, power grids, codebooks);
   only the byte counts and the code range are known here, no integer kernel applies.
 
@@ -58,6 +60,7 @@ class Storage:
             the scaled value).
         offset: the constant subtracted from ``c * mul`` (``zero="constant"``; 0 otherwise
             except for float zero points, which may combine both).
+        div: the fp32 divisor of the integer level (1: none; Polino's min-max: ``2**bits - 1``).
         qmin, qmax: the valid codes.
         axis, group_size: the scale grouping (:func:`qdistill.formats.base.to_blocks`).
         signed_scales: scales may be zero or negative (GGUF's ``d = max / -8``).
@@ -69,6 +72,7 @@ class Storage:
     mul: int = 1
     zero: str = "constant"
     offset: int = 0
+    div: int = 1
     qmin: int = 0
     qmax: int = -1  # -1: 2**bits - 1
     axis: Axis = None
@@ -82,6 +86,8 @@ class Storage:
             raise FormatError(f"Storage packing={self.packing!r} levels={self.levels!r}")
         if self.zero not in ZERO_KINDS:
             raise FormatError(f"Storage zero={self.zero!r}; use one of {ZERO_KINDS}")
+        if not isinstance(self.div, int) or self.div < 1:
+            raise FormatError(f"Storage div={self.div!r}; use a positive integer")
         if self.qmax == -1:
             top = 2 if self.packing == "trits" else 2**self.bits - 1
             object.__setattr__(self, "qmax", top)
@@ -117,9 +123,9 @@ class Storage:
 
     @property
     def integer_zero(self) -> bool:
-        """Affine with an integer zero point (constant or per block): the code minus the zero
-        point is an exact small integer, what the integer kernels multiply."""
-        return self.affine and self.zero in ("constant", "int")
+        """Affine with an integer zero point (constant or per block) and no divisor: the code
+        minus the zero point is the exact small integer the integer kernels multiply."""
+        return self.affine and self.zero in ("constant", "int") and self.div == 1
 
     @property
     def all_codes_valid(self) -> bool:

@@ -5,12 +5,13 @@ Conv2d's output channels (:mod:`qdistill.pack.conv`) or the rows an Embedding lo
 (:class:`~qdistill.pack.modules.PackedEmbedding`). ``qd_dequant_rows`` / ``qd_dequant_gather``
 apply the formats' own arithmetic, ``(code * mul - zero_point) * scale``, so the rows equal the
 format's ``dequantize`` bit for bit. What they read comes from the weight's storage descriptor
-(:mod:`qdistill.formats.storage`): any affine storage (bit stream or trits, a constant or
-integer zero point) whose scales follow memory order (per tensor, per output channel, per
-bucket or per row): today IntFormat (1..8 bits), TernaryFormat and BinaryFormat. Anything else
-has no plan (callers use the portable path). The Embedding gather is the registry entry
-``"gather"`` (:mod:`qdistill.pack.registry`); the Conv2d tiles (:mod:`qdistill.pack.conv`) use
-the same row reader.
+(:mod:`qdistill.formats.storage`): any affine storage (bit stream or trits; a constant or
+integer zero point, or a float zero point with a divisor) whose scales follow memory order (per
+tensor, per output channel, per bucket or per row): today IntFormat (1..8 bits), TernaryFormat,
+BinaryFormat and the uniform BucketCodebookFormat (Polino's min-max). Anything else has no plan
+(callers use the portable path). The Embedding gather is the registry entry ``"gather"``
+(:mod:`qdistill.pack.registry`); the Conv2d tiles (:mod:`qdistill.pack.conv`) use the same row
+reader.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from qdistill.pack.inputs import describe, on_cpu
 
 @dataclass
 class DequantPlan:
-    """How to read a packed weight back: ``(code * mul - zero_point) * scale[bucket]``."""
+    """How to read a packed weight back: ``(code * mul - zero_point) * scale[bucket]``, or with
+    a float zero point ``((code * mul - zp_const) / div) * scale[bucket] + zero_float[bucket]``."""
 
     bits: int  # 1..8: lsb bit stream; 0: base-3 trits, five a byte
     mul: int
@@ -40,6 +42,8 @@ class DequantPlan:
     rows: int
     row_len: int
     nbytes: int = 0  # bytes of packed codes the weight takes (its storage's count)
+    div: int = 1  # fp32 divisor of the integer level (Polino's min-max: 2**bits - 1)
+    zero_float: torch.Tensor | None = None  # fp32, one per bucket, added last
     kernel: str = "gather"  # the registry entry that runs this plan (an Embedding's)
 
 
@@ -71,8 +75,14 @@ def storage_plan(
     scale = scale.detach().float().reshape(-1).contiguous()
     if scale.numel() != n_buckets:
         return None
-    zp = None
-    if zero_point is not None:
+    zp = zf = None
+    if st.zero == "float":
+        if zero_point is None or not zero_point.is_floating_point():
+            return None
+        zf = zero_point.detach().float().reshape(-1).contiguous()
+        if zf.numel() != n_buckets:
+            return None
+    elif zero_point is not None:
         if zero_point.is_floating_point():
             return None
         zp = zero_point.to(torch.uint8).reshape(-1)
@@ -81,7 +91,10 @@ def storage_plan(
             return None
     bits = 0 if st.packing == "trits" else st.bits
     nbytes = st.nbytes(rows * row_len)
-    return DequantPlan(bits, st.mul, scale, zp, st.offset, bucket, rows, row_len, nbytes)
+    return DequantPlan(
+        bits, st.mul, scale, zp, st.offset, bucket, rows, row_len, nbytes, div=st.div,
+        zero_float=zf,
+    )  # fmt: skip
 
 
 def _check_codes(codes: torch.Tensor, dp: DequantPlan) -> None:
@@ -108,10 +121,14 @@ def dequantize_rows(codes: torch.Tensor, dp: DequantPlan, o0: int, o1: int) -> t
     zp = dp.zero_point
     kernels.library().qd_dequant_rows(
         codes.data_ptr(), codes.numel(), dp.bits, dp.mul, dp.scale.data_ptr(),
-        None if zp is None else zp.data_ptr(), dp.zp_const, o0, o1, dp.row_len, dp.bucket,
-        out.data_ptr(),
+        None if zp is None else zp.data_ptr(), dp.zp_const, dp.div, _ptr(dp.zero_float), o0, o1,
+        dp.row_len, dp.bucket, out.data_ptr(),
     )  # fmt: skip
     return out
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
 
 
 def check_index(index: Any, rows: int, layer: Any = None) -> torch.Tensor:
@@ -142,8 +159,8 @@ def gather_rows(
     zp = dp.zero_point
     kernels.library().qd_dequant_gather(
         codes.data_ptr(), codes.numel(), dp.bits, dp.mul, dp.scale.data_ptr(),
-        None if zp is None else zp.data_ptr(), dp.zp_const, flat.data_ptr(), flat.numel(),
-        dp.row_len, dp.bucket, out.data_ptr(),
+        None if zp is None else zp.data_ptr(), dp.zp_const, dp.div, _ptr(dp.zero_float),
+        flat.data_ptr(), flat.numel(), dp.row_len, dp.bucket, out.data_ptr(),
     )  # fmt: skip
     return out.reshape(*index.shape, dp.row_len)
 

@@ -92,8 +92,8 @@ _SIGNATURES: dict[str, list[Any]] = {
     "qd_quantize_rows": [_P] * 4 + [_I64] * 3 + [ctypes.c_float, _INT],
     "qd_a8_linear": [_INT] + [_P] * 5 + [_I64] * 4 + [ctypes.c_float] + [_P] * 2 + [_I64, _INT],
     "qd_a8_run": [_P] * 3 + [_I64, _INT],
-    "qd_dequant_rows": [_P, _I64, _INT, _INT, _P, _P, _INT] + [_I64] * 4 + [_P],
-    "qd_dequant_gather": [_P, _I64, _INT, _INT, _P, _P, _INT, _P] + [_I64] * 3 + [_P],
+    "qd_dequant_rows": [_P, _I64, _INT, _INT, _P, _P, _INT, _INT, _P] + [_I64] * 4 + [_P],
+    "qd_dequant_gather": [_P, _I64, _INT, _INT, _P, _P, _INT, _INT, _P, _P] + [_I64] * 3 + [_P],
     "qd_advise_hugepages": [_P, _I64],
     "qd_amx_int8_bytes": [_I64, _I64],
     "qd_amx_pack_int8": [_P, _I64, _I64, _P],
@@ -111,7 +111,7 @@ _RESTYPES: dict[str, Any] = {
 # kernel weights of at least this many bytes are copied into memory advised for huge pages
 HUGEPAGE_MIN_BYTES = 4 << 20
 # bumped whenever the C ABI changes, so that a stale build is not called with the wrong one
-ABI_VERSION = 5
+ABI_VERSION = 6
 # qd_a8_linear's kind argument: the per-token int8 paths it fuses (quantize + product + bias)
 _A8_KINDS = {"ternary": 0, "int8": 1, "int4": 2}
 

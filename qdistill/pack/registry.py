@@ -14,7 +14,8 @@ every fast path is one :class:`Kernel` entry that says
 * ``export(layer, storage)``: the codes as the ONNX export stores them (export entries).
 
 The first registered entry that accepts wins, so more specific entries register first. Entries
-live next to their code: the Linear kernels in :mod:`qdistill.pack.kernels`, the Conv2d tiles in
+live next to their code: the Linear kernels in :mod:`qdistill.pack.kernels`, the Linear tiles
+for float-zero-point storage in :mod:`qdistill.pack.tiles`, the Conv2d tiles in
 :mod:`qdistill.pack.conv`, the Embedding gather in :mod:`qdistill.pack.dequant`, the ONNX codes
 in :mod:`qdistill.pack.onnx_export`. Adding a kernel is one :func:`register` call plus its C;
 a new format whose descriptor is affine with an integer or float zero point gets every entry
@@ -36,7 +37,12 @@ MODULES = ("linear", "conv", "embedding")
 # IntFormat(8, axis="row")), per-tensor static asymmetric uint8 (a calibrated QDQ pair), other
 ACTS = ("float", "int8_row", "uint8_tensor", "other")
 # modules whose import registers entries (imported on the first lookup)
-_ENTRY_MODULES = ("qdistill.pack.kernels", "qdistill.pack.dequant", "qdistill.pack.conv")
+_ENTRY_MODULES = (
+    "qdistill.pack.kernels",
+    "qdistill.pack.dequant",
+    "qdistill.pack.conv",
+    "qdistill.pack.tiles",
+)
 
 
 @dataclass(frozen=True)
@@ -184,6 +190,6 @@ def offset128(st: Storage) -> bool:
 
 
 def row_readable(st: Storage, site: Site) -> bool:
-    """The C row reader applies: an affine stream (bit or trit packing) with an integer zero
-    point (or none) whose scales follow memory order."""
-    return st.affine and st.zero != "float" and st.bucket(site.shape) is not None
+    """The C row reader applies: an affine stream (bit or trit packing; an integer, constant or
+    float zero point) whose scales follow memory order."""
+    return st.affine and st.bucket(site.shape) is not None
