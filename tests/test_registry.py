@@ -337,3 +337,27 @@ def test_float_zero_conv_and_embedding(tmp_path):
         assert torch.equal(packed["emb"](idx), fq["emb"](idx))
         assert torch.equal(packed["conv"](x), fq["conv"](x))  # one tile: the same F.conv2d
     assert packed["emb"]._rows.zero_float is not None and packed["conv"]._tiles is not None
+
+
+@needs_kernels
+def test_float_zero_linear_tiles_nan_and_inf_as_in_the_twin(tmp_path):
+    x = torch.randn(4, 33)
+    x[1, 3], x[2, 0] = float("nan"), float("inf")
+    for act in (None, ROW8):
+        fq, packed = _roundtrip(
+            lambda: nn.Sequential(nn.Linear(33, 21)),
+            qd.QuantConfig(weights=minmax(4, 64), activations=act),
+            tmp_path,
+        )
+        with torch.no_grad():
+            if act is None:  # float inputs: NaN / Inf propagate as in F.linear
+                y, ref = packed(x), fq(x)
+                assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.isnan(y[1]).all()
+                assert torch.equal(y[[0, 3]], ref[[0, 3]])
+            else:  # int8 inputs: both refuse, the packed layer naming itself
+                with pytest.raises(qd.errors.FormatError, match="NaN or Inf"):
+                    fq(x)
+                with pytest.raises(qd.errors.FormatError, match="NaN or Inf") as err:
+                    packed(x)
+                assert "in_features=33" in str(err.value)
+        assert packed[0]._kernel.kind == "tiles"
