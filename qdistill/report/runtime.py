@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qdistill.formats.storage import storage_of
 from qdistill.pack.modules import PackedEmbedding, PackedMixin, use_portable_path
 
 
@@ -77,8 +78,8 @@ def weight_bytes(model: nn.Module) -> int:
             kp = getattr(m, "_kernel", None)
             if kp:  # the kernel reads its (repacked) copy
                 total += kp.nbytes()
-            else:
-                total += m.weight_codes.numel() + m.weight_scale.numel() * 4
+            else:  # the file's codes, scales and zero points (the storage descriptor's count)
+                total += storage_of(m.weight_format).file_nbytes(m.weight_shape)
         elif isinstance(m, (nn.Linear, nn.Conv2d)):
             total += m.weight.numel() * m.weight.element_size()
     return total
