@@ -585,7 +585,7 @@ def check_layer_values(
     fmt = format_from_dict(meta["format"])
     p = name + "."
     # GGUF formats (Q4_0: d = max / -8; an all-zero block: d = 0) declare signed scales
-    signed = bool(getattr(fmt, "signed_scales", False))
+    signed = storage_of(fmt).signed_scales
     _finite_positive(tensors["weight_scale"], path, p + "weight_scale", positive=not signed)
     zp = tensors.get("weight_zero_point")
     if zp is not None:
