@@ -135,14 +135,15 @@ int64_t qd_advise_hugepages(void *p, int64_t n) {
 
 int qd_has_avx2(void) { return has_avx2(); }
 int qd_has_vnni(void) { return has_vnni(); }
-/* The ABI of this file (kernels.ABI_VERSION): 6 = qd_dequant_rows / qd_dequant_gather take a
- * divisor and float zero points (affine storage with a float zero point per bucket); 5 =
- * qd_a8_plan ends with amx_w (AMX W8A8); 4 = qd_ternary_gemm reads the tile16x16 layout
+/* The ABI of this file (kernels.ABI_VERSION): 7 = the entry points' signatures are read from
+ * qd_signatures() (QD_API, at the end of this file); 6 = qd_dequant_rows / qd_dequant_gather
+ * take a divisor and float zero points (affine storage with a float zero point per bucket);
+ * 5 = qd_a8_plan ends with amx_w (AMX W8A8); 4 = qd_ternary_gemm reads the tile16x16 layout
  * (I_pad a multiple of 16, rows padded to 16; kind 0 of qd_a8_linear likewise); 3 = quantize_rows takes a level (dispatch like the
  * gemms), qd_a8_linear / qd_a8_run exist (one call per layer: quantize + product + bias); 2 =
  * quantize_rows takes eps and returns its count of non-finite rows, int4 / lut gemms return -1
  * when an allocation fails. */
-int qd_abi_version(void) { return 6; }
+int qd_abi_version(void) { return 7; }
 
 /* level: 0 = the best the CPU has, 1 = portable C, 2 = at most AVX2 */
 static int pick(int level) {
@@ -2531,3 +2532,54 @@ int64_t qd_a8_run(const qd_a8_plan *p, const float *x, float *y, int64_t B, int 
     return qd_a8_linear((int)p->kind, p->w, p->w_scale, p->zp, p->wsum, p->bias, p->O, p->I,
                         p->I_pad, p->g, p->eps, x, y, B, level);
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * The C ABI, declared once (issue #15 item 5). QD_API lists every entry point Python calls as
+ * X(return type, name, (parameters)). Expanded with QD_DECLARE it gives their prototypes, which
+ * the compiler checks against the definitions above (a drifted one is a "conflicting types"
+ * error); expanded with QD_SIGNATURE it gives the string qd_signatures() returns, which
+ * qdistill/pack/cabi.py parses into ctypes argtypes / restype when the library loads. Changing
+ * or adding an entry point is one line here (and a qd_abi_version bump); Python declares none.
+ * ------------------------------------------------------------------------------------------- */
+#define QD_API(X)                                                                                  \
+    X(int, qd_abi_version, (void))                                                                 \
+    X(int, qd_has_avx2, (void))                                                                    \
+    X(int, qd_has_vnni, (void))                                                                    \
+    X(int, qd_has_amx, (void))                                                                     \
+    X(int64_t, qd_advise_hugepages, (void *p, int64_t n))                                          \
+    X(int64_t, qd_quantize_rows, (const float *x, int8_t *xq, float *scale, int32_t *rowsum,       \
+          int64_t rows, int64_t I, int64_t I_pad, float eps, int level))                           \
+    X(void, qd_ternary_gemm, (const uint8_t *w, const int8_t *x, const int32_t *rowsum,            \
+          const int32_t *zp, const float *x_scale, const float *w_scale, const float *bias,        \
+          float *y, int64_t B, int64_t O, int64_t I_pad, int level))                               \
+    X(void, qd_int8_gemm, (const int8_t *w, const int8_t *x, const int32_t *wsum,                  \
+          const float *x_scale, const float *w_scale, const float *bias, float *y, int64_t B,      \
+          int64_t O, int64_t I, int level))                                                        \
+    X(int, qd_int4_gemm, (const uint8_t *w, const float *s, const uint8_t *zp, const int8_t *x,    \
+          const float *x_scale, const float *bias, float *y, int64_t B, int64_t O, int64_t I,      \
+          int64_t g, int level))                                                                   \
+    X(int64_t, qd_amx_int8_bytes, (int64_t O, int64_t I))                                          \
+    X(void, qd_amx_pack_int8, (const int8_t *w, int64_t O, int64_t I, int8_t *out))                \
+    X(int, qd_lut_gemm, (const uint8_t *w, const float *s, const uint8_t *zp, int zp_const,        \
+          int bits, const float *x, const float *bias, float *y, int64_t B, int64_t O, int64_t I,  \
+          int64_t g, int level))                                                                   \
+    X(void, qd_int8w_gemm, (const int8_t *w, const float *w_scale, const float *x,                 \
+          const float *bias, float *y, int64_t B, int64_t O, int64_t I, int level))                \
+    X(void, qd_dequant_rows, (const uint8_t *codes, int64_t n_bytes, int bits, int mul,            \
+          const float *scale, const uint8_t *zp_arr, int zp_const, int div, const float *zf,       \
+          int64_t o0, int64_t o1, int64_t K, int64_t G, float *out))                               \
+    X(void, qd_dequant_gather, (const uint8_t *codes, int64_t n_bytes, int bits, int mul,          \
+          const float *scale, const uint8_t *zp_arr, int zp_const, int div, const float *zf,       \
+          const int64_t *idx, int64_t n_idx, int64_t K, int64_t G, float *out))                    \
+    X(int64_t, qd_a8_linear, (int kind, const void *w, const float *w_scale, const void *zp,       \
+          const int32_t *wsum, const float *bias, int64_t O, int64_t I, int64_t I_pad, int64_t g,  \
+          float eps, const float *x, float *y, int64_t B, int level))                              \
+    X(int64_t, qd_a8_run, (const qd_a8_plan *p, const float *x, float *y, int64_t B, int level))
+
+#define QD_DECLARE(ret, name, params) ret name params;
+QD_API(QD_DECLARE)
+#undef QD_DECLARE
+
+#define QD_SIGNATURE(ret, name, params) #ret " " #name #params ";"
+const char *qd_signatures(void) { return QD_API(QD_SIGNATURE); }
+#undef QD_SIGNATURE

@@ -1,9 +1,12 @@
 """The C ABI declared once (issue #15 item 5): ``qd_signatures()`` parsed into ctypes types."""
 
 import ctypes
+import re
+from pathlib import Path
 
 import pytest
 
+from qdistill.pack import kernels
 from qdistill.pack.cabi import parse_signatures
 
 P, I64, INT, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -33,3 +36,22 @@ def test_unknown_types_are_named():
         parse_signatures("void qd_f(size_t n);")
     with pytest.raises(ValueError, match="cannot read"):
         parse_signatures("not a declaration;")
+
+
+@pytest.mark.skipif(kernels.library() is None, reason="C kernels not built")
+def test_every_entry_python_calls_is_declared_once_in_c():
+    """Python reads the signatures from the library (QD_API in csrc/qkernels.c): each qd_*
+    function the package calls is among them, with ctypes types set from that declaration."""
+    lib = kernels.library()
+    sig = parse_signatures(lib.qd_signatures().decode())
+    pack = Path(kernels.__file__).parent
+    called = set()
+    for src in pack.glob("*.py"):
+        called |= set(re.findall(r"\.(qd_\w+)\(", src.read_text()))
+    called.discard("qd_signatures")  # the bootstrap: returns the declarations themselves
+    assert called and called <= set(sig), called - set(sig)
+    for name in called:
+        restype, argtypes = sig[name]
+        assert getattr(lib, name).argtypes == argtypes and getattr(lib, name).restype == restype
+    assert sig["qd_a8_run"] == (I64, [P] * 3 + [I64, INT])
+    assert lib.qd_abi_version() == kernels.ABI_VERSION

@@ -67,7 +67,7 @@ import torch
 
 from qdistill.errors import FileFormatError, FormatError, InputError
 from qdistill.formats.storage import Storage, storage_of
-from qdistill.pack import registry
+from qdistill.pack import cabi, registry
 from qdistill.pack.inputs import describe, float_input, on_cpu
 
 _LIB: ctypes.CDLL | None = None
@@ -82,36 +82,10 @@ NO_AMX_ENV = "QDISTILL_NO_AMX"  # set: W8A8 plans made afterwards never use AMX
 # process, 1 thread, on the 2-core Sapphire Rapids VM under load.
 INT_MM_MIN_ROWS = 32
 
-_P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-_SIGNATURES: dict[str, list[Any]] = {
-    "qd_ternary_gemm": [_P] * 8 + [_I64] * 3 + [_INT],
-    "qd_int8_gemm": [_P] * 7 + [_I64] * 3 + [_INT],
-    "qd_int4_gemm": [_P] * 7 + [_I64] * 4 + [_INT],
-    "qd_lut_gemm": [_P] * 3 + [_INT] * 2 + [_P] * 3 + [_I64] * 4 + [_INT],
-    "qd_int8w_gemm": [_P] * 5 + [_I64] * 3 + [_INT],
-    "qd_quantize_rows": [_P] * 4 + [_I64] * 3 + [ctypes.c_float, _INT],
-    "qd_a8_linear": [_INT] + [_P] * 5 + [_I64] * 4 + [ctypes.c_float] + [_P] * 2 + [_I64, _INT],
-    "qd_a8_run": [_P] * 3 + [_I64, _INT],
-    "qd_dequant_rows": [_P, _I64, _INT, _INT, _P, _P, _INT, _INT, _P] + [_I64] * 4 + [_P],
-    "qd_dequant_gather": [_P, _I64, _INT, _INT, _P, _P, _INT, _INT, _P, _P] + [_I64] * 3 + [_P],
-    "qd_advise_hugepages": [_P, _I64],
-    "qd_amx_int8_bytes": [_I64, _I64],
-    "qd_amx_pack_int8": [_P, _I64, _I64, _P],
-}
-# return values: rows with NaN/Inf (quantize, a8_linear), 0 or -1 for a failed allocation
-_RESTYPES: dict[str, Any] = {
-    "qd_quantize_rows": _I64,
-    "qd_a8_linear": _I64,
-    "qd_a8_run": _I64,
-    "qd_int4_gemm": _INT,
-    "qd_lut_gemm": _INT,
-    "qd_advise_hugepages": _I64,
-    "qd_amx_int8_bytes": _I64,
-}
 # kernel weights of at least this many bytes are copied into memory advised for huge pages
 HUGEPAGE_MIN_BYTES = 4 << 20
 # bumped whenever the C ABI changes, so that a stale build is not called with the wrong one
-ABI_VERSION = 6
+ABI_VERSION = 7
 # qd_a8_linear's kind argument: the per-token int8 paths it fuses (quantize + product + bias)
 _A8_KINDS = {"ternary": 0, "int8": 1, "int4": 2}
 
@@ -144,13 +118,11 @@ def _load() -> ctypes.CDLL | None:
             lib.qd_abi_version.restype = ctypes.c_int
             if lib.qd_abi_version() != ABI_VERSION:
                 continue
-            for name, argtypes in _SIGNATURES.items():
-                fn = getattr(lib, name)
-                fn.argtypes, fn.restype = argtypes, _RESTYPES.get(name)
-            lib.qd_has_vnni.restype = lib.qd_has_avx2.restype = ctypes.c_int
-            lib.qd_has_amx.restype = ctypes.c_int
+            # the signatures the C file declares once (QD_API), not a second copy here
+            lib.qd_signatures.restype = ctypes.c_char_p
+            cabi.bind(lib, cabi.parse_signatures(lib.qd_signatures().decode("ascii")))
             return lib
-        except (OSError, AttributeError):  # foreign/stale build: use the portable path
+        except (OSError, AttributeError, ValueError):  # foreign/stale build: portable path
             continue
     return None
 
