@@ -42,6 +42,7 @@ EXPECTED = [
     (BucketCodebookFormat(tuple(i / 7 for i in range(8)), group_size=16),
      dict(bits=3, zero="float", div=7, offset=0, qmin=0, qmax=7, group_size=16)),
     (BucketCodebookFormat((0.0, 0.5, 1.0)), dict(bits=2, zero="float", div=2, qmax=2)),
+    (qd.MinMaxFormat(3, group_size=16), dict(bits=3, zero="float", div=7, qmax=7, group_size=16)),
     (GGUFQ8_0(), dict(bits=8, zero="constant", offset=128, group_size=32, signed_scales=True)),
     (GGUFQ4_0(), dict(bits=4, zero="constant", offset=8, qmin=0, group_size=32,
                       signed_scales=True)),
