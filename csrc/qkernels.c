@@ -1418,11 +1418,16 @@ int qd_int4_gemm(const uint8_t *w, const float *s, const uint8_t *zp, const int8
 #include <unistd.h>
 #endif
 
-/* From this many rows on, W8A8 runs the AMX GEMM (where the plan has its weights): 1 thread,
- * interleaved against the VNNI kernel on the Sapphire Rapids VM, AMX won 1.3-2.5x at 4 rows on
- * MiniLM shapes and tied on 4096x4096 (both stream the weights), 1.5-5.8x at 8-16 rows; at
- * 1-2 rows the VNNI GEMV was 5-30% faster (software prefetch of the B tiles: no difference) */
-#define AMX_MIN_ROWS 4
+/* From this many rows on, W8A8 runs the AMX GEMM (where the plan has its weights), and from
+ * AMX_MIN_ROWS_SMALL rows for layers of at most AMX_SMALL_WEIGHTS weights (L2-resident, where
+ * the VNNI GEMM is compute-bound). 1 thread, interleaved against the VNNI kernel on the
+ * Sapphire Rapids VM (benchmarks/amx_ab.py): MiniLM shapes (384x384, 1536x384, 384x1536) AMX
+ * 1.2-2.3x at 3-4 rows, 1.5-6x at 8-64; 1024x4096 and 4096x4096 (both paths stream the
+ * weights) VNNI 1.1-1.5x faster at 2-4 rows, AMX 1.1-1.5x at 8, 1.3-2.2x at 16-64; at 1 row
+ * the VNNI GEMV wins everywhere (software prefetch of the B tiles: no difference) */
+#define AMX_MIN_ROWS 8
+#define AMX_MIN_ROWS_SMALL 3
+#define AMX_SMALL_WEIGHTS (1 << 21)
 #define AMX_KSTEP 64   /* inputs a step (one A tile row, 16 rows of a B tile x 4) */
 #define AMX_PAIR 32    /* output rows a block (two B tiles) */
 
@@ -2512,8 +2517,8 @@ typedef struct {
  * and benchmarks compare them) */
 int64_t qd_a8_run(const qd_a8_plan *p, const float *x, float *y, int64_t B, int level) {
 #ifdef QD_AMX
-    if ((level == 4 || (level == 0 && B >= AMX_MIN_ROWS)) && p->kind == 1 && p->amx_w &&
-        has_amx())
+    int64_t amx_min = p->O * p->I <= AMX_SMALL_WEIGHTS ? AMX_MIN_ROWS_SMALL : AMX_MIN_ROWS;
+    if ((level == 4 || (level == 0 && B >= amx_min)) && p->kind == 1 && p->amx_w && has_amx())
         return int8_amx_linear(p->amx_w, p->w_scale, p->bias, p->O, p->I, p->eps, x, y, B, 0);
 #endif
     if (level >= 3) level = 0;

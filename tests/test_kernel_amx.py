@@ -1,14 +1,15 @@
 """The AMX W8A8 GEMM of issue #15 (csrc/qkernels.c, ``int8_amx_linear``) on odd sizes.
 
 Where the CPU and the OS have AMX (Sapphire Rapids and later, Linux), a W8A8 plan keeps its
-int8 weights a second time in AMX's B-tile layout and ``qd_a8_run`` multiplies from 4 rows on
-with ``tdpbssd`` (level 0; level 3 is the same dispatch without AMX, i.e. the VNNI kernels;
-level 4 runs AMX at every row count). The integer dot products are exact, so AMX must equal,
-with ``torch.equal``, both the VNNI path and dots computed in float64 from the int8 weights
-and the C-quantized activations followed by the kernel's fp32 epilogue. Sizes: rows below and
-above the cut-over and around the 16-row A tiles and 32-row blocks (1, 3, 4, 7, 13, 15, 16,
-17, 32, 33, 40), inputs that leave a partial 64-input step (100, 129, 5000), outputs that leave
-partial 16-row B tiles and 32-row pairs (37, 77, 200).
+int8 weights a second time in AMX's B-tile layout and ``qd_a8_run`` multiplies from 8 rows on
+(3 for layers of at most 2M weights) with ``tdpbssd`` (level 0; level 3 is the same dispatch
+without AMX, i.e. the VNNI kernels; level 4 runs AMX at every row count). The integer dot
+products are exact, so AMX must equal, with ``torch.equal``, both the VNNI path and dots
+computed in float64 from the int8 weights and the C-quantized activations followed by the
+kernel's fp32 epilogue. Sizes: rows below and above the cut-overs and around the 16-row A
+tiles and 32-row blocks (1, 3, 4, 7, 13, 15, 16, 17, 32, 33, 40), inputs that leave a partial
+64-input step (100, 129, 5000), outputs that leave partial 16-row B tiles and 32-row pairs
+(37, 77, 200).
 
 The B-tile layout itself is compared with a torch reimplementation (needs the kernels, not
 AMX), non-finite rows must raise as on the VNNI path, and ``QDISTILL_NO_AMX=1`` must give a plan

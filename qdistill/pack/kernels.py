@@ -301,8 +301,9 @@ class KernelPlan:
     int_mm: bool = False
     act_eps: float = 0.0  # floor of each input row's max |x| (IntFormat.eps; BitNet: 1e-5)
     # int8 on CPUs with AMX: a second copy of the weights in AMX's B-tile layout (outputs padded
-    # to 32, inputs to 64), which qd_a8_run uses from 4 rows on (``weight`` serves fewer rows,
-    # the AVX2 / portable levels and torch._int_mm where there is no AMX)
+    # to 32, inputs to 64), which qd_a8_run uses from 8 rows on (3 for layers of at most 2M
+    # weights); ``weight`` serves fewer rows, the AVX2 / portable levels and torch._int_mm
+    # where there is no AMX
     amx_weight: torch.Tensor | None = None
     # The fixed arguments of qd_a8_linear (kind, pointers, sizes; #15 item 4) in a C struct,
     # made on the first call and kept while the layer's bias stays the same tensor at the same
