@@ -11,9 +11,11 @@ tiles and 32-row blocks (1, 3, 4, 7, 13, 15, 16, 17, 32, 33, 40), inputs that le
 64-input step (100, 129, 5000), outputs that leave partial 16-row B tiles and 32-row pairs
 (37, 77, 200).
 
-The B-tile layout itself is compared with a torch reimplementation (needs the kernels, not
-AMX), non-finite rows must raise as on the VNNI path, and ``QDISTILL_NO_AMX=1`` must give a plan
-without the AMX copy and the same numbers.
+W1.58A8 / W2A8 run AMX too (from 16 rows; the 2-bit codes expanded to int8 B tiles per call)
+and must equal the VNNI and portable kernels bit for bit. The B-tile layout itself is compared
+with a torch reimplementation (needs the kernels, not AMX), non-finite rows must raise as on
+the VNNI path, and ``QDISTILL_NO_AMX=1`` must give a plan without the AMX copy and the same
+numbers.
 """
 
 import copy
@@ -162,3 +164,35 @@ def test_amx_plan_survives_deepcopy_and_save(tmp_path):
         buf = io.BytesIO()
         torch.save(layer, buf)
         assert torch.equal(twin(x), y)
+
+
+@needs_amx
+@pytest.mark.parametrize(
+    "wfmt",
+    [qd.TernaryFormat(axis=0), qd.IntFormat(2, axis=0), qd.IntFormat(2, symmetric=False, axis=0)],
+    ids=str,
+)
+@pytest.mark.parametrize("in_f", [100, 129, 384, 1040])  # 1040: I_pad 16 past a 64-step
+def test_ternary_and_int2_amx_equal_the_vnni_and_portable_kernels(tmp_path, wfmt, in_f):
+    """W1.58A8 / W2A8 through AMX (the 2-bit tile16x16 codes expanded to int8 B tiles per
+    call, from 16 rows at level 0, every row count at level 4): the same integer dots as the
+    VNNI kernel and the portable C one (level 1), so the outputs are equal bit for bit; the
+    zero points (1 for ternary, per row for int2) are subtracted in the expansion."""
+    for out_f in (37, 77, 200):
+        torch.manual_seed(in_f + out_f)
+        fq = nn.Sequential(nn.Linear(in_f, out_f))
+        qd.quantize_(fq, qd.QuantConfig(weights=wfmt, activations=ROW8))
+        path = qd.save(fq.eval(), tmp_path / "t.qd.safetensors")
+        layer = qd.load(path, model=nn.Sequential(nn.Linear(in_f, out_f)))[0]
+        with torch.no_grad():
+            layer(torch.randn(1, in_f))
+            kp = layer._kernel
+            assert kp.kind == "ternary"
+            for rows in (1, 3, 15, 16, 17, 33, 40):
+                x = torch.randn(rows, in_f) * 2
+                ref = kernels.linear(layer, kp, x, level=3)
+                if out_f == 37:  # the portable C kernel is slow: one size
+                    assert torch.equal(kernels.linear(layer, kp, x, level=1), ref), rows
+                for level in (0, 4):
+                    y = kernels.linear(layer, kp, x, level=level)
+                    assert torch.equal(y, ref), (out_f, rows, level)
