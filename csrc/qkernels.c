@@ -2562,7 +2562,8 @@ typedef struct {
     const float *bias;
     int64_t O, I, I_pad, g;
     float eps;
-    const int8_t *amx_w; /* int8: the weights in AMX's B-tile layout (qd_amx_pack_int8) or NULL */
+    const int8_t *amx_w; /* NULL: no AMX; int8: the weights in AMX's B-tile layout
+                          * (qd_amx_pack_int8); ternary: w itself (expanded per call) */
 } qd_a8_plan;
 
 /* level as in pick(), and 3: as 0 without AMX; 4: as 0 with AMX at any row count (the tests
@@ -2573,7 +2574,8 @@ int64_t qd_a8_run(const qd_a8_plan *p, const float *x, float *y, int64_t B, int 
     if ((level == 4 || (level == 0 && B >= amx_min)) && p->kind == 1 && p->amx_w && has_amx())
         return int8_amx_linear(p->amx_w, p->w_scale, p->bias, p->O, p->I, p->eps, x, y, B, 0,
                                NULL, NULL, 0);
-    if ((level == 4 || (level == 0 && B >= TERN_AMX_MIN_ROWS)) && p->kind == 0 && has_amx())
+    if ((level == 4 || (level == 0 && B >= TERN_AMX_MIN_ROWS)) && p->kind == 0 && p->amx_w &&
+        has_amx())
         return int8_amx_linear(NULL, p->w_scale, p->bias, p->O, p->I, p->eps, x, y, B, 0,
                                (const uint8_t *)p->w, (const int32_t *)p->zp, p->I_pad);
 #endif

@@ -196,3 +196,20 @@ def test_ternary_and_int2_amx_equal_the_vnni_and_portable_kernels(tmp_path, wfmt
                 for level in (0, 4):
                     y = kernels.linear(layer, kp, x, level=level)
                     assert torch.equal(y, ref), (out_f, rows, level)
+
+
+@needs_amx
+def test_no_amx_env_turns_ternary_amx_off_too(tmp_path, monkeypatch):
+    fq = nn.Sequential(nn.Linear(129, 37))
+    qd.quantize_(fq, qd.QuantConfig(weights=qd.TernaryFormat(axis=0), activations=ROW8))
+    path = qd.save(fq.eval(), tmp_path / "t.qd.safetensors")
+    x = torch.randn(20, 129)
+    with torch.no_grad():
+        on = qd.load(path, model=nn.Sequential(nn.Linear(129, 37)))[0]
+        y = on(x)
+        assert on._kernel.amx_weight is on._kernel.weight  # the codes themselves: no copy
+        monkeypatch.setenv(kernels.NO_AMX_ENV, "1")
+        off = qd.load(path, model=nn.Sequential(nn.Linear(129, 37)))[0]
+        assert torch.equal(off(x), y)
+        assert off._kernel.amx_weight is None
+        assert torch.equal(kernels.linear(off, off._kernel, x, level=4), y)  # no AMX: VNNI

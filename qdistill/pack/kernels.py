@@ -302,7 +302,8 @@ class KernelPlan:
     # VNNI (or AMX); on an AVX2-only AMD EPYC it ran W8A8 at batch 32 8x slower than fp32
     int_mm: bool = False
     act_eps: float = 0.0  # floor of each input row's max |x| (IntFormat.eps; BitNet: 1e-5)
-    # int8 on CPUs with AMX: a second copy of the weights in AMX's B-tile layout (outputs padded
+    # AMX (None: not used; ternary: ``weight`` itself, expanded per call by the C kernel);
+    # int8: a second copy of the weights in AMX's B-tile layout (outputs padded
     # to 32, inputs to 64), which qd_a8_run uses from 8 rows on (3 for layers of at most 2M
     # weights); ``weight`` serves fewer rows, the AVX2 / portable levels and torch._int_mm
     # where there is no AMX
@@ -447,7 +448,9 @@ def _plan(layer: Any) -> KernelPlan | None:
                 else zp_file.to(torch.int32).reshape(-1).expand(out_f).contiguous()
             )
         scales = _row_scales(layer, out_f)
-        return KernelPlan(kind, streamed(weight), scales, in_f, i_pad, zp, bits=2)
+        weight = streamed(weight)
+        amx = weight if amx_enabled() else None  # AMX expands these codes per call: no copy
+        return KernelPlan(kind, weight, scales, in_f, i_pad, zp, bits=2, amx_weight=amx)
     weight = streamed((codes.to(torch.int16) - 128).to(torch.int8).contiguous())  # int8 / int8w
     wsum = weight.sum(dim=1, dtype=torch.int32) if kind == "int8" else None
     amx = amx_weight(weight) if kind == "int8" else None
@@ -458,11 +461,18 @@ def _plan(layer: Any) -> KernelPlan | None:
     )  # fmt: skip
 
 
+def amx_enabled() -> bool:
+    """Whether plans made now may use AMX: the CPU / OS has it and ``QDISTILL_NO_AMX`` is
+    not set (read at plan time)."""
+    lib = library()
+    return lib is not None and not os.environ.get(NO_AMX_ENV) and bool(lib.qd_has_amx())
+
+
 def amx_weight(weight: torch.Tensor) -> torch.Tensor | None:
     """The int8 weights ``[O, I]`` repacked for the AMX W8A8 GEMM (``qd_amx_pack_int8``), or
-    None where the CPU / OS has no AMX or ``QDISTILL_NO_AMX`` is set (read at plan time)."""
+    None where :func:`amx_enabled` is false."""
     lib = library()
-    if lib is None or os.environ.get(NO_AMX_ENV) or not lib.qd_has_amx():
+    if not amx_enabled():
         return None
     out_f, in_f = weight.shape
     packed = torch.empty(lib.qd_amx_int8_bytes(out_f, in_f), dtype=torch.int8)
