@@ -4,8 +4,11 @@
 ``int8`` loads the W8A8 file as usual (AMX from ``AMX_MIN_ROWS`` rows where the CPU has it);
 ``int8-noamx`` loads the same file with ``QDISTILL_NO_AMX=1`` while its plans are made (VNNI
 GEMM below 32 rows, ``torch._int_mm`` from 32); ``ort-dynamic`` and ``fp32`` as in
-``runtime.py``. All run in alternating rounds in one process; the minimum and the median over
-the rounds are printed (on a loaded machine read the ratios).
+``runtime.py``. ``--variant ternary`` (or ``int2``): the same with that file (the columns keep
+their names; AMX from 16 rows, the VNNI ternary GEMM without). All run in alternating rounds
+in one process, the order rotated every round (whatever runs right after fp32 finds its
+weights evicted by fp32's 151 MB); the minimum and the median over the rounds are printed (on
+a loaded machine read the ratios).
 
     OMP_NUM_THREADS=2 python benchmarks/amx_model_ab.py --threads 2 --batch 1,8,32 --rounds 30
 """
@@ -50,12 +53,14 @@ def main() -> None:
     p.add_argument("--batch", default="1,8,32")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--variant", default="int8", choices=["int8", "ternary", "int2"])
     args = p.parse_args()
     logging.getLogger().setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     names = ["int8", "int8-noamx", "ort-dynamic", "fp32"]
-    print(f"# {args.threads} threads, {args.rounds} interleaved rounds; ms: min (median)")
+    print(f"# {args.variant} ({names[0]}: AMX, {names[1]}: QDISTILL_NO_AMX=1), {args.threads} "
+          f"threads, {args.rounds} interleaved rounds; ms: min (median)")  # fmt: skip
     print(f"{'model':<20}{'batch':>6}" + "".join(f"{n:>18}" for n in names)
           + f"{'noamx/int8':>12}{'ort/int8':>10}{'fp32/int8':>10}")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
@@ -63,7 +68,7 @@ def main() -> None:
             factory, shape = MODELS[model_name]
             torch.manual_seed(0)
             reference = factory().eval()
-            q = qd.quantize_(factory(), VARIANTS["int8"])
+            q = qd.quantize_(factory(), VARIANTS[args.variant])
             q.load_state_dict(reference.state_dict(), strict=False)
             path = qd.save(q.eval(), Path(tmp) / f"{model_name}-int8.qd.safetensors")
             models = {
@@ -79,8 +84,8 @@ def main() -> None:
                 times: dict[str, list[float]] = {n: [] for n in names}
                 for m in models.values():
                     m(x)
-                for _ in range(args.rounds):
-                    for n in names:
+                for i in range(args.rounds):
+                    for n in names[i % 4 :] + names[: i % 4]:
                         t0 = time.perf_counter()
                         models[n](x)
                         times[n].append((time.perf_counter() - t0) * 1e3)

@@ -1393,8 +1393,8 @@ int qd_int4_gemm(const uint8_t *w, const float *s, const uint8_t *zp, const int8
 }
 
 /* ------------------------------------------------------------------------------------------
- * W8A8 with AMX (Intel Advanced Matrix Extensions: Sapphire Rapids and later), many rows
- * (#15 item 2, helper amx). tdpbssd multiplies a 16 x 64 int8 tile of activations by a
+ * W8A8 (and W1.58A8 / W2A8, see tern_expand) with AMX (Intel Advanced Matrix Extensions:
+ * Sapphire Rapids and later), many rows (#15 item 2, helper amx). tdpbssd multiplies a 16 x 64 int8 tile of activations by a
  * 64 x 16 int8 tile of weights into a 16 x 16 int32 tile (s8 x s8: no u8 flip, no wsum), one
  * instruction per 16K multiply-adds. The weights are repacked once, at plan time, into the
  * B-tile layout (qd_amx_pack_int8): output rows in pairs of 16-row tiles, inputs in steps of
@@ -1421,11 +1421,20 @@ int qd_int4_gemm(const uint8_t *w, const float *s, const uint8_t *zp, const int8
 #include <unistd.h>
 #endif
 
-/* From this many rows on, W8A8 runs the AMX GEMM (where the plan has its weights): 1 thread,
- * interleaved against the VNNI kernel on the Sapphire Rapids VM, AMX won 1.3-2.5x at 4 rows on
- * MiniLM shapes and tied on 4096x4096 (both stream the weights), 1.5-5.8x at 8-16 rows; at
- * 1-2 rows the VNNI GEMV was 5-30% faster (software prefetch of the B tiles: no difference) */
-#define AMX_MIN_ROWS 4
+/* From this many rows on, W8A8 runs the AMX GEMM (where the plan has its weights), and from
+ * AMX_MIN_ROWS_SMALL rows for layers of at most AMX_SMALL_WEIGHTS weights (L2-resident, where
+ * the VNNI GEMM is compute-bound). 1 thread, interleaved against the VNNI kernel on the
+ * Sapphire Rapids VM (benchmarks/amx_ab.py): MiniLM shapes (384x384, 1536x384, 384x1536) AMX
+ * 1.2-2.3x at 3-4 rows, 1.5-6x at 8-64; 1024x4096 and 4096x4096 (both paths stream the
+ * weights) VNNI 1.1-1.5x faster at 2-4 rows, AMX 1.1-1.5x at 8, 1.3-2.2x at 16-64; at 1 row
+ * the VNNI GEMV wins everywhere (software prefetch of the B tiles: no difference) */
+#define AMX_MIN_ROWS 8
+#define AMX_MIN_ROWS_SMALL 3
+#define AMX_SMALL_WEIGHTS (1 << 21)
+/* W1.58A8 / W2A8 (codes expanded per call): from this many rows (1 thread, interleaved
+ * against the VNNI ternary GEMM: AMX 1.06-1.7x at 16 rows, 1.2-1.6x at 32, 1.3-2.6x at 64 on
+ * MiniLM shapes, 1024x4096 and 4096x4096; at 4-8 rows 0.5-1.3x) */
+#define TERN_AMX_MIN_ROWS 16
 #define AMX_KSTEP 64   /* inputs a step (one A tile row, 16 rows of a B tile x 4) */
 #define AMX_PAIR 32    /* output rows a block (two B tiles) */
 
@@ -1563,11 +1572,51 @@ __attribute__((target("avx512f"))) static void amx_epilogue(const int32_t *c, in
     }
 }
 
+/* W1.58A8 / W2A8 (optional item 3): the B tiles of one pair made from the 2-bit codes of the
+ * tile16x16 layout (see the ternary section) once per call, into a per-thread panel that the
+ * batch blocks then share. A 64-byte chunk (16 inputs) of a tile gives four B-tile rows, row
+ * 4 q + p of step k being ((chunk 4 k + q) >> 2 p) & 3 minus the row's zero point in every
+ * byte: lane c of the chunk holds row c's codes, exactly the B tile's 4 bytes of column c.
+ * Weights are c - zp in [-3, 3]: the int32 dots equal the VNNI kernel's sum c q - zp sum q. */
+__attribute__((target("avx512f,avx512bw"))) static void
+tern_expand(const uint8_t *w, int64_t tstride, int64_t nk, const int32_t *zp, int64_t o0,
+            int64_t O, int64_t KS, int8_t *panel) {
+    const __m512i three = _mm512_set1_epi8(3);
+    for (int t = 0; t < 2; t++) {
+        int64_t r0 = o0 + 16 * t; /* first output row of this tile */
+        __m512i zv = _mm512_setzero_si512();
+        if (r0 < O) {
+            __mmask16 m = O - r0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (O - r0)) - 1);
+            zv = zp ? _mm512_maskz_loadu_epi32(m, zp + r0) : _mm512_maskz_set1_epi32(m, 1);
+            zv = _mm512_mullo_epi32(zv, _mm512_set1_epi32(0x01010101));
+        }
+        const uint8_t *wt = w + t * tstride;
+        for (int64_t k = 0; k < KS; k++) {
+            int8_t *dst = panel + k * 2048 + t * 1024;
+            for (int q = 0; q < 4; q++) {
+                int64_t kk = 4 * k + q;
+                if (r0 >= O || kk >= nk) { /* no such tile / past I_pad: zero weights */
+                    memset(dst + 256 * q, 0, 256);
+                    continue;
+                }
+                __m512i v = _mm512_loadu_si512((const void *)(wt + kk * 64));
+                for (int p = 0; p < 4; p++) {
+                    __m512i c = _mm512_and_si512(_mm512_srli_epi16(v, 2 * p), three);
+                    _mm512_storeu_si512((void *)(dst + 256 * q + 64 * p), _mm512_sub_epi8(c, zv));
+                }
+            }
+        }
+    }
+}
+
 /* y [B][O] = per-token int8 (x) x wp (qd_amx_pack_int8 of the int8 weights) with the VNNI
- * kernel's epilogue. Returns as qd_a8_linear: 0, the count of NaN / Inf rows, or -1. */
+ * kernel's epilogue; tw non-NULL: the weights are the 2-bit tile16x16 codes tw (I_pad inputs,
+ * zero points zp or 1) expanded per pair instead (wp unused). Returns as qd_a8_linear: 0, the
+ * count of NaN / Inf rows, or -1. */
 static int64_t int8_amx_linear(const int8_t *wp, const float *w_scale, const float *bias,
                                int64_t O, int64_t I, float eps, const float *x, float *y,
-                               int64_t B, int level) {
+                               int64_t B, int level, const uint8_t *tw, const int32_t *zp,
+                               int64_t I_pad) {
     if (B <= 0 || O <= 0) return 0;
     int64_t KS = (I + AMX_KSTEP - 1) / AMX_KSTEP, ldx = KS * AMX_KSTEP;
     int64_t Bp = (B + 15) / 16 * 16, NP = (O + AMX_PAIR - 1) / AMX_PAIR;
@@ -1589,25 +1638,33 @@ static int64_t int8_amx_linear(const int8_t *wp, const float *w_scale, const flo
         for (int64_t k = 0; k < KS; k++)
             for (int r = 0; r < 16; r++)
                 memcpy(xa + ((mb * KS + k) * 16 + r) * 64, xq + (mb * 16 + r) * ldx + k * 64, 64);
-#pragma omp parallel if (B * O * I >= PARALLEL_MIN_WORK)
+    int failed = 0;
+#pragma omp parallel if (B * O * I >= PARALLEL_MIN_WORK) reduction(| : failed)
     {
         int32_t c[32 * 32];
-        amx_begin();
+        int8_t *panel = tw ? (int8_t *)malloc((size_t)KS * 2048) : NULL;
+        failed = tw && !panel;
+        if (!failed) amx_begin();
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < NP; p++) {
+            if (failed) continue;
             int64_t o0 = p * AMX_PAIR;
             int cols = O - o0 < AMX_PAIR ? (int)(O - o0) : AMX_PAIR;
+            const int8_t *wpp = wp ? wp + p * KS * 2048 : panel;
+            if (tw) tern_expand(tw + 2 * p * 64 * (I_pad / 16), 64 * (I_pad / 16), I_pad / 16, zp,
+                                o0, O, KS, panel);
             for (int64_t b0 = 0; b0 < B; b0 += 32) {
                 int rows = B - b0 < 32 ? (int)(B - b0) : 32;
-                amx_pair(wp + p * KS * 2048, xa + b0 / 16 * KS * 1024, KS, rows > 16 ? 2 : 1, c);
+                amx_pair(wpp, xa + b0 / 16 * KS * 1024, KS, rows > 16 ? 2 : 1, c);
                 amx_epilogue(c, rows, cols, x_scale + b0, w_scale + o0, bias ? bias + o0 : NULL,
                              y + b0 * O + o0, O);
             }
         }
-        amx_end();
+        if (panel || !tw) amx_end();
+        free(panel);
     }
     free(buf);
-    return 0;
+    return failed ? -1 : 0;
 }
 #endif
 
@@ -2517,16 +2574,22 @@ typedef struct {
     const float *bias;
     int64_t O, I, I_pad, g;
     float eps;
-    const int8_t *amx_w; /* int8: the weights in AMX's B-tile layout (qd_amx_pack_int8) or NULL */
+    const int8_t *amx_w; /* NULL: no AMX; int8: the weights in AMX's B-tile layout
+                          * (qd_amx_pack_int8); ternary: w itself (expanded per call) */
 } qd_a8_plan;
 
 /* level as in pick(), and 3: as 0 without AMX; 4: as 0 with AMX at any row count (the tests
  * and benchmarks compare them) */
 int64_t qd_a8_run(const qd_a8_plan *p, const float *x, float *y, int64_t B, int level) {
 #ifdef QD_AMX
-    if ((level == 4 || (level == 0 && B >= AMX_MIN_ROWS)) && p->kind == 1 && p->amx_w &&
+    int64_t amx_min = p->O * p->I <= AMX_SMALL_WEIGHTS ? AMX_MIN_ROWS_SMALL : AMX_MIN_ROWS;
+    if ((level == 4 || (level == 0 && B >= amx_min)) && p->kind == 1 && p->amx_w && has_amx())
+        return int8_amx_linear(p->amx_w, p->w_scale, p->bias, p->O, p->I, p->eps, x, y, B, 0,
+                               NULL, NULL, 0);
+    if ((level == 4 || (level == 0 && B >= TERN_AMX_MIN_ROWS)) && p->kind == 0 && p->amx_w &&
         has_amx())
-        return int8_amx_linear(p->amx_w, p->w_scale, p->bias, p->O, p->I, p->eps, x, y, B, 0);
+        return int8_amx_linear(NULL, p->w_scale, p->bias, p->O, p->I, p->eps, x, y, B, 0,
+                               (const uint8_t *)p->w, (const int32_t *)p->zp, p->I_pad);
 #endif
     if (level >= 3) level = 0;
     return qd_a8_linear((int)p->kind, p->w, p->w_scale, p->zp, p->wsum, p->bias, p->O, p->I,

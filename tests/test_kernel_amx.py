@@ -1,18 +1,21 @@
 """The AMX W8A8 GEMM of issue #15 (csrc/qkernels.c, ``int8_amx_linear``) on odd sizes.
 
 Where the CPU and the OS have AMX (Sapphire Rapids and later, Linux), a W8A8 plan keeps its
-int8 weights a second time in AMX's B-tile layout and ``qd_a8_run`` multiplies from 4 rows on
-with ``tdpbssd`` (level 0; level 3 is the same dispatch without AMX, i.e. the VNNI kernels;
-level 4 runs AMX at every row count). The integer dot products are exact, so AMX must equal,
-with ``torch.equal``, both the VNNI path and dots computed in float64 from the int8 weights
-and the C-quantized activations followed by the kernel's fp32 epilogue. Sizes: rows below and
-above the cut-over and around the 16-row A tiles and 32-row blocks (1, 3, 4, 7, 13, 15, 16,
-17, 32, 33, 40), inputs that leave a partial 64-input step (100, 129, 5000), outputs that leave
-partial 16-row B tiles and 32-row pairs (37, 77, 200).
+int8 weights a second time in AMX's B-tile layout and ``qd_a8_run`` multiplies from 8 rows on
+(3 for layers of at most 2M weights) with ``tdpbssd`` (level 0; level 3 is the same dispatch
+without AMX, i.e. the VNNI kernels; level 4 runs AMX at every row count). The integer dot
+products are exact, so AMX must equal, with ``torch.equal``, both the VNNI path and dots
+computed in float64 from the int8 weights and the C-quantized activations followed by the
+kernel's fp32 epilogue. Sizes: rows below and above the cut-overs and around the 16-row A
+tiles and 32-row blocks (1, 3, 4, 7, 13, 15, 16, 17, 32, 33, 40), inputs that leave a partial
+64-input step (100, 129, 5000), outputs that leave partial 16-row B tiles and 32-row pairs
+(37, 77, 200).
 
-The B-tile layout itself is compared with a torch reimplementation (needs the kernels, not
-AMX), non-finite rows must raise as on the VNNI path, and ``QDISTILL_NO_AMX=1`` must give a plan
-without the AMX copy and the same numbers.
+W1.58A8 / W2A8 run AMX too (from 16 rows; the 2-bit codes expanded to int8 B tiles per call)
+and must equal the VNNI and portable kernels bit for bit. The B-tile layout itself is compared
+with a torch reimplementation (needs the kernels, not AMX), non-finite rows must raise as on
+the VNNI path, and ``QDISTILL_NO_AMX=1`` must give a plan without the AMX copy and the same
+numbers.
 """
 
 import copy
@@ -161,3 +164,52 @@ def test_amx_plan_survives_deepcopy_and_save(tmp_path):
         buf = io.BytesIO()
         torch.save(layer, buf)
         assert torch.equal(twin(x), y)
+
+
+@needs_amx
+@pytest.mark.parametrize(
+    "wfmt",
+    [qd.TernaryFormat(axis=0), qd.IntFormat(2, axis=0), qd.IntFormat(2, symmetric=False, axis=0)],
+    ids=str,
+)
+@pytest.mark.parametrize("in_f", [100, 129, 384, 1040])  # 1040: I_pad 16 past a 64-step
+def test_ternary_and_int2_amx_equal_the_vnni_and_portable_kernels(tmp_path, wfmt, in_f):
+    """W1.58A8 / W2A8 through AMX (the 2-bit tile16x16 codes expanded to int8 B tiles per
+    call, from 16 rows at level 0, every row count at level 4): the same integer dots as the
+    VNNI kernel and the portable C one (level 1), so the outputs are equal bit for bit; the
+    zero points (1 for ternary, per row for int2) are subtracted in the expansion."""
+    for out_f in (37, 77, 200):
+        torch.manual_seed(in_f + out_f)
+        fq = nn.Sequential(nn.Linear(in_f, out_f))
+        qd.quantize_(fq, qd.QuantConfig(weights=wfmt, activations=ROW8))
+        path = qd.save(fq.eval(), tmp_path / "t.qd.safetensors")
+        layer = qd.load(path, model=nn.Sequential(nn.Linear(in_f, out_f)))[0]
+        with torch.no_grad():
+            layer(torch.randn(1, in_f))
+            kp = layer._kernel
+            assert kp.kind == "ternary"
+            for rows in (1, 3, 15, 16, 17, 33, 40):
+                x = torch.randn(rows, in_f) * 2
+                ref = kernels.linear(layer, kp, x, level=3)
+                if out_f == 37:  # the portable C kernel is slow: one size
+                    assert torch.equal(kernels.linear(layer, kp, x, level=1), ref), rows
+                for level in (0, 4):
+                    y = kernels.linear(layer, kp, x, level=level)
+                    assert torch.equal(y, ref), (out_f, rows, level)
+
+
+@needs_amx
+def test_no_amx_env_turns_ternary_amx_off_too(tmp_path, monkeypatch):
+    fq = nn.Sequential(nn.Linear(129, 37))
+    qd.quantize_(fq, qd.QuantConfig(weights=qd.TernaryFormat(axis=0), activations=ROW8))
+    path = qd.save(fq.eval(), tmp_path / "t.qd.safetensors")
+    x = torch.randn(20, 129)
+    with torch.no_grad():
+        on = qd.load(path, model=nn.Sequential(nn.Linear(129, 37)))[0]
+        y = on(x)
+        assert on._kernel.amx_weight is on._kernel.weight  # the codes themselves: no copy
+        monkeypatch.setenv(kernels.NO_AMX_ENV, "1")
+        off = qd.load(path, model=nn.Sequential(nn.Linear(129, 37)))[0]
+        assert torch.equal(off(x), y)
+        assert off._kernel.amx_weight is None
+        assert torch.equal(kernels.linear(off, off._kernel, x, level=4), y)  # no AMX: VNNI

@@ -10,10 +10,12 @@ kind      weights                                          inputs
 ========  ===============================================  ==================================
 ternary   ``TernaryFormat`` (2-bit packing) or             per-token int8 (W1.58A8, BitNet
           ``IntFormat(2)``, per tensor or output channel   b1.58 / BitDistill)
-int8      ``IntFormat(8)`` symmetric, per tensor/channel   per-token int8 (W8A8); from batch
+int8      ``IntFormat(8)`` symmetric, per tensor/channel   per-token int8 (W8A8); with AMX
+                                                           (Linux) a tdpbssd GEMM from 3-8
+                                                           rows on a second, tile-layout copy
+                                                           of the codes; without, from batch
                                                            ``INT_MM_MIN_ROWS`` on, torch's
-                                                           ``_int_mm`` (oneDNN, AMX where the
-                                                           CPU has it) on the same int8 codes
+                                                           ``_int_mm`` on the same int8 codes
 int4      ``IntFormat(4)``, groups of a multiple of 8      per-token int8 (W4A8, llama.cpp's
           along the input (or per channel/tensor),         Q4 x Q8 arithmetic)
           symmetric or with zero points
@@ -248,9 +250,11 @@ class KernelPlan:
     # VNNI (or AMX); on an AVX2-only AMD EPYC it ran W8A8 at batch 32 8x slower than fp32
     int_mm: bool = False
     act_eps: float = 0.0  # floor of each input row's max |x| (IntFormat.eps; BitNet: 1e-5)
-    # int8 on CPUs with AMX: a second copy of the weights in AMX's B-tile layout (outputs padded
-    # to 32, inputs to 64), which qd_a8_run uses from 4 rows on (``weight`` serves fewer rows,
-    # the AVX2 / portable levels and torch._int_mm where there is no AMX)
+    # AMX (None: not used; ternary: ``weight`` itself, expanded per call by the C kernel);
+    # int8: a second copy of the weights in AMX's B-tile layout (outputs padded
+    # to 32, inputs to 64), which qd_a8_run uses from 8 rows on (3 for layers of at most 2M
+    # weights); ``weight`` serves fewer rows, the AVX2 / portable levels and torch._int_mm
+    # where there is no AMX
     amx_weight: torch.Tensor | None = None
     # The fixed arguments of qd_a8_linear (kind, pointers, sizes; #15 item 4) in a C struct,
     # made on the first call and kept while the layer's bias stays the same tensor at the same
@@ -416,7 +420,9 @@ def _prepare_ternary(layer: Any, st: Storage, site: registry.Site) -> KernelPlan
             else zp_file.to(torch.int32).reshape(-1).expand(out_f).contiguous()
         )
     scales = _row_scales(layer, out_f)
-    return KernelPlan("ternary", streamed(weight), scales, in_f, i_pad, zp, bits=2)
+    weight = streamed(weight)
+    amx = weight if amx_enabled() else None  # AMX expands these codes per call: no copy
+    return KernelPlan("ternary", weight, scales, in_f, i_pad, zp, bits=2, amx_weight=amx)
 
 
 def _prepare_int8(layer: Any, st: Storage, site: registry.Site) -> KernelPlan | None:
@@ -437,11 +443,18 @@ def _prepare_int8(layer: Any, st: Storage, site: registry.Site) -> KernelPlan | 
     )  # fmt: skip
 
 
+def amx_enabled() -> bool:
+    """Whether plans made now may use AMX: the CPU / OS has it and ``QDISTILL_NO_AMX`` is
+    not set (read at plan time)."""
+    lib = library()
+    return lib is not None and not os.environ.get(NO_AMX_ENV) and bool(lib.qd_has_amx())
+
+
 def amx_weight(weight: torch.Tensor) -> torch.Tensor | None:
     """The int8 weights ``[O, I]`` repacked for the AMX W8A8 GEMM (``qd_amx_pack_int8``), or
-    None where the CPU / OS has no AMX or ``QDISTILL_NO_AMX`` is set (read at plan time)."""
+    None where :func:`amx_enabled` is false."""
     lib = library()
-    if lib is None or os.environ.get(NO_AMX_ENV) or not lib.qd_has_amx():
+    if not amx_enabled():
         return None
     out_f, in_f = weight.shape
     packed = torch.empty(lib.qd_amx_int8_bytes(out_f, in_f), dtype=torch.int8)
