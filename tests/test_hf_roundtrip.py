@@ -305,8 +305,10 @@ def test_offline_minilm_classifier_round_trips(tmp_path):
         loaded = qd.load(path)
         assert loaded.pooling == "mean"
         assert torch.equal(loaded(batch), expected)
-    # the int8 kernels round a few activations differently from the fake-quant reference
-    assert torch.allclose(expected, fake_quant, atol=2e-3)
+    # the int8 kernels round a few activations differently from the fake-quant reference (the
+    # fp32 attention in between differs in its last bits with the thread count, and one flipped
+    # rounding moves a logit by ~2e-3 here); a wrong kernel is off by far more than 1e-2
+    assert torch.allclose(expected, fake_quant, atol=1e-2)
     # the transformers class cannot pool by mean: save_pretrained refuses instead of writing a
     # folder that would reload with [CLS] pooling and a random pooler
     with pytest.raises(QDistillError, match="mean pooling.*qd.save"):
