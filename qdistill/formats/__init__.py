@@ -21,6 +21,7 @@ from qdistill.formats.nonuniform import (
     PowerFormat,
     nearest_point,
 )
+from qdistill.formats.storage import Storage, storage_of
 from qdistill.formats.ternary import BinaryFormat, TernaryFormat
 
 FORMAT_KINDS: dict[str, type] = {
@@ -71,6 +72,7 @@ __all__ = [
     "IntFormat",
     "MinMaxFormat",
     "QuantizedTensor",
+    "Storage",
     "fake_quantize",
     "format_from_dict",
     "from_blocks",
@@ -78,6 +80,7 @@ __all__ = [
     "int4",
     "int8",
     "register_format",
+    "storage_of",
     "straight_through",
     "to_blocks",
 ]
