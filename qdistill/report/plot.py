@@ -34,6 +34,41 @@ def _check_rows(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> None:
             raise QDistillError(f"some rows have no {key!r} column; pass the right column name")
 
 
+def _finish_log_x(
+    fig: Figure,
+    ax: Any,
+    path: str | os.PathLike[str],
+    x: str,
+    ylabel: str,
+    reference: dict[str, float] | None,
+    title: str | None,
+) -> str | os.PathLike[str]:
+    """Reference lines (dashed, then dotted, labelled at the right), a log x axis, labels,
+    grid and legend; saves the figure to ``path``."""
+    for i, (name, value) in enumerate((reference or {}).items()):
+        ax.axhline(value, color="grey", linestyle="--" if i == 0 else ":", linewidth=1)
+        ax.text(
+            0.99,
+            value,
+            f"{name} {value:g}",
+            transform=ax.get_yaxis_transform(),
+            ha="right",
+            va="bottom",
+            fontsize=8,
+            color="grey",
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel(f"{x} (log scale)")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
 def plot_accuracy_vs_size(
     rows: list[dict[str, Any]],
     path: str | os.PathLike[str],
@@ -71,28 +106,7 @@ def plot_accuracy_vs_size(
             ax.annotate(
                 f"{r[label]}", (r[x], r[y]), textcoords="offset points", xytext=(4, 4), fontsize=7
             )
-    for i, (name, value) in enumerate((reference or {}).items()):
-        ax.axhline(value, color="grey", linestyle="--" if i == 0 else ":", linewidth=1)
-        ax.text(
-            0.99,
-            value,
-            f"{name} {value:g}",
-            transform=ax.get_yaxis_transform(),
-            ha="right",
-            va="bottom",
-            fontsize=8,
-            color="grey",
-        )
-    ax.set_xscale("log")
-    ax.set_xlabel(f"{x} (log scale)")
-    ax.set_ylabel(y)
-    if title:
-        ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    return path
+    return _finish_log_x(fig, ax, path, x, y, reference, title)
 
 
 def plot_grouped_bars(
@@ -201,25 +215,4 @@ def plot_accuracy_mean_std(
                 ax.annotate(
                     f"{lab}", (px, py), textcoords="offset points", xytext=(4, 4), fontsize=7
                 )
-    for i, (name, value) in enumerate((reference or {}).items()):
-        ax.axhline(value, color="grey", linestyle="--" if i == 0 else ":", linewidth=1)
-        ax.text(
-            0.99,
-            value,
-            f"{name} {value:g}",
-            transform=ax.get_yaxis_transform(),
-            ha="right",
-            va="bottom",
-            fontsize=8,
-            color="grey",
-        )
-    ax.set_xscale("log")
-    ax.set_xlabel(f"{x} (log scale)")
-    ax.set_ylabel(f"{y} (mean ± std)")
-    if title:
-        ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    return path
+    return _finish_log_x(fig, ax, path, x, f"{y} (mean ± std)", reference, title)
