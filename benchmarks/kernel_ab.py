@@ -89,13 +89,15 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--cold", type=float, default=0, metavar="MB", help="rotate weight copies")
     p.add_argument("--shapes", default=",".join(f"{o}x{i}" for o, i in SHAPES))
+    p.add_argument("--threads", type=int, default=1, help="torch / OpenMP threads (both builds)")
     args = p.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     libs = [load(s) for s in args.so]
     kind = KINDS[args.kind]
     blocks = [16 if lib.qd_abi_version() >= 4 else 256 for lib in libs] if kind == 0 else [1, 1]
     where = f"weights cold (copies over {args.cold:g} MB)" if args.cold else "weights cached"
-    print(f"# {args.kind}, level {args.level}, 1 thread, min of {args.rounds} interleaved rounds")
+    threads = f"{args.threads} thread{'s' if args.threads > 1 else ''}"
+    print(f"# {args.kind}, level {args.level}, {threads}, min of {args.rounds} interleaved rounds")
     print(f"# {where} (fp32: one cached weight)")
     print(f"# a: {args.so[0]}\n# b: {args.so[1]}")
     print(f"{'outputs x inputs':<18}{'rows':>5}{'a us':>10}{'b us':>10}{'fp32 us':>10}{'a/b':>7}")
