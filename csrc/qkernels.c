@@ -1439,6 +1439,59 @@ int qd_int4_gemm(const uint8_t *w, const float *s, const uint8_t *zp, const int8
 #define AMX_PAIR 32    /* output rows a block (two B tiles) */
 
 
+#ifdef QD_AMX
+/* One activation row quantized straight into its slots of the AMX A tiles (issue #15, helper
+ * a8rows): the ops of quantize_row_avx512 in its order (scale from max |x|, x * (1 / scale),
+ * round half to even, clamp to +-127), so the codes are the same bit for bit, but each
+ * 64-input step's 64 codes go to dst + 1024 k (row r of a 16-row A tile is 64 bytes at 64 r;
+ * the caller passes the row's slot in step 0), zero past I up to 64 KS inputs. This replaces
+ * quantizing into a row-major buffer and copying 64-byte pieces into the tiles, and runs
+ * inside the GEMM's parallel region (rows split over the threads). The max pass keeps two
+ * chains (max is exact in any order). A row holding NaN or Inf gets zero codes and a NaN
+ * scale and returns 1, as quantize_row_avx512. */
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static int
+amx_quantize_row(const float *xr, int8_t *dst, float *scale, int64_t I, int64_t KS, float eps) {
+    const __m512 big = _mm512_set1_ps(FLT_MAX);
+    __m512 m0 = _mm512_setzero_ps(), m1 = _mm512_setzero_ps();
+    __mmask16 bad = 0;
+    int64_t i = 0;
+    for (; i + 32 <= I; i += 32) {
+        __m512 a = _mm512_abs_ps(_mm512_loadu_ps(xr + i));
+        __m512 b = _mm512_abs_ps(_mm512_loadu_ps(xr + i + 16));
+        bad |= _mm512_cmp_ps_mask(a, big, _CMP_NLE_UQ) | _mm512_cmp_ps_mask(b, big, _CMP_NLE_UQ);
+        m0 = _mm512_max_ps(m0, a);
+        m1 = _mm512_max_ps(m1, b);
+    }
+    for (; i < I; i += 16) { /* masked tail: absent lanes read as 0 */
+        __mmask16 k = I - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (I - i)) - 1u);
+        __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(k, xr + i));
+        bad |= _mm512_cmp_ps_mask(a, big, _CMP_NLE_UQ);
+        m0 = _mm512_max_ps(m0, a);
+    }
+    if (bad) {
+        for (int64_t k = 0; k < KS; k++) memset(dst + 1024 * k, 0, 64);
+        *scale = NAN;
+        return 1;
+    }
+    float s = row_scale(_mm512_reduce_max_ps(_mm512_max_ps(m0, m1)), eps);
+    const __m512 vinv = _mm512_set1_ps(1.0f / s);
+    const __m512 hi = _mm512_set1_ps(127.0f), lo = _mm512_set1_ps(-127.0f);
+    for (int64_t k = 0; k < KS; k++)
+        for (int j = 0; j < 4; j++) {
+            int64_t i0 = 64 * k + 16 * j;
+            __mmask16 m = I - i0 >= 16 ? (__mmask16)0xFFFF
+                          : I > i0     ? (__mmask16)((1u << (I - i0)) - 1u)
+                                       : (__mmask16)0;
+            __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, xr + i0), vinv);
+            v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            __m512i q = _mm512_cvtps_epi32(_mm512_min_ps(hi, _mm512_max_ps(lo, v)));
+            _mm_storeu_si128((__m128i *)(dst + 1024 * k + 16 * j), _mm512_cvtsepi32_epi8(q));
+        }
+    *scale = s;
+    return 0;
+}
+#endif
+
 int64_t qd_amx_int8_bytes(int64_t O, int64_t I) {
     return ((O + AMX_PAIR - 1) / AMX_PAIR) * AMX_PAIR * ((I + AMX_KSTEP - 1) / AMX_KSTEP) *
            AMX_KSTEP;
@@ -1618,52 +1671,58 @@ static int64_t int8_amx_linear(const int8_t *wp, const float *w_scale, const flo
                                int64_t B, int level, const uint8_t *tw, const int32_t *zp,
                                int64_t I_pad) {
     if (B <= 0 || O <= 0) return 0;
-    int64_t KS = (I + AMX_KSTEP - 1) / AMX_KSTEP, ldx = KS * AMX_KSTEP;
+    (void)level; /* every AMX CPU has AVX-512: the codes are quantize_row_avx512's */
+    int64_t KS = (I + AMX_KSTEP - 1) / AMX_KSTEP;
     int64_t Bp = (B + 15) / 16 * 16, NP = (O + AMX_PAIR - 1) / AMX_PAIR;
-    char *buf = (char *)malloc((size_t)B * 8 + (size_t)Bp * (size_t)ldx * 2);
+    char *buf = (char *)malloc((size_t)B * 4 + (size_t)Bp * (size_t)KS * AMX_KSTEP);
     if (!buf) return -1;
     float *x_scale = (float *)buf;
-    int32_t *rowsum = (int32_t *)(buf + 4 * B);
-    int8_t *xq = (int8_t *)(buf + 8 * B);
-    int64_t status = qd_quantize_rows(x, xq, x_scale, rowsum, B, I, ldx, eps, level);
-    if (status) {
-        free(buf);
-        return status;
-    }
-    memset(xq + B * ldx, 0, (size_t)((Bp - B) * ldx)); /* the last A tile's absent rows */
-    /* the A tiles made contiguous (1 KB each: block of 16 rows mb, step k at (mb KS + k) KB)
-     * instead of 16 rows ldx apart: 1.0-1.17x at 8-64 rows, 1 thread, cached weights */
-    int8_t *xa = xq + Bp * ldx;
-    for (int64_t mb = 0; mb < Bp / 16; mb++)
-        for (int64_t k = 0; k < KS; k++)
-            for (int r = 0; r < 16; r++)
-                memcpy(xa + ((mb * KS + k) * 16 + r) * 64, xq + (mb * 16 + r) * ldx + k * 64, 64);
+    /* the A tiles, contiguous (1 KB each: block of 16 rows mb, step k at (mb KS + k) KB) instead
+     * of 16 rows ldx apart (1.0-1.17x at 8-64 rows, helper amx); each row is quantized straight
+     * into its slots by amx_quantize_row, the rows split over the threads of the GEMM's own
+     * parallel region (helper a8rows: was one thread quantizing into a row buffer, then copying
+     * it into the tiles, before the region) */
+    int8_t *xa = (int8_t *)(buf + 4 * B);
     int failed = 0;
+    int64_t bad = 0;
 #pragma omp parallel if (B * O * I >= PARALLEL_MIN_WORK) reduction(| : failed)
     {
-        int32_t c[32 * 32];
-        int8_t *panel = tw ? (int8_t *)malloc((size_t)KS * 2048) : NULL;
-        failed = tw && !panel;
-        if (!failed) amx_begin();
-#pragma omp for schedule(static)
-        for (int64_t p = 0; p < NP; p++) {
-            if (failed) continue;
-            int64_t o0 = p * AMX_PAIR;
-            int cols = O - o0 < AMX_PAIR ? (int)(O - o0) : AMX_PAIR;
-            const int8_t *wpp = wp ? wp + p * KS * 2048 : panel;
-            if (tw) tern_expand(tw + 2 * p * 64 * (I_pad / 16), 64 * (I_pad / 16), I_pad / 16, zp,
-                                o0, O, KS, panel);
-            for (int64_t b0 = 0; b0 < B; b0 += 32) {
-                int rows = B - b0 < 32 ? (int)(B - b0) : 32;
-                amx_pair(wpp, xa + b0 / 16 * KS * 1024, KS, rows > 16 ? 2 : 1, c);
-                amx_epilogue(c, rows, cols, x_scale + b0, w_scale + o0, bias ? bias + o0 : NULL,
-                             y + b0 * O + o0, O);
-            }
+#pragma omp for schedule(static) reduction(+ : bad)
+        for (int64_t r = 0; r < Bp; r++) {
+            int8_t *dst = xa + (r / 16 * KS * 16 + r % 16) * 64;
+            if (r < B)
+                bad += amx_quantize_row(x + r * I, dst, x_scale + r, I, KS, eps);
+            else /* the last A tile's absent rows */
+                for (int64_t k = 0; k < KS; k++) memset(dst + 1024 * k, 0, 64);
         }
-        if (panel || !tw) amx_end();
-        free(panel);
+        /* the for's barrier: every row is quantized and bad is final */
+        if (!bad) {
+            int32_t c[32 * 32];
+            int8_t *panel = tw ? (int8_t *)malloc((size_t)KS * 2048) : NULL;
+            failed = tw && !panel;
+            if (!failed) amx_begin();
+#pragma omp for schedule(static)
+            for (int64_t p = 0; p < NP; p++) {
+                if (failed) continue;
+                int64_t o0 = p * AMX_PAIR;
+                int cols = O - o0 < AMX_PAIR ? (int)(O - o0) : AMX_PAIR;
+                const int8_t *wpp = wp ? wp + p * KS * 2048 : panel;
+                if (tw)
+                    tern_expand(tw + 2 * p * 64 * (I_pad / 16), 64 * (I_pad / 16), I_pad / 16,
+                                zp, o0, O, KS, panel);
+                for (int64_t b0 = 0; b0 < B; b0 += 32) {
+                    int rows = B - b0 < 32 ? (int)(B - b0) : 32;
+                    amx_pair(wpp, xa + b0 / 16 * KS * 1024, KS, rows > 16 ? 2 : 1, c);
+                    amx_epilogue(c, rows, cols, x_scale + b0, w_scale + o0,
+                                 bias ? bias + o0 : NULL, y + b0 * O + o0, O);
+                }
+            }
+            if (panel || !tw) amx_end();
+            free(panel);
+        }
     }
     free(buf);
+    if (bad) return bad;
     return failed ? -1 : 0;
 }
 #endif
