@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import os
 import tempfile
 import time
@@ -45,6 +46,12 @@ def load(path: str) -> ctypes.CDLL:
     return lib
 
 
+def a8_call(lib: ctypes.CDLL, plan: int, x: torch.Tensor, y: torch.Tensor, level: int):
+    """One ``qd_a8_run`` of ``lib`` on the plan struct at address ``plan``: x -> y."""
+    xp, yp, rows = x.data_ptr(), y.data_ptr(), x.shape[0]
+    return lambda: lib.qd_a8_run(plan, xp, yp, rows, level)
+
+
 def packed_layer(kind: str, out_f: int, in_f: int, tmp: Path) -> nn.Module:
     """A packed Linear of ``kind`` with per-token int8 inputs, loaded as a user loads one."""
     fq = nn.Sequential(nn.Linear(in_f, out_f))
@@ -67,11 +74,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     libs = [load(s) for s in args.so]
     rows_list = [int(r) for r in args.rows.split(",")]
-    print(f"# {args.kind}, level {args.level}, {args.threads} thread(s), min of {args.rounds} "
-          "interleaved rounds, weights cached (us)")
+    print(
+        f"# {args.kind}, level {args.level}, {args.threads} thread(s), min of {args.rounds} "
+        "interleaved rounds, weights cached (us)"
+    )
     print(f"# a: {args.so[0]}\n# b: {args.so[1]}")
-    print(f"{'outputs x inputs':<17}{'rows':>5}{'a us':>10}{'b us':>10}{'fp32 us':>10}"
-          f"{'a/b':>7}{'fp32/b':>8}")
+    print(
+        f"{'outputs x inputs':<17}{'rows':>5}{'a us':>10}{'b us':>10}{'fp32 us':>10}"
+        f"{'a/b':>7}{'fp32/b':>8}"
+    )
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         for shape in args.shapes.split(","):
             out_f, in_f = map(int, shape.split("x"))
@@ -84,11 +95,8 @@ def main() -> None:
                 x = torch.randn(rows, in_f)
                 y = torch.empty(rows, out_f)
                 n = max(3, int(3e7 // (rows * out_f * in_f)))
-                calls = [
-                    lambda lib=lib: lib.qd_a8_run(plan, x.data_ptr(), y.data_ptr(), rows,
-                                                  args.level)
-                    for lib in libs
-                ] + [lambda: F.linear(x, w, bias)]
+                calls = [a8_call(lib, plan, x, y, args.level) for lib in libs]
+                calls.append(functools.partial(F.linear, x, w, bias))
                 best = [float("inf")] * 3
                 for _ in range(args.rounds):
                     for j, call in enumerate(calls):
@@ -97,8 +105,10 @@ def main() -> None:
                             call()
                         best[j] = min(best[j], (time.perf_counter() - t0) / n * 1e6)
                 a, b, f = best
-                print(f"{shape:<17}{rows:>5}{a:10.1f}{b:10.1f}{f:10.1f}{a / b:7.2f}{f / b:8.2f}",
-                      flush=True)
+                print(
+                    f"{shape:<17}{rows:>5}{a:10.1f}{b:10.1f}{f:10.1f}{a / b:7.2f}{f / b:8.2f}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":
