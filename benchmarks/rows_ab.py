@@ -69,13 +69,21 @@ def main() -> None:
     p.add_argument("--rows", default="2,8,32,40")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--level", type=int, default=0, help="qd_a8_run's level (0: the best)")
+    p.add_argument(
+        "--level-a",
+        type=int,
+        default=None,
+        help="build A's level if not --level (cut-overs: "
+        "the same build twice, e.g. --level-a 3 --level 4: VNNI against AMX)",
+    )
     p.add_argument("--rounds", type=int, default=15)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     libs = [load(s) for s in args.so]
     rows_list = [int(r) for r in args.rows.split(",")]
+    levels = (args.level if args.level_a is None else args.level_a, args.level)
     print(
-        f"# {args.kind}, level {args.level}, {args.threads} thread(s), min of {args.rounds} "
+        f"# {args.kind}, levels (a, b) {levels}, {args.threads} thread(s), min of {args.rounds} "
         "interleaved rounds, weights cached (us)"
     )
     print(f"# a: {args.so[0]}\n# b: {args.so[1]}")
@@ -95,7 +103,7 @@ def main() -> None:
                 x = torch.randn(rows, in_f)
                 y = torch.empty(rows, out_f)
                 n = max(3, int(3e7 // (rows * out_f * in_f)))
-                calls = [a8_call(lib, plan, x, y, args.level) for lib in libs]
+                calls = [a8_call(lib, plan, x, y, lv) for lib, lv in zip(libs, levels, strict=True)]
                 calls.append(functools.partial(F.linear, x, w, bias))
                 best = [float("inf")] * 3
                 for _ in range(args.rounds):

@@ -401,7 +401,10 @@ def _prepare_int4(layer: Any, st: Storage, site: registry.Site) -> KernelPlan | 
         zp = (zp.expand(out_f) if zp.numel() == 1 else zp).reshape(out_f, in_f // g)
     s = _tiles16(scales.reshape(out_f, in_f // g).float())
     w4 = streamed(repack_int4(codes))
-    return KernelPlan("int4", w4, s, in_f, in_f, _tiles16(zp), g, bits=4)
+    # AMX (qd_a8_run, from 16 rows) expands these codes per call into int8 c - zp: groups of a
+    # multiple of 64 inputs (its step), zero points below 128 (c - zp fits int8)
+    amx = w4 if amx_enabled() and g % 64 == 0 and int(zp.max()) < 128 else None
+    return KernelPlan("int4", w4, s, in_f, in_f, _tiles16(zp), g, bits=4, amx_weight=amx)
 
 
 def _prepare_ternary(layer: Any, st: Storage, site: registry.Site) -> KernelPlan | None:
