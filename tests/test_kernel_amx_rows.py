@@ -5,14 +5,14 @@
   must equal the VNNI kernel (level 3) with ``torch.equal`` at every row count (level 4: AMX at
   any count; level 0: from 16 rows), and an independent float64 reference (exact per-group
   integer dots of the unpacked codes and the C-quantized activations) to fp32 rounding.
-  Sizes: rows around the 16-row A tiles and 32-row blocks (1, 2, 3, 7, 8, 13, 16, 17, 33, 40,
-  64); outputs leaving a partial tile and a pair with no second tile (16, 37, 77, 200); groups
-  of 64, 128, 256 and one group of 4096 inputs.
+  Sizes: rows around the 16-row A tiles and 32-row blocks, and past them (1, 2, 3, 7,
+  8, 13, 16, 17, 33, 40, 48, 64, 80); outputs leaving a partial tile and a pair with no second
+  tile (16, 37, 77, 200); groups of 64, 128, 256 and one group of 4096 inputs.
 - Plans AMX cannot serve (groups of 32 inputs, per-channel scales on 136 inputs) carry no AMX
   weights and give the VNNI numbers at level 4; ``QDISTILL_NO_AMX=1`` turns W4A8's AMX off too.
 - Every AMX path quantizes the activations inside its own parallel region now (rows split over
-  the threads): at 2 threads W8A8, W1.58A8 and W4A8 must equal the 1-thread VNNI results, and
-  a NaN / Inf row must raise naming it, as on the VNNI path.
+  the threads): at 2 threads W8A8, W1.58A8 and W4A8 must equal the 1-thread VNNI results (17,
+  33, 40, 48 and 80 rows), and a NaN / Inf row must raise naming it, as on the VNNI path.
 """
 
 import dataclasses
@@ -32,7 +32,7 @@ needs_amx = pytest.mark.skipif(
     reason="no AMX here (needs AMX-TILE + AMX-INT8 in CPUID, Linux's tile permission and a "
     "kernels build from GCC >= 11 / clang >= 12)",
 )
-ROWS = (1, 2, 3, 7, 8, 13, 16, 17, 33, 40, 64)
+ROWS = (1, 2, 3, 7, 8, 13, 16, 17, 33, 40, 48, 64, 80)
 
 
 def packed_layer(tmp_path, wfmt, in_f: int, out_f: int, bias: bool = True):
@@ -136,7 +136,7 @@ def test_two_threads_quantize_inside_the_gemm_and_equal_one_thread_vnni(tmp_path
             kp = dataclasses.replace(layer._kernel, int_mm=False)
             assert kp.amx_weight is not None
             with torch.no_grad():
-                for rows in (17, 33, 40):
+                for rows in (17, 33, 40, 48, 80):
                     x = torch.randn(rows, in_f) * 3
                     torch.set_num_threads(1)
                     vnni = kernels.linear(layer, kp, x, level=3)
