@@ -17,8 +17,10 @@ int8      ``IntFormat(8)`` symmetric, per tensor/channel   per-token int8 (W8A8)
                                                            ``INT_MM_MIN_ROWS`` on, torch's
                                                            ``_int_mm`` on the same int8 codes
 int4      ``IntFormat(4)``, groups of a multiple of 8      per-token int8 (W4A8, llama.cpp's
-          along the input (or per channel/tensor),         Q4 x Q8 arithmetic)
-          symmetric or with zero points
+          along the input (or per channel/tensor),         Q4 x Q8 arithmetic); with AMX and
+          symmetric or with zero points                    groups of a multiple of 64 a
+                                                           tdpbssd GEMM from 16 rows (codes
+                                                           expanded per call, no copy)
 lut       ``IntFormat(4)`` / ``IntFormat(2)`` /            float (weight-only, "W4A16" style:
           ``TernaryFormat``, groups of a multiple of 32    fp32 activations, fp32 accumulation)
           (4 bit) / 64 (2 bit) or per channel/tensor
