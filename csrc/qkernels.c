@@ -1772,6 +1772,22 @@ __attribute__((target("avx512f"))) static void int4_amx_fma(const int32_t *c, in
         }
 }
 
+/* y[b][n] = acc[b][n] * xs[b] + bias[n] (+ 0.0f without one) for b < rows, n < cols: the
+ * VNNI path's scalar epilogue, 16 outputs a vector */
+__attribute__((target("avx512f"))) static void int4_amx_store(const float *acc, int rows,
+                                                             int cols, const float *xs,
+                                                             const float *bias, float *y,
+                                                             int64_t O) {
+    for (int n = 0; n < cols; n += 16) {
+        __mmask16 m = cols - n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (cols - n)) - 1);
+        __m512 bv = bias ? _mm512_maskz_loadu_ps(m, bias + n) : _mm512_setzero_ps();
+        for (int b = 0; b < rows; b++) {
+            __m512 v = _mm512_mul_ps(_mm512_loadu_ps(acc + 32 * b + n), _mm512_set1_ps(xs[b]));
+            _mm512_mask_storeu_ps(y + b * O + n, m, _mm512_add_ps(v, bv));
+        }
+    }
+}
+
 /* y [B][O] = the W4A8 product (qd_int4_gemm's sums: per group the int32 dot times the group
  * scale, summed over groups in float, then times x_scale plus bias) with AMX: activations
  * quantized into A tiles as int8_amx_linear does, a pair of output tiles expanded by
@@ -1827,12 +1843,8 @@ static int64_t int4_amx_linear(const uint8_t *w, const float *s, const uint8_t *
                                  kpg, KS * 1024, rows > 16 ? 2 : 1, c);
                         int4_amx_fma(c, rows, s0 + 16 * gi, s1 ? s1 + 16 * gi : NULL, acc);
                     }
-                    for (int b = 0; b < rows; b++) {
-                        float xs_b = x_scale[b0 + b];
-                        float *yr = y + (b0 + b) * O + o0;
-                        for (int n = 0; n < cols; n++)
-                            yr[n] = acc[32 * b + n] * xs_b + (bias ? bias[o0 + n] : 0.0f);
-                    }
+                    int4_amx_store(acc, rows, cols, x_scale + b0, bias ? bias + o0 : NULL,
+                                   y + b0 * O + o0, O);
                 }
             }
             if (!failed) amx_end();
