@@ -1435,9 +1435,64 @@ int qd_int4_gemm(const uint8_t *w, const float *s, const uint8_t *zp, const int8
  * against the VNNI ternary GEMM: AMX 1.06-1.7x at 16 rows, 1.2-1.6x at 32, 1.3-2.6x at 64 on
  * MiniLM shapes, 1024x4096 and 4096x4096; at 4-8 rows 0.5-1.3x) */
 #define TERN_AMX_MIN_ROWS 16
+/* W4A8 (codes expanded per call, int32 dots stored per group): from this many rows */
+#define INT4_AMX_MIN_ROWS 16
 #define AMX_KSTEP 64   /* inputs a step (one A tile row, 16 rows of a B tile x 4) */
 #define AMX_PAIR 32    /* output rows a block (two B tiles) */
 
+
+#ifdef QD_AMX
+/* One activation row quantized straight into its slots of the AMX A tiles (issue #15, helper
+ * a8rows): the ops of quantize_row_avx512 in its order (scale from max |x|, x * (1 / scale),
+ * round half to even, clamp to +-127), so the codes are the same bit for bit, but each
+ * 64-input step's 64 codes go to dst + 1024 k (row r of a 16-row A tile is 64 bytes at 64 r;
+ * the caller passes the row's slot in step 0), zero past I up to 64 KS inputs. This replaces
+ * quantizing into a row-major buffer and copying 64-byte pieces into the tiles, and runs
+ * inside the GEMM's parallel region (rows split over the threads). The max pass keeps two
+ * chains (max is exact in any order). A row holding NaN or Inf gets zero codes and a NaN
+ * scale and returns 1, as quantize_row_avx512. */
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static int
+amx_quantize_row(const float *xr, int8_t *dst, float *scale, int64_t I, int64_t KS, float eps) {
+    const __m512 big = _mm512_set1_ps(FLT_MAX);
+    __m512 m0 = _mm512_setzero_ps(), m1 = _mm512_setzero_ps();
+    __mmask16 bad = 0;
+    int64_t i = 0;
+    for (; i + 32 <= I; i += 32) {
+        __m512 a = _mm512_abs_ps(_mm512_loadu_ps(xr + i));
+        __m512 b = _mm512_abs_ps(_mm512_loadu_ps(xr + i + 16));
+        bad |= _mm512_cmp_ps_mask(a, big, _CMP_NLE_UQ) | _mm512_cmp_ps_mask(b, big, _CMP_NLE_UQ);
+        m0 = _mm512_max_ps(m0, a);
+        m1 = _mm512_max_ps(m1, b);
+    }
+    for (; i < I; i += 16) { /* masked tail: absent lanes read as 0 */
+        __mmask16 k = I - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (I - i)) - 1u);
+        __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(k, xr + i));
+        bad |= _mm512_cmp_ps_mask(a, big, _CMP_NLE_UQ);
+        m0 = _mm512_max_ps(m0, a);
+    }
+    if (bad) {
+        for (int64_t k = 0; k < KS; k++) memset(dst + 1024 * k, 0, 64);
+        *scale = NAN;
+        return 1;
+    }
+    float s = row_scale(_mm512_reduce_max_ps(_mm512_max_ps(m0, m1)), eps);
+    const __m512 vinv = _mm512_set1_ps(1.0f / s);
+    const __m512 hi = _mm512_set1_ps(127.0f), lo = _mm512_set1_ps(-127.0f);
+    for (int64_t k = 0; k < KS; k++)
+        for (int j = 0; j < 4; j++) {
+            int64_t i0 = 64 * k + 16 * j;
+            __mmask16 m = I - i0 >= 16 ? (__mmask16)0xFFFF
+                          : I > i0     ? (__mmask16)((1u << (I - i0)) - 1u)
+                                       : (__mmask16)0;
+            __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, xr + i0), vinv);
+            v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            __m512i q = _mm512_cvtps_epi32(_mm512_min_ps(hi, _mm512_max_ps(lo, v)));
+            _mm_storeu_si128((__m128i *)(dst + 1024 * k + 16 * j), _mm512_cvtsepi32_epi8(q));
+        }
+    *scale = s;
+    return 0;
+}
+#endif
 
 int64_t qd_amx_int8_bytes(int64_t O, int64_t I) {
     return ((O + AMX_PAIR - 1) / AMX_PAIR) * AMX_PAIR * ((I + AMX_KSTEP - 1) / AMX_KSTEP) *
@@ -1519,14 +1574,16 @@ static void amx_begin(void) {
 static void amx_end(void) { __asm__ volatile("tilerelease" ::); }
 
 /* c [32][32] int32 = 16 mt activation rows (x: the A tiles of one or two blocks of 16 rows,
- * KS contiguous 1 KB tiles each) times the pair panel wp (KS blocks of 2 KB) */
-static void amx_pair(const int8_t *wp, const int8_t *x, int64_t KS, int mt, int32_t *c) {
+ * KS contiguous 1 KB tiles each, the second block xstride bytes after the first) times the pair
+ * panel wp (KS blocks of 2 KB) */
+static void amx_pair(const int8_t *wp, const int8_t *x, int64_t KS, int64_t xstride, int mt,
+                     int32_t *c) {
     TILE_ZERO(0);
     TILE_ZERO(1);
     if (mt == 2) {
         TILE_ZERO(2);
         TILE_ZERO(3);
-        const int8_t *x1 = x + KS * 1024;
+        const int8_t *x1 = x + xstride;
         for (int64_t k = 0; k < KS; k++) {
             const int8_t *wk = wp + k * 2048;
             TILE_LOAD(6, wk, 64);
@@ -1618,52 +1675,184 @@ static int64_t int8_amx_linear(const int8_t *wp, const float *w_scale, const flo
                                int64_t B, int level, const uint8_t *tw, const int32_t *zp,
                                int64_t I_pad) {
     if (B <= 0 || O <= 0) return 0;
-    int64_t KS = (I + AMX_KSTEP - 1) / AMX_KSTEP, ldx = KS * AMX_KSTEP;
+    (void)level; /* every AMX CPU has AVX-512: the codes are quantize_row_avx512's */
+    int64_t KS = (I + AMX_KSTEP - 1) / AMX_KSTEP;
     int64_t Bp = (B + 15) / 16 * 16, NP = (O + AMX_PAIR - 1) / AMX_PAIR;
-    char *buf = (char *)malloc((size_t)B * 8 + (size_t)Bp * (size_t)ldx * 2);
+    char *buf = (char *)malloc((size_t)B * 4 + (size_t)Bp * (size_t)KS * AMX_KSTEP);
     if (!buf) return -1;
     float *x_scale = (float *)buf;
-    int32_t *rowsum = (int32_t *)(buf + 4 * B);
-    int8_t *xq = (int8_t *)(buf + 8 * B);
-    int64_t status = qd_quantize_rows(x, xq, x_scale, rowsum, B, I, ldx, eps, level);
-    if (status) {
-        free(buf);
-        return status;
-    }
-    memset(xq + B * ldx, 0, (size_t)((Bp - B) * ldx)); /* the last A tile's absent rows */
-    /* the A tiles made contiguous (1 KB each: block of 16 rows mb, step k at (mb KS + k) KB)
-     * instead of 16 rows ldx apart: 1.0-1.17x at 8-64 rows, 1 thread, cached weights */
-    int8_t *xa = xq + Bp * ldx;
-    for (int64_t mb = 0; mb < Bp / 16; mb++)
-        for (int64_t k = 0; k < KS; k++)
-            for (int r = 0; r < 16; r++)
-                memcpy(xa + ((mb * KS + k) * 16 + r) * 64, xq + (mb * 16 + r) * ldx + k * 64, 64);
+    /* the A tiles, contiguous (1 KB each: block of 16 rows mb, step k at (mb KS + k) KB) instead
+     * of 16 rows ldx apart (1.0-1.17x at 8-64 rows, helper amx); each row is quantized straight
+     * into its slots by amx_quantize_row, the rows split over the threads of the GEMM's own
+     * parallel region (helper a8rows: was one thread quantizing into a row buffer, then copying
+     * it into the tiles, before the region) */
+    int8_t *xa = (int8_t *)(buf + 4 * B);
     int failed = 0;
+    int64_t bad = 0;
 #pragma omp parallel if (B * O * I >= PARALLEL_MIN_WORK) reduction(| : failed)
     {
-        int32_t c[32 * 32];
-        int8_t *panel = tw ? (int8_t *)malloc((size_t)KS * 2048) : NULL;
-        failed = tw && !panel;
-        if (!failed) amx_begin();
-#pragma omp for schedule(static)
-        for (int64_t p = 0; p < NP; p++) {
-            if (failed) continue;
-            int64_t o0 = p * AMX_PAIR;
-            int cols = O - o0 < AMX_PAIR ? (int)(O - o0) : AMX_PAIR;
-            const int8_t *wpp = wp ? wp + p * KS * 2048 : panel;
-            if (tw) tern_expand(tw + 2 * p * 64 * (I_pad / 16), 64 * (I_pad / 16), I_pad / 16, zp,
-                                o0, O, KS, panel);
-            for (int64_t b0 = 0; b0 < B; b0 += 32) {
-                int rows = B - b0 < 32 ? (int)(B - b0) : 32;
-                amx_pair(wpp, xa + b0 / 16 * KS * 1024, KS, rows > 16 ? 2 : 1, c);
-                amx_epilogue(c, rows, cols, x_scale + b0, w_scale + o0, bias ? bias + o0 : NULL,
-                             y + b0 * O + o0, O);
-            }
+#pragma omp for schedule(static) reduction(+ : bad)
+        for (int64_t r = 0; r < Bp; r++) {
+            int8_t *dst = xa + (r / 16 * KS * 16 + r % 16) * 64;
+            if (r < B)
+                bad += amx_quantize_row(x + r * I, dst, x_scale + r, I, KS, eps);
+            else /* the last A tile's absent rows */
+                for (int64_t k = 0; k < KS; k++) memset(dst + 1024 * k, 0, 64);
         }
-        if (panel || !tw) amx_end();
-        free(panel);
+        /* the for's barrier: every row is quantized and bad is final */
+        if (!bad) {
+            int32_t c[32 * 32];
+            int8_t *panel = tw ? (int8_t *)malloc((size_t)KS * 2048) : NULL;
+            failed = tw && !panel;
+            if (!failed) amx_begin();
+#pragma omp for schedule(static)
+            for (int64_t p = 0; p < NP; p++) {
+                if (failed) continue;
+                int64_t o0 = p * AMX_PAIR;
+                int cols = O - o0 < AMX_PAIR ? (int)(O - o0) : AMX_PAIR;
+                const int8_t *wpp = wp ? wp + p * KS * 2048 : panel;
+                if (tw)
+                    tern_expand(tw + 2 * p * 64 * (I_pad / 16), 64 * (I_pad / 16), I_pad / 16,
+                                zp, o0, O, KS, panel);
+                for (int64_t b0 = 0; b0 < B; b0 += 32) {
+                    int rows = B - b0 < 32 ? (int)(B - b0) : 32;
+                    amx_pair(wpp, xa + b0 / 16 * KS * 1024, KS, KS * 1024, rows > 16 ? 2 : 1,
+                             c);
+                    amx_epilogue(c, rows, cols, x_scale + b0, w_scale + o0,
+                                 bias ? bias + o0 : NULL, y + b0 * O + o0, O);
+                }
+            }
+            if (panel || !tw) amx_end();
+            free(panel);
+        }
     }
     free(buf);
+    if (bad) return bad;
+    return failed ? -1 : 0;
+}
+
+/* W4A8 with AMX (#15 brief item 2, helper a8rows). The 4-bit codes of one 16-output tile
+ * (tile16 layout: chunk k, 64 bytes, holds inputs 8k..8k+7 of the tile's 16 rows, byte 4 r + j
+ * = code[r][8k + j] | code[r][8k + 4 + j] << 4) become B tiles once per call, into a per-thread
+ * panel laid out as qd_amx_pack_int8's: chunk 8 k + m of a 64-input step gives B-tile row 2 m
+ * (its low nibbles: inputs 64 k + 8 m + j) and 2 m + 1 (high nibbles: 64 k + 8 m + 4 + j),
+ * lane r of the chunk being column r, each byte minus its row's zero point of that step's
+ * group (c - zp: the plan checks zp < 128, so it fits int8). The int32 dots of a group are then
+ * sum (c - zp) q = sum c q - zp sum q, the VNNI kernel's dd, exactly. */
+__attribute__((target("avx512f,avx512bw"))) static void
+int4_expand(const uint8_t *wt, const uint8_t *zt, int64_t cpg, int64_t KS, int8_t *dst) {
+    const __m512i mask = _mm512_set1_epi8(15);
+    for (int64_t k = 0; k < KS; k++) {
+        const uint8_t *zk = zt + 16 * (8 * k / cpg); /* the step's group */
+        __m512i zv = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)zk));
+        zv = _mm512_mullo_epi32(zv, _mm512_set1_epi32(0x01010101));
+        int8_t *d = dst + 2048 * k;
+        for (int m = 0; m < 8; m++) {
+            __m512i v = _mm512_loadu_si512((const void *)(wt + 64 * (8 * k + m)));
+            __m512i lo = _mm512_and_si512(v, mask);
+            __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+            _mm512_storeu_si512((void *)(d + 128 * m), _mm512_sub_epi8(lo, zv));
+            _mm512_storeu_si512((void *)(d + 128 * m + 64), _mm512_sub_epi8(hi, zv));
+        }
+    }
+}
+
+/* acc [32][32] float (rows < 32, all 32 columns) += (float) c * s, s the pair's two 16-output
+ * group scale vectors (s1 NULL: no second tile): the VNNI kernel's fmadd per group, in group
+ * order, so the float sums are its sums bit for bit */
+__attribute__((target("avx512f"))) static void int4_amx_fma(const int32_t *c, int rows,
+                                                           const float *s0, const float *s1,
+                                                           float *acc) {
+    __m512 sv[2] = {_mm512_loadu_ps(s0), s1 ? _mm512_loadu_ps(s1) : _mm512_setzero_ps()};
+    for (int b = 0; b < rows; b++)
+        for (int h = 0; h < 2; h++) {
+            __m512 v = _mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)(c + 32 * b + 16 * h)));
+            float *a = acc + 32 * b + 16 * h;
+            _mm512_storeu_ps(a, _mm512_fmadd_ps(v, sv[h], _mm512_loadu_ps(a)));
+        }
+}
+
+/* y[b][n] = acc[b][n] * xs[b] + bias[n] (+ 0.0f without one) for b < rows, n < cols: the
+ * VNNI path's scalar epilogue, 16 outputs a vector */
+__attribute__((target("avx512f"))) static void int4_amx_store(const float *acc, int rows,
+                                                             int cols, const float *xs,
+                                                             const float *bias, float *y,
+                                                             int64_t O) {
+    for (int n = 0; n < cols; n += 16) {
+        __mmask16 m = cols - n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (cols - n)) - 1);
+        __m512 bv = bias ? _mm512_maskz_loadu_ps(m, bias + n) : _mm512_setzero_ps();
+        for (int b = 0; b < rows; b++) {
+            __m512 v = _mm512_mul_ps(_mm512_loadu_ps(acc + 32 * b + n), _mm512_set1_ps(xs[b]));
+            _mm512_mask_storeu_ps(y + b * O + n, m, _mm512_add_ps(v, bv));
+        }
+    }
+}
+
+/* y [B][O] = the W4A8 product (qd_int4_gemm's sums: per group the int32 dot times the group
+ * scale, summed over groups in float, then times x_scale plus bias) with AMX: activations
+ * quantized into A tiles as int8_amx_linear does, a pair of output tiles expanded by
+ * int4_expand, then per batch block of up to 32 rows and per group (g / 64 steps: g a multiple
+ * of 64, I of g) the tiles' int32 dots stored and added in float. Returns as int8_amx_linear. */
+static int64_t int4_amx_linear(const uint8_t *w, const float *s, const uint8_t *zp,
+                               const float *bias, int64_t O, int64_t I, int64_t g, float eps,
+                               const float *x, float *y, int64_t B) {
+    if (B <= 0 || O <= 0) return 0;
+    int64_t KS = I / 64, G = I / g, kpg = g / 64, T = (O + 15) / 16;
+    int64_t Bp = (B + 15) / 16 * 16, NP = (O + AMX_PAIR - 1) / AMX_PAIR;
+    char *buf = (char *)malloc((size_t)B * 4 + (size_t)Bp * (size_t)KS * AMX_KSTEP);
+    if (!buf) return -1;
+    float *x_scale = (float *)buf;
+    int8_t *xa = (int8_t *)(buf + 4 * B);
+    int failed = 0;
+    int64_t bad = 0;
+#pragma omp parallel if (B * O * I >= PARALLEL_MIN_WORK) reduction(| : failed)
+    {
+#pragma omp for schedule(static) reduction(+ : bad)
+        for (int64_t r = 0; r < Bp; r++) {
+            int8_t *dst = xa + (r / 16 * KS * 16 + r % 16) * 64;
+            if (r < B)
+                bad += amx_quantize_row(x + r * I, dst, x_scale + r, I, KS, eps);
+            else
+                for (int64_t k = 0; k < KS; k++) memset(dst + 1024 * k, 0, 64);
+        }
+        if (!bad) {
+            int32_t c[32 * 32];
+            float acc[32 * 32];
+            int8_t *panel = (int8_t *)malloc((size_t)KS * 2048);
+            failed = !panel;
+            if (!failed) amx_begin();
+#pragma omp for schedule(static)
+            for (int64_t p = 0; p < NP; p++) {
+                if (failed) continue;
+                int64_t o0 = p * AMX_PAIR;
+                int cols = O - o0 < AMX_PAIR ? (int)(O - o0) : AMX_PAIR;
+                int two = 2 * p + 1 < T; /* the pair's second tile exists */
+                for (int t = 0; t < 2; t++) {
+                    if (t == 0 || two)
+                        int4_expand(w + (2 * p + t) * (I / 8) * 64, zp + (2 * p + t) * G * 16,
+                                    g / 8, KS, panel + 1024 * t);
+                    else
+                        for (int64_t k = 0; k < KS; k++) memset(panel + 2048 * k + 1024, 0, 1024);
+                }
+                const float *s0 = s + 2 * p * G * 16, *s1 = two ? s0 + G * 16 : NULL;
+                for (int64_t b0 = 0; b0 < B; b0 += 32) {
+                    int rows = B - b0 < 32 ? (int)(B - b0) : 32;
+                    memset(acc, 0, sizeof acc);
+                    for (int64_t gi = 0; gi < G; gi++) {
+                        amx_pair(panel + gi * kpg * 2048, xa + (b0 / 16 * KS + gi * kpg) * 1024,
+                                 kpg, KS * 1024, rows > 16 ? 2 : 1, c);
+                        int4_amx_fma(c, rows, s0 + 16 * gi, s1 ? s1 + 16 * gi : NULL, acc);
+                    }
+                    int4_amx_store(acc, rows, cols, x_scale + b0, bias ? bias + o0 : NULL,
+                                   y + b0 * O + o0, O);
+                }
+            }
+            if (!failed) amx_end();
+            free(panel);
+        }
+    }
+    free(buf);
+    if (bad) return bad;
     return failed ? -1 : 0;
 }
 #endif
@@ -2575,7 +2764,7 @@ typedef struct {
     int64_t O, I, I_pad, g;
     float eps;
     const int8_t *amx_w; /* NULL: no AMX; int8: the weights in AMX's B-tile layout
-                          * (qd_amx_pack_int8); ternary: w itself (expanded per call) */
+                          * (qd_amx_pack_int8); ternary, int4: w itself (expanded per call) */
 } qd_a8_plan;
 
 /* level as in pick(), and 3: as 0 without AMX; 4: as 0 with AMX at any row count (the tests
@@ -2590,6 +2779,10 @@ int64_t qd_a8_run(const qd_a8_plan *p, const float *x, float *y, int64_t B, int 
         has_amx())
         return int8_amx_linear(NULL, p->w_scale, p->bias, p->O, p->I, p->eps, x, y, B, 0,
                                (const uint8_t *)p->w, (const int32_t *)p->zp, p->I_pad);
+    if ((level == 4 || (level == 0 && B >= INT4_AMX_MIN_ROWS)) && p->kind == 2 && p->amx_w &&
+        p->g % AMX_KSTEP == 0 && p->I % p->g == 0 && has_amx())
+        return int4_amx_linear((const uint8_t *)p->w, p->w_scale, (const uint8_t *)p->zp,
+                               p->bias, p->O, p->I, p->g, p->eps, x, y, B);
 #endif
     if (level >= 3) level = 0;
     return qd_a8_linear((int)p->kind, p->w, p->w_scale, p->zp, p->wsum, p->bias, p->O, p->I,

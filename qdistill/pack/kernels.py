@@ -17,8 +17,10 @@ int8      ``IntFormat(8)`` symmetric, per tensor/channel   per-token int8 (W8A8)
                                                            ``INT_MM_MIN_ROWS`` on, torch's
                                                            ``_int_mm`` on the same int8 codes
 int4      ``IntFormat(4)``, groups of a multiple of 8      per-token int8 (W4A8, llama.cpp's
-          along the input (or per channel/tensor),         Q4 x Q8 arithmetic)
-          symmetric or with zero points
+          along the input (or per channel/tensor),         Q4 x Q8 arithmetic); with AMX and
+          symmetric or with zero points                    groups of a multiple of 64 a
+                                                           tdpbssd GEMM from 16 rows (codes
+                                                           expanded per call, no copy)
 lut       ``IntFormat(4)`` / ``IntFormat(2)`` /            float (weight-only, "W4A16" style:
           ``TernaryFormat``, groups of a multiple of 32    fp32 activations, fp32 accumulation)
           (4 bit) / 64 (2 bit) or per channel/tensor
@@ -401,7 +403,10 @@ def _prepare_int4(layer: Any, st: Storage, site: registry.Site) -> KernelPlan | 
         zp = (zp.expand(out_f) if zp.numel() == 1 else zp).reshape(out_f, in_f // g)
     s = _tiles16(scales.reshape(out_f, in_f // g).float())
     w4 = streamed(repack_int4(codes))
-    return KernelPlan("int4", w4, s, in_f, in_f, _tiles16(zp), g, bits=4)
+    # AMX (qd_a8_run, from 16 rows) expands these codes per call into int8 c - zp: groups of a
+    # multiple of 64 inputs (its step), zero points below 128 (c - zp fits int8)
+    amx = w4 if amx_enabled() and g % 64 == 0 and int(zp.max()) < 128 else None
+    return KernelPlan("int4", w4, s, in_f, in_f, _tiles16(zp), g, bits=4, amx_weight=amx)
 
 
 def _prepare_ternary(layer: Any, st: Storage, site: registry.Site) -> KernelPlan | None:
