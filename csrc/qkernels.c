@@ -2072,7 +2072,7 @@ i8w_tile_impl512(const int8_t *w, int64_t I, const int R, const float *s, const 
         for (int b = 0; b < nb; b++) acc[r][b] = _mm512_setzero_ps();
     int64_t i = 0;
     for (; i + 64 <= I; i += 64) {
-        for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w + r * I + i + WO_PF), _MM_HINT_T0);
+        for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w + (r + R) * I + i), _MM_HINT_T0);
         for (int u = 0; u < 4; u++) {
             __m512 xv[NB];
             for (int b = 0; b < nb; b++) xv[b] = _mm512_loadu_ps(x[b] + i + 16 * u);
@@ -2114,7 +2114,7 @@ i8w_tile_impl256(const int8_t *w, int64_t I, const int R, const float *s, const 
         for (int b = 0; b < nb; b++) acc[r][b] = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 32 <= I; i += 32) {
-        for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w + r * I + i + WO_PF), _MM_HINT_T0);
+        for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w + (r + R) * I + i), _MM_HINT_T0);
         for (int u = 0; u < 4; u++) {
             __m256 xv[NB];
             for (int b = 0; b < nb; b++) xv[b] = _mm256_loadu_ps(x[b] + i + 8 * u);
@@ -2179,7 +2179,7 @@ lut_tile_impl512(const uint8_t *w, int64_t row_bytes, const float *s, const uint
         }
         for (int64_t c = gi * cpg, c_end = c + cpg; c < c_end; c++) {
             for (int r = 0; r < R; r++)
-                _mm_prefetch((const char *)(w + r * row_bytes + 16 * c + WO_PF), _MM_HINT_T0);
+                _mm_prefetch((const char *)(w + (r + R) * row_bytes + 16 * c), _MM_HINT_T0);
             for (int r = 0; r < R; r++) {
                 __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + r * row_bytes + 16 * c)));
                 for (int p = 0; p < per; p++) {
@@ -2316,7 +2316,7 @@ i8w_vnni_impl(const int8_t *w, int64_t I, int64_t I_pad, const int R, const int8
         const __m512i d1 = _mm512_loadu_si512((const void *)(q + I_pad + i));
         const __m512i d2 = _mm512_loadu_si512((const void *)(q + 2 * I_pad + i));
         for (int r = 0; r < R; r++) {
-            _mm_prefetch((const char *)(w + r * I + i + WO_PF), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w + (r + R) * I + i), _MM_HINT_T0); /* a tile ahead */
             /* past the row's end the code reads as 0x80 (128), times a zero digit */
             __m512i c = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w + r * I + i), flip);
             acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], c, d0);
