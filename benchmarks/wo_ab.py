@@ -64,6 +64,14 @@ def main() -> None:
     p.add_argument("--rows", default="1,2,4,8,16,32")
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--shapes", default="", help="e.g. 4096x4096,384x384 (outputs x inputs)")
+    p.add_argument(
+        "--cold",
+        type=int,
+        default=0,
+        metavar="MB",
+        help="before every timed call, sum a buffer of MB megabytes (larger than the last-level "
+        "cache: the weights come from memory, as in a model larger than the cache); 0: warm",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     libs = [load(s) for s in args.so]
@@ -77,6 +85,9 @@ def main() -> None:
         f"fastest call of {args.rounds} interleaved rounds"
     )
     print(f"# a: {args.so[0]}\n# b: {args.so[1]}")
+    flush = torch.ones(args.cold * 2**18) if args.cold else None  # MB of float32
+    if flush is not None:
+        print(f"# cold: {args.cold} MB read before every call (weights not in cache)")
     head = f"{'outputs x inputs':<18}{'rows':>5}{'a us':>10}{'b us':>10}{'fp32 us':>10}"
     extra = args.kind == "int8w"
     print(head + (f"{'i8pack us':>10}" if extra else "") + f"{'a/b':>7}{'fp32/b':>8}")
@@ -101,11 +112,13 @@ def main() -> None:
             fns.append(lambda x=x, wf=wf: F.linear(x, wf))
             if extra:
                 fns.append(lambda x=x, t=t: torch._weight_int8pack_mm(x, t["w8"], t["s"]))
-            reps = max(3, int(300 / (rows * out_f * in_f / 147456) ** 0.7))
+            reps = max(3, int(300 / (rows * out_f * in_f / 147456) ** 0.7)) if flush is None else 1
             best = [float("inf")] * len(fns)
             for _ in range(args.rounds):
                 for j, fn in enumerate(fns):
                     for _ in range(reps):  # the fastest single call: preemption only adds
+                        if flush is not None:
+                            flush.sum()
                         t0 = time.perf_counter()
                         fn()
                         best[j] = min(best[j], (time.perf_counter() - t0) * 1e6)

@@ -1,0 +1,131 @@
+"""4-bit weight-only codes x fp32 inputs on AVX-512 VNNI (issue #15), against float64.
+
+At one batch row, ``qd_lut_gemm`` with 4-bit codes writes the input row as 23-bit integers
+times one scale (three exact byte digits, error <= 2^-23.98 of the row's largest input per
+input) and sums ``s * (c - zp) * q`` lane by lane with ``vpdpbusd`` (csrc/qkernels.c,
+``lut4_vnni_impl``): every lane sum and zero-point correction is exact in int32, the group scale
+is applied in an fp32 FMA. So the result must be as close to the float64 product on the
+dequantized weight as PyTorch's own fp32 ``F.linear`` is (and within the 1e-5 contract of
+tests/test_kernels.py on every SIMD level). The weights here are random codes in the file's
+"lsb" layout (input 2j in the low nibble of byte j, 2j + 1 in the high one), called through
+ctypes: the reference ``(c - zp) * s`` is built independently of qdistill's dequantizer.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qdistill.pack import kernels
+
+LIB = kernels.library()
+needs_kernels = pytest.mark.skipif(LIB is None, reason="C kernels not built")
+LEVELS = (0, 1, 2)  # the best the CPU has (VNNI here), portable C, at most AVX2
+OUT = 37  # not a multiple of the 4-row tiles
+# inputs, group size: partial last 128-input chunk with 1 (160), 3 (224) or 1 of 2 (320)
+# groups; whole chunks (384, 4096); a row-wide group off the chunks (4000); g = 128 and 256
+LAYOUTS = [(160, 32), (224, 32), (320, 64), (384, 64), (4096, 64), (4096, 128), (768, 256),
+           (4000, 4000)]  # fmt: skip
+
+
+def lsb_pack(codes: torch.Tensor) -> torch.Tensor:
+    """[O, I] codes 0..15 -> the "lsb" byte stream (two codes a byte, the first in bits 0-3)."""
+    c = codes.to(torch.uint8).reshape(-1, 2)
+    return (c[:, 0] | (c[:, 1] << 4)).contiguous()
+
+
+def make_weight(in_f: int, g: int, zp_mode: str, seed: int) -> dict:
+    """Random codes, scales and zero points (``zp_mode``: "sym" = none, every zero point 8;
+    "zp" = 0..15; "big" = 0..255, outside the code range) and the float64 dequantized weight."""
+    gen = torch.Generator().manual_seed(seed)
+    groups = in_f // g
+    codes = torch.randint(0, 16, (OUT, in_f), generator=gen)
+    s = torch.rand(OUT * groups, generator=gen) * 0.02 + 1e-3
+    high = {"sym": 1, "zp": 16, "big": 256}[zp_mode]
+    zp = torch.randint(0, high, (OUT * groups,), generator=gen).to(torch.uint8)
+    zp_used = torch.full_like(zp, 8) if zp_mode == "sym" else zp
+    per_input = lambda t: t.reshape(OUT, groups).double().repeat_interleave(g, 1)  # noqa: E731
+    w = (codes.double() - per_input(zp_used)) * per_input(s)
+    return {"w": lsb_pack(codes), "s": s.float(), "zp": None if zp_mode == "sym" else zp,
+            "g": g, "in_f": in_f, "ref_w": w}  # fmt: skip
+
+
+def run(t: dict, x: torch.Tensor, level: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    rows = x.shape[0]
+    y = torch.full((rows, OUT), float("nan"))
+    zp = t["zp"]
+    status = LIB.qd_lut_gemm(
+        t["w"].data_ptr(), t["s"].data_ptr(), None if zp is None else zp.data_ptr(), 8, 4,
+        x.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), rows, OUT,
+        t["in_f"], t["g"], level,
+    )  # fmt: skip
+    assert status == 0
+    return y
+
+
+def err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.double() - ref).abs().max())
+
+
+@needs_kernels
+@pytest.mark.parametrize("in_f,g", LAYOUTS, ids=str)
+@pytest.mark.parametrize("zp_mode", ["sym", "zp"])
+def test_int4_rows_groups_and_zero_points(in_f, g, zp_mode):
+    """1, 2, 3 and 7 rows on every level within the contract (1e-5 of the largest output); one
+    row on the best level (the VNNI path where the CPU has it) at most 4x as far from float64
+    as PyTorch's fp32 F.linear on the same weight (measured 0.3-1.3x; a wrong code, digit or
+    group scale moves it by ~1e-2 of the output; the portable C path, one sequential fp32
+    sum, is up to ~5x)."""
+    t = make_weight(in_f, g, zp_mode, seed=in_f + g)
+    for rows in (1, 2, 3, 7):
+        x = torch.randn(rows, in_f) * 2
+        ref = x.double() @ t["ref_w"].t()
+        fp32 = err(F.linear(x, t["ref_w"].float()), ref)
+        for level in LEVELS:
+            e = err(run(t, x, level), ref)
+            assert e <= 1e-5 * float(ref.abs().max()) + 1e-6, (rows, level, e)
+            if rows == 1 and level == 0:
+                assert e <= 4 * fp32 + 1e-7, (e, fp32)
+
+
+@needs_kernels
+def test_int4_one_row_wide_range_zero_row_and_bias():
+    """Inputs over 8 decades (the split's scale is the largest: the small ones keep only their
+    2^-24 share, as in an fp32 sum), an all-zero row (scale 0: y is the bias exactly) and the
+    bias added once."""
+    t = make_weight(4096, 64, "zp", seed=1)
+    bias = torch.randn(OUT)
+    x = torch.randn(1, 4096) * torch.logspace(-6, 2, 4096)
+    ref = x.double() @ t["ref_w"].t() + bias.double()
+    fp32 = err(F.linear(x, t["ref_w"].float(), bias), ref)
+    assert err(run(t, x, 0, bias), ref) <= 4 * fp32 + 1e-7
+    for level in LEVELS:
+        assert err(run(t, x, level, bias), ref) <= 1e-5 * float(ref.abs().max()) + 1e-6
+        assert torch.equal(run(t, torch.zeros(1, 4096), level, bias), bias[None])
+
+
+@needs_kernels
+def test_int4_zero_points_outside_the_codes_take_the_float_path():
+    """Zero points up to 255 (a file may hold them): |c - zp| no longer keeps the lane sums in
+    int32, so those tiles take the float lookup; the result stays within the contract."""
+    t = make_weight(384, 64, "big", seed=3)
+    x = torch.randn(1, 384)
+    ref = x.double() @ t["ref_w"].t()
+    for level in LEVELS:
+        assert err(run(t, x, level), ref) <= 1e-5 * float(ref.abs().max()) + 1e-6
+
+
+@needs_kernels
+def test_int4_one_row_nan_and_inf():
+    """A NaN input makes the whole row NaN; one +inf gives +-inf (NaN where the weight is 0)
+    exactly as float64 does: such rows take the float path, not the integer split."""
+    t = make_weight(384, 32, "zp", seed=4)
+    x = torch.randn(1, 384)
+    nan, inf = x.clone(), x.clone()
+    nan[0, 11] = float("nan")
+    inf[0, 11] = float("inf")
+    ref = inf.double() @ t["ref_w"].t()
+    for level in LEVELS:
+        assert torch.isnan(run(t, nan, level)).all()
+        y = run(t, inf, level)
+        assert torch.equal(torch.isnan(y), torch.isnan(ref))
+        assert torch.equal(y[~torch.isnan(y)].double(), ref[~torch.isnan(ref)])
