@@ -2546,18 +2546,20 @@ static int wo4_zp_ok(const uint8_t *zp, int zp_const, int64_t G, int R) {
     return m <= 15;
 }
 
-/* y = x W^T + bias for B (<= WO4_VNNI_MAX_ROWS) rows of 4-bit "lsb" codes; xd: x deinterleaved
- * for the float tiles (a tile whose zero points exceed 15). Returns 0, or 1 (y untouched: the
- * caller takes the float path) if x holds NaN / Inf or the planes cannot be allocated. */
+/* y = x W^T + bias for B (<= WO4_VNNI_MAX_ROWS) rows of 4-bit "lsb" codes. A tile whose zero
+ * points exceed 15 takes the float lookup on its own deinterleaved copy of the row (files written
+ * by qdistill keep zero points in 0..15). Returns 0; 1 (y untouched: the caller takes the float
+ * path) if x holds NaN / Inf or the planes cannot be allocated; -1 if such a copy could not be. */
 static int lut4_vnni_gemm(const uint8_t *w, const float *s, const uint8_t *zp, int zp_const,
-                          const float *x, const float **xd, const float *bias, float *y,
-                          int64_t B, int64_t O, int64_t I, int64_t g) {
+                          const float *x, const float *bias, float *y, int64_t B, int64_t O,
+                          int64_t I, int64_t g) {
     const int64_t G = I / g, cpg = g / 32, row_bytes = I / 2;
     const int64_t n_chunks = (I + WO4_CHUNK - 1) / WO4_CHUNK;
     int8_t *planes = (int8_t *)malloc((size_t)(B * n_chunks * (WO4_PLANE_BYTES + 64)));
     if (!planes) return 1;
     int32_t *Q = (int32_t *)(planes + B * n_chunks * WO4_PLANE_BYTES); /* 64-byte multiples */
     double sx[WO4_VNNI_MAX_ROWS];
+    int failed = 0;
     for (int64_t b = 0; b < B; b++)
         if (wo4_split_row(x + b * I, I, n_chunks, planes + b * n_chunks * WO4_PLANE_BYTES,
                           Q + b * n_chunks * 16, sx + b)) {
@@ -2580,9 +2582,17 @@ static int lut4_vnni_gemm(const uint8_t *w, const float *s, const uint8_t *zp, i
                     for (int r = 0; r < R; r++)
                         y[b * O + o + r] = (float)((double)out[r] * sx[b]) + (bias ? bias[o + r] : 0.0f);
                 } else {
-                    const float *xs[NB] = {xd[b], xd[b], xd[b], xd[b]};
+                    float *xd = (float *)malloc((size_t)I * sizeof(float));
+                    if (!xd) {
+#pragma omp atomic write
+                        failed = 1;
+                        continue;
+                    }
+                    deinterleave(x + b * I, xd, 1, I, 2);
+                    const float *xs[NB] = {xd, xd, xd, xd};
                     lut_tile_avx512(w + o * row_bytes, row_bytes, s + o * G, zo, zp_const, 4, xs,
                                     G, cpg, R, 1, out);
+                    free(xd);
                     for (int r = 0; r < R; r++)
                         y[b * O + o + r] = out[r * NB] + (bias ? bias[o + r] : 0.0f);
                 }
@@ -2591,7 +2601,7 @@ static int lut4_vnni_gemm(const uint8_t *w, const float *s, const uint8_t *zp, i
         }
     }
     free(planes);
-    return 0;
+    return failed ? -1 : 0;
 }
 #endif
 
@@ -2610,19 +2620,17 @@ int qd_lut_gemm(const uint8_t *w, const float *s, const uint8_t *zp, int zp_cons
         if (wo_panel_gemm(&W, x, bias, y, B, O, wo_wide(level)) == 0) return 0;
     }
 #endif
+#ifdef __x86_64__
+    if (level == 0 && bits == 4 && B <= WO4_VNNI_MAX_ROWS && wo_wide(level) && has_vnni() &&
+        wo4_groups_ok(g, G)) {
+        const int status = lut4_vnni_gemm(w, s, zp, zp_const, x, bias, y, B, O, I, g);
+        if (status != 1) return status; /* -1: the caller raises MemoryError */
+    }
+#endif
     float *xd = (float *)malloc((size_t)(B * I) * sizeof(float));
     if (!xd) return -1; /* y untouched: the caller raises MemoryError */
     deinterleave(x, xd, B, I, per);
 #ifdef __x86_64__
-    if (level == 0 && bits == 4 && B <= WO4_VNNI_MAX_ROWS && wo_wide(level) && has_vnni() &&
-        wo4_groups_ok(g, G)) {
-        const float *xds[WO4_VNNI_MAX_ROWS];
-        for (int64_t b = 0; b < B; b++) xds[b] = xd + b * I;
-        if (lut4_vnni_gemm(w, s, zp, zp_const, x, xds, bias, y, B, O, I, g) == 0) {
-            free(xd);
-            return 0;
-        }
-    }
     if (wo_wide(level)) {
 #pragma omp parallel for schedule(static) if (B * O * I >= PARALLEL_MIN_WORK)
         for (int64_t t = 0; t < (O + WO_TR - 1) / WO_TR; t++) {
