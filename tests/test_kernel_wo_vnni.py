@@ -33,29 +33,32 @@ def lsb_pack(codes: torch.Tensor) -> torch.Tensor:
     return (c[:, 0] | (c[:, 1] << 4)).contiguous()
 
 
-def make_weight(in_f: int, g: int, zp_mode: str, seed: int) -> dict:
+def make_weight(in_f: int, g: int, zp_mode: str, seed: int, out_f: int = OUT) -> dict:
     """Random codes, scales and zero points (``zp_mode``: "sym" = none, every zero point 8;
-    "zp" = 0..15; "big" = 0..255, outside the code range) and the float64 dequantized weight."""
+    "zp" = 0..15; "big" = 0..255, outside the code range; "mixed": the first half 0..15, the
+    rest 0..255) and the float64 dequantized weight."""
     gen = torch.Generator().manual_seed(seed)
     groups = in_f // g
-    codes = torch.randint(0, 16, (OUT, in_f), generator=gen)
-    s = torch.rand(OUT * groups, generator=gen) * 0.02 + 1e-3
-    high = {"sym": 1, "zp": 16, "big": 256}[zp_mode]
-    zp = torch.randint(0, high, (OUT * groups,), generator=gen).to(torch.uint8)
+    codes = torch.randint(0, 16, (out_f, in_f), generator=gen)
+    s = torch.rand(out_f * groups, generator=gen) * 0.02 + 1e-3
+    high = {"sym": 1, "zp": 16, "big": 256, "mixed": 256}[zp_mode]
+    zp = torch.randint(0, high, (out_f * groups,), generator=gen).to(torch.uint8)
+    if zp_mode == "mixed":
+        zp[: zp.numel() // 2] %= 16
     zp_used = torch.full_like(zp, 8) if zp_mode == "sym" else zp
-    per_input = lambda t: t.reshape(OUT, groups).double().repeat_interleave(g, 1)  # noqa: E731
+    per_input = lambda t: t.reshape(out_f, groups).double().repeat_interleave(g, 1)  # noqa: E731
     w = (codes.double() - per_input(zp_used)) * per_input(s)
     return {"w": lsb_pack(codes), "s": s.float(), "zp": None if zp_mode == "sym" else zp,
-            "g": g, "in_f": in_f, "ref_w": w}  # fmt: skip
+            "g": g, "in_f": in_f, "out_f": out_f, "ref_w": w}  # fmt: skip
 
 
 def run(t: dict, x: torch.Tensor, level: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    rows = x.shape[0]
-    y = torch.full((rows, OUT), float("nan"))
+    rows, out_f = x.shape[0], t["out_f"]
+    y = torch.full((rows, out_f), float("nan"))
     zp = t["zp"]
     status = LIB.qd_lut_gemm(
         t["w"].data_ptr(), t["s"].data_ptr(), None if zp is None else zp.data_ptr(), 8, 4,
-        x.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), rows, OUT,
+        x.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), rows, out_f,
         t["in_f"], t["g"], level,
     )  # fmt: skip
     assert status == 0
@@ -129,3 +132,15 @@ def test_int4_one_row_nan_and_inf():
         y = run(t, inf, level)
         assert torch.equal(torch.isnan(y), torch.isnan(ref))
         assert torch.equal(y[~torch.isnan(y)].double(), ref[~torch.isnan(ref)])
+
+
+@needs_kernels
+def test_int4_one_row_split_across_threads():
+    """A layer large enough for the OpenMP split of the tiles (over 1 << 20 weights: two threads
+    where OpenMP has them), half of it with zero points above 15 (float lookup) and half exact,
+    261 rows (a 1-row remainder tile): every output row right on every level."""
+    t = make_weight(4096, 64, "mixed", seed=5, out_f=261)
+    x = torch.randn(1, 4096)
+    ref = x.double() @ t["ref_w"].t()
+    for level in LEVELS:
+        assert err(run(t, x, level), ref) <= 1e-5 * float(ref.abs().max()) + 1e-6
