@@ -2377,30 +2377,29 @@ static int i8w_vnni_gemm(const int8_t *w, const float *w_scale, const float *x,
 #endif
 
 /* ---- 4-bit codes x fp32 activations with VNNI, few rows ----
- * The float lookup (lut_tile_impl512) spends ~24 vector instructions per 128 codes and row
- * (widen, shift, vpermps and FMA per 16), 12 of them on port 5. As for int8 (i8w_vnni_gemm),
- * each activation row is written x_i = sx * q_i + e_i with q_i = nearbyint(x_i / sx) a 23-bit
- * integer (sx = max|x| / WO_QMAX, |e_i| <= max|x| * 2^-23.98) in three balanced byte digits,
- * stored per 128 inputs (64 bytes of "lsb" codes: byte j holds input 2j in its low nibble and
- * 2j + 1 in its high one) as six 64-byte planes, even and odd inputs of digit 2, 1, 0. A 64-byte
- * line of codes is unpacked into its low and high nibbles as in W4A8 (int4_gemv_impl: and,
- * shift + and) and each 32-bit lane, 8 codes of one group (every group holds whole lanes:
- * g % 8 == 0), takes the exact sum T = sum c_i q_i by Horner's rule over the digits: two
- * vpdpbusd a digit (u8 nibble x s8 digit), a shift by 8 between digits (a byte shuffle, port
- * 5), no overflow (|T| <= 8 * 15 * WO_QMAX < 2^31). The zero point leaves the lane exactly too: T - zp * Q with Q =
- * sum q_i over the lane's 8 inputs (computed with the planes; |c - zp| <= 15 keeps it in int32,
- * and a tile whose zero points exceed 15 takes the float path), then one convert and one FMA
- * with the lane's group scale. So the only roundings are those of fp32 sums (of 16-lane
- * partial sums of s * (c - zp) * q) and the split of x: the error against F.linear on the
- * dequantized weight is of the order of fp32's own (bound: sum_i |w_i| max|x| 2^-23.98 from
- * the split, plus the fp32 accumulation; measured 0.3-1.3x fp32 F.linear's distance to
- * float64). Per 128 codes and row 6 vpdpbusd + 1 shift + 1 convert on port 0 against 8 vpermps
- * + 4 widenings on port 5: 1.65x the float tiles on a 4096 x 4096 row, 1.8x on runtime.py's
- * 151 MB model (one thread, warm or cold; benchmarks/results/wo-kernels.md), the row at its
- * port-0 bound warm. Rows holding NaN / Inf take the float path, as do 2-bit codes, 2+ batch rows
- * (the float tiles share each lookup between batch rows, the digits cannot be shared: 0.7-1.0x
- * at 2-4 rows) and groups that are neither 32, 64 nor a multiple of 128 (one row-wide group
- * always qualifies). */
+ * The float lookup (lut_tile_impl512) spends ~24 vector instructions per 128 codes and row (widen,
+ * shift, vpermps and FMA per 16), 12 of them on port 5. As for int8 (i8w_vnni_gemm), each
+ * activation row is written x_i = sx * q_i + e_i with q_i = nearbyint(x_i / sx) a 23-bit integer
+ * (sx = max|x| / WO_QMAX, |e_i| <= max|x| * 2^-23.98) in three balanced byte digits, stored per 128
+ * inputs (64 bytes of "lsb" codes: byte j holds input 2j in its low nibble and 2j + 1 in its high
+ * one) as six 64-byte planes, even and odd inputs of digit 2, 1, 0. A 64-byte line of codes is
+ * unpacked into its low and high nibbles as in W4A8 (int4_gemv_impl: and, shift + and) and each
+ * 32-bit lane, 8 codes of one group (every group holds whole lanes: g % 8 == 0), takes the exact
+ * sum T = sum c_i q_i by Horner's rule over the digits: two vpdpbusd a digit (u8 nibble x s8
+ * digit), a shift by 8 between digits (a byte shuffle, port 5), no overflow (|T| <= 8 * 15 *
+ * WO_QMAX < 2^31). The zero point leaves the lane exactly too: T - zp * Q with Q = sum q_i over the
+ * lane's 8 inputs (computed with the planes; |c - zp| <= 15 keeps it in int32, and a tile whose
+ * zero points exceed 15 takes the float path), then one convert and one FMA with the lane's group
+ * scale. So the only roundings are those of fp32 sums (of 16-lane partial sums of s * (c - zp) * q)
+ * and the split of x: the error against F.linear on the dequantized weight is of the order of
+ * fp32's own (bound: sum_i |w_i| max|x| 2^-23.98 from the split, plus the fp32 accumulation; at
+ * most 2.0x fp32 F.linear's distance to float64 over 48 rows of 16 layouts). Per 128 codes and row
+ * 6 vpdpbusd + 1 shift + 1 convert on port 0 against 8 vpermps + 4 widenings on port 5: 1.65x the
+ * float tiles on a 4096 x 4096 row, 1.8x on runtime.py's 151 MB model (one thread, warm or cold;
+ * benchmarks/results/wo-kernels.md), the row at its port-0 bound warm. Rows holding NaN / Inf take
+ * the float path, as do 2-bit codes, 2+ batch rows (the float tiles share each lookup between batch
+ * rows, the digits cannot be shared: 0.7-1.0x at 2-4 rows) and groups that are neither 32, 64 nor a
+ * multiple of 128 (one row-wide group always qualifies). */
 #define WO4_VNNI_MAX_ROWS 1 /* batch rows (see the A/B in benchmarks/results/wo-kernels.md) */
 #define WO4_CHUNK 128       /* inputs per 64-byte line of 4-bit codes */
 #define WO4_PLANE_BYTES (6 * 64)
