@@ -2393,7 +2393,8 @@ static int i8w_vnni_gemm(const int8_t *w, const float *w_scale, const float *x,
  * scale. So the only roundings are those of fp32 sums (of 16-lane partial sums of s * (c - zp) * q)
  * and the split of x: the error against F.linear on the dequantized weight is of the order of
  * fp32's own (bound: sum_i |w_i| max|x| 2^-23.98 from the split, plus the fp32 accumulation; at
- * most 2.0x fp32 F.linear's distance to float64 over 48 rows of 16 layouts). Per 128 codes and row
+ * most 2.0x fp32 F.linear's distance to float64 over 48 rows of 16 layouts; ~6x for a row spanning
+ * 8 decades, where the split's absolute error dominates). Per 128 codes and row
  * 6 vpdpbusd + 1 shift + 1 convert on port 0 against 8 vpermps + 4 widenings on port 5: 1.65x the
  * float tiles on a 4096 x 4096 row, 1.8x on runtime.py's 151 MB model (one thread, warm or cold;
  * benchmarks/results/wo-kernels.md), the row at its port-0 bound warm. Rows holding NaN / Inf take
