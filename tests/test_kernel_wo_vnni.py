@@ -4,8 +4,9 @@ At one batch row, ``qd_lut_gemm`` with 4-bit codes writes the input row as 23-bi
 times one scale (three exact byte digits, error <= 2^-23.98 of the row's largest input per
 input) and sums ``s * (c - zp) * q`` lane by lane with ``vpdpbusd`` (csrc/qkernels.c,
 ``lut4_vnni_impl``): every lane sum and zero-point correction is exact in int32, the group scale
-is applied in an fp32 FMA. So the result must be as close to the float64 product on the
-dequantized weight as PyTorch's own fp32 ``F.linear`` is (and within the 1e-5 contract of
+is applied in an fp32 FMA. So its distance to the float64 product on the dequantized weight is
+the split's (at most sum_i |w_i| max|x| 2^-23.98) plus that of fp32 sums, which PyTorch's own
+fp32 ``F.linear`` on the same weight measures (and within the 1e-5 contract of
 tests/test_kernels.py on every SIMD level). The weights here are random codes in the file's
 "lsb" layout (input 2j in the low nibble of byte j, 2j + 1 in the high one), called through
 ctypes: the reference ``(c - zp) * s`` is built independently of qdistill's dequantizer.
