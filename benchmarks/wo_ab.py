@@ -64,6 +64,20 @@ def main() -> None:
     p.add_argument("--rows", default="1,2,4,8,16,32")
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--shapes", default="", help="e.g. 4096x4096,384x384 (outputs x inputs)")
+    p.add_argument(
+        "--chain",
+        action="store_true",
+        help="time the shapes as one model (every layer once a call, in order): "
+        "--shapes 4096x4096,4096x4096,1024x4096 is runtime.py's 151 MB linear-heavy model",
+    )
+    p.add_argument(
+        "--cold",
+        type=int,
+        default=0,
+        metavar="MB",
+        help="before every timed call, sum a buffer of MB megabytes (larger than the last-level "
+        "cache: the weights come from memory, as in a model larger than the cache); 0: warm",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     libs = [load(s) for s in args.so]
@@ -77,43 +91,77 @@ def main() -> None:
         f"fastest call of {args.rounds} interleaved rounds"
     )
     print(f"# a: {args.so[0]}\n# b: {args.so[1]}")
+    flush = torch.ones(args.cold * 2**18) if args.cold else None  # MB of float32
+    if flush is not None:
+        print(f"# cold: {args.cold} MB read before every call (weights not in cache)")
     head = f"{'outputs x inputs':<18}{'rows':>5}{'a us':>10}{'b us':>10}{'fp32 us':>10}"
     extra = args.kind == "int8w"
     print(head + (f"{'i8pack us':>10}" if extra else "") + f"{'a/b':>7}{'fp32/b':>8}")
-    for out_f, in_f in shapes:
+    units = [shapes] if args.chain else [[shape] for shape in shapes]
+    for unit in units:
         g = args.group
-        t = {
-            "w8": torch.randint(-127, 128, (out_f, in_f), dtype=torch.int8),
-            "s": torch.rand(out_f) * 0.01,
-            "wq": torch.randint(0, 256, (out_f * in_f * args.bits // 8,), dtype=torch.uint8),
-            "sg": torch.rand(out_f * in_f // g) * 0.01,
-            "zp": None
-            if args.symmetric
-            else torch.randint(0, 1 << args.bits, (out_f * in_f // g,), dtype=torch.uint8),
-            "bias": torch.randn(out_f),
-        }
-        wf = torch.randn(out_f, in_f)
+        layers = [weights(args, out_f, in_f) for out_f, in_f in unit]
+        label = (
+            "+".join(f"{o}x{i}" for o, i in unit) if args.chain else f"{unit[0][0]}x{unit[0][1]}"
+        )
         for rows in (int(r) for r in args.rows.split(",")):
-            if out_f * in_f * rows > 4096 * 4096 * 32:
+            if sum(o * i for o, i in unit) * rows > 4096 * 4096 * 32 * len(unit):
                 continue
-            x, y = torch.randn(rows, in_f), torch.empty(rows, out_f)
-            fns = [make_call(lib, args.kind, args.bits, g, args.level, t, x, y) for lib in libs]
-            fns.append(lambda x=x, wf=wf: F.linear(x, wf))
+            xs = [(torch.randn(rows, i), torch.empty(rows, o)) for o, i in unit]
+            fns = [
+                chain([make_call(lib, args.kind, args.bits, g, args.level, t, x, y)
+                       for t, (x, y) in zip(layers, xs, strict=True)])
+                for lib in libs
+            ]  # fmt: skip
+            fns.append(
+                chain(
+                    [
+                        lambda x=x, t=t: F.linear(x, t["wf"])
+                        for t, (x, _) in zip(layers, xs, strict=True)
+                    ]
+                )
+            )
             if extra:
-                fns.append(lambda x=x, t=t: torch._weight_int8pack_mm(x, t["w8"], t["s"]))
-            reps = max(3, int(300 / (rows * out_f * in_f / 147456) ** 0.7))
+                fns.append(chain([lambda x=x, t=t: torch._weight_int8pack_mm(x, t["w8"], t["s"])
+                                  for t, (x, _) in zip(layers, xs, strict=True)]))  # fmt: skip
+            work = rows * sum(o * i for o, i in unit)
+            reps = max(3, int(300 / (work / 147456) ** 0.7)) if flush is None else 1
             best = [float("inf")] * len(fns)
             for _ in range(args.rounds):
                 for j, fn in enumerate(fns):
                     for _ in range(reps):  # the fastest single call: preemption only adds
+                        if flush is not None:
+                            flush.sum()
                         t0 = time.perf_counter()
                         fn()
                         best[j] = min(best[j], (time.perf_counter() - t0) * 1e6)
             a, b, f = best[:3]
-            line = f"{f'{out_f}x{in_f}':<18}{rows:>5}{a:>10.1f}{b:>10.1f}{f:>10.1f}"
+            line = f"{label:<18}{rows:>5}{a:>10.1f}{b:>10.1f}{f:>10.1f}"
             if extra:
                 line += f"{best[3]:>10.1f}"
             print(line + f"{a / b:>7.2f}{f / b:>8.2f}")
+
+
+def weights(args: argparse.Namespace, out_f: int, in_f: int) -> dict:
+    """Random codes, scales (and zero points) of one layer in both layouts, its fp32 twin."""
+    g = args.group
+    zp = torch.randint(0, 1 << args.bits, (out_f * in_f // g,), dtype=torch.uint8)
+    return {
+        "w8": torch.randint(-127, 128, (out_f, in_f), dtype=torch.int8),
+        "s": torch.rand(out_f) * 0.01,
+        "wq": torch.randint(0, 256, (out_f * in_f * args.bits // 8,), dtype=torch.uint8),
+        "sg": torch.rand(out_f * in_f // g) * 0.01,
+        "zp": None if args.symmetric else zp,
+        "bias": torch.randn(out_f),
+        "wf": torch.randn(out_f, in_f),
+    }
+
+
+def chain(calls: list) -> object:
+    """One call that runs ``calls`` in order (a model's layers, or one layer alone)."""
+    if len(calls) == 1:
+        return calls[0]
+    return lambda: [c() for c in calls]
 
 
 if __name__ == "__main__":

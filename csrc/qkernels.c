@@ -2247,10 +2247,13 @@ static int wo_panel_gemm(const wo_weight *W, const float *x, const float *bias, 
  * A tile of WO_TR output rows and nb (<= NB) batch rows: the WO_TR x nb accumulators stay in
  * registers for the whole row (R and nb are compile-time constants of every instantiation),
  * each activation load feeds WO_TR rows, and the weight rows stream with a software prefetch
- * WO_PF bytes ahead. int8: the code is converted (vpmovsxbd + vcvtdq2ps) and the row's scale
- * applied once to the finished sum; lut: as lut_row_impl_avx2, with one table per row and group. */
+ * of the next tile's rows at the same offset (one tile ahead: rows are contiguous, so a fixed
+ * 1 KB ahead of each row landed in the next row of the same tile, already being read, and the
+ * next tile's rows started cold; one tile ahead ran the int8 VNNI row 1.2x and the 4-bit one
+ * 1.3x faster on 4096 x 4096, benchmarks/wo_ab.py). int8: the code is converted (vpmovsxbd +
+ * vcvtdq2ps) and the row's scale applied once to the finished sum; lut: as lut_row_impl_avx2,
+ * with one table per row and group. */
 #define WO_TR 4
-#define WO_PF 1024
 
 #ifdef __x86_64__
 __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,fma"))) static inline void
@@ -2261,7 +2264,7 @@ i8w_tile_impl512(const int8_t *w, int64_t I, const int R, const float *s, const 
         for (int b = 0; b < nb; b++) acc[r][b] = _mm512_setzero_ps();
     int64_t i = 0;
     for (; i + 64 <= I; i += 64) {
-        for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w + r * I + i + WO_PF), _MM_HINT_T0);
+        for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w + (r + R) * I + i), _MM_HINT_T0);
         for (int u = 0; u < 4; u++) {
             __m512 xv[NB];
             for (int b = 0; b < nb; b++) xv[b] = _mm512_loadu_ps(x[b] + i + 16 * u);
@@ -2303,7 +2306,7 @@ i8w_tile_impl256(const int8_t *w, int64_t I, const int R, const float *s, const 
         for (int b = 0; b < nb; b++) acc[r][b] = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 32 <= I; i += 32) {
-        for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w + r * I + i + WO_PF), _MM_HINT_T0);
+        for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w + (r + R) * I + i), _MM_HINT_T0);
         for (int u = 0; u < 4; u++) {
             __m256 xv[NB];
             for (int b = 0; b < nb; b++) xv[b] = _mm256_loadu_ps(x[b] + i + 8 * u);
@@ -2368,7 +2371,7 @@ lut_tile_impl512(const uint8_t *w, int64_t row_bytes, const float *s, const uint
         }
         for (int64_t c = gi * cpg, c_end = c + cpg; c < c_end; c++) {
             for (int r = 0; r < R; r++)
-                _mm_prefetch((const char *)(w + r * row_bytes + 16 * c + WO_PF), _MM_HINT_T0);
+                _mm_prefetch((const char *)(w + (r + R) * row_bytes + 16 * c), _MM_HINT_T0);
             for (int r = 0; r < R; r++) {
                 __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + r * row_bytes + 16 * c)));
                 for (int p = 0; p < per; p++) {
@@ -2424,37 +2427,71 @@ WO512_TARGET static void lut_tile_avx512(const uint8_t *w, int64_t row_bytes, co
  * per weight, shared by the rows) were faster in an A/B (benchmarks/wo_ab.py). */
 #define WO_VNNI_MAX_ROWS 1
 
+#ifdef __x86_64__
+/* The split of a row into digit planes, vectorized (it ran ~5 ns an input in scalar C: 20 us of a
+ * 4096-wide row, a tenth of a 4096 x 4096 product on one thread). Every step is the scalar
+ * definition lane by lane: q = llrint((double)x * inv) (vcvtpd2dq rounds to nearest even, as
+ * llrint in the default mode), digits by masks and exact arithmetic shifts. */
+#define WO_SPLIT_TARGET __attribute__((target("avx512f,avx512bw")))
+
+/* max |x_i|, or -1 if some x_i is NaN or infinite. */
+WO_SPLIT_TARGET static float wo_row_amax(const float *x, int64_t I) {
+    const __m512 big = _mm512_set1_ps(FLT_MAX);
+    __m512 m = _mm512_setzero_ps();
+    __mmask16 bad = 0;
+    for (int64_t i = 0; i < I; i += 16) {
+        const __mmask16 k = I - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (I - i)) - 1);
+        const __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(k, x + i));
+        bad |= _mm512_cmp_ps_mask(a, big, _CMP_NLE_UQ); /* NaN or above FLT_MAX */
+        m = _mm512_max_ps(m, a);
+    }
+    return bad ? -1.0f : _mm512_reduce_max_ps(m);
+}
+
+/* 16 inputs (lanes outside k read as 0) -> q = nearbyint(x * inv) as int32 lanes. */
+WO_SPLIT_TARGET static inline __m512i wo_q16(const float *x, __mmask16 k, __m512d inv) {
+    const __m512 xv = _mm512_maskz_loadu_ps(k, x);
+    const __m256 xh = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(xv), 1));
+    const __m256i lo = _mm512_cvtpd_epi32(_mm512_mul_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(xv)), inv));
+    const __m256i hi = _mm512_cvtpd_epi32(_mm512_mul_pd(_mm512_cvtps_pd(xh), inv));
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+
+/* q (|q| <= WO_QMAX) -> balanced digits: q = d0 + 256 d1 + 65536 d2, d0, d1 in [-128, 127],
+ * |d2| <= 126 (q - d0 is a multiple of 256: the arithmetic shift divides exactly). */
+WO_SPLIT_TARGET static inline void wo_digits(__m512i v, __m512i *d) {
+    const __m512i c128 = _mm512_set1_epi32(128), c255 = _mm512_set1_epi32(255);
+    d[0] = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(v, c128), c255), c128);
+    v = _mm512_srai_epi32(_mm512_sub_epi32(v, d[0]), 8);
+    d[1] = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(v, c128), c255), c128);
+    d[2] = _mm512_srai_epi32(_mm512_sub_epi32(v, d[1]), 8);
+}
+
 /* x [I] -> digit planes q [3][I_pad] (zero padded), their sums, sx. 1 if x is not finite. */
-static int wo_split_row(const float *x, int64_t I, int64_t I_pad, int8_t *q, int32_t *qsum,
-                        double *sx) {
-    float amax = 0.0f;
-    for (int64_t i = 0; i < I; i++) {
-        float a = fabsf(x[i]);
-        if (!(a <= FLT_MAX)) return 1;
-        amax = a > amax ? a : amax;
-    }
-    const double inv = amax > 0.0f ? WO_QMAX / (double)amax : 0.0;
+WO_SPLIT_TARGET static int wo_split_row(const float *x, int64_t I, int64_t I_pad, int8_t *q,
+                                        int32_t *qsum, double *sx) {
+    const float amax = wo_row_amax(x, I);
+    if (amax < 0.0f) return 1;
+    const __m512d inv = _mm512_set1_pd(amax > 0.0f ? WO_QMAX / (double)amax : 0.0);
     *sx = (double)amax / WO_QMAX;
-    int32_t s0 = 0, s1 = 0, s2 = 0;
-    for (int64_t i = 0; i < I; i++) {
-        int32_t v = (int32_t)llrint((double)x[i] * inv); /* |v| <= WO_QMAX */
-        int32_t d0 = ((v + 128) & 255) - 128;
-        v = (v - d0) / 256; /* exact: |v| <= 32256 */
-        int32_t d1 = ((v + 128) & 255) - 128;
-        int32_t d2 = (v - d1) / 256; /* |d2| <= 126 */
-        q[i] = (int8_t)d0;
-        q[I_pad + i] = (int8_t)d1;
-        q[2 * I_pad + i] = (int8_t)d2;
-        s0 += d0;
-        s1 += d1;
-        s2 += d2;
+    __m512i sum[3] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+    int64_t i = 0;
+    for (; i < I; i += 16) { /* i + 16 <= I_pad (a multiple of 64): whole 16-byte stores */
+        const __mmask16 k = I - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (I - i)) - 1);
+        __m512i d[3];
+        wo_digits(wo_q16(x + i, k, inv), d);
+        for (int p = 0; p < 3; p++) {
+            _mm_storeu_si128((__m128i *)(q + p * I_pad + i), _mm512_cvtepi32_epi8(d[p]));
+            sum[p] = _mm512_add_epi32(sum[p], d[p]);
+        }
     }
-    for (int64_t i = I; i < I_pad; i++) q[i] = q[I_pad + i] = q[2 * I_pad + i] = 0;
-    qsum[0] = s0;
-    qsum[1] = s1;
-    qsum[2] = s2;
+    for (int p = 0; p < 3; p++) {
+        memset(q + p * I_pad + i, 0, (size_t)(I_pad - i));
+        qsum[p] = _mm512_reduce_add_epi32(sum[p]);
+    }
     return 0;
 }
+#endif
 
 #ifdef __x86_64__
 /* R output rows (w + r * I) x one split activation row: dots[r][p] = sum_i c_r,i d_p,i. */
@@ -2471,7 +2508,7 @@ i8w_vnni_impl(const int8_t *w, int64_t I, int64_t I_pad, const int R, const int8
         const __m512i d1 = _mm512_loadu_si512((const void *)(q + I_pad + i));
         const __m512i d2 = _mm512_loadu_si512((const void *)(q + 2 * I_pad + i));
         for (int r = 0; r < R; r++) {
-            _mm_prefetch((const char *)(w + r * I + i + WO_PF), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w + (r + R) * I + i), _MM_HINT_T0); /* a tile ahead */
             /* past the row's end the code reads as 0x80 (128), times a zero digit */
             __m512i c = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w + r * I + i), flip);
             acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], c, d0);
@@ -2528,6 +2565,240 @@ static int i8w_vnni_gemm(const int8_t *w, const float *w_scale, const float *x,
 }
 #endif
 
+/* ---- 4-bit codes x fp32 activations with VNNI, few rows ----
+ * The float lookup (lut_tile_impl512) spends ~24 vector instructions per 128 codes and row (widen,
+ * shift, vpermps and FMA per 16), 12 of them on port 5. As for int8 (i8w_vnni_gemm), each
+ * activation row is written x_i = sx * q_i + e_i with q_i = nearbyint(x_i / sx) a 23-bit integer
+ * (sx = max|x| / WO_QMAX, |e_i| <= max|x| * 2^-23.98) in three balanced byte digits, stored per 128
+ * inputs (64 bytes of "lsb" codes: byte j holds input 2j in its low nibble and 2j + 1 in its high
+ * one) as six 64-byte planes, even and odd inputs of digit 2, 1, 0. A 64-byte line of codes is
+ * unpacked into its low and high nibbles as in W4A8 (int4_gemv_impl: and, shift + and) and each
+ * 32-bit lane, 8 codes of one group (every group holds whole lanes: g % 8 == 0), takes the exact
+ * sum T = sum c_i q_i by Horner's rule over the digits: two vpdpbusd a digit (u8 nibble x s8
+ * digit), a shift by 8 between digits (a byte shuffle, port 5), no overflow (|T| <= 8 * 15 *
+ * WO_QMAX < 2^31). The zero point leaves the lane exactly too: T - zp * Q with Q = sum q_i over the
+ * lane's 8 inputs (computed with the planes; |c - zp| <= 15 keeps it in int32, and a tile whose
+ * zero points exceed 15 takes the float path), then one convert and one FMA with the lane's group
+ * scale. So the only roundings are those of fp32 sums (of 16-lane partial sums of s * (c - zp) * q)
+ * and the split of x: the error against F.linear on the dequantized weight is of the order of
+ * fp32's own (bound: sum_i |w_i| max|x| 2^-23.98 from the split, plus the fp32 accumulation; at
+ * most 2.0x fp32 F.linear's distance to float64 over 48 rows of 16 layouts; ~6x for a row spanning
+ * 8 decades, where the split's absolute error dominates). Per 128 codes and row
+ * 6 vpdpbusd + 1 shift + 1 convert on port 0 against 8 vpermps + 4 widenings on port 5: 1.65x the
+ * float tiles on a 4096 x 4096 row, 1.8x on runtime.py's 151 MB model (one thread, warm or cold;
+ * benchmarks/results/wo-kernels.md), the row at its port-0 bound warm. Rows holding NaN / Inf take
+ * the float path, as do 2-bit codes, 2+ batch rows (the float tiles share each lookup between batch
+ * rows, the digits cannot be shared: 0.7-1.0x at 2-4 rows) and groups that are neither 32, 64 nor a
+ * multiple of 128 (one row-wide group always qualifies). */
+#define WO4_VNNI_MAX_ROWS 1 /* batch rows (see the A/B in benchmarks/results/wo-kernels.md) */
+#define WO4_CHUNK 128       /* inputs per 64-byte line of 4-bit codes */
+#define WO4_PLANE_BYTES (6 * 64)
+
+#ifdef __x86_64__
+/* x [I] (I % 16 == 0) -> planes [n_chunks][6][64] (digit 2 even / odd, 1, 0), Q [n_chunks][16]
+ * (sum of q over each lane's 8 inputs), sx; zero padded to whole chunks. 1 if x is not
+ * finite. */
+WO_SPLIT_TARGET static int wo4_split_row(const float *x, int64_t I, int64_t n_chunks,
+                                         int8_t *planes, int32_t *Q, double *sx) {
+    const float amax = wo_row_amax(x, I);
+    if (amax < 0.0f) return 1;
+    const __m512d inv = _mm512_set1_pd(amax > 0.0f ? WO_QMAX / (double)amax : 0.0);
+    *sx = (double)amax / WO_QMAX;
+    /* lanes: even inputs, then odd ones */
+    const __m512i eo = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    memset(planes + (n_chunks - 1) * WO4_PLANE_BYTES, 0, WO4_PLANE_BYTES);
+    memset(Q + (n_chunks - 1) * 16, 0, 16 * sizeof(int32_t));
+    for (int64_t i = 0; i < I; i += 16) {
+        __m512i d[3];
+        const __m512i v = wo_q16(x + i, (__mmask16)0xFFFF, inv);
+        wo_digits(v, d);
+        int8_t *pc = planes + (i / WO4_CHUNK) * WO4_PLANE_BYTES + (i % WO4_CHUNK) / 2;
+        for (int p = 0; p < 3; p++) {
+            const __m128i b = _mm512_cvtepi32_epi8(_mm512_permutexvar_epi32(eo, d[p]));
+            _mm_storel_epi64((__m128i *)(pc + (2 - p) * 128), b);
+            _mm_storel_epi64((__m128i *)(pc + (2 - p) * 128 + 64), _mm_unpackhi_epi64(b, b));
+        }
+        int32_t *ql = Q + (i / WO4_CHUNK) * 16 + (i % WO4_CHUNK) / 8; /* |Q| <= 8 WO_QMAX */
+        ql[0] = _mm512_mask_reduce_add_epi32((__mmask16)0x00FF, v);
+        ql[1] = _mm512_mask_reduce_add_epi32((__mmask16)0xFF00, v);
+    }
+    return 0;
+}
+#endif
+
+/* Whether groups of g inputs (a multiple of 32) map onto the lanes of a 128-input chunk simply:
+ * 32 or 64 (4 or 2 groups a chunk, lane l in group l / (16 / groups)), a multiple of 128 or one
+ * group a row. */
+static int wo4_groups_ok(int64_t g, int64_t G) {
+    return g % 32 == 0 && (g == 32 || g == 64 || g % WO4_CHUNK == 0 || G == 1);
+}
+
+#ifdef __x86_64__
+/* One 128-input chunk c of R rows into acc: GPC (1, 2 or 4) groups a chunk, g0 the first; ZP:
+ * zero points from zp (else zq = zp_const * Q); TAIL: the chunk is the row's last, partial one
+ * (masked loads: tail bytes of codes, ng groups). */
+__attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"))) static inline void
+lut4_chunk(const uint8_t *w, int64_t row_bytes, const float *s, const uint8_t *zp, int64_t G,
+           const int8_t *pl, const int32_t *Qc, __m512i zq, int64_t g0, const int R,
+           const int GPC, const int ZP, const int TAIL, __mmask64 tail, int ng, __m512 *acc) {
+    const __m512i nib = _mm512_set1_epi8(15);
+    /* a << 8 in every int32 lane as a byte shuffle (port 5; the shifts share port 0 with
+       vpdpbusd): byte k of a lane <- byte k - 1, byte 0 <- 0 (indices within 16 bytes) */
+    const __m512i up8 = _mm512_broadcast_i32x4(_mm_setr_epi32(
+        (int)0x020100FFu, (int)0x060504FFu, (int)0x0A0908FFu, (int)0x0E0D0CFFu));
+    const __m512i gidx = _mm512_srli_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), GPC == 4 ? 2 : 3);
+    const __mmask16 gm = TAIL ? (__mmask16)((1u << ng) - 1) : (__mmask16)((1u << GPC) - 1);
+    const __m512i e2 = _mm512_loadu_si512((const void *)pl);
+    const __m512i o2 = _mm512_loadu_si512((const void *)(pl + 64));
+    const __m512i e1 = _mm512_loadu_si512((const void *)(pl + 128));
+    const __m512i o1 = _mm512_loadu_si512((const void *)(pl + 192));
+    const __m512i e0 = _mm512_loadu_si512((const void *)(pl + 256));
+    const __m512i o0 = _mm512_loadu_si512((const void *)(pl + 320));
+    const __m512i qv = _mm512_loadu_si512((const void *)Qc);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++) {
+        const uint8_t *wr = w + r * row_bytes;
+        _mm_prefetch((const char *)(wr + R * row_bytes), _MM_HINT_T0); /* a tile ahead */
+        const __m512i v = TAIL ? _mm512_maskz_loadu_epi8(tail, wr) : _mm512_loadu_si512((const void *)wr);
+        const __m512i lo = _mm512_and_si512(v, nib);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+        __m512i a = _mm512_setzero_si512();
+        DPBUSD(a, lo, e2);
+        DPBUSD(a, hi, o2);
+        a = _mm512_shuffle_epi8(a, up8);
+        DPBUSD(a, lo, e1);
+        DPBUSD(a, hi, o1);
+        a = _mm512_shuffle_epi8(a, up8);
+        DPBUSD(a, lo, e0);
+        DPBUSD(a, hi, o0);
+        __m512 sv;
+        __m512i zv;
+        if (GPC > 1) {
+            sv = _mm512_permutexvar_ps(gidx, _mm512_maskz_loadu_ps(gm, s + r * G + g0));
+            if (ZP)
+                zv = _mm512_permutexvar_epi32(gidx, _mm512_cvtepu8_epi32(_mm512_castsi512_si128(
+                                                        _mm512_maskz_loadu_epi8((__mmask64)gm, zp + r * G + g0))));
+        } else {
+            sv = _mm512_set1_ps(s[r * G + g0]);
+            if (ZP) zv = _mm512_set1_epi32(zp[r * G + g0]);
+        }
+        a = _mm512_sub_epi32(a, ZP ? _mm512_mullo_epi32(qv, zv) : zq);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), sv, acc[r]);
+    }
+}
+
+/* R output rows of "lsb" 4-bit codes (w + r * row_bytes, scales s + r * G, zero points zp +
+ * r * G or zp_const) x one split activation row: out[r] = sum_i s (c - zp) q_i (before sx). */
+__attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"))) static inline void
+lut4_vnni_impl(const uint8_t *w, int64_t row_bytes, const float *s, const uint8_t *zp,
+               int zp_const, int64_t G, int64_t g, int64_t I, const int8_t *planes,
+               const int32_t *Q, const int R, const int GPC, const int ZP, float *out) {
+    const int64_t n_full = I / WO4_CHUNK;
+    const __mmask64 tail = (((__mmask64)1) << ((I % WO4_CHUNK) / 2)) - 1;
+    __m512 acc[WO_TR];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c < n_full; c++) {
+        const int8_t *pl = planes + c * WO4_PLANE_BYTES;
+        const __m512i zq = ZP ? _mm512_setzero_si512()
+                              : _mm512_mullo_epi32(_mm512_loadu_si512((const void *)(Q + 16 * c)),
+                                                   _mm512_set1_epi32(zp_const));
+        lut4_chunk(w + 64 * c, row_bytes, s, zp, G, pl, Q + 16 * c, zq,
+                   GPC > 1 ? c * GPC : c * WO4_CHUNK / g, R, GPC, ZP, 0, 0, GPC, acc);
+    }
+    if (c * WO4_CHUNK < I) {
+        const int64_t g0 = GPC > 1 ? c * GPC : c * WO4_CHUNK / g;
+        const __m512i zq = _mm512_mullo_epi32(_mm512_loadu_si512((const void *)(Q + 16 * c)),
+                                              _mm512_set1_epi32(zp_const));
+        lut4_chunk(w + 64 * c, row_bytes, s, zp, G, planes + c * WO4_PLANE_BYTES, Q + 16 * c, zq,
+                   g0, R, GPC, ZP, 1, tail, (int)(GPC > 1 ? G - g0 : 1), acc);
+    }
+    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+VNNI_TARGET static void lut4_vnni_tile(const uint8_t *w, int64_t row_bytes, const float *s,
+                                       const uint8_t *zp, int zp_const, int64_t G, int64_t g,
+                                       int64_t I, const int8_t *planes, const int32_t *Q, int R,
+                                       float *out) {
+    const int gpc = g == 32 ? 4 : g == 64 ? 2 : 1;
+#define L4(r_, gpc_, zp_) lut4_vnni_impl(w, row_bytes, s, zp, zp_const, G, g, I, planes, Q, r_, gpc_, zp_, out)
+#define L4R(r_)                                                                                  \
+    if (zp) { if (gpc == 4) L4(r_, 4, 1); else if (gpc == 2) L4(r_, 2, 1); else L4(r_, 1, 1); } \
+    else { if (gpc == 4) L4(r_, 4, 0); else if (gpc == 2) L4(r_, 2, 0); else L4(r_, 1, 0); }
+    if (R == WO_TR) { L4R(WO_TR) } else { L4R(1) }
+#undef L4R
+#undef L4
+}
+
+/* Whether the zero points of R rows (zp + r * G) all lie in 0..15 (|c - zp| <= 15: the lane
+ * sums stay in int32). */
+static int wo4_zp_ok(const uint8_t *zp, int zp_const, int64_t G, int R) {
+    if (!zp) return zp_const >= 0 && zp_const <= 15;
+    uint8_t m = 0;
+    for (int64_t k = 0; k < R * G; k++) m |= zp[k];
+    return m <= 15;
+}
+
+/* y = x W^T + bias for B (<= WO4_VNNI_MAX_ROWS) rows of 4-bit "lsb" codes. A tile whose zero
+ * points exceed 15 takes the float lookup on its own deinterleaved copy of the row (files written
+ * by qdistill keep zero points in 0..15). Returns 0; 1 (y untouched: the caller takes the float
+ * path) if x holds NaN / Inf or the planes cannot be allocated; -1 if such a copy could not be. */
+static int lut4_vnni_gemm(const uint8_t *w, const float *s, const uint8_t *zp, int zp_const,
+                          const float *x, const float *bias, float *y, int64_t B, int64_t O,
+                          int64_t I, int64_t g) {
+    const int64_t G = I / g, cpg = g / 32, row_bytes = I / 2;
+    const int64_t n_chunks = (I + WO4_CHUNK - 1) / WO4_CHUNK;
+    int8_t *planes = (int8_t *)malloc((size_t)(B * n_chunks * (WO4_PLANE_BYTES + 64)));
+    if (!planes) return 1;
+    int32_t *Q = (int32_t *)(planes + B * n_chunks * WO4_PLANE_BYTES); /* 64-byte multiples */
+    double sx[WO4_VNNI_MAX_ROWS];
+    int failed = 0;
+    for (int64_t b = 0; b < B; b++)
+        if (wo4_split_row(x + b * I, I, n_chunks, planes + b * n_chunks * WO4_PLANE_BYTES,
+                          Q + b * n_chunks * 16, sx + b)) {
+            free(planes);
+            return 1;
+        }
+#pragma omp parallel for schedule(static) if (B * O * I >= PARALLEL_MIN_WORK)
+    for (int64_t t = 0; t < (O + WO_TR - 1) / WO_TR; t++) {
+        const int64_t o_end = (t + 1) * WO_TR < O ? (t + 1) * WO_TR : O;
+        for (int64_t o = t * WO_TR; o < o_end;) {
+            const int R = o_end - o >= WO_TR ? WO_TR : 1;
+            const uint8_t *zo = zp ? zp + o * G : NULL;
+            const int exact = wo4_zp_ok(zo, zp_const, G, R);
+            for (int64_t b = 0; b < B; b++) {
+                float out[WO_TR * NB];
+                if (exact) {
+                    lut4_vnni_tile(w + o * row_bytes, row_bytes, s + o * G, zo, zp_const, G, g, I,
+                                   planes + b * n_chunks * WO4_PLANE_BYTES, Q + b * n_chunks * 16,
+                                   R, out);
+                    for (int r = 0; r < R; r++)
+                        y[b * O + o + r] = (float)((double)out[r] * sx[b]) + (bias ? bias[o + r] : 0.0f);
+                } else {
+                    float *xd = (float *)malloc((size_t)I * sizeof(float));
+                    if (!xd) {
+#pragma omp atomic write
+                        failed = 1;
+                        continue;
+                    }
+                    deinterleave(x + b * I, xd, 1, I, 2);
+                    const float *xs[NB] = {xd, xd, xd, xd};
+                    lut_tile_avx512(w + o * row_bytes, row_bytes, s + o * G, zo, zp_const, 4, xs,
+                                    G, cpg, R, 1, out);
+                    free(xd);
+                    for (int r = 0; r < R; r++)
+                        y[b * O + o + r] = out[r * NB] + (bias ? bias[o + r] : 0.0f);
+                }
+            }
+            o += R;
+        }
+    }
+    free(planes);
+    return failed ? -1 : 0;
+}
+#endif
+
 /* y[b, o] = sum_i ((c[o, i] - zp[o, g(i)]) * s[o, g(i)]) x[b, i] + bias[o]
  * w: [O][I * bits / 8] lsb codes; s: [O][G]; zp: [O][G] or NULL (then zp_const for all). */
 int qd_lut_gemm(const uint8_t *w, const float *s, const uint8_t *zp, int zp_const, int bits,
@@ -2541,6 +2812,13 @@ int qd_lut_gemm(const uint8_t *w, const float *s, const uint8_t *zp, int zp_cons
         has_avx2()) {
         const wo_weight W = {1, w, s, zp, zp_const, bits, I, G, cpg, row_bytes};
         if (wo_panel_gemm(&W, x, bias, y, B, O, wo_wide(level)) == 0) return 0;
+    }
+#endif
+#ifdef __x86_64__
+    if (level == 0 && bits == 4 && B <= WO4_VNNI_MAX_ROWS && wo_wide(level) && has_vnni() &&
+        wo4_groups_ok(g, G)) {
+        const int status = lut4_vnni_gemm(w, s, zp, zp_const, x, bias, y, B, O, I, g);
+        if (status != 1) return status; /* -1: the caller raises MemoryError */
     }
 #endif
     float *xd = (float *)malloc((size_t)(B * I) * sizeof(float));
