@@ -139,6 +139,8 @@ class WOPlan(ctypes.Structure):
 
 
 _WO_KINDS = {"lut": 0, "int8w": 1}
+# the C entries prepared plans call by name (_call_entry), required of a build
+_PLAN_ENTRIES = ("qd_a8_run", "qd_wo_run")
 
 
 def _fast_module() -> Any:
@@ -178,7 +180,10 @@ def _load() -> ctypes.CDLL | None:
                 continue
             # the signatures the C file declares once (QD_API), not a second copy here
             lib.qd_signatures.restype = ctypes.c_char_p
-            cabi.bind(lib, cabi.parse_signatures(lib.qd_signatures().decode("ascii")))
+            signatures = cabi.parse_signatures(lib.qd_signatures().decode("ascii"))
+            if not set(_PLAN_ENTRIES) <= set(signatures):
+                continue  # a build of the same ABI from before qd_wo_run: stale
+            cabi.bind(lib, signatures)
             return lib
         except (OSError, AttributeError, ValueError):  # foreign/stale build: portable path
             continue
