@@ -702,12 +702,13 @@ def prepared_linear(layer: Any, kp: KernelPlan, x: Any, level: int = 0) -> torch
         bias is not None and bias.data_ptr() != bias_ptr
     ):
         return None  # a bias replaced since the plan was bound: the checked path rebinds
-    ndim = x.dim()
+    shape = x.shape
+    ndim = len(shape)  # torch.Size is a tuple: cheaper than x.dim()
     if ndim == 2:
-        rows, width = x.shape
+        rows, width = shape
         lead = None
     elif ndim == 3:
-        lead, seq, width = x.shape
+        lead, seq, width = shape
         rows = lead * seq
     else:
         return None
