@@ -18,6 +18,15 @@ setup(
             extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off"],
             extra_link_args=["-fopenmp"],
             optional=not os.environ.get("CI"),
-        )
+        ),
+        # the per-call entry of prepared packed layers (issue #15 item 4): a METH_FASTCALL
+        # function instead of ctypes' argument conversion; it needs Python's headers and is
+        # optional as the kernels are (without it kernels.py makes the same call via ctypes)
+        Extension(
+            "qdistill._qdcall",
+            sources=["csrc/qdcall.c"],
+            extra_compile_args=["-O2"],
+            optional=not os.environ.get("CI"),
+        ),
     ]
 )

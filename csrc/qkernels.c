@@ -3067,6 +3067,30 @@ int64_t qd_a8_run(const qd_a8_plan *p, const float *x, float *y, int64_t B, int 
                         p->I_pad, p->g, p->eps, x, y, B, level);
 }
 
+/* The weight-only paths' fixed arguments in one struct, filled once per layer (kernels.WOPlan
+ * mirrors it field for field; #15 item 4): kind 0: qd_lut_gemm (4 / 2-bit codes, zp per row or
+ * group or NULL, zp_const, bits, g), 1: qd_int8w_gemm. A call passes the plan, x [B][I], y
+ * [B][O], B and level, with the same signature as qd_a8_run, so that both take one per-call
+ * path in Python. Returns 0, or -1 when an allocation failed. */
+typedef struct {
+    int64_t kind;
+    const void *w;
+    const float *w_scale;
+    const uint8_t *zp;
+    const float *bias;
+    int64_t O, I, g, zp_const, bits;
+} qd_wo_plan;
+
+int64_t qd_wo_run(const qd_wo_plan *p, const float *x, float *y, int64_t B, int level) {
+    if (p->kind == 0)
+        return qd_lut_gemm((const uint8_t *)p->w, p->w_scale, p->zp, (int)p->zp_const,
+                           (int)p->bits, x, p->bias, y, B, p->O, p->I, p->g, level)
+                   ? -1
+                   : 0;
+    qd_int8w_gemm((const int8_t *)p->w, p->w_scale, x, p->bias, y, B, p->O, p->I, level);
+    return 0;
+}
+
 /* ---------------------------------------------------------------------------------------------
  * The C ABI, declared once (issue #15 item 5). QD_API lists every entry point Python calls as
  * X(return type, name, (parameters)). Expanded with QD_DECLARE it gives their prototypes, which
@@ -3108,7 +3132,8 @@ int64_t qd_a8_run(const qd_a8_plan *p, const float *x, float *y, int64_t B, int 
     X(int64_t, qd_a8_linear, (int kind, const void *w, const float *w_scale, const void *zp,       \
           const int32_t *wsum, const float *bias, int64_t O, int64_t I, int64_t I_pad, int64_t g,  \
           float eps, const float *x, float *y, int64_t B, int level))                              \
-    X(int64_t, qd_a8_run, (const qd_a8_plan *p, const float *x, float *y, int64_t B, int level))
+    X(int64_t, qd_a8_run, (const qd_a8_plan *p, const float *x, float *y, int64_t B, int level)) \
+    X(int64_t, qd_wo_run, (const qd_wo_plan *p, const float *x, float *y, int64_t B, int level))
 
 #define QD_DECLARE(ret, name, params) ret name params;
 QD_API(QD_DECLARE)

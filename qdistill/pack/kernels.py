@@ -39,8 +39,13 @@ makes them (vectorized with round-half-to-even instructions, which round as ``ne
 does; threaded over many rows), so the integer dot products are exactly those of the
 fake-quant model; only the float rounding of the final scaling (and, for float inputs, the
 order of the float sums) differs. A per-token int8 layer is one C call, ``qd_a8_run``
-(quantize + product + bias), whose fixed arguments sit in a C struct made once per layer
-(issue #15 items 3-4); ``benchmarks/overhead.py`` counts what a call costs.
+(quantize + product + bias), a weight-only layer one ``qd_wo_run``; their fixed arguments sit
+in a C struct made once per layer (issue #15 items 3-4). After the first call a layer's whole
+Python is :func:`prepared_linear`: a few checks on ``x``'s metadata and the bias's identity,
+``torch.empty`` for the output and the C entry, called through ``qdistill._qdcall``
+(``csrc/qdcall.c``: a METH_FASTCALL function, ~0.1 us against ctypes' ~1.5 us of argument
+conversion; ctypes where it was not built). ``benchmarks/overhead.py`` counts what a call
+costs.
 Any other combination, an input that needs a gradient, or a missing extension (one
 ``RuntimeWarning``, then silence) uses the portable path of
 :class:`~qdistill.pack.modules.PackedMixin` (unpack, dequantize, float matmul).
@@ -71,6 +76,7 @@ import glob
 import math
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +92,8 @@ _LOADED = False
 _WARNED = False
 DISABLE_ENV = "QDISTILL_NO_KERNELS"
 NO_AMX_ENV = "QDISTILL_NO_AMX"  # set: W8A8 plans made afterwards never use AMX
+# set: plans bound afterwards call C through ctypes, not qdistill._qdcall (tests compare both)
+NO_FASTCALL_ENV = "QDISTILL_NO_FASTCALL"
 # From this many rows on, W8A8 runs torch._int_mm (oneDNN; AMX on CPUs that have it) on CPUs
 # with VNNI: it needs more than 16 rows (fewer are padded up to 17). Against the VNNI GEMM (6
 # outputs x 4 batch rows) it loses below 32 rows at every size tried and wins from 32-48 on
@@ -121,6 +129,56 @@ class A8Plan(ctypes.Structure):
     ]
 
 
+class WOPlan(ctypes.Structure):
+    """C's ``qd_wo_plan``: the weight-only paths' fixed arguments (kind 0: ``qd_lut_gemm``,
+    1: ``qd_int8w_gemm``), passed to ``qd_wo_run`` by address like :class:`A8Plan`."""
+
+    _fields_ = [
+        ("kind", ctypes.c_int64),
+        ("w", ctypes.c_void_p),
+        ("w_scale", ctypes.c_void_p),
+        ("zp", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("O", ctypes.c_int64),
+        ("I", ctypes.c_int64),
+        ("g", ctypes.c_int64),
+        ("zp_const", ctypes.c_int64),
+        ("bits", ctypes.c_int64),
+    ]
+
+
+_WO_KINDS = {"lut": 0, "int8w": 1}
+# the C entries prepared plans call by name (_call_entry), required of a build
+_PLAN_ENTRIES = ("qd_a8_run", "qd_wo_run")
+
+
+def _fast_module() -> Any:
+    """``qdistill._qdcall`` (csrc/qdcall.c), or None where it was not built."""
+    try:
+        from qdistill import _qdcall
+    except ImportError:
+        return None
+    return _qdcall
+
+
+def _ctypes_run(fn: Any, plan: int, x: int, y: int, rows: int, level: int) -> int:
+    """``_qdcall.run`` through ctypes (where the module was not built): the same call, ~1.5 us
+    more argument conversion."""
+    return fn(plan, x, y, rows, level)
+
+
+def _call_entry(name: str) -> tuple[Callable[..., int], Any]:
+    """``(run, fn)`` such that ``run(fn, plan, x, y, rows, level)`` calls the C plan entry
+    ``name`` (``qd_a8_run`` / ``qd_wo_run``; integer addresses for pointers): through
+    ``qdistill._qdcall`` where it was built, else through ctypes."""
+    lib = library()
+    entry = getattr(lib, name)
+    fast = _fast_module() if not os.environ.get(NO_FASTCALL_ENV) else None
+    if fast is None:
+        return _ctypes_run, entry
+    return fast.run, ctypes.cast(entry, ctypes.c_void_p).value
+
+
 def _load() -> ctypes.CDLL | None:
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for path in sorted(glob.glob(os.path.join(here, "_qkernels*.so"))):
@@ -131,7 +189,10 @@ def _load() -> ctypes.CDLL | None:
                 continue
             # the signatures the C file declares once (QD_API), not a second copy here
             lib.qd_signatures.restype = ctypes.c_char_p
-            cabi.bind(lib, cabi.parse_signatures(lib.qd_signatures().decode("ascii")))
+            signatures = cabi.parse_signatures(lib.qd_signatures().decode("ascii"))
+            if not set(_PLAN_ENTRIES) <= set(signatures):
+                continue  # a build of the same ABI from before qd_wo_run: stale
+            cabi.bind(lib, signatures)
             return lib
         except (OSError, AttributeError, ValueError):  # foreign/stale build: portable path
             continue
@@ -265,32 +326,65 @@ class KernelPlan:
     # weights); ``weight`` serves fewer rows, the AVX2 / portable levels and torch._int_mm
     # where there is no AMX
     amx_weight: torch.Tensor | None = None
-    # The fixed arguments of qd_a8_linear (kind, pointers, sizes; #15 item 4) in a C struct,
-    # made on the first call and kept while the layer's bias stays the same tensor at the same
-    # address: a call then passes only the plan, x, y, rows and level. _args is (the A8Plan,
-    # its address): a caller that read it keeps the struct (and, through it, the bias) alive
-    # even if another thread rebinds meanwhile. The C call quantizes into its own scratch
-    # memory, so nothing here is per thread. Not pickled or copied (the pointers belong to
-    # these tensors): a copy rebuilds them on its first call.
+    # The fixed arguments of the kind's C entry (qd_a8_run: kind, pointers, sizes; weight-only
+    # kinds: qd_wo_run; #15 item 4) in a C struct, made on the first call and kept while the
+    # layer's bias stays the same tensor at the same address: a call then passes only the
+    # plan, x, y, rows and level. _args is (the A8Plan / WOPlan, its address); _call is all a
+    # call of prepared_linear reads, in one tuple (see bind). Whoever read either keeps the
+    # struct (and, through it, the bias) alive even if another thread rebinds meanwhile. The
+    # C call quantizes into its own scratch memory, so nothing here is per thread. Not
+    # pickled or copied (the pointers belong to these tensors): a copy rebuilds them on its
+    # first call.
     _args: tuple[Any, int] | None = field(default=None, init=False, repr=False, compare=False)
     _bias: Any = field(default=None, init=False, repr=False, compare=False)  # bound bias tensor
     _bias_ptr: int = field(default=0, init=False, repr=False, compare=False)
+    _call: tuple[Any, ...] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __getstate__(self) -> dict[str, Any]:
         """Everything but the prepared C arguments (raw pointers into this plan's tensors):
         ``copy.deepcopy(model)`` and ``torch.save(model)`` work after a forward."""
         state = dict(self.__dict__)
-        state.update(_args=None, _bias=None, _bias_ptr=0)
+        state.update(_args=None, _bias=None, _bias_ptr=0, _call=None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
 
     def bind(self, bias: torch.Tensor | None) -> None:
-        """Prepare the fixed arguments of ``qd_a8_linear`` for this plan and ``bias`` (float32,
-        contiguous, ``out_features`` entries: checked by the caller)."""
+        """Prepare the fixed arguments of the kind's C entry for this plan and ``bias`` (float32,
+        contiguous, ``out_features`` entries: checked by the caller), and the per-call tuple
+        ``_call`` = (run, fn, plan address, struct, bias, bias address, in_features,
+        out_features, int_mm) that :func:`prepared_linear` unpacks in one step."""
+        cplan = self._a8_struct(bias) if self.kind in _A8_KINDS else self._wo_struct(bias)
+        cplan.bias_tensor = bias  # the memory its pointer names lives as long as the struct
+        addr = ctypes.addressof(cplan)
+        run, fn = _call_entry("qd_a8_run" if self.kind in _A8_KINDS else "qd_wo_run")
+        bias_ptr = 0 if bias is None else bias.data_ptr()
+        self._args = (cplan, addr)
+        self._bias, self._bias_ptr = bias, bias_ptr
+        out_f, in_f = self.out_features, self.in_features
+        self._call = (run, fn, addr, cplan, bias, bias_ptr, in_f, out_f, self.int_mm)
+
+    def _wo_struct(self, bias: torch.Tensor | None) -> WOPlan:
+        """The weight-only kinds' :class:`WOPlan`."""
         zp = self.zero_point
-        cplan = A8Plan(
+        return WOPlan(
+            _WO_KINDS[self.kind],
+            self.weight.data_ptr(),
+            self.weight_scale.data_ptr(),
+            None if zp is None else zp.data_ptr(),
+            None if bias is None else bias.data_ptr(),
+            self.out_features,
+            self.in_features,
+            self.group_size,
+            self.zp_const,
+            self.bits,
+        )
+
+    def _a8_struct(self, bias: torch.Tensor | None) -> A8Plan:
+        """The per-token int8 kinds' :class:`A8Plan`."""
+        zp = self.zero_point
+        return A8Plan(
             _A8_KINDS[self.kind],
             self.weight.data_ptr(),
             self.weight_scale.data_ptr(),
@@ -304,9 +398,6 @@ class KernelPlan:
             self.act_eps,
             None if self.amx_weight is None else self.amx_weight.data_ptr(),
         )
-        cplan.bias_tensor = bias  # the memory its pointer names lives as long as the struct
-        self._args = (cplan, ctypes.addressof(cplan))
-        self._bias, self._bias_ptr = bias, 0 if bias is None else bias.data_ptr()
 
     def nbytes(self) -> int:
         """Bytes of weights, scales and zero points the kernel reads on every call."""
@@ -563,10 +654,6 @@ def fake_quantize_rows(x: torch.Tensor, layer: Any = None, eps: float = 0.0) -> 
     return (xq.float() * scale.unsqueeze(1)).reshape(x.shape)
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
 def _int_mm_linear(kp: KernelPlan, xq: torch.Tensor, x_scale: torch.Tensor, bias: Any) -> Any:
     """W8A8 through torch._int_mm (int8 x int8 -> int32, exact), then the same float epilogue
     as the C kernel: ``dot * x_scale * w_scale + bias``."""
@@ -596,33 +683,78 @@ def linear(layer: Any, kp: KernelPlan, x: torch.Tensor, level: int = 0) -> torch
     return checked_linear(layer, kp, x, level)
 
 
+_F32 = torch.float32
+_UNSET = object()  # "no bias entry in layer._buffers" (a bias moved to _parameters)
+
+
+def prepared_linear(layer: Any, kp: KernelPlan, x: Any, level: int = 0) -> torch.Tensor | None:
+    """``layer(x)`` through the plan's bound C entry (``qd_a8_run`` / ``qd_wo_run``: one call,
+    no other torch op than allocating the output), or None where that call does not apply and
+    the caller must take the checked path (issue #15 item 4: this is the whole per-call Python
+    of a packed Linear). It applies when the plan is bound (the first call binds it), ``x`` is
+    a plain contiguous float32 CPU tensor of 2 or 3 dimensions, ``[..., in_features]``, with
+    at least one row, that needs no gradient, the layer's bias is the tensor bound, at the
+    address bound, and W8A8 does not take torch._int_mm at this row count. Everything else,
+    wrong inputs included, returns None, so the checked path raises its usual errors.
+
+    Cheap tests first; the bias is read from ``layer._buffers`` (``layer.bias`` goes through
+    ``nn.Module.__getattr__``, ~0.5 us); sizes are passed to ``torch.empty`` as integers (a
+    ``torch.Size`` there costs ~2 us more)."""
+    call = kp._call
+    if (
+        call is None
+        or type(x) is not torch.Tensor
+        or x.dtype is not _F32
+        or not x.is_cpu
+        or (x.requires_grad and torch.is_grad_enabled())
+    ):
+        return None
+    run, fn, addr, _, bias, bias_ptr, in_f, out_f, int_mm = call
+    if layer._buffers.get("bias", _UNSET) is not bias or (
+        bias is not None and bias.data_ptr() != bias_ptr
+    ):
+        return None  # a bias replaced since the plan was bound: the checked path rebinds
+    shape = x.shape
+    ndim = len(shape)  # torch.Size is a tuple: cheaper than x.dim()
+    if ndim == 2:
+        rows, width = shape
+        lead = None
+    elif ndim == 3:
+        lead, seq, width = shape
+        rows = lead * seq
+    else:
+        return None
+    if (
+        width != in_f
+        or not rows
+        or (int_mm and level == 0 and rows >= INT_MM_MIN_ROWS)
+        or not x.is_contiguous()
+    ):
+        return None
+    y = torch.empty(rows, out_f) if lead is None else torch.empty(lead, seq, out_f)
+    if y.dtype is not _F32:  # torch.set_default_dtype changed the default: not our buffer
+        return None
+    status = run(fn, addr, x.data_ptr(), y.data_ptr(), rows, level)
+    if status:
+        raise _call_failed(layer, kp, x, rows, status)
+    return y
+
+
 def checked_linear(layer: Any, kp: KernelPlan, x: torch.Tensor, level: int = 0) -> torch.Tensor:
     """:func:`linear` for an ``x`` already checked (float32, CPU, ``[..., in_features]``, as
     :func:`qdistill.pack.inputs.linear_input` leaves it): one check per call, not two.
 
-    The per-token int8 kinds (ternary, int8, int4) take one C call, ``qd_a8_linear``
-    (quantize + product + bias), with the arguments the plan keeps ready (issue #15 item 4):
-    the hot path reads the bias and ``x``'s pointer, allocates the output and calls C."""
-    args = kp._args
-    if args is not None:
-        bias = layer.bias
-        if bias is kp._bias and (bias is None or bias.data_ptr() == kp._bias_ptr):
-            rows = x.numel() // kp.in_features
-            if rows and not (kp.int_mm and level == 0 and rows >= INT_MM_MIN_ROWS):
-                if not x.is_contiguous():
-                    x = x.contiguous()
-                y = torch.empty(x.shape[:-1] + (kp.out_features,))
-                status = _LIB.qd_a8_run(args[1], x.data_ptr(), y.data_ptr(), rows, level)
-                if status:
-                    raise _a8_failed(layer, kp, x, rows, status)
-                return y
-    return _general_linear(layer, kp, x, level)
+    Every kind takes one C call with the arguments the plan keeps ready
+    (:func:`prepared_linear`); the first call, a replaced bias, inputs of other ranks or
+    layouts and W8A8's torch._int_mm batches take :func:`_general_linear`."""
+    y = prepared_linear(layer, kp, x, level)
+    return _general_linear(layer, kp, x, level) if y is None else y
 
 
-def _a8_failed(layer: Any, kp: KernelPlan, x: torch.Tensor, rows: int, status: int) -> Exception:
-    """The error for a failed ``qd_a8_linear``: out of memory, or rows holding NaN / Inf (then
-    quantized again, apart, to name them: only on this error path)."""
-    if status < 0:
+def _call_failed(layer: Any, kp: KernelPlan, x: torch.Tensor, rows: int, status: int) -> Exception:
+    """The error for a failed C entry: out of memory, or (per-token int8 kinds) rows holding
+    NaN / Inf (then quantized again, apart, to name them: only on this error path)."""
+    if status < 0 or kp.kind not in _A8_KINDS:
         return _alloc_failed(layer, rows)
     try:
         quantize_rows(x, kp.in_padded, layer=layer, eps=kp.act_eps)
@@ -633,7 +765,7 @@ def _a8_failed(layer: Any, kp: KernelPlan, x: torch.Tensor, rows: int, status: i
 
 def _general_linear(layer: Any, kp: KernelPlan, x: torch.Tensor, level: int) -> torch.Tensor:
     """:func:`checked_linear` where no prepared call applies: the first call, a bias replaced
-    since (or not float32), torch._int_mm's rows, the weight-only kinds, no rows."""
+    since (or not float32), torch._int_mm's rows, other ranks and layouts, no rows."""
     lead = x.shape[:-1]
     out_f = layer.weight_shape[0]
     bias = layer.bias
@@ -649,57 +781,28 @@ def _general_linear(layer: Any, kp: KernelPlan, x: torch.Tensor, level: int) -> 
     return registry.get(kp.kind).run(layer, kp, x, bias, rows, int(level))
 
 
-def _run_lut(
+def _run_bound(
     layer: Any, kp: KernelPlan, x: torch.Tensor, bias: Any, rows: int, level: int
 ) -> torch.Tensor:
-    """Weight-only 4 / 2-bit: ``qd_lut_gemm`` on float rows."""
-    out_f = layer.weight_shape[0]
-    x2 = x.reshape(rows, kp.in_features).contiguous()
-    y = torch.empty(rows, out_f, dtype=torch.float32)
-    status = (_LIB or library()).qd_lut_gemm(
-        kp.weight.data_ptr(), kp.weight_scale.data_ptr(), _ptr(kp.zero_point),
-        kp.zp_const, kp.bits, x2.data_ptr(), _ptr(bias), y.data_ptr(), rows, out_f,
-        kp.in_features, kp.group_size, level,
-    )  # fmt: skip
-    if status:
-        raise _alloc_failed(layer, rows)
-    return y.reshape(*x.shape[:-1], out_f)
-
-
-def _run_int8w(
-    layer: Any, kp: KernelPlan, x: torch.Tensor, bias: Any, rows: int, level: int
-) -> torch.Tensor:
-    """Weight-only int8: ``qd_int8w_gemm`` on float rows."""
-    out_f = layer.weight_shape[0]
-    x2 = x.reshape(rows, kp.in_features).contiguous()
-    y = torch.empty(rows, out_f, dtype=torch.float32)
-    (_LIB or library()).qd_int8w_gemm(
-        kp.weight.data_ptr(), kp.weight_scale.data_ptr(), x2.data_ptr(), _ptr(bias),
-        y.data_ptr(), rows, out_f, kp.in_features, level,
-    )  # fmt: skip
-    return y.reshape(*x.shape[:-1], out_f)
-
-
-def _run_a8(
-    layer: Any, kp: KernelPlan, x: torch.Tensor, bias: Any, rows: int, level: int
-) -> torch.Tensor:
-    """The per-token int8 kinds (ternary, int8, int4): one ``qd_a8_run`` call (quantize +
-    product + bias), or for W8A8 batches torch._int_mm on the same codes."""
+    """Every Linear kind of this module: bind the plan to ``bias`` (kept while ``bias`` is the
+    layer's own; a converted copy serves this call only) and make its one C call; W8A8
+    batches from ``INT_MM_MIN_ROWS`` rows run torch._int_mm on the same codes instead."""
     lead, out_f = x.shape[:-1], layer.weight_shape[0]
     if kp.kind == "int8" and level == 0 and rows >= INT_MM_MIN_ROWS and kp.int_mm:
         bufs = new_input_buffers(rows, kp.in_padded)
         xq, x_scale, _ = _quantize_rows(x, rows, kp.in_padded, bufs, layer, kp.act_eps)
         return _int_mm_linear(kp, xq, x_scale, bias).reshape(*lead, out_f)
-    saved = (kp._args, kp._bias, kp._bias_ptr)
+    saved = (kp._args, kp._bias, kp._bias_ptr, kp._call)
     kp.bind(bias)
-    args = kp._args
+    call = kp._call
     if bias is not layer.bias:  # a converted copy: good for this call only
-        kp._args, kp._bias, kp._bias_ptr = saved
+        kp._args, kp._bias, kp._bias_ptr, kp._call = saved
     x2 = x if x.is_contiguous() else x.contiguous()
     y = torch.empty(*lead, out_f, dtype=torch.float32)
-    status = (_LIB or library()).qd_a8_run(args[1], x2.data_ptr(), y.data_ptr(), rows, level)
+    run, fn, addr = call[:3]
+    status = run(fn, addr, x2.data_ptr(), y.data_ptr(), rows, level)
     if status:
-        raise _a8_failed(layer, kp, x2, rows, status)
+        raise _call_failed(layer, kp, x2, rows, status)
     return y
 
 
@@ -746,10 +849,10 @@ def _lut_groups(st: Storage, site: registry.Site) -> bool:
 
 _LIN, _A8, _FLOAT = ("linear",), ("int8_row",), ("float",)
 for _entry in (
-    registry.Kernel("ternary", _LIN, _A8, _two_bit_rows, _prepare_ternary, _run_a8),
-    registry.Kernel("int8", _LIN, _A8, _int8_rows, _prepare_int8, _run_a8),
-    registry.Kernel("int4", _LIN, _A8, _int4_groups, _prepare_int4, _run_a8),
-    registry.Kernel("int8w", _LIN, _FLOAT, _int8_rows, _prepare_int8, _run_int8w),
-    registry.Kernel("lut", _LIN, _FLOAT, _lut_groups, _prepare_lut, _run_lut),
+    registry.Kernel("ternary", _LIN, _A8, _two_bit_rows, _prepare_ternary, _run_bound),
+    registry.Kernel("int8", _LIN, _A8, _int8_rows, _prepare_int8, _run_bound),
+    registry.Kernel("int4", _LIN, _A8, _int4_groups, _prepare_int4, _run_bound),
+    registry.Kernel("int8w", _LIN, _FLOAT, _int8_rows, _prepare_int8, _run_bound),
+    registry.Kernel("lut", _LIN, _FLOAT, _lut_groups, _prepare_lut, _run_bound),
 ):
     registry.register(_entry)

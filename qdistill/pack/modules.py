@@ -168,8 +168,12 @@ class PackedLinear(PackedMixin, nn.Module):
     _kernel: kernels.KernelPlan | None | bool = False  # False: not prepared yet
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = inputs.linear_input(self, x)
         kp = self._kernel
+        if kp:  # prepared: its one C call where x and the bias allow (#15 item 4), else checks
+            y = kernels.prepared_linear(self, kp, x)
+            if y is not None:
+                return y
+        x = inputs.linear_input(self, x)
         if kp is False:
             kp = self._kernel = kernels.plan(self)
             if kp is not None and kp.weight is not self.weight_codes:
