@@ -55,8 +55,11 @@ def main() -> None:
     parser.add_argument("--cache", default="runs/demo", help="reuse `qdistill demo`'s teacher")
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch threads (1 on a shared, loaded machine)"
+    )
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     models = out / "models"
     models.mkdir(parents=True, exist_ok=True)

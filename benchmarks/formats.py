@@ -63,8 +63,11 @@ def main() -> None:
         "--cache", default="runs/demo", help="reuse the teacher/student of `qdistill demo` here"
     )
     parser.add_argument("--qat-epochs", type=int, default=2)
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch threads (1 on a shared, loaded machine)"
+    )
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     cfg_kwargs = {
         "out": args.cache + ("-quick" if args.quick else ""),

@@ -45,8 +45,11 @@ def main() -> None:
     parser.add_argument("--cache", default="runs/demo", help="reuse `qdistill demo`'s models")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 3])
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch threads (1 on a shared, loaded machine)"
+    )
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     models = out / "models"
     models.mkdir(parents=True, exist_ok=True)
