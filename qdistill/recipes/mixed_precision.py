@@ -86,8 +86,11 @@ def plan_within_budget(
 ) -> tuple[MixedPrecisionPlan, QuantConfig]:
     """Plan, then save once to check the real file size; tighten and re-plan if it is over.
 
-    The header's size depends a little on the plan (each rule is written into it), so the
-    layer-byte model can be off by a few hundred bytes; the measured file decides.
+    The header's size depends on the plan (each rule is written into it) and activation ranges
+    are not in ``fixed_bytes``, so the layer-byte model can be off by a kilobyte or more; the
+    measured file decides. When over, the next target is the budget less the model's measured
+    error (``size - predicted``), not less the overshoot alone: a plan the model under-counts
+    by more than eight overshoots would otherwise come back unchanged every round.
     """
     fixed = fixed_bytes(model, candidates)
     target = budget
@@ -97,7 +100,7 @@ def plan_within_budget(
         size = file_size(model, config)
         if size <= budget:
             return plan, config
-        target -= size - budget
+        target = budget - (size - (plan.layer_bytes + fixed))  # < target: predicted <= target
     raise ConfigError(f"could not fit a plan into {budget} bytes; raise the budget a little")
 
 
