@@ -24,6 +24,7 @@ import dataclasses
 
 import pytest
 import torch
+from kernel_levels import levels
 from torch import nn
 
 import qdistill as qd
@@ -40,16 +41,6 @@ def packed_pair(tmp_path, wfmt, in_f: int, out_f: int):
     fq.eval()
     path = qd.save(fq, tmp_path / "m.qd.safetensors")
     return fq, qd.load(path, model=nn.Sequential(nn.Linear(in_f, out_f)))
-
-
-def levels() -> list[int]:
-    lib = kernels.library()
-    out = [1]  # portable C everywhere
-    if lib is not None and lib.qd_has_avx2():
-        out.append(2)
-    if lib is not None and lib.qd_has_vnni():
-        out.append(0)
-    return out
 
 
 def reference_int8(layer, kp, x: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from kernel_levels import levels
 from torch import nn
 
 import qdistill as qd
@@ -47,16 +48,6 @@ def reference(layer, kp, x: torch.Tensor) -> torch.Tensor:
     dot = xq[:, :in_f].double() @ codes.T - rowsum.double()[:, None] * zp[None, :]
     y = dot.to(torch.int32).float() * xs[:, None] * kp.weight_scale[None, :]
     return y + (torch.zeros(out_f) if layer.bias is None else layer.bias)
-
-
-def levels() -> list[int]:
-    lib = kernels.library()
-    out = [1]  # portable C everywhere
-    if lib is not None and lib.qd_has_avx2():
-        out.append(2)
-    if lib is not None and lib.qd_has_vnni():
-        out.append(0)
-    return out
 
 
 @needs_kernels

@@ -17,6 +17,7 @@ must match the fake-quant twin to float rounding.
 
 import pytest
 import torch
+from kernel_levels import levels
 from torch import nn
 
 import qdistill as qd
@@ -27,16 +28,6 @@ needs_kernels = pytest.mark.skipif(kernels.library() is None, reason="C kernels 
 INPUTS = (100, 129, 384, 4096, 5000)
 OUTPUTS = (1, 7, 33, 1000)
 TWO_BIT = {"ternary": qd.TernaryFormat(), "int2": qd.IntFormat(2, symmetric=False, axis=0)}
-
-
-def levels() -> list[int]:
-    lib = kernels.library()
-    out = [1]  # portable C everywhere
-    if lib is not None and lib.qd_has_avx2():
-        out.append(2)
-    if lib is not None and lib.qd_has_vnni():
-        out.append(0)
-    return out
 
 
 def packed_layer(tmp_path, wfmt, in_f: int, out_f: int):
