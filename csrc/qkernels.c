@@ -1516,6 +1516,144 @@ void qd_amx_pack_int8(const int8_t *w, int64_t O, int64_t I, int8_t *out) {
         }
 }
 
+/* ------------------------------------------------------------------------------------------
+ * W8A8 from the B-tile layout alone (#15, helper amxone): one copy of the int8 codes on AMX
+ * CPUs. An AMX plan keeps only qd_amx_pack_int8's layout; the rows below the AMX cut-over read
+ * it too. Its 64-byte line r of tile t of block (p, k) holds outputs 32 p + 16 t + c (c < 16)
+ * x inputs 64 k + 4 r + j (j < 4) at byte 4 c + j: exactly one dpbusd operand against the
+ * activations' 4 bytes 64 k + 4 r .. + 3 broadcast to the 16 lanes, whose lane c is then
+ * output c's partial dot (no horizontal sums). A pair's panel is one contiguous stream, so at
+ * one row this streams the same bytes as the row-layout GEMV (plus the padding to 32 outputs
+ * and 64 inputs). The activations are the u8 codes x ^ 0x80 (rows zero-padded to 64 k: the
+ * padded weights are 0), corrected by 128 * wsum as in i8_vnni_impl; the integer dots are
+ * exact and the epilogue is epilogue(), so the outputs equal the row-layout kernels' bit for
+ * bit. The forced portable / AVX2 levels (tests) take the plain C reader int8_tiles_c.
+ * ------------------------------------------------------------------------------------------ */
+
+/* The dots of batch rows [0, B) (signed codes, row stride xs) with pair p's 32 outputs */
+static void int8_tiles_c(const int8_t *wp, const int8_t *x, int64_t xs, int64_t B, int64_t KS,
+                         int64_t p, int cols, const float *x_scale, const float *w_scale,
+                         const float *bias, float *y, int64_t O) {
+    int64_t o0 = p * AMX_PAIR;
+    for (int64_t b = 0; b < B; b++) {
+        int32_t dot[AMX_PAIR] = {0};
+        const int8_t *xb = x + b * xs;
+        for (int64_t k = 0; k < KS; k++) {
+            const int8_t *blk = wp + (p * KS + k) * 2048, *xk = xb + AMX_KSTEP * k;
+            for (int t = 0; t < 2; t++)
+                for (int r = 0; r < 16; r++)
+                    for (int c = 0; c < 16; c++)
+                        for (int j = 0; j < 4; j++)
+                            dot[16 * t + c] += (int32_t)blk[1024 * t + 64 * r + 4 * c + j] *
+                                               xk[4 * r + j];
+        }
+        for (int c = 0; c < cols; c++)
+            y[b * O + o0 + c] = epilogue(dot[c], x_scale[b], w_scale[o0 + c], bias, o0 + c);
+    }
+}
+
+#ifdef __x86_64__
+/* BB batch rows (u8 codes, row stride xs) x pair p (cols of its 32 outputs real): per line 2
+ * weight loads (one per tile) feed BB broadcasts x 2 dpbusd; at one row each tile's chain is
+ * split in two (even / odd lines) so that 4 dpbusd chains are in flight. */
+__attribute__((always_inline, target("avx512f,avx512bw,avx512vnni"))) static inline void
+i8t_vnni_impl(const int8_t *wp, const int8_t *x, int64_t xs, int64_t KS, const int BB, int cols,
+              int64_t o0, const int32_t *wsum, const float *x_scale, const float *w_scale,
+              const float *bias, float *y, int64_t O) {
+    const int S = BB == 1 ? 2 : 1;
+    __m512i acc[8][2][2];
+#pragma GCC unroll 8
+    for (int b = 0; b < BB; b++)
+        for (int t = 0; t < 2; t++)
+            for (int s = 0; s < 2; s++) acc[b][t][s] = _mm512_setzero_si512();
+    for (int64_t k = 0; k < KS; k++) {
+        const int8_t *blk = wp + k * 2048, *xk = x + AMX_KSTEP * k;
+#pragma GCC unroll 16
+        for (int r = 0; r < 16; r++) {
+            __m512i w0 = _mm512_loadu_si512((const void *)(blk + 64 * r));
+            __m512i w1 = _mm512_loadu_si512((const void *)(blk + 1024 + 64 * r));
+#pragma GCC unroll 8
+            for (int b = 0; b < BB; b++) {
+                __m512i xv = _mm512_set1_epi32(load_i32(xk + b * xs + 4 * r));
+                DPBUSD(acc[b][0][r % S], xv, w0);
+                DPBUSD(acc[b][1][r % S], xv, w1);
+            }
+        }
+    }
+    for (int b = 0; b < BB; b++) {
+        int32_t dot[AMX_PAIR];
+        for (int t = 0; t < 2; t++) {
+            __m512i a = S == 2 ? _mm512_add_epi32(acc[b][t][0], acc[b][t][1]) : acc[b][t][0];
+            _mm512_storeu_si512((void *)(dot + 16 * t), a);
+        }
+        for (int c = 0; c < cols; c++) {
+            int64_t o = o0 + c;
+            y[b * O + o] = epilogue(dot[c] - 128 * wsum[o], x_scale[b], w_scale[o], bias, o);
+        }
+    }
+}
+
+VNNI_TARGET static void i8t_block_vnni(const int8_t *wp, const int8_t *x, int64_t xs,
+                                       int64_t KS, int bb, int cols, int64_t o0,
+                                       const int32_t *wsum, const float *x_scale,
+                                       const float *w_scale, const float *bias, float *y,
+                                       int64_t O) {
+#define I8T(N) i8t_vnni_impl(wp, x, xs, KS, N, cols, o0, wsum, x_scale, w_scale, bias, y, O)
+    switch (bb) {
+    case 1: I8T(1); break;
+    case 2: I8T(2); break;
+    case 3: I8T(3); break;
+    case 4: I8T(4); break;
+    case 5: I8T(5); break;
+    case 6: I8T(6); break;
+    case 7: I8T(7); break;
+    default: I8T(8);
+    }
+#undef I8T
+}
+#endif
+
+/* y [B][O] = per-token int8 (x [B][I]) x the int8 weights in the B-tile layout (wp) with
+ * their row sums (wsum), scales and bias: quantized as qd_a8_linear does (rows zero-padded to
+ * 64 k), then the VNNI reader (level 0 with VNNI) or the C reader, threads over the pairs of
+ * 16-output tiles, every batch row within a thread's pair (the panel is read from memory once
+ * and from cache by later blocks of 8 rows). Returns as qd_a8_linear. */
+static int64_t int8_tiles_linear(const int8_t *wp, const int32_t *wsum, const float *w_scale,
+                                 const float *bias, int64_t O, int64_t I, float eps,
+                                 const float *x, float *y, int64_t B, int level) {
+    int64_t KS = (I + AMX_KSTEP - 1) / AMX_KSTEP, xs = KS * AMX_KSTEP;
+    int64_t NP = (O + AMX_PAIR - 1) / AMX_PAIR;
+    char *buf = (char *)malloc((size_t)B * (8 + (size_t)xs));
+    if (!buf) return -1;
+    float *x_scale = (float *)buf;
+    int32_t *rowsum = (int32_t *)(buf + 4 * B);
+    int8_t *xq = (int8_t *)(buf + 8 * B);
+    int64_t status = qd_quantize_rows(x, xq, x_scale, rowsum, B, I, xs, eps, level);
+    int vnni = pick(level) == 2;
+    (void)wsum;
+    if (status == 0 && vnni)
+        for (int64_t i = 0; i < B * xs; i++) xq[i] = (int8_t)((uint8_t)xq[i] ^ 0x80u);
+    if (status == 0) {
+#pragma omp parallel for schedule(static) if (B * O * I >= PARALLEL_MIN_WORK)
+        for (int64_t p = 0; p < NP; p++) {
+            int64_t o0 = p * AMX_PAIR;
+            int cols = O - o0 < AMX_PAIR ? (int)(O - o0) : AMX_PAIR;
+#ifdef __x86_64__
+            if (vnni) {
+                for (int64_t b0 = 0; b0 < B; b0 += 8)
+                    i8t_block_vnni(wp + p * KS * 2048, xq + b0 * xs, xs, KS,
+                                   B - b0 < 8 ? (int)(B - b0) : 8, cols, o0, wsum, x_scale + b0,
+                                   w_scale, bias, y + b0 * O, O);
+                continue;
+            }
+#endif
+            int8_tiles_c(wp, xq, xs, B, KS, p, cols, x_scale, w_scale, bias, y, O);
+        }
+    }
+    free(buf);
+    return status;
+}
+
 #ifdef QD_AMX
 #define ARCH_GET_XCOMP_PERM 0x1022
 #define ARCH_REQ_XCOMP_PERM 0x1023
@@ -3063,6 +3201,9 @@ int64_t qd_a8_run(const qd_a8_plan *p, const float *x, float *y, int64_t B, int 
                                p->bias, p->O, p->I, p->g, p->eps, x, y, B);
 #endif
     if (level >= 3) level = 0;
+    if (p->kind == 1 && p->amx_w && p->amx_w == (const int8_t *)p->w) /* one copy: B tiles */
+        return int8_tiles_linear(p->amx_w, p->wsum, p->w_scale, p->bias, p->O, p->I, p->eps, x,
+                                 y, B, level);
     return qd_a8_linear((int)p->kind, p->w, p->w_scale, p->zp, p->wsum, p->bias, p->O, p->I,
                         p->I_pad, p->g, p->eps, x, y, B, level);
 }

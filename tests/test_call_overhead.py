@@ -59,7 +59,8 @@ def reference(layer, kp: kernels.KernelPlan, x: torch.Tensor) -> torch.Tensor:
     bias = None if layer.bias is None else layer.bias.float().contiguous()
     b = None if bias is None else bias.data_ptr()
     zp = None if kp.zero_point is None else kp.zero_point.data_ptr()
-    w, s = kp.weight.data_ptr(), kp.weight_scale.data_ptr()
+    w8 = kernels.int8_rows(kp) if kp.kind == "int8" else kp.weight  # row layout (AMX: rebuilt)
+    w, s = w8.data_ptr(), kp.weight_scale.data_ptr()
     if kp.kind in ("ternary", "int8", "int4"):
         kind = {"ternary": 0, "int8": 1, "int4": 2}[kp.kind]
         ws = None if kp.weight_sum is None else kp.weight_sum.data_ptr()

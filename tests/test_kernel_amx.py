@@ -58,7 +58,7 @@ def reference_int8(layer, kp, x: torch.Tensor) -> torch.Tensor:
     """Exact integer dots (float64) of the int8 weights and the C-quantized activations, then
     the kernel's epilogue ``(float)dot * x_scale * w_scale + bias`` in fp32."""
     xq, xs, _ = kernels.quantize_rows(x, kp.in_padded, eps=kp.act_eps, level=1)
-    dot = xq.double() @ kp.weight.double().T
+    dot = xq.double() @ kernels.int8_rows(kp).double().T
     y = dot.to(torch.int32).float() * xs[:, None] * kp.weight_scale[None, :]
     return y + (0.0 if layer.bias is None else layer.bias)  # the kernels add 0.0f without one
 

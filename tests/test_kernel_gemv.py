@@ -55,7 +55,7 @@ def exact_reference(layer, kp, x: torch.Tensor) -> torch.Tensor:
         zp = torch.ones(out_f) if kp.zero_point is None else kp.zero_point.double()
         dot = xq[:, :in_f].double() @ codes.T - rowsum.double()[:, None] * zp[None, :]
     else:
-        dot = xq.double() @ kp.weight.double().T
+        dot = xq.double() @ kernels.int8_rows(kp).double().T
     y = dot.to(torch.int32).float() * xs[:, None] * kp.weight_scale[None, :]
     return y + layer.bias
 

@@ -320,11 +320,11 @@ class KernelPlan:
     # VNNI (or AMX); on an AVX2-only AMD EPYC it ran W8A8 at batch 32 8x slower than fp32
     int_mm: bool = False
     act_eps: float = 0.0  # floor of each input row's max |x| (IntFormat.eps; BitNet: 1e-5)
-    # AMX (None: not used; ternary: ``weight`` itself, expanded per call by the C kernel);
-    # int8: a second copy of the weights in AMX's B-tile layout (outputs padded
-    # to 32, inputs to 64), which qd_a8_run uses from 8 rows on (3 for layers of at most 2M
-    # weights); ``weight`` serves fewer rows, the AVX2 / portable levels and torch._int_mm
-    # where there is no AMX
+    # AMX (None: not used; ternary, int4: ``weight`` itself, expanded per call by the C
+    # kernel); int8: ``weight`` itself too, which is then the only copy of the codes, in AMX's
+    # B-tile layout (outputs padded to 32, inputs to 64): qd_a8_run multiplies with AMX from 8
+    # rows on (3 for layers of at most 2M weights) and reads the same tiles with VNNI below
+    # (the forced AVX2 / portable levels with a plain C reader); int8_rows rebuilds [O, I]
     amx_weight: torch.Tensor | None = None
     # The fixed arguments of the kind's C entry (qd_a8_run: kind, pointers, sizes; weight-only
     # kinds: qd_wo_run; #15 item 4) in a C struct, made on the first call and kept while the
@@ -536,13 +536,17 @@ def _prepare_int8(layer: Any, st: Storage, site: registry.Site) -> KernelPlan | 
     out_f, in_f = sizes
     kind = "int8" if site.acts == "int8_row" else "int8w"
     codes = _codes(layer, st, out_f, in_f)
-    weight = streamed((codes.to(torch.int16) - st.offset).to(torch.int8).contiguous())
+    weight = (codes.to(torch.int16) - st.offset).to(torch.int8).contiguous()
+    del codes
     wsum = weight.sum(dim=1, dtype=torch.int32) if kind == "int8" else None
     amx = amx_weight(weight) if kind == "int8" else None
+    # one copy (#15, helper amxone): an AMX plan keeps only the B-tile layout, which every row
+    # count reads (qd_a8_run: AMX from the cut-over, a VNNI reader of the same tiles below it)
+    weight = streamed(weight) if amx is None else amx
     int_mm = kind == "int8" and amx is None and bool(library().qd_has_vnni())
     return KernelPlan(
         kind, weight, _row_scales(layer, out_f), in_f, in_f, weight_sum=wsum,
-        zp_const=st.offset, int_mm=int_mm, amx_weight=amx,
+        zp_const=st.offset, int_mm=int_mm, amx_weight=amx, out_features=out_f,
     )  # fmt: skip
 
 
@@ -659,7 +663,7 @@ def _int_mm_linear(kp: KernelPlan, xq: torch.Tensor, x_scale: torch.Tensor, bias
     as the C kernel: ``dot * x_scale * w_scale + bias``."""
     rows = xq.shape[0]
     a = xq if rows > 16 else torch.cat([xq, xq.new_zeros(17 - rows, xq.shape[1])])
-    acc = torch._int_mm(a, kp.weight.t())[:rows]
+    acc = torch._int_mm(a, int8_rows(kp).t())[:rows]  # AMX plans (int_mm off): rebuilt
     y = acc.float() * x_scale.unsqueeze(1) * kp.weight_scale
     return y if bias is None else y + bias
 
@@ -806,11 +810,26 @@ def _run_bound(
     return y
 
 
+def int8_rows(kp: KernelPlan) -> torch.Tensor:
+    """An int8 / int8w plan's signed codes ``[O, I]`` in the row layout: ``kp.weight`` itself,
+    or, for an AMX W8A8 plan (one copy, in ``qd_amx_pack_int8``'s B-tile layout: byte
+    ``64 r + 4 c + j`` of tile ``t`` of block ``(p, k)`` is ``w[32 p + 16 t + c, 64 k + 4 r +
+    j]``), rebuilt from the tiles (a new tensor: for ``unrepack`` and the tests)."""
+    w = kp.weight
+    if kp.amx_weight is not w:
+        return w
+    out_f, in_f = kp.out_features, kp.in_features
+    ks = (in_f + 63) // 64
+    tiles = w.reshape(-1, ks, 2, 16, 16, 4)  # p, k, t, r, c, j
+    rows = tiles.permute(0, 2, 4, 1, 3, 5).reshape(-1, ks * 64)  # (p, t, c) x (k, r, j)
+    return rows[:out_f, :in_f].contiguous()
+
+
 def unrepack(kp: KernelPlan, out_features: int) -> torch.Tensor:
     """The file's codes ``[O, I]`` back from a kernel's layout (so only one copy is kept)."""
     w = kp.weight
     if kp.kind in ("int8", "int8w"):
-        return (w.to(torch.int16) + kp.zp_const).to(torch.uint8)
+        return (int8_rows(kp).to(torch.int16) + kp.zp_const).to(torch.uint8)
     if kp.kind == "int4":
         return unrepack_int4(w, out_features, kp.in_features)
     return unrepack_ternary(w, out_features, kp.in_features)  # ternary, tile16x16
