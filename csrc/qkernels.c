@@ -1611,8 +1611,8 @@ i8t_vnni_impl(const int8_t *wp, const int8_t *x, int64_t xs, int64_t KS, const i
 
 /* Streams a panel at 1-4 rows (5-8: 1, the accumulators fill the registers). 4096x4096, cold
  * weights, 1 thread, against the row-layout kernels (benchmarks/one_copy_ab.py): 1 stream
- * 0.92-0.95x at 1-4 rows, 2 streams 1.00-1.05x, 4 at 1-2 rows 0.96-1.07x (loaded machine, +-5%);
- * prefetching 4 KB ahead: 1.05-1.2x over none at 1-7 rows. */
+ * without prefetch 0.74-0.99x at 1-4 rows, with it (4 KB ahead) 0.89-0.95x; 2 streams 1.00-1.05x,
+ * 4 at 1-2 rows 0.96-1.07x (one run each, loaded machine, +-5%; kernels-amx.md). */
 #ifndef I8T_NS
 #define I8T_NS 2
 #endif

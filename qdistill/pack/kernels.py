@@ -11,9 +11,10 @@ kind      weights                                          inputs
 ternary   ``TernaryFormat`` (2-bit packing) or             per-token int8 (W1.58A8, BitNet
           ``IntFormat(2)``, per tensor or output channel   b1.58 / BitDistill)
 int8      ``IntFormat(8)`` symmetric, per tensor/channel   per-token int8 (W8A8); with AMX
-                                                           (Linux) a tdpbssd GEMM from 3-8
-                                                           rows on a second, tile-layout copy
-                                                           of the codes; without, from batch
+                                                           (Linux) the codes' only copy in
+                                                           the tile layout: a tdpbssd GEMM
+                                                           from 3-8 rows, VNNI on the same
+                                                           tiles below; without, from batch
                                                            ``INT_MM_MIN_ROWS`` on, torch's
                                                            ``_int_mm`` on the same int8 codes
 int4      ``IntFormat(4)``, groups of a multiple of 8      per-token int8 (W4A8, llama.cpp's
