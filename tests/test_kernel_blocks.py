@@ -100,7 +100,7 @@ def reference_int8(layer, kp, x: torch.Tensor) -> torch.Tensor:
     """W8A8's result with torch ops: exact integer dots of the int8 weights and the C-quantized
     activations, then the kernel's epilogue ``(float)dot * x_scale * w_scale + bias``."""
     xq, xs, _ = kernels.quantize_rows(x, kp.in_padded, eps=kp.act_eps, level=1)
-    dot = xq.double() @ kp.weight.double().T
+    dot = xq.double() @ kernels.int8_rows(kp).double().T
     y = dot.to(torch.int32).float() * xs[:, None] * kp.weight_scale[None, :]
     return y + (torch.zeros(kp.out_features) if layer.bias is None else layer.bias)
 

@@ -104,7 +104,8 @@ def unfused(layer, kp, x: torch.Tensor, level: int) -> torch.Tensor:
                             xs.data_ptr(), kp.weight_scale.data_ptr(), bias, y.data_ptr(), rows,
                             out_f, kp.in_padded, level)  # fmt: skip
     elif kp.kind == "int8":
-        lib.qd_int8_gemm(kp.weight.data_ptr(), xq.data_ptr(), kp.weight_sum.data_ptr(),
+        w8 = kernels.int8_rows(kp)  # the row layout (an AMX plan keeps only its tiles)
+        lib.qd_int8_gemm(w8.data_ptr(), xq.data_ptr(), kp.weight_sum.data_ptr(),
                          xs.data_ptr(), kp.weight_scale.data_ptr(), bias, y.data_ptr(), rows,
                          out_f, kp.in_padded, level)  # fmt: skip
     else:
