@@ -1492,6 +1492,19 @@ amx_quantize_row(const float *xr, int8_t *dst, float *scale, int64_t I, int64_t 
     *scale = s;
     return 0;
 }
+
+/* Row r of a batch of B rows into its slots of the contiguous A tiles xa (1 KB each: block of 16
+ * rows mb, step k at (mb KS + k) KB; row r % 16 of each tile): quantized by amx_quantize_row, or
+ * zeros for the last tile's absent rows (B <= r < B rounded up to 16). Returns as
+ * amx_quantize_row (0 for an absent row). */
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static int
+amx_quantize_slot(const float *x, int8_t *xa, float *x_scale, int64_t r, int64_t B, int64_t I,
+                  int64_t KS, float eps) {
+    int8_t *dst = xa + (r / 16 * KS * 16 + r % 16) * 64;
+    if (r < B) return amx_quantize_row(x + r * I, dst, x_scale + r, I, KS, eps);
+    for (int64_t k = 0; k < KS; k++) memset(dst + 1024 * k, 0, 64);
+    return 0;
+}
 #endif
 
 int64_t qd_amx_int8_bytes(int64_t O, int64_t I) {
@@ -1842,9 +1855,9 @@ static int64_t int8_amx_linear(const int8_t *wp, const float *w_scale, const flo
     char *buf = (char *)malloc((size_t)B * 4 + (size_t)Bp * (size_t)KS * AMX_KSTEP);
     if (!buf) return -1;
     float *x_scale = (float *)buf;
-    /* the A tiles, contiguous (1 KB each: block of 16 rows mb, step k at (mb KS + k) KB) instead
-     * of 16 rows ldx apart (1.0-1.17x at 8-64 rows, helper amx); each row is quantized straight
-     * into its slots by amx_quantize_row, the rows split over the threads of the GEMM's own
+    /* the A tiles, contiguous (amx_quantize_slot's layout) instead of 16 rows ldx apart
+     * (1.0-1.17x at 8-64 rows, helper amx); each row is quantized straight into its slots by
+     * amx_quantize_slot, the rows split over the threads of the GEMM's own
      * parallel region (helper a8rows: was one thread quantizing into a row buffer, then copying
      * it into the tiles, before the region) */
     int8_t *xa = (int8_t *)(buf + 4 * B);
@@ -1853,13 +1866,7 @@ static int64_t int8_amx_linear(const int8_t *wp, const float *w_scale, const flo
 #pragma omp parallel if (B * O * I >= PARALLEL_MIN_WORK) reduction(| : failed)
     {
 #pragma omp for schedule(static) reduction(+ : bad)
-        for (int64_t r = 0; r < Bp; r++) {
-            int8_t *dst = xa + (r / 16 * KS * 16 + r % 16) * 64;
-            if (r < B)
-                bad += amx_quantize_row(x + r * I, dst, x_scale + r, I, KS, eps);
-            else /* the last A tile's absent rows */
-                for (int64_t k = 0; k < KS; k++) memset(dst + 1024 * k, 0, 64);
-        }
+        for (int64_t r = 0; r < Bp; r++) bad += amx_quantize_slot(x, xa, x_scale, r, B, I, KS, eps);
         /* the for's barrier: every row is quantized and bad is final */
         if (!bad) {
             int32_t c[32 * 32];
@@ -1969,13 +1976,7 @@ static int64_t int4_amx_linear(const uint8_t *w, const float *s, const uint8_t *
 #pragma omp parallel if (B * O * I >= PARALLEL_MIN_WORK) reduction(| : failed)
     {
 #pragma omp for schedule(static) reduction(+ : bad)
-        for (int64_t r = 0; r < Bp; r++) {
-            int8_t *dst = xa + (r / 16 * KS * 16 + r % 16) * 64;
-            if (r < B)
-                bad += amx_quantize_row(x + r * I, dst, x_scale + r, I, KS, eps);
-            else
-                for (int64_t k = 0; k < KS; k++) memset(dst + 1024 * k, 0, 64);
-        }
+        for (int64_t r = 0; r < Bp; r++) bad += amx_quantize_slot(x, xa, x_scale, r, B, I, KS, eps);
         if (!bad) {
             int32_t c[32 * 32];
             float acc[32 * 32];
