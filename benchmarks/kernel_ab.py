@@ -22,10 +22,11 @@ import argparse
 import ctypes
 import itertools
 import os
-import time
 
 import torch
 import torch.nn.functional as F
+
+from qdistill.report.runtime import interleaved_best_us
 
 P, I64, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 KINDS = {"ternary": 0, "int8": 1, "int4": 2}
@@ -115,14 +116,7 @@ def main() -> None:
             ]
             fns.append(lambda x=x, wf=wf: F.linear(x, wf))
             reps = max(3, int(2000 / (rows * out_f * in_f / 147456) ** 0.9))
-            best = [float("inf")] * 3
-            for _ in range(args.rounds):
-                for j, fn in enumerate(fns):
-                    t0 = time.perf_counter()
-                    for _ in range(reps):
-                        fn()
-                    best[j] = min(best[j], (time.perf_counter() - t0) / reps * 1e6)
-            a, b, f = best
+            a, b, f = interleaved_best_us(fns, args.rounds, reps)
             print(f"{f'{out_f}x{in_f}':<18}{rows:>5}{a:>10.1f}{b:>10.1f}{f:>10.1f}{a / b:>7.2f}")
 
 

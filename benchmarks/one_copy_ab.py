@@ -20,12 +20,12 @@ import argparse
 import ctypes
 import itertools
 import os
-import time
 
 import torch
 import torch.nn.functional as F
 
 from qdistill.pack import kernels
+from qdistill.report.runtime import interleaved_best_us
 
 P = ctypes.c_void_p
 
@@ -92,16 +92,8 @@ def main() -> None:
 
             fns = [lambda: call(0), lambda: call(1), lambda x=x, wf=wf: F.linear(x, wf)]
             reps = max(3, int(2000 / (rows * out_f * in_f / 147456) ** 0.9))
-            best = [float("inf")] * 3
             order_j = [1, 0, 2] if args.b_first else [0, 1, 2]
-            for _ in range(args.rounds):
-                for j in order_j:
-                    fn = fns[j]
-                    t0 = time.perf_counter()
-                    for _ in range(reps):
-                        fn()
-                    best[j] = min(best[j], (time.perf_counter() - t0) / reps * 1e6)
-            a, b, f = best
+            a, b, f = interleaved_best_us(fns, args.rounds, reps, order=order_j)
             print(f"{f'{out_f}x{in_f}':<18}{rows:>5}{a:>10.1f}{b:>10.1f}{f:>10.1f}{a / b:>7.2f}")
 
 

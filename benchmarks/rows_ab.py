@@ -21,7 +21,6 @@ import ctypes
 import functools
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import qdistill as qd
+from qdistill.report.runtime import interleaved_best_us
 
 SHAPES = "384x384,1536x384,384x1536,4096x4096"  # outputs x inputs
 WEIGHTS = {
@@ -105,14 +105,7 @@ def main() -> None:
                 n = max(3, int(3e7 // (rows * out_f * in_f)))
                 calls = [a8_call(lib, plan, x, y, lv) for lib, lv in zip(libs, levels, strict=True)]
                 calls.append(functools.partial(F.linear, x, w, bias))
-                best = [float("inf")] * 3
-                for _ in range(args.rounds):
-                    for j, call in enumerate(calls):
-                        t0 = time.perf_counter()
-                        for _ in range(n):
-                            call()
-                        best[j] = min(best[j], (time.perf_counter() - t0) / n * 1e6)
-                a, b, f = best
+                a, b, f = interleaved_best_us(calls, args.rounds, n)
                 print(
                     f"{shape:<17}{rows:>5}{a:10.1f}{b:10.1f}{f:10.1f}{a / b:7.2f}{f / b:8.2f}",
                     flush=True,

@@ -85,6 +85,26 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
+def interleaved_best_us(
+    fns: list[Callable[[], object]],
+    rounds: int,
+    reps: int,
+    order: list[int] | None = None,
+) -> list[float]:
+    """Microseconds per call of each callable: in every round each one runs ``reps`` times in a
+    row (in ``order``, default as given), and the fastest round's mean is kept. The A/B kernel
+    benchmarks read ratios of these on a shared machine, where load only ever adds time."""
+    best = [float("inf")] * len(fns)
+    for _ in range(rounds):
+        for j in order or range(len(fns)):
+            fn = fns[j]
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            best[j] = min(best[j], (time.perf_counter() - t0) / reps * 1e6)
+    return best
+
+
 def interleaved_medians(
     fns: dict[str, Callable[[], object]], reps: int = 30, warmup: int = 3
 ) -> dict[str, float]:
