@@ -24,23 +24,12 @@ import dataclasses
 
 import pytest
 import torch
-from kernel_levels import levels
-from torch import nn
+from kernel_helpers import levels, packed_pair
 
 import qdistill as qd
 from qdistill.pack import kernels
 
-ROW8 = qd.IntFormat(8, axis="row")
 needs_kernels = pytest.mark.skipif(kernels.library() is None, reason="C kernels not built")
-
-
-def packed_pair(tmp_path, wfmt, in_f: int, out_f: int):
-    torch.manual_seed(in_f * 7 + out_f)
-    fq = nn.Sequential(nn.Linear(in_f, out_f))
-    qd.quantize_(fq, qd.QuantConfig(weights=wfmt, activations=ROW8))
-    fq.eval()
-    path = qd.save(fq, tmp_path / "m.qd.safetensors")
-    return fq, qd.load(path, model=nn.Sequential(nn.Linear(in_f, out_f)))
 
 
 def reference_int8(layer, kp, x: torch.Tensor) -> torch.Tensor:
@@ -56,7 +45,7 @@ def reference_int8(layer, kp, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("in_f", [100, 129, 384, 4096, 5000])
 def test_w8a8_blocks_bit_exact_on_odd_sizes(tmp_path, in_f):
     for out_f in (77, 200):
-        fq, packed = packed_pair(tmp_path, qd.IntFormat(8, axis=0), in_f, out_f)
+        fq, packed = packed_pair(tmp_path, qd.IntFormat(8, axis=0), in_f, out_f, in_f * 7 + out_f)
         layer = packed[0]
         with torch.no_grad():
             layer(torch.randn(1, in_f))
@@ -87,7 +76,7 @@ def test_w8a8_blocks_bit_exact_on_odd_sizes(tmp_path, in_f):
 )
 def test_w4a8_gemv_matches_the_gemm_rows_bit_for_bit(tmp_path, wfmt, in_f):
     for out_f in (16, 77, 200):  # 1 tile; 4 + 1 tiles; 3 x 4 + 1 tiles (last one partial)
-        fq, packed = packed_pair(tmp_path, wfmt, in_f, out_f)
+        fq, packed = packed_pair(tmp_path, wfmt, in_f, out_f, in_f * 7 + out_f)
         layer = packed[0]
         with torch.no_grad():
             x = torch.randn(13, in_f) * 2

@@ -19,24 +19,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from kernel_levels import levels
-from torch import nn
+from kernel_helpers import levels, packed_pair
 
 import qdistill as qd
 from qdistill.pack import kernels
 
-ROW8 = qd.IntFormat(8, axis="row")
 needs_kernels = pytest.mark.skipif(kernels.library() is None, reason="C kernels not built")
 ROWS = (1, 2, 3, 7, 33, 40)
-
-
-def packed_pair(tmp_path, wfmt, in_f: int, out_f: int):
-    torch.manual_seed(in_f + out_f)
-    fq = nn.Sequential(nn.Linear(in_f, out_f))
-    qd.quantize_(fq, qd.QuantConfig(weights=wfmt, activations=ROW8))
-    fq.eval()
-    path = qd.save(fq, tmp_path / "m.qd.safetensors")
-    return fq, qd.load(path, model=nn.Sequential(nn.Linear(in_f, out_f)))
 
 
 def reference(layer, kp, x: torch.Tensor) -> torch.Tensor:
@@ -56,7 +45,7 @@ def reference(layer, kp, x: torch.Tensor) -> torch.Tensor:
 )
 @pytest.mark.parametrize("in_f,out_f", [(100, 77), (129, 77), (384, 200), (4096, 77), (5000, 77)])
 def test_blocked_kernels_bit_exact_on_odd_sizes(tmp_path, wfmt, in_f, out_f):
-    fq, packed = packed_pair(tmp_path, wfmt, in_f, out_f)
+    fq, packed = packed_pair(tmp_path, wfmt, in_f, out_f, in_f + out_f)
     layer = packed[0]
     with torch.no_grad():
         layer(torch.randn(1, in_f))
@@ -111,7 +100,7 @@ def reference_int8(layer, kp, x: torch.Tensor) -> torch.Tensor:
 def test_blocked_w8a8_bit_exact_on_odd_sizes(tmp_path, wfmt, in_f, out_f):
     """The VNNI blocks (8 output rows at batch 1, 4 x 4 below) and the AVX2 / portable rows,
     with torch._int_mm switched off so that every row count runs the C kernel."""
-    fq, packed = packed_pair(tmp_path, wfmt, in_f, out_f)
+    fq, packed = packed_pair(tmp_path, wfmt, in_f, out_f, in_f + out_f)
     layer = packed[0]
     with torch.no_grad():
         layer(torch.randn(1, in_f))

@@ -17,7 +17,7 @@ must match the fake-quant twin to float rounding.
 
 import pytest
 import torch
-from kernel_levels import levels
+from kernel_helpers import levels
 from torch import nn
 
 import qdistill as qd
