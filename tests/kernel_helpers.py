@@ -1,6 +1,12 @@
-"""Helpers shared by the kernel tests: the dispatch levels this CPU runs, a packed A8 layer."""
+"""Helpers shared by the kernel tests: the dispatch levels this CPU runs, a packed A8 layer, a
+call under an address-space limit."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
 
 import torch
 from torch import nn
@@ -32,3 +38,35 @@ def packed_pair(tmp_path, wfmt, in_f: int, out_f: int, seed: int) -> tuple[nn.Mo
     fq.eval()
     path = qd.save(fq, tmp_path / "m.qd.safetensors")
     return fq, qd.load(path, model=nn.Sequential(nn.Linear(in_f, out_f)))
+
+
+_MEMORY_LIMIT_SCRIPT = """
+import resource, torch
+from torch import nn
+import qdistill as qd
+torch.set_num_threads(1)
+{setup}
+vm = int([l for l in open("/proc/self/status") if l.startswith("VmSize")][0].split()[1])
+limit = vm * 1024 + ({headroom_mb} << 20)
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+try:
+    with torch.no_grad():
+        packed(x)
+except MemoryError as exc:
+    print("MemoryError", exc)
+"""
+
+
+def call_under_memory_limit(tmp_path, setup: str, headroom_mb: int) -> str:
+    """Run ``packed(x)`` in a fresh one-thread Python whose address space (RLIMIT_AS, Linux) is
+    limited to what it holds after ``setup`` (code defining ``packed`` and ``x``, run in
+    ``tmp_path``) plus ``headroom_mb``; returns its stdout, which holds ``MemoryError <message>``
+    when the call raised MemoryError. A crash or any other exception fails the calling test."""
+    script = _MEMORY_LIMIT_SCRIPT.format(setup=textwrap.dedent(setup), headroom_mb=headroom_mb)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, env=env,
+        timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return r.stdout

@@ -18,10 +18,10 @@ import platform
 import shutil
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
+from kernel_helpers import call_under_memory_limit
 from test_kernels import CASES, ROW8, close, needs_kernels
 from torch import nn
 
@@ -320,36 +320,20 @@ def test_failed_allocation_in_c_raises_memory_error(tmp_path):
     """The weight-only LUT kernel mallocs a copy of its input (below 8 rows: all of it; from 8
     on, the panel path copies at most 128 rows): under an address-space limit that leaves no
     room for it, the call raises MemoryError instead of returning torch.empty."""
-    script = textwrap.dedent(
+    out = call_under_memory_limit(
+        tmp_path,
         """
-        import resource, torch
-        from torch import nn
-        import qdistill as qd
-        from qdistill.pack import kernels
-        torch.set_num_threads(1)
         net = lambda: nn.Sequential(nn.Linear(1 << 21, 2))
         fq = qd.quantize_(net(), qd.QuantConfig(weights=qd.IntFormat(4, group_size=64)))
         packed = qd.load(qd.save(fq.eval(), "m.qd.safetensors"), model=net())
         with torch.no_grad():
             packed(torch.randn(1, 1 << 21))
-            assert packed[0]._kernel.kind == "lut"
-            x = torch.randn(7, 1 << 21)  # 56 MiB: the kernel's copy would need as much
-            vm = int([l for l in open("/proc/self/status") if l.startswith("VmSize")][0].split()[1])
-            limit = vm * 1024 + (32 << 20)
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-            try:
-                packed(x)
-            except MemoryError as exc:
-                print("MemoryError", exc)
-        """
+        assert packed[0]._kernel.kind == "lut"
+        x = torch.randn(7, 1 << 21)  # 56 MiB: the kernel's copy would need as much
+        """,
+        headroom_mb=32,
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, env=env,
-        timeout=120,
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    assert "MemoryError" in r.stdout and "out of memory for a batch of 7 rows" in r.stdout
+    assert "MemoryError" in out and "out of memory for a batch of 7 rows" in out
 
 
 @needs_kernels

@@ -10,14 +10,12 @@ every Linear kind after a first call, the portable switch of Linear and Embeddin
 
 import copy
 import io
-import os
 import pickle
-import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
+from kernel_helpers import call_under_memory_limit
 from torch import nn
 
 import qdistill as qd
@@ -123,36 +121,21 @@ def test_portable_switch_resets_conv_tiles_too(tmp_path):
 def test_failed_allocation_on_the_fused_a8_path_raises_memory_error(tmp_path):
     """``qd_a8_linear`` allocates the int8 copy of its input: under an address-space limit that
     leaves no room for it, the call raises MemoryError, it never returns torch.empty."""
-    script = textwrap.dedent(
+    out = call_under_memory_limit(
+        tmp_path,
         """
-        import resource, torch
-        from torch import nn
-        import qdistill as qd
-        torch.set_num_threads(1)
         net = lambda: nn.Sequential(nn.Linear(512, 2))
         cfg = qd.QuantConfig(weights=qd.IntFormat(4, group_size=64),
                              activations=qd.IntFormat(8, axis="row"))
         packed = qd.load(qd.save(qd.quantize_(net(), cfg).eval(), "m.qd.safetensors"), model=net())
         with torch.no_grad():
             packed(torch.randn(1, 512))
-            assert packed[0]._kernel.kind == "int4"
-            x = torch.randn(1 << 16, 512)  # 128 MiB; its int8 copy needs 34 MB
-            vm = int([l for l in open("/proc/self/status") if l.startswith("VmSize")][0].split()[1])
-            limit = vm * 1024 + (24 << 20)
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-            try:
-                packed(x)
-            except MemoryError as exc:
-                print("MemoryError", exc)
-        """
+        assert packed[0]._kernel.kind == "int4"
+        x = torch.randn(1 << 16, 512)  # 128 MiB; its int8 copy needs 34 MB
+        """,
+        headroom_mb=24,
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, env=env,
-        timeout=120,
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    assert "MemoryError" in r.stdout and "65536 rows" in r.stdout
+    assert "MemoryError" in out and "65536 rows" in out
 
 
 def test_the_must_load_guard_fails_when_the_kernels_did_not_load(monkeypatch):
