@@ -134,7 +134,7 @@ class Run:
             if not kp or kp._call is None:
                 return None
             items.append((layer, kp, kp._call))
-        for (_, _, a), (_, _, b) in zip(items, items[1:]):
+        for (_, _, a), (_, _, b) in zip(items, items[1:], strict=False):
             if a[7] != b[6]:
                 return None  # the unfused call raises its InputError
         self.bound = _Bound(tuple(items), self.acts)
