@@ -295,11 +295,13 @@ def test_load_swaps_the_class_unless_fuse_false(tmp_path):
         for _ in range(2):
             assert torch.equal(fused(x), plain(x))
     assert type(chain.unfuse_sequentials(fused)) is nn.Sequential
+
     # a user subclass of Sequential, or a single packed Linear, is left as it is
     class MySeq(nn.Sequential):
         pass
 
     assert type(qd.load(path, model=MySeq(*arch()))) is MySeq
+    assert not chain.fusable(nn.Sequential(fused[0], nn.ReLU(), nn.GELU(), fused[2]))
 
 
 def test_train_to_and_compile_still_work():
