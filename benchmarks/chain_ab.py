@@ -11,7 +11,9 @@ weight memory), alternating in every repetition:
 * ``fused``: the loaded model itself: one ``qd_chain_run`` call for the three layers and the
   two ReLUs;
 * ``kernels``: the three layers' C entries alone (``qd_a8_run`` / ``qd_wo_run`` through
-  ``qdistill._qdcall``, preallocated outputs, no ReLU, no module code): what the C work costs.
+  ``qdistill._qdcall``, preallocated outputs, no ReLU, no module code): what the C work costs;
+* with ``--fp32``, ``fp32``: the float model (eager ``nn.Linear``), in the same cycle, and
+  ``fp32/fused``, the speed-up #15's targets are stated in.
 
 Before each timed call: ``warm`` (the same call once), ``flush`` (a torch sum over 400 MB: the
 weights and the Python/torch code's data come from memory) or ``flush+sleep`` (the same, then
@@ -82,16 +84,22 @@ def main() -> None:
     p.add_argument("--batch", default="1,32")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--fp32", action="store_true", help="also time the float model")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     flush = torch.ones(100 * 2**20)  # 400 MB
     print(f"# {args.threads} threads, median of {args.reps} interleaved repetitions (us)")
+    fp32 = linear_heavy().eval() if args.fp32 else None
+    extra = f"{'fp32':>9}{'fp32/fused':>11}" if fp32 is not None else ""
     print(f"{'variant':<9}{'batch':>6} {'mode':<13}" + "".join(f"{c:>9}" for c in COLUMNS)
-          + f"{'unf/fused':>10}{'fused-kern':>11}")  # fmt: skip
+          + f"{'unf/fused':>10}{'fused-kern':>11}" + extra)  # fmt: skip
     for variant in args.variants.split(","):
         model = packed_model(variant)
         for batch in (int(b) for b in args.batch.split(",")):
-            fns = callables(model, torch.randn(batch, 4096))
+            x = torch.randn(batch, 4096)
+            fns = callables(model, x)
+            if fp32 is not None:
+                fns.append(lambda fp32=fp32, x=x: fp32(x))
             times: dict[tuple[str, int], list[float]] = {}
             with torch.no_grad():
                 for _ in range(args.reps):
@@ -107,10 +115,11 @@ def main() -> None:
                             fn()
                             times.setdefault((mode, j), []).append((time.perf_counter() - t0) * 1e6)
             for mode in MODES:
-                un, fu, ke = (statistics.median(times[(mode, j)]) for j in range(3))
+                un, fu, ke, *fl = (statistics.median(times[(mode, j)]) for j in range(len(fns)))
+                tail = f"{fl[0]:>9.0f}{fl[0] / fu:>11.2f}" if fl else ""
                 print(
                     f"{variant:<9}{batch:>6} {mode:<13}{un:>9.0f}{fu:>9.0f}{ke:>9.0f}"
-                    f"{un / fu:>10.2f}{fu - ke:>11.0f}",
+                    f"{un / fu:>10.2f}{fu - ke:>11.0f}{tail}",
                     flush=True,
                 )
         del model
