@@ -202,6 +202,7 @@ def test_fallbacks_give_the_unfused_result(fallbacks):
     check(y, unfused(model, xg).detach())
     with torch.no_grad():
         check(model(x.double()), unfused(model, x.double()))  # float64
+        check(model(x[:0]), unfused(model, x[:0]))  # no rows
         check(model(x.t().contiguous().t()))  # not contiguous
         calls = []
         handle = model[2].register_forward_hook(lambda *a: calls.append(1))
@@ -330,3 +331,16 @@ def test_builds_without_qd_chain_run_do_without(monkeypatch, fallbacks):
     model[1] = nn.ReLU()  # the children changed: the runs are looked for again, none found
     with torch.no_grad():
         assert torch.equal(model(x), ref) and not model._qd_chain.fused
+
+
+def test_through_ctypes_without_qdcall(monkeypatch, fallbacks):
+    """QDISTILL_NO_FASTCALL: the chain entry is called through ctypes with the argtypes the
+    library declares (a build without qdistill._qdcall)."""
+    monkeypatch.setenv(kernels.NO_FASTCALL_ENV, "1")
+    model = frozen("int2", 129)
+    warm(model, 129)
+    x = torch.randn(7, 129)
+    with torch.no_grad():
+        y = model(x)
+        assert torch.equal(y, unfused(model, x)) and fallbacks[0] == 0
+    assert model._qd_chain.steps[0].bound.run is kernels._ctypes_run
