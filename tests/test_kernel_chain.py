@@ -18,7 +18,7 @@ from torch import nn
 import qdistill as qd
 from qdistill.errors import FormatError, InputError
 from qdistill.pack import chain, kernels
-from qdistill.pack.modules import PackedLinear
+from qdistill.pack.modules import PackedLinear, use_portable_path
 
 needs_chain = pytest.mark.skipif(
     not kernels.has_entry(chain.ENTRY), reason="C kernels (qd_chain_run) not built"
@@ -228,6 +228,9 @@ def test_fallbacks_give_the_unfused_result(fallbacks):
         model(x)  # binds the new layer's plan
         before = fallbacks[0]
         assert torch.equal(model(x), unfused(model, x)) and fallbacks[0] == before
+        # the portable path forced on the layers: the run gives way to it
+        use_portable_path(model)
+        assert torch.equal(model(x), unfused(model, x)) and fallbacks[0] == before + 1
 
 
 def test_global_hook_sees_every_module():

@@ -48,6 +48,9 @@ ENTRY = "qd_chain_run"
 _F32 = torch.float32
 _UNSET = object()
 _NO_ACT, _RELU = 0, 1
+# torch.compiler.is_compiling is torch >= 2.3; on 2.2 dynamo traces the fused path and breaks
+# its graph at the C call, which then runs eagerly
+_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
 
 
 class CChainLayer(ctypes.Structure):
@@ -255,7 +258,7 @@ class PackedSequential(nn.Sequential):
         return state
 
     def forward(self, input: Any) -> Any:
-        if torch.jit.is_tracing() or torch.compiler.is_compiling() or _hooked():
+        if torch.jit.is_tracing() or _is_compiling() or _hooked():
             return super().forward(input)
         st = self.__dict__.get("_qd_chain")
         if st is None or tuple(self._modules.values()) != st.children:
