@@ -3275,6 +3275,68 @@ int64_t qd_wo_run(const qd_wo_plan *p, const float *x, float *y, int64_t B, int 
 }
 
 /* ---------------------------------------------------------------------------------------------
+ * A run of packed Linears in one call (#15 items 1 and 4; qdistill/pack/chain.py). At batch 1
+ * the Python module path between the kernels (nn.Module.__call__, checks, torch.empty, a ReLU
+ * as a torch op) costs ~300 us of a ~1.3 ms W4A8 forward once a larger model has evicted its
+ * code and data from the caches (benchmarks/results/kernels-gemv.md, section 6). A chain is the
+ * plans of consecutive Linears of an nn.Sequential with the elementwise layers between them
+ * that C computes bit for bit as torch does (ReLU; Identity and eval-mode Dropout are no-ops):
+ * one call runs them layer after layer through the same entries (qd_a8_run / qd_wo_run) into
+ * two ping-pong scratch buffers, so every product is exactly the unfused one.
+ * ------------------------------------------------------------------------------------------- */
+typedef struct {
+    const void *plan; /* a qd_a8_plan (entry 0) or a qd_wo_plan (entry 1) */
+    int64_t entry;
+    int64_t act; /* on this layer's output: 0 none, 1 ReLU (as torch.relu) */
+    int64_t O;   /* output width */
+} qd_chain_layer;
+
+/* qdistill/pack/chain.py's CChain / CChainLayer mirror these field for field */
+typedef struct {
+    int64_t n;
+    const qd_chain_layer *layers;
+} qd_chain;
+
+/* torch.relu's bits: x < 0 -> +0.0; NaN (any payload), -0.0 and +-Inf >= 0 stay as they are */
+static void chain_relu(float *y, int64_t n) {
+#pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN_WORK / 16)
+    for (int64_t i = 0; i < n; i++) y[i] = y[i] < 0.0f ? 0.0f : y[i];
+}
+
+/* x [B][I of layer 0] -> y [B][O of the last layer], level as qd_a8_run's. Returns 0; -1 when
+ * an allocation failed; else the first failing layer's status (> 0: rows holding NaN / Inf at
+ * a per-token int8 layer). On failure y is unspecified: the caller runs the layers one by one
+ * again, which raises the layer's own error. */
+int64_t qd_chain_run(const qd_chain *c, const float *x, float *y, int64_t B, int level) {
+    if (B <= 0 || c->n <= 0) return 0;
+    int64_t width = 0;
+    for (int64_t i = 0; i + 1 < c->n; i++)
+        if (c->layers[i].O > width) width = c->layers[i].O;
+    /* two buffers on 64-byte lines, as torch allocates the tensors the unfused layers read
+     * (a probe found no difference at 16-byte alignment; kept so both paths see the same) */
+    const size_t stride = ((size_t)B * (size_t)width + 15) & ~(size_t)15;
+    char *mem = NULL;
+    float *buf = NULL;
+    if (width > 0) {
+        mem = (char *)malloc(2 * stride * sizeof(float) + 64);
+        if (!mem) return -1;
+        buf = (float *)(mem + (64 - (uintptr_t)mem % 64) % 64);
+    }
+    const float *in = x;
+    int64_t status = 0;
+    for (int64_t i = 0; i < c->n && status == 0; i++) {
+        const qd_chain_layer *L = &c->layers[i];
+        float *out = i + 1 == c->n ? y : buf + (size_t)(i & 1) * stride;
+        status = L->entry == 0 ? qd_a8_run((const qd_a8_plan *)L->plan, in, out, B, level)
+                               : qd_wo_run((const qd_wo_plan *)L->plan, in, out, B, level);
+        if (status == 0 && L->act == 1) chain_relu(out, B * L->O);
+        in = out;
+    }
+    free(mem);
+    return status;
+}
+
+/* ---------------------------------------------------------------------------------------------
  * The C ABI, declared once (issue #15 item 5). QD_API lists every entry point Python calls as
  * X(return type, name, (parameters)). Expanded with QD_DECLARE it gives their prototypes, which
  * the compiler checks against the definitions above (a drifted one is a "conflicting types"
@@ -3316,7 +3378,8 @@ int64_t qd_wo_run(const qd_wo_plan *p, const float *x, float *y, int64_t B, int 
           const int32_t *wsum, const float *bias, int64_t O, int64_t I, int64_t I_pad, int64_t g,  \
           float eps, const float *x, float *y, int64_t B, int level))                              \
     X(int64_t, qd_a8_run, (const qd_a8_plan *p, const float *x, float *y, int64_t B, int level)) \
-    X(int64_t, qd_wo_run, (const qd_wo_plan *p, const float *x, float *y, int64_t B, int level))
+    X(int64_t, qd_wo_run, (const qd_wo_plan *p, const float *x, float *y, int64_t B, int level)) \
+    X(int64_t, qd_chain_run, (const qd_chain *c, const float *x, float *y, int64_t B, int level))
 
 #define QD_DECLARE(ret, name, params) ret name params;
 QD_API(QD_DECLARE)

@@ -33,7 +33,7 @@ from qdistill.errors import FileFormatError, QDistillError
 from qdistill.formats import format_from_dict
 from qdistill.formats.storage import storage_of
 from qdistill.models import hf_arch
-from qdistill.pack import huffman, validate
+from qdistill.pack import chain, huffman, validate
 from qdistill.pack.bits import pack_for, unpack_for
 from qdistill.pack.modules import (
     PACKED_TENSORS,
@@ -53,15 +53,16 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def freeze(model: nn.Module) -> nn.Module:
+def freeze(model: nn.Module, fuse: bool = True) -> nn.Module:
     """Replace every fake-quant layer by its packed inference twin, in place.
 
-    After this the model holds codes, not float weights: it is what :func:`load` returns.
+    After this the model holds codes, not float weights: it is what :func:`load` returns
+    (``fuse`` as there).
     """
     for name, module in list(model.named_modules()):
         if is_quantized(module):
             _set_module(model, name, pack_layer(module))
-    return model
+    return chain.fuse_sequentials(model) if fuse else model
 
 
 def _packed_tensors(name: str, layer: PackedMixin) -> dict[str, torch.Tensor]:
@@ -208,7 +209,9 @@ def _build_architecture(header: dict[str, Any], path: Path) -> nn.Module:
         raise FileFormatError(f"{path}: cannot build architecture {name!r} ({first})") from None
 
 
-def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
+def load(
+    path: str | os.PathLike[str], model: nn.Module | None = None, fuse: bool = True
+) -> nn.Module:
     """Load a packed model; quantized layers become packed layers that compute from codes.
 
     With ``model`` given (a float or fake-quant model of the same architecture), its layers are
@@ -217,6 +220,10 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
     ``save_pretrained`` wrote). Any mismatch
     between the file and the model names the tensor; the model is changed only once the whole
     file has been checked (:mod:`qdistill.pack.validate`), so a bad file leaves it as it was.
+    With ``fuse`` (the default) every plain ``nn.Sequential`` holding two or more packed
+    Linears in a row becomes a :class:`~qdistill.pack.chain.PackedSequential`, which runs them
+    (and the ReLUs between) in one C call with bit-identical outputs; ``fuse=False`` keeps the
+    plain class.
     """
     path = hf_arch.weights_file(Path(path))  # a save_pretrained folder: its safetensors file
     header = read_header(path)
@@ -284,7 +291,7 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
     model.load_state_dict(rest, strict=False, assign=built_on_meta)
     hf_arch.finish(model, path)
     model.eval()
-    return model
+    return chain.fuse_sequentials(model) if fuse else model
 
 
 def _expected_state(

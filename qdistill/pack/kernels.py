@@ -194,6 +194,7 @@ def _load() -> ctypes.CDLL | None:
             if not set(_PLAN_ENTRIES) <= set(signatures):
                 continue  # a build of the same ABI from before qd_wo_run: stale
             cabi.bind(lib, signatures)
+            lib.qd_entries = frozenset(signatures)  # optional entries: has_entry
             return lib
         except (OSError, AttributeError, ValueError):  # foreign/stale build: portable path
             continue
@@ -217,6 +218,13 @@ def library() -> ctypes.CDLL | None:
             stacklevel=3,
         )
     return _LIB
+
+
+def has_entry(name: str) -> bool:
+    """Whether the loaded build declares the C entry ``name`` (an optional one such as
+    ``qd_chain_run``, which builds from before it lack: their callers then do without)."""
+    lib = library()
+    return lib is not None and name in getattr(lib, "qd_entries", ())
 
 
 def cpu_path() -> str:
