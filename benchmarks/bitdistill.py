@@ -22,11 +22,12 @@ and gradient clipping (:mod:`qdistill.train.schedule`):
 Every variant runs with each of ``--seeds`` (the seed draws the new head, the data order and
 stochastic parts; the split is fixed). Accuracy and balanced accuracy are measured on the test
 set with the packed file loaded back (ternary students through the packed CPU kernels); bytes
-is that file's size; latency is one sequence (batch 1, ``--max-length`` tokens) through the
-loaded model, median of interleaved repetitions with all models of the same seed, ``--threads``.
+is that file's size; latency is one sequence (batch 1, ``--max-length`` tokens, or
+``--latency-length``: #15 times a 40-token sentence) through the loaded model, median of
+interleaved repetitions with all models of the same seed, ``--threads``.
 
     python benchmarks/bitdistill.py --threads 2 --share-stage2   # the committed table (18 min idle)
-    python benchmarks/bitdistill.py --latency-only --threads 2   # re-time its saved files
+    python benchmarks/bitdistill.py --latency-only --threads 2 --latency-length 40  # re-time
     python benchmarks/bitdistill.py            # 3 seeds, stage 2 per seed
     # on a busy machine, one 1-thread process per seed, then merge:
     python benchmarks/bitdistill.py --seeds 1 --threads 1 --work runs/s1 --out runs/s1.csv
@@ -42,6 +43,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -52,7 +54,7 @@ from typing import Any
 import torch
 
 import qdistill as qd
-from qdistill.data.text import classification_loader, text_loader
+from qdistill.data.text import classification_loader, text_loader, tokenize
 from qdistill.data.wordnet import general_text, load_wordnet
 from qdistill.errors import QDistillError
 from qdistill.recipes.bitdistill import BitDistillConfig, bitdistill, finetune
@@ -207,7 +209,7 @@ def write_report(
         f"{' shared by all seeds' if getattr(args, 'share_stage2', False) else ' and seed'}, "
         f"reused by the stage-3 ablations); warmup 10% + cosine decay to 0 per step everywhere; "
         f"accuracy of the packed file "
-        f"loaded back; latency of one {args.max_length}-token sequence, {args.threads} "
+        f"loaded back; latency of one {latency_tokens(args)}-token sequence, {args.threads} "
         f"thread(s)" + (f" ({elapsed:.0f} s in all)." if elapsed else ".")
     )
     md = out.with_suffix(".md")
@@ -237,6 +239,11 @@ def load_packed(path: Path, num_labels: int) -> torch.nn.Module:
         insert_subln(model)
     quantize_(model, bitnet_config(model))
     return qd.load(path, model=model).eval()
+
+
+def latency_tokens(args: argparse.Namespace) -> int:
+    """Tokens of the sequence the latency column times."""
+    return getattr(args, "latency_length", 0) or args.max_length
 
 
 def remeasure_latency(args: argparse.Namespace, sample: dict, num_labels: int) -> Path:
@@ -278,9 +285,14 @@ def remeasure_latency(args: argparse.Namespace, sample: dict, num_labels: int) -
     md = out.with_suffix(".md")
     caption = md.read_text().split("\n\n")[0] if md.is_file() else None
     if caption is not None:  # the run's own caption, with a note on the new latencies
-        caption = caption.split(" Latency re-measured")[0] + (
+        caption = re.sub(  # the run's own words on latency, to the length timed now
+            r"latency of one \d+-token sequence",
+            f"latency of one {latency_tokens(args)}-token sequence",
+            caption.split(" Latency re-measured")[0],
+        ) + (
             f" Latency re-measured afterwards from the saved packed files (--latency-only): "
-            f"{args.threads} thread(s), median of {args.reps} interleaved repetitions."
+            f"one {latency_tokens(args)}-token sequence, {args.threads} thread(s), median of "
+            f"{args.reps} interleaved repetitions."
         )
     return write_report(rows, args, budgets, n_train, n_test, 0.0, out, caption)
 
@@ -291,6 +303,13 @@ def main() -> int:
     p.add_argument("--per-class", type=int, default=48, help="training examples per class")
     p.add_argument("--test-per-class", type=int, default=60)
     p.add_argument("--max-length", type=int, default=20)
+    p.add_argument(
+        "--latency-length",
+        type=int,
+        default=0,
+        help="tokens of the latency sequence (default --max-length: a test definition, padded; "
+        "otherwise bitdistill_latency.py's sentence cut to this many tokens: #15 times 40)",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--teacher-epochs", type=int, default=2)
     p.add_argument("--teacher-lr", type=float, default=1e-4)
@@ -370,6 +389,11 @@ def main() -> int:
         return 0
     length, bs = args.max_length, args.batch_size
     sample = next(iter(classification_loader(tok, test.texts[:1], test.labels[:1], length, 1)))[0]
+    if args.latency_length and args.latency_length != length:  # a sentence that fills them all
+        from bitdistill_latency import TEXT
+
+        data = tokenize(tok, [TEXT], args.latency_length)
+        sample = {"input_ids": data.input_ids, "attention_mask": data.attention_mask}
     if args.latency_only:
         try:
             md = remeasure_latency(args, sample, len(test.classes))
