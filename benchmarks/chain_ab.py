@@ -27,10 +27,8 @@ benchmarks/results/kernels-chain.md does:
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -41,8 +39,9 @@ from runtime import VARIANTS, linear_heavy  # noqa: E402
 
 import qdistill as qd  # noqa: E402
 from qdistill.pack.chain import PackedSequential  # noqa: E402
+from qdistill.report.runtime import CACHE_MODES, cache_state_medians  # noqa: E402
 
-MODES = ("warm", "flush", "flush+sleep")
+MODES = CACHE_MODES
 COLUMNS = ("unfused", "fused", "kernels")
 
 
@@ -87,7 +86,6 @@ def main() -> None:
     p.add_argument("--fp32", action="store_true", help="also time the float model")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    flush = torch.ones(100 * 2**20)  # 400 MB
     print(f"# {args.threads} threads, median of {args.reps} interleaved repetitions (us)")
     fp32 = linear_heavy().eval() if args.fp32 else None
     extra = f"{'fp32':>9}{'fp32/fused':>11}" if fp32 is not None else ""
@@ -100,22 +98,10 @@ def main() -> None:
             fns = callables(model, x)
             if fp32 is not None:
                 fns.append(lambda fp32=fp32, x=x: fp32(x))
-            times: dict[tuple[str, int], list[float]] = {}
             with torch.no_grad():
-                for _ in range(args.reps):
-                    for mode in MODES:
-                        for j, fn in enumerate(fns):
-                            if mode == "warm":
-                                fn()
-                            else:
-                                flush.sum()
-                                if mode == "flush+sleep":
-                                    time.sleep(0.02)
-                            t0 = time.perf_counter()
-                            fn()
-                            times.setdefault((mode, j), []).append((time.perf_counter() - t0) * 1e6)
+                med = cache_state_medians(fns, MODES, args.reps)
             for mode in MODES:
-                un, fu, ke, *fl = (statistics.median(times[(mode, j)]) for j in range(len(fns)))
+                un, fu, ke, *fl = (med[(mode, j)] for j in range(len(fns)))
                 tail = f"{fl[0]:>9.0f}{fl[0] / fu:>11.2f}" if fl else ""
                 print(
                     f"{variant:<9}{batch:>6} {mode:<13}{un:>9.0f}{fu:>9.0f}{ke:>9.0f}"

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from rows_ab import WEIGHTS, a8_call, load, packed_layer
+from rows_ab import WEIGHTS, a8_call, load, packed_plan
 
 
 def main() -> None:
@@ -51,9 +51,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         for shape in args.shapes.split(","):
             out_f, in_f = map(int, shape.split("x"))
-            layer = packed_layer(args.kind, out_f, in_f, Path(tmp))
-            layer(torch.randn(2, in_f))  # makes the plan and its C struct
-            plan = layer._kernel._args[1]
+            layer, plan = packed_plan(args.kind, out_f, in_f, Path(tmp))
             for rows in map(int, args.rows.split(",")):
                 x = torch.randn(rows, in_f)
                 ys = [torch.empty(rows, out_f) for _ in libs]

@@ -26,10 +26,8 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -38,8 +36,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from runtime import VARIANTS, linear_heavy  # noqa: E402
 
 import qdistill as qd  # noqa: E402
+from qdistill.report.runtime import CACHE_MODES, cache_state_medians  # noqa: E402
 
-MODES = ("warm", "flush", "flush+sleep")
+MODES = CACHE_MODES
 
 
 def load(path: str) -> ctypes.CDLL:
@@ -86,27 +85,14 @@ def main() -> None:
         return run
 
     fns = [kernels_of(load(s)) for s in args.so] + [lambda: model(x)]
-    flush = torch.ones(100 * 2**20)  # 400 MB
-    times: dict[tuple[str, int], list[float]] = {}
     with torch.no_grad():
-        for _ in range(args.reps):
-            for mode in modes:
-                for j, fn in enumerate(fns):
-                    if mode == "warm":
-                        fn()
-                    else:
-                        flush.sum()
-                        if mode == "flush+sleep":
-                            time.sleep(0.02)
-                    t0 = time.perf_counter()
-                    fn()
-                    times.setdefault((mode, j), []).append((time.perf_counter() - t0) * 1e6)
+        med = cache_state_medians(fns, modes, args.reps)
     print(f"# {args.variant}, {args.threads} threads, batch 1, median of {args.reps} (us)")
     print(f"# a: {args.so[0]}\n# b: {args.so[1]}\n# module: the whole model(x), package build")
     print(f"{'mode':<13}{'a':>8}{'b':>8}{'module':>8}{'a/b':>7}{'GB/s b':>8}")
     nbytes = sum(m._kernel.nbytes() for m in layers)
     for mode in modes:
-        a, b, mod = (statistics.median(times[(mode, j)]) for j in range(3))
+        a, b, mod = (med[(mode, j)] for j in range(3))
         print(f"{mode:<13}{a:>8.0f}{b:>8.0f}{mod:>8.0f}{a / b:>7.2f}{nbytes / b / 1e3:>8.1f}")
 
 

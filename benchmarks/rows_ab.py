@@ -61,6 +61,15 @@ def packed_layer(kind: str, out_f: int, in_f: int, tmp: Path) -> nn.Module:
     return qd.load(path, model=nn.Sequential(nn.Linear(in_f, out_f)))[0]
 
 
+def packed_plan(kind: str, out_f: int, in_f: int, tmp: Path) -> tuple[nn.Module, int]:
+    """:func:`packed_layer` after one call (which makes its plan and C struct), with the
+    address of that struct, the argument ``qd_a8_run`` takes."""
+    layer = packed_layer(kind, out_f, in_f, tmp)
+    with torch.no_grad():
+        layer(torch.randn(2, in_f))
+    return layer, layer._kernel._args[1]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--so", nargs=2, required=True, metavar=("A", "B"))
@@ -94,9 +103,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         for shape in args.shapes.split(","):
             out_f, in_f = map(int, shape.split("x"))
-            layer = packed_layer(args.kind, out_f, in_f, Path(tmp))
-            layer(torch.randn(2, in_f))  # makes the plan and its C struct
-            plan = layer._kernel._args[1]
+            layer, plan = packed_plan(args.kind, out_f, in_f, Path(tmp))
             w = torch.randn(out_f, in_f)
             bias = torch.randn(out_f)
             for rows in rows_list:

@@ -105,6 +105,38 @@ def interleaved_best_us(
     return best
 
 
+CACHE_MODES = ("warm", "flush", "flush+sleep")
+
+
+def cache_state_medians(
+    fns: list[Callable[[], object]],
+    modes: tuple[str, ...] | list[str] = CACHE_MODES,
+    reps: int = 15,
+    flush_mb: int = 400,
+    sleep_s: float = 0.02,
+) -> dict[tuple[str, int], float]:
+    """Median microseconds of one call of each callable in each cache state, keyed by ``(mode,
+    index)``. Before each timed call: ``warm``, the same call once; ``flush``, a torch sum over
+    ``flush_mb`` MB (the weights and the Python / torch code's data then come from memory, as
+    after a larger model); ``flush+sleep``, the same and ``sleep_s`` asleep (the OpenMP workers
+    stop spinning). Repetitions interleave the modes and the callables, so drifts hit all."""
+    flush = torch.ones(flush_mb << 18)  # float32: 4 bytes
+    times: dict[tuple[str, int], list[float]] = {}
+    for _ in range(reps):
+        for mode in modes:
+            for j, fn in enumerate(fns):
+                if mode == "warm":
+                    fn()
+                else:
+                    flush.sum()
+                    if mode == "flush+sleep":
+                        time.sleep(sleep_s)
+                t0 = time.perf_counter()
+                fn()
+                times.setdefault((mode, j), []).append((time.perf_counter() - t0) * 1e6)
+    return {key: statistics.median(ts) for key, ts in times.items()}
+
+
 def interleaved_medians(
     fns: dict[str, Callable[[], object]], reps: int = 30, warmup: int = 3
 ) -> dict[str, float]:
