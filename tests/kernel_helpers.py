@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from torch import nn
 
@@ -15,6 +16,19 @@ import qdistill as qd
 from qdistill.pack import kernels
 
 ROW8 = qd.IntFormat(8, axis="row")
+_LIB = kernels.library()
+needs_amx = pytest.mark.skipif(
+    _LIB is None or not _LIB.qd_has_amx(),
+    reason="no AMX here (needs AMX-TILE + AMX-INT8 in CPUID, Linux's tile permission and a "
+    "kernels build from GCC >= 11 / clang >= 12)",
+)
+
+
+@pytest.fixture
+def amx_allowed(monkeypatch):
+    """The AMX tests test AMX: plans they make may use it even where the run was started with
+    QDISTILL_NO_AMX=1 (tests that want it off set it themselves)."""
+    monkeypatch.delenv(kernels.NO_AMX_ENV, raising=False)
 
 
 def levels() -> list[int]:

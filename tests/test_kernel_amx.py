@@ -24,6 +24,7 @@ import io
 
 import pytest
 import torch
+from kernel_helpers import amx_allowed, needs_amx  # noqa: F401 (amx_allowed: a fixture)
 from torch import nn
 
 import qdistill as qd
@@ -33,11 +34,7 @@ from qdistill.pack import kernels
 ROW8 = qd.IntFormat(8, axis="row")
 _LIB = kernels.library()
 needs_kernels = pytest.mark.skipif(_LIB is None, reason="C kernels not built")
-needs_amx = pytest.mark.skipif(
-    _LIB is None or not _LIB.qd_has_amx(),
-    reason="no AMX here (needs AMX-TILE + AMX-INT8 in CPUID, Linux's tile permission and a "
-    "kernels build from GCC >= 11 / clang >= 12)",
-)
+pytestmark = pytest.mark.usefixtures("amx_allowed")
 ROWS = (1, 3, 4, 7, 13, 15, 16, 17, 32, 33, 40)
 
 

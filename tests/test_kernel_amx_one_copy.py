@@ -15,6 +15,7 @@ import dataclasses
 
 import pytest
 import torch
+from kernel_helpers import amx_allowed, needs_amx  # noqa: F401 (amx_allowed: a fixture)
 from torch import nn
 
 import qdistill as qd
@@ -22,10 +23,7 @@ from qdistill.pack import kernels
 
 ROW8 = qd.IntFormat(8, axis="row")
 _LIB = kernels.library()
-needs_amx = pytest.mark.skipif(
-    _LIB is None or not _LIB.qd_has_amx(),
-    reason="no AMX here (needs AMX-TILE + AMX-INT8, Linux's tile permission, GCC >= 11)",
-)
+pytestmark = pytest.mark.usefixtures("amx_allowed")
 ROWS = (1, 2, 3, 7, 16, 33)
 
 

@@ -19,6 +19,7 @@ import dataclasses
 
 import pytest
 import torch
+from kernel_helpers import amx_allowed, needs_amx  # noqa: F401 (amx_allowed: a fixture)
 from torch import nn
 
 import qdistill as qd
@@ -26,12 +27,7 @@ from qdistill.errors import FormatError
 from qdistill.pack import kernels
 
 ROW8 = qd.IntFormat(8, axis="row")
-_LIB = kernels.library()
-needs_amx = pytest.mark.skipif(
-    _LIB is None or not _LIB.qd_has_amx(),
-    reason="no AMX here (needs AMX-TILE + AMX-INT8 in CPUID, Linux's tile permission and a "
-    "kernels build from GCC >= 11 / clang >= 12)",
-)
+pytestmark = pytest.mark.usefixtures("amx_allowed")
 ROWS = (1, 2, 3, 7, 8, 13, 16, 17, 33, 40, 48, 64, 80)
 
 
