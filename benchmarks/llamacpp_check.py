@@ -54,14 +54,32 @@ PROMPTS = [
     "Water boils at 100 degrees Celsius and freezes at",
 ]
 PRESETS = {
-    "F32": None, "Q8_0": qd.gguf_q8_0, "Q4_0": qd.gguf_q4_0, "TQ2_0": qd.gguf_tq2_0,
+    "F32": None,
+    "Q8_0": qd.gguf_q8_0,
+    "Q4_0": qd.gguf_q4_0,
+    "TQ2_0": qd.gguf_tq2_0,
     "TQ1_0": qd.gguf_tq1_0,
 }
 FIELDS = [
-    "model", "type", "gguf_mb", "tensor_types", "prompts", "positions", "tokenization_match",
-    "max_abs_diff", "mean_abs_diff", "logit_std", "top1_agreement", "emulated_max_abs_diff",
-    "emulated_mean_abs_diff", "packed_vs_fake_max_abs",
-    "llama_cpp_tok_s", "packed_tok_s", "fp32_tok_s", "same_as_shipped_gguf", "llama_cpp_version",
+    "model",
+    "type",
+    "gguf_mb",
+    "tensor_types",
+    "prompts",
+    "positions",
+    "tokenization_match",
+    "max_abs_diff",
+    "mean_abs_diff",
+    "logit_std",
+    "top1_agreement",
+    "emulated_max_abs_diff",
+    "emulated_mean_abs_diff",
+    "packed_vs_fake_max_abs",
+    "llama_cpp_tok_s",
+    "packed_tok_s",
+    "fp32_tok_s",
+    "same_as_shipped_gguf",
+    "llama_cpp_version",
 ]
 # llama.cpp's pre-tokenizer of each model (SmolLM2's GGUF-loaded tokenizer lost its Digits step)
 PRE = {"tiny": None, "smollm2": "smollm"}
@@ -78,7 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gen-tokens", type=int, default=32)
     p.add_argument("--out", default=str(RESULTS / "gguf.csv"))
     p.add_argument(
-        "--extra-buffers", action="store_true",
+        "--extra-buffers",
+        action="store_true",
         help="let llama.cpp use its extra weight buffers (AMX, repacking); SIGILL on this VM",
     )
     return p.parse_args(argv)
@@ -119,8 +138,13 @@ def tiny_model_and_tokenizer():
     )
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=len(fast), max_position_embeddings=256,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(fast),
+        max_position_embeddings=256,
         initializer_range=0.1,  # peakier logits than the default 0.02: top-1 means something
     )
     return transformers.LlamaForCausalLM(config).eval(), fast
@@ -149,8 +173,10 @@ def same_as_shipped(ours: Path) -> str:
     vocab = all(a.fields[k].contents() == b.fields[k].contents() for k in keys)
     tb = {t.name: t for t in b.tensors}
     same = [
-        np.array_equal(gguf.quants.dequantize(t.data, t.tensor_type),
-                       gguf.quants.dequantize(tb[t.name].data, tb[t.name].tensor_type))
+        np.array_equal(
+            gguf.quants.dequantize(t.data, t.tensor_type),
+            gguf.quants.dequantize(tb[t.name].data, tb[t.name].tensor_type),
+        )
         for t in a.tensors
     ]
     return f"vocab {'yes' if vocab else 'NO'}; tensors {sum(same)}/{len(tb)}"
@@ -218,8 +244,14 @@ def measure(name: str, base, tokenizer, kind: str, args, workdir: Path) -> dict:
     gguf_file = workdir / f"{name}-{kind}.gguf"
     result = qd.export_gguf(packed, gguf_file, tokenizer, tokenizer_pre=PRE[name])
     llm = llama_cpp.Llama(
-        str(gguf_file), n_ctx=256, n_batch=256, logits_all=True, n_threads=args.threads,
-        type_k=0, type_v=0, verbose=False,  # GGML_TYPE_F32 KV cache
+        str(gguf_file),
+        n_ctx=256,
+        n_batch=256,
+        logits_all=True,
+        n_threads=args.threads,
+        type_k=0,
+        type_v=0,
+        verbose=False,  # GGML_TYPE_F32 KV cache
     )
     diffs, top1, stds, fake_diff, tok_match, positions = [], [], [], 0.0, 0, 0
     emulated = []
@@ -266,20 +298,22 @@ def measure(name: str, base, tokenizer, kind: str, args, workdir: Path) -> dict:
     if args.speed:
         prompt = tokenizer(PROMPTS[0], add_special_tokens=False)["input_ids"]
         x = torch.tensor([prompt])
-        gen = dict(max_new_tokens=args.gen_tokens, min_new_tokens=args.gen_tokens,
-                   do_sample=False)
+        gen = dict(max_new_tokens=args.gen_tokens, min_new_tokens=args.gen_tokens, do_sample=False)
 
         def cpp():
             llm.reset()
-            llm.create_completion(prompt, max_tokens=args.gen_tokens, temperature=0.0,
-                                  stop=[], logprobs=None)
+            llm.create_completion(
+                prompt, max_tokens=args.gen_tokens, temperature=0.0, stop=[], logprobs=None
+            )
 
         with torch.no_grad():
             row["llama_cpp_tok_s"] = round(tokens_per_s(cpp, args.gen_tokens), 1)
             row["packed_tok_s"] = round(
-                tokens_per_s(lambda: packed.generate(x, **gen), args.gen_tokens), 1)
+                tokens_per_s(lambda: packed.generate(x, **gen), args.gen_tokens), 1
+            )
             row["fp32_tok_s"] = round(
-                tokens_per_s(lambda: base.generate(x, **gen), args.gen_tokens), 1)
+                tokens_per_s(lambda: base.generate(x, **gen), args.gen_tokens), 1
+            )
     llm.close() if hasattr(llm, "close") else None
     for f in (packed_file, gguf_file):
         f.unlink()
@@ -302,13 +336,15 @@ def main(argv: list[str] | None = None) -> int:
                 start = time.time()
                 row = measure(name, base, tokenizer, kind, args, Path(tmp))
                 rows.append(row)
-                print(f"{name} {kind}: top-1 {row['top1_agreement']:.3f}, max |diff| "
-                      f"{row['max_abs_diff']:.4g}, mean |diff| {row['mean_abs_diff']:.4g} "
-                      f"(logit std {row['logit_std']:.3g}), tokenization "
-                      f"{row['tokenization_match']}, with llama.cpp's input quantization "
-                      f"emulated max |diff| {row['emulated_max_abs_diff']:.3g}, packed vs fake "
-                      f"{row['packed_vs_fake_max_abs']:.3g} [{time.time() - start:.0f}s]",
-                      flush=True)
+                print(
+                    f"{name} {kind}: top-1 {row['top1_agreement']:.3f}, max |diff| "
+                    f"{row['max_abs_diff']:.4g}, mean |diff| {row['mean_abs_diff']:.4g} "
+                    f"(logit std {row['logit_std']:.3g}), tokenization "
+                    f"{row['tokenization_match']}, with llama.cpp's input quantization "
+                    f"emulated max |diff| {row['emulated_max_abs_diff']:.3g}, packed vs fake "
+                    f"{row['packed_vs_fake_max_abs']:.3g} [{time.time() - start:.0f}s]",
+                    flush=True,
+                )
                 if row["top1_agreement"] < args.min_top1 or (
                     kind == "F32" and row["max_abs_diff"] > args.f32_atol
                 ):
@@ -318,8 +354,9 @@ def main(argv: list[str] | None = None) -> int:
         writer = csv.DictWriter(fh, fieldnames=FIELDS)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v)
-                             for k, v in row.items()})
+            writer.writerow(
+                {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
+            )
     print(f"wrote {args.out}")
     if failed:
         print(f"outside the stated tolerance: {', '.join(failed)}")

@@ -39,8 +39,14 @@ LAYER = {
 def tiny_llama(**overrides) -> torch.nn.Module:
     """Width 256 (TQ blocks fit the rows), 4 query heads sharing 2 key/value heads."""
     torch.manual_seed(0)
-    spec = dict(hidden_size=256, intermediate_size=512, vocab_size=VOCAB,
-                max_position_embeddings=128, rope_theta=50000.0, rms_norm_eps=1e-5)
+    spec = dict(
+        hidden_size=256,
+        intermediate_size=512,
+        vocab_size=VOCAB,
+        max_position_embeddings=128,
+        rope_theta=50000.0,
+        rms_norm_eps=1e-5,
+    )
     return transformers.LlamaForCausalLM(llama_config(transformers, **{**spec, **overrides})).eval()
 
 

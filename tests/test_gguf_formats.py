@@ -145,8 +145,12 @@ def test_presets_train_and_pack_exactly(tmp_path):
         with torch.no_grad():
             ref = model(x)
         qd.save(model, tmp_path / "m.qd.safetensors")
-        packed = qd.load(tmp_path / "m.qd.safetensors", model=torch.nn.Sequential(
-            torch.nn.Linear(256, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)))
+        packed = qd.load(
+            tmp_path / "m.qd.safetensors",
+            model=torch.nn.Sequential(
+                torch.nn.Linear(256, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)
+            ),
+        )
         assert packed[0].weight_format == fmt
         assert torch.equal(packed[0].unpacked_weight(), expected)
         with torch.no_grad():

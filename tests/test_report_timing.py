@@ -27,7 +27,6 @@ def test_interleaved_best_us_keeps_each_callables_fastest_round(monkeypatch):
     assert len(calls) == 3 * 2 * 4
 
 
-
 def test_cache_state_medians_primes_flushes_and_sleeps_per_mode(monkeypatch):
     """Each mode prepares its timed call as documented (warm: the same call untimed first;
     flush: a sum over the big tensor; flush+sleep: that and a sleep), and the medians are of

@@ -122,8 +122,16 @@ class GGUFQ8_0(IntFormat):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _fixed(self, "Q8_0", bits=8, symmetric=True, axis=None, group_size=32, stochastic=False,
-               eps=None)
+        _fixed(
+            self,
+            "Q8_0",
+            bits=8,
+            symmetric=True,
+            axis=None,
+            group_size=32,
+            stochastic=False,
+            eps=None,
+        )
 
     def scales(self, blocks: torch.Tensor) -> tuple[torch.Tensor, None]:
         """fp16 scale of each block (ggml: ``d = amax / 127`` rounded to fp16)."""
@@ -168,8 +176,16 @@ class GGUFQ4_0(IntFormat):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _fixed(self, "Q4_0", bits=4, symmetric=True, axis=None, group_size=32, stochastic=False,
-               eps=None)
+        _fixed(
+            self,
+            "Q4_0",
+            bits=4,
+            symmetric=True,
+            axis=None,
+            group_size=32,
+            stochastic=False,
+            eps=None,
+        )
 
     @property
     def qmin(self) -> int:
@@ -263,9 +279,13 @@ class GGUFTernary(TernaryFormat):
         return from_code_blocks(self, x, (t + 1).to(torch.uint8), scale)
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"kind": "gguf_ternary", "gguf_type": self.gguf_type,
-                             "scale": self.scale, "group_size": self.group_size,
-                             "packing": self.packing}
+        d: dict[str, Any] = {
+            "kind": "gguf_ternary",
+            "gguf_type": self.gguf_type,
+            "scale": self.scale,
+            "group_size": self.group_size,
+            "packing": self.packing,
+        }
         if self.eps is not None:
             d["eps"] = self.eps
         return d

@@ -90,8 +90,7 @@ def tq1_0_blocks(t: np.ndarray, d: np.ndarray) -> np.ndarray:
     return np.concatenate([*parts, _fp16_bytes(d)], axis=1)
 
 
-_WRITERS = {"Q8_0": q8_0_blocks, "Q4_0": q4_0_blocks, "TQ2_0": tq2_0_blocks,
-            "TQ1_0": tq1_0_blocks}
+_WRITERS = {"Q8_0": q8_0_blocks, "Q4_0": q4_0_blocks, "TQ2_0": tq2_0_blocks, "TQ1_0": tq1_0_blocks}
 
 
 def gguf_bytes(q: QuantizedTensor, name: str) -> tuple[np.ndarray, str, str | None]:
@@ -114,9 +113,13 @@ def gguf_bytes(q: QuantizedTensor, name: str) -> tuple[np.ndarray, str, str | No
         kind, values, group = gguf_type_of(fmt), codes - 1, fmt.group_size
         check_fp16_scales(scale, name)
         if cols % GGUF_BLOCK[kind] and group is None:  # exact in Q4_0 blocks: d * (t + 8 - 8)
-            kind, values, note = "Q4_0", codes + 7, (
-                f"{name}: rows of {cols} are not a multiple of 256; its ternary values are "
-                "stored exactly as Q4_0 blocks (4.5 bits a weight)"
+            kind, values, note = (
+                "Q4_0",
+                codes + 7,
+                (
+                    f"{name}: rows of {cols} are not a multiple of 256; its ternary values are "
+                    "stored exactly as Q4_0 blocks (4.5 bits a weight)"
+                ),
             )
     else:
         raise FormatError(f"{name}: format {fmt} is not a GGUF format")

@@ -244,8 +244,9 @@ def export_gguf(
         if heads is not None:
             array = permute_rows(array, heads)
         tensors.append((gguf_name, array, raw))
-        sizes[gguf_name] = int(np.prod(getattr(module, "weight_shape", None)
-                                       or tuple(module.weight.shape)))
+        sizes[gguf_name] = int(
+            np.prod(getattr(module, "weight_shape", None) or tuple(module.weight.shape))
+        )
 
     add("model.embed_tokens", "token_embd.weight")
     for i in range(config.num_hidden_layers):
