@@ -28,31 +28,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from runtime import VARIANTS, linear_heavy  # noqa: E402
+from gemv_model_ab import packed_model  # noqa: E402
+from runtime import linear_heavy  # noqa: E402
 
-import qdistill as qd  # noqa: E402
 from qdistill.pack.chain import PackedSequential  # noqa: E402
 from qdistill.report.runtime import CACHE_MODES, cache_state_medians  # noqa: E402
 
 MODES = CACHE_MODES
 COLUMNS = ("unfused", "fused", "kernels")
-
-
-def packed_model(variant: str) -> nn.Module:
-    torch.manual_seed(0)
-    ref = linear_heavy().eval()
-    q = qd.quantize_(linear_heavy(), VARIANTS[variant])
-    q.load_state_dict(ref.state_dict(), strict=False)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = qd.save(q.eval(), Path(tmp) / "m.qd.safetensors")
-        return qd.load(path, model=linear_heavy())
 
 
 def callables(model: nn.Module, x: torch.Tensor) -> list:
