@@ -3337,6 +3337,569 @@ int64_t qd_chain_run(const qd_chain *c, const float *x, float *y, int64_t B, int
 }
 
 /* ---------------------------------------------------------------------------------------------
+ * Attention for short sequences (#15 "transformers that actually run faster"; helper attn).
+ * softmax(scale * q k^T + mask) v for q [B][H][Sq][D], k and v [B][Hkv][Sk][D] (GQA: head h
+ * reads kv head h / (H / Hkv)), any strides but a contiguous last dimension (HF passes
+ * x.view(b, s, h, d).transpose(1, 2)); out is contiguous [B][Sq][H][D], the layout HF's
+ * attention functions return, so the reshape that follows costs nothing.
+ *
+ * torch's scaled_dot_product_attention spends 100-155 us on (1, 12, 40, 32) on the 2-core
+ * Sapphire Rapids VM for ~1.2 M multiply-adds; here one call does, per (b, h, query chunk):
+ *   1. K (the keys the chunk may see) transposed into kt [D][Sk rounded up to 16] with 16 x 16
+ *      (AVX-512) / 8 x 8 (AVX2) register transposes, so that
+ *   2. scores for 4 queries x 16-64 keys are a register tile: per d one load of kt per 16 keys
+ *      and one broadcast per query (the outer-product GEMM micro-kernel);
+ *   3. mask / causal / padding applied to the score rows, softmax in fp32 with the row maximum
+ *      subtracted (exp: Cephes' expf polynomial on r = x - n ln2, times 2^n);
+ *   4. out rows = (p v) / sum p: 4 queries x up to 64 dims in registers, one broadcast of p and
+ *      one load of v per 16 dims.
+ * mask_kind: 0 none, 1 additive float32, 2 bool / uint8 (nonzero = attend), read through the
+ * strides (0 broadcasts a dimension). causal: key j is masked for query i when j > i + Sk - Sq
+ * (bottom-right: the queries are the last Sq positions; torch's is_causal is the same for
+ * Sq == Sk). Rows whose every key is masked give 0, as torch 2.13's sdpa does (its math and
+ * default paths, with -inf or bool masks); NaN in q, k, v or mask gives NaN (never finite
+ * garbage): a NaN score makes its row's sum NaN.
+ * Threads: OpenMP over (b, h, query chunk) items; heads are split into chunks only when there
+ * are fewer than 8 items a thread; under ATT_PARALLEL_MIN multiply-adds one thread runs it.
+ * ------------------------------------------------------------------------------------------- */
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define ATT_R 4                     /* queries per register tile */
+#define ATT_PARALLEL_MIN (1 << 16)  /* B H Sq Sk D below this: one thread */
+
+typedef struct {
+    const float *q, *k, *v;
+    const void *mask;
+    float *out;
+    int64_t B, H, Hkv, Sq, Sk, D;
+    const int64_t *st; /* q b,h,s; k b,h,s; v b,h,s; mask b,h,q,k */
+    int mask_kind, causal;
+    float scale;
+} att_args;
+
+static inline int64_t att_round16(int64_t n) { return (n + 15) & ~(int64_t)15; }
+
+/* keys [0, n) query i may see (before the mask): Sk, or fewer when causal */
+static inline int64_t att_kend(const att_args *a, int64_t i) {
+    if (!a->causal) return a->Sk;
+    int64_t e = i + a->Sk - a->Sq + 1;
+    return e < 0 ? 0 : e > a->Sk ? a->Sk : e;
+}
+
+/* Score row s[0, n_pad) of query i: masked keys -inf, keys >= the row's limit -inf. */
+static inline __attribute__((always_inline)) void att_fix_row(const att_args *a, float *s,
+                                                              int64_t b, int64_t h, int64_t i,
+                                                              int64_t n_pad) {
+    const int64_t lim = att_kend(a, i);
+    const int64_t *ms = a->st + 9;
+    if (a->mask_kind == 1) {
+        const float *m = (const float *)a->mask + b * ms[0] + h * ms[1] + i * ms[2];
+        if (ms[3] == 1)
+            for (int64_t j = 0; j < lim; j++) s[j] += m[j];
+        else
+            for (int64_t j = 0; j < lim; j++) s[j] += m[j * ms[3]];
+    } else if (a->mask_kind == 2) {
+        const uint8_t *m = (const uint8_t *)a->mask + b * ms[0] + h * ms[1] + i * ms[2];
+        for (int64_t j = 0; j < lim; j++)
+            if (!m[j * ms[3]]) s[j] = -INFINITY;
+    }
+    for (int64_t j = lim; j < n_pad; j++) s[j] = -INFINITY;
+}
+
+/* After the row maximum m is known: 1 when the row has no finite score and no NaN (every key
+ * masked: output 0), 0 otherwise. */
+static int att_all_masked(const float *s, int64_t n, float m) {
+    if (m != -INFINITY) return 0;
+    for (int64_t j = 0; j < n; j++)
+        if (s[j] != s[j]) return 0;
+    return 1;
+}
+
+static float *att_out_row(const att_args *a, int64_t b, int64_t h, int64_t i) {
+    return a->out + ((b * a->Sq + i) * a->H + h) * a->D;
+}
+
+/* ---- portable C ---- */
+static void att_item_c(const att_args *a, int64_t b, int64_t h, int64_t i0, int64_t i1,
+                       float *sc) {
+    const int64_t *st = a->st;
+    const int64_t kvh = h / (a->H / a->Hkv), D = a->D;
+    const float *kb = a->k + b * st[3] + kvh * st[4];
+    const float *vb = a->v + b * st[6] + kvh * st[7];
+    for (int64_t i = i0; i < i1; i++) {
+        const float *qi = a->q + b * st[0] + h * st[1] + i * st[2];
+        const int64_t n = att_kend(a, i);
+        for (int64_t j = 0; j < n; j++) {
+            const float *kj = kb + j * st[5];
+            float acc = 0.0f;
+            for (int64_t d = 0; d < D; d++) acc += qi[d] * kj[d];
+            sc[j] = acc * a->scale;
+        }
+        att_fix_row(a, sc, b, h, i, n);
+        float m = -INFINITY;
+        for (int64_t j = 0; j < n; j++) m = sc[j] > m ? sc[j] : m;
+        float *o = att_out_row(a, b, h, i);
+        if (att_all_masked(sc, n, m)) {
+            memset(o, 0, (size_t)D * sizeof(float));
+            continue;
+        }
+        float sum = 0.0f;
+        for (int64_t j = 0; j < n; j++) {
+            sc[j] = expf(sc[j] - m);
+            sum += sc[j];
+        }
+        const float inv = 1.0f / sum;
+        for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
+        for (int64_t j = 0; j < n; j++) {
+            const float *vj = vb + j * st[8];
+            for (int64_t d = 0; d < D; d++) o[d] += sc[j] * vj[d];
+        }
+        for (int64_t d = 0; d < D; d++) o[d] *= inv;
+    }
+}
+
+#ifdef __x86_64__
+/* Cephes' expf: n = round(x log2 e), r = x - n ln2 (in two parts), e^r by a degree-6 polynomial */
+#define ATT_EXP_C1 0.693359375f
+#define ATT_EXP_C2 -2.12194440e-4f
+#define ATT_EXP_POLY(FMA, SET, x, z)                                                               \
+    FMA(FMA(FMA(FMA(FMA(SET(1.9875691500e-4f), x, SET(1.3981999507e-3f)), x,                      \
+                    SET(8.3334519073e-3f)), x, SET(4.1665795894e-2f)), x, SET(1.6666665459e-1f)), \
+        x, SET(5.0000001201e-1f))
+
+/* ---- AVX-512 ---- */
+#define ATT512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
+
+/* e^x for x <= 0 or NaN; x below -87 (and -inf) gives 0 (exp(-87) < 2^-125), NaN gives NaN.
+ * Results are never denormal: an underflowing vscalefps takes a microcode assist (~35% of the
+ * kernel's time on (1, 12, 40, 32), where the 8 padding keys of each row are -inf). */
+ATT512_TARGET static inline __m512 att_exp512(__m512 x) {
+    const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ);
+    x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x); /* NaN x: max returns x */
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(ATT_EXP_C1), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(ATT_EXP_C2), r);
+    const __m512 z = _mm512_mul_ps(r, r);
+    __m512 y = ATT_EXP_POLY(_mm512_fmadd_ps, _mm512_set1_ps, r, z);
+    y = _mm512_fmadd_ps(y, z, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(y, n));
+}
+
+/* 16 rows (of 16 floats) transposed in registers */
+ATT512_TARGET static inline __attribute__((always_inline)) void att_tr16(__m512 *r) {
+    __m512 t[16];
+    for (int p = 0; p < 8; p++) {
+        t[2 * p] = _mm512_unpacklo_ps(r[2 * p], r[2 * p + 1]);
+        t[2 * p + 1] = _mm512_unpackhi_ps(r[2 * p], r[2 * p + 1]);
+    }
+    for (int g = 0; g < 4; g++) { /* r[4g + c]: lane L holds rows 4g..4g+3 of column 4L + c */
+        const __m512d lo0 = _mm512_castps_pd(t[4 * g]), hi0 = _mm512_castps_pd(t[4 * g + 1]);
+        const __m512d lo1 = _mm512_castps_pd(t[4 * g + 2]), hi1 = _mm512_castps_pd(t[4 * g + 3]);
+        r[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo0, lo1));
+        r[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo0, lo1));
+        r[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(hi0, hi1));
+        r[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(hi0, hi1));
+    }
+    for (int c = 0; c < 4; c++) {
+        const __m512 x = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88);
+        const __m512 y = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xDD);
+        const __m512 z = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
+        const __m512 w = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xDD);
+        t[c] = _mm512_shuffle_f32x4(x, z, 0x88);      /* column c */
+        t[8 + c] = _mm512_shuffle_f32x4(x, z, 0xDD);  /* column 8 + c */
+        t[4 + c] = _mm512_shuffle_f32x4(y, w, 0x88);  /* column 4 + c */
+        t[12 + c] = _mm512_shuffle_f32x4(y, w, 0xDD); /* column 12 + c */
+    }
+    for (int c = 0; c < 16; c++) r[c] = t[c];
+}
+
+/* kt[d][j] = k row j, element d, for j < n (zeros up to ldk = n rounded up to 16) */
+ATT512_TARGET static void att_kt512(const float *kb, int64_t ks, int64_t n, int64_t D,
+                                    int64_t ldk, float *kt) {
+    for (int64_t j0 = 0; j0 < ldk; j0 += 16)
+        for (int64_t d0 = 0; d0 < D; d0 += 16) {
+            const int64_t dn = D - d0 < 16 ? D - d0 : 16;
+            const __mmask16 dm = (__mmask16)((1u << dn) - 1u);
+            __m512 r[16];
+            for (int p = 0; p < 16; p++)
+                r[p] = j0 + p < n ? _mm512_maskz_loadu_ps(dm, kb + (j0 + p) * ks + d0)
+                                  : _mm512_setzero_ps();
+            att_tr16(r);
+            for (int64_t c = 0; c < dn; c++) _mm512_storeu_ps(kt + (d0 + c) * ldk + j0, r[c]);
+        }
+}
+
+/* sc[r][j0 + 16 v ..] = scale * q_r . k_j for 4 query rows x NV vectors of 16 keys */
+ATT512_TARGET static inline __attribute__((always_inline)) void att_qk512_tile(
+    const float *const *qr, const float *kt, int64_t ldk, int64_t D, float scale, float *sc,
+    int64_t lds, const int NV) {
+    __m512 acc[ATT_R][4];
+    for (int r = 0; r < ATT_R; r++)
+        for (int v = 0; v < NV; v++) acc[r][v] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d++) {
+        __m512 kv[4];
+        for (int v = 0; v < NV; v++) kv[v] = _mm512_loadu_ps(kt + d * ldk + 16 * v);
+        for (int r = 0; r < ATT_R; r++) {
+            const __m512 qb = _mm512_set1_ps(qr[r][d]);
+            for (int v = 0; v < NV; v++) acc[r][v] = _mm512_fmadd_ps(qb, kv[v], acc[r][v]);
+        }
+    }
+    const __m512 s = _mm512_set1_ps(scale);
+    for (int r = 0; r < ATT_R; r++)
+        for (int v = 0; v < NV; v++) _mm512_storeu_ps(sc + r * lds + 16 * v, _mm512_mul_ps(acc[r][v], s));
+}
+
+/* out rows (4 queries) [d0, d0 + 16 NV) = sum_j p[r][j] v[j] * inv[r] (last vector masked) */
+ATT512_TARGET static inline __attribute__((always_inline)) void att_pv512_tile(
+    const float *p, int64_t lds, const float *vb, int64_t vs, int64_t n, __mmask16 last,
+    float *const *orow, const float *inv, const int NV, const int TAIL) {
+    __m512 acc[ATT_R][4];
+    if (!TAIL) last = (__mmask16)0xFFFF; /* constant: plain loads and stores */
+    for (int r = 0; r < ATT_R; r++)
+        for (int v = 0; v < NV; v++) acc[r][v] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j++) {
+        __m512 vv[4];
+        for (int v = 0; v < NV; v++)
+            vv[v] = _mm512_maskz_loadu_ps(v + 1 == NV ? last : (__mmask16)0xFFFF, vb + j * vs + 16 * v);
+        for (int r = 0; r < ATT_R; r++) {
+            const __m512 pb = _mm512_set1_ps(p[r * lds + j]);
+            for (int v = 0; v < NV; v++) acc[r][v] = _mm512_fmadd_ps(pb, vv[v], acc[r][v]);
+        }
+    }
+    for (int r = 0; r < ATT_R; r++) {
+        if (!orow[r]) continue;
+        const __m512 s = _mm512_set1_ps(inv[r]);
+        for (int v = 0; v < NV; v++)
+            _mm512_mask_storeu_ps(orow[r] + 16 * v, v + 1 == NV ? last : (__mmask16)0xFFFF,
+                                  _mm512_mul_ps(acc[r][v], s));
+    }
+}
+
+/* Score row s[0, n_pad) of query i (n_pad a multiple of 16) into softmax numerators, in
+ * vectors: keys past the row's limit (causal, padding) and masked keys become -inf as they are
+ * loaded (scalar -inf stores followed by vector loads stalled store forwarding: ~7% of the
+ * kernel), then e^(s - max). Returns 1 / sum, or 0 and *masked = 1 when every key is masked. */
+ATT512_TARGET static float att_row512(const att_args *a, float *s, int64_t b, int64_t h,
+                                      int64_t i, int64_t n_pad, int *masked) {
+    const int64_t lim = att_kend(a, i);
+    const int64_t *ms = a->st + 9;
+    int kind = a->mask_kind;
+    if (kind && ms[3] != 1) { /* a mask strided along the keys: scalar, then as unmasked */
+        att_fix_row(a, s, b, h, i, lim);
+        kind = 0;
+    }
+    const float *mf = kind == 1 ? (const float *)a->mask + b * ms[0] + h * ms[1] + i * ms[2] : NULL;
+    const uint8_t *mb = kind == 2 ? (const uint8_t *)a->mask + b * ms[0] + h * ms[1] + i * ms[2] : NULL;
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    __m512 mx = ninf;
+    for (int64_t j = 0; j < n_pad; j += 16) {
+        const int64_t left = lim - j;
+        const __mmask16 km = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1u);
+        __m512 x = _mm512_mask_loadu_ps(ninf, km, s + j);
+        if (mf) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(km, mf + j));
+        if (mb) {
+            const __m128i bytes = _mm_maskz_loadu_epi8(km, mb + j);
+            x = _mm512_mask_mov_ps(ninf, _mm_test_epi8_mask(bytes, bytes), x);
+        }
+        _mm512_storeu_ps(s + j, x);
+        mx = _mm512_max_ps(x, mx); /* NaN x: max returns mx (ignored here, kept in the sum) */
+    }
+    const float m = _mm512_reduce_max_ps(mx);
+    *masked = att_all_masked(s, n_pad, m);
+    if (*masked) return 0.0f;
+    const __m512 mv = _mm512_set1_ps(m);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n_pad; j += 16) {
+        const __m512 e = att_exp512(_mm512_sub_ps(_mm512_loadu_ps(s + j), mv));
+        _mm512_storeu_ps(s + j, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    return 1.0f / _mm512_reduce_add_ps(sum);
+}
+
+ATT512_TARGET static void att_item512(const att_args *a, int64_t b, int64_t h, int64_t i0,
+                                      int64_t i1, float *kt, float *sc) {
+    const int64_t *st = a->st;
+    const int64_t kvh = h / (a->H / a->Hkv), D = a->D;
+    const float *kb = a->k + b * st[3] + kvh * st[4];
+    const float *vb = a->v + b * st[6] + kvh * st[7];
+    const float *qb = a->q + b * st[0] + h * st[1];
+    const int64_t nk = att_kend(a, i1 - 1), ldk = att_round16(nk), lds = ldk;
+    att_kt512(kb, st[5], nk, D, ldk, kt);
+    for (int64_t i = i0; i < i1; i += ATT_R) {
+        const float *qr[ATT_R];
+        float *orow[ATT_R];
+        float inv[ATT_R];
+        int masked[ATT_R];
+        for (int r = 0; r < ATT_R; r++) {
+            const int64_t ir = i + r < i1 ? i + r : i1 - 1; /* tail: repeat the last row */
+            qr[r] = qb + ir * st[2];
+            orow[r] = i + r < i1 ? att_out_row(a, b, h, i + r) : NULL;
+        }
+        const int64_t last_i = i + ATT_R < i1 ? i + ATT_R - 1 : i1 - 1;
+        const int64_t n = att_kend(a, last_i), npad = att_round16(n);
+        for (int64_t j = 0; j < npad; j += 64) {
+            const int64_t nv = (npad - j) / 16;
+            float *s = sc + j;
+            if (nv >= 4) att_qk512_tile(qr, kt + j, ldk, D, a->scale, s, lds, 4);
+            else if (nv == 3) att_qk512_tile(qr, kt + j, ldk, D, a->scale, s, lds, 3);
+            else if (nv == 2) att_qk512_tile(qr, kt + j, ldk, D, a->scale, s, lds, 2);
+            else att_qk512_tile(qr, kt + j, ldk, D, a->scale, s, lds, 1);
+        }
+        for (int r = 0; r < ATT_R; r++) {
+            if (!orow[r]) {
+                inv[r] = 0.0f;
+                for (int64_t j = 0; j < npad; j++) sc[r * lds + j] = 0.0f;
+                continue;
+            }
+            inv[r] = att_row512(a, sc + r * lds, b, h, i + r, npad, &masked[r]);
+        }
+        for (int64_t d0 = 0; d0 < D; d0 += 64) {
+            const int64_t dn = D - d0 < 64 ? D - d0 : 64, nv = (dn + 15) / 16;
+            const int64_t tail = dn - 16 * (nv - 1);
+            const __mmask16 last = (__mmask16)((1u << tail) - 1u);
+            float *o[ATT_R];
+            for (int r = 0; r < ATT_R; r++) o[r] = orow[r] ? orow[r] + d0 : NULL;
+#define ATT_PV512(NV) do {                                                        \
+        if (tail == 16) att_pv512_tile(sc, lds, vb + d0, st[8], n, last, o, inv, NV, 0); \
+        else att_pv512_tile(sc, lds, vb + d0, st[8], n, last, o, inv, NV, 1);            \
+    } while (0)
+            if (nv == 4) ATT_PV512(4);
+            else if (nv == 3) ATT_PV512(3);
+            else if (nv == 2) ATT_PV512(2);
+            else ATT_PV512(1);
+#undef ATT_PV512
+        }
+        for (int r = 0; r < ATT_R; r++)
+            if (orow[r] && masked[r]) memset(orow[r], 0, (size_t)D * sizeof(float));
+    }
+}
+
+/* ---- AVX2 ---- */
+#define ATT2_TARGET __attribute__((target("avx2,fma")))
+
+/* e^x for x <= 0 or NaN; x below -87 (and -inf) gives 0 (exp(-87) < 2^-125), NaN gives NaN */
+ATT2_TARGET static inline __m256 att_exp256(__m256 x) {
+    const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_NLT_UQ); /* NaN: kept */
+    x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(ATT_EXP_C1), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(ATT_EXP_C2), r);
+    const __m256 z = _mm256_mul_ps(r, r);
+    __m256 y = ATT_EXP_POLY(_mm256_fmadd_ps, _mm256_set1_ps, r, z);
+    y = _mm256_fmadd_ps(y, z, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), keep);
+}
+
+static const int32_t att_mask8[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+
+ATT2_TARGET static inline __m256i att_tailmask8(int64_t n) { /* first n (1..8) lanes */
+    return _mm256_loadu_si256((const __m256i *)(att_mask8 + 8 - n));
+}
+
+ATT2_TARGET static void att_kt256(const float *kb, int64_t ks, int64_t n, int64_t D, int64_t ldk,
+                                  float *kt) {
+    for (int64_t j0 = 0; j0 < ldk; j0 += 8)
+        for (int64_t d0 = 0; d0 < D; d0 += 8) {
+            const int64_t dn = D - d0 < 8 ? D - d0 : 8;
+            const __m256i dm = att_tailmask8(dn);
+            __m256 r[8], t[8], u[8];
+            for (int p = 0; p < 8; p++)
+                r[p] = j0 + p < n ? _mm256_maskload_ps(kb + (j0 + p) * ks + d0, dm)
+                                  : _mm256_setzero_ps();
+            for (int p = 0; p < 4; p++) {
+                t[2 * p] = _mm256_unpacklo_ps(r[2 * p], r[2 * p + 1]);
+                t[2 * p + 1] = _mm256_unpackhi_ps(r[2 * p], r[2 * p + 1]);
+            }
+            for (int g = 0; g < 2; g++) { /* u[4g + c]: lane L = rows 4g..4g+3, column 4L + c */
+                u[4 * g] = _mm256_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
+                u[4 * g + 1] = _mm256_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
+                u[4 * g + 2] = _mm256_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+                u[4 * g + 3] = _mm256_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
+            }
+            for (int c = 0; c < 4; c++) {
+                r[c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x20);
+                r[4 + c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);
+            }
+            for (int64_t c = 0; c < dn; c++) _mm256_storeu_ps(kt + (d0 + c) * ldk + j0, r[c]);
+        }
+}
+
+ATT2_TARGET static void att_qk256_tile(const float *const *qr, const float *kt, int64_t ldk,
+                                       int64_t D, float scale, float *sc, int64_t lds) {
+    __m256 acc[ATT_R][2];
+    for (int r = 0; r < ATT_R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d++) {
+        const __m256 k0 = _mm256_loadu_ps(kt + d * ldk), k1 = _mm256_loadu_ps(kt + d * ldk + 8);
+        for (int r = 0; r < ATT_R; r++) {
+            const __m256 qb = _mm256_broadcast_ss(qr[r] + d);
+            acc[r][0] = _mm256_fmadd_ps(qb, k0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(qb, k1, acc[r][1]);
+        }
+    }
+    const __m256 s = _mm256_set1_ps(scale);
+    for (int r = 0; r < ATT_R; r++) {
+        _mm256_storeu_ps(sc + r * lds, _mm256_mul_ps(acc[r][0], s));
+        _mm256_storeu_ps(sc + r * lds + 8, _mm256_mul_ps(acc[r][1], s));
+    }
+}
+
+/* out rows [d0, d0 + dn) for dn <= 16 (masked loads / stores past dn) */
+ATT2_TARGET static void att_pv256_tile(const float *p, int64_t lds, const float *vb, int64_t vs,
+                                       int64_t n, int64_t dn, float *const *orow, const float *inv) {
+    const __m256i m0 = att_tailmask8(dn < 8 ? dn : 8);
+    const __m256i m1 = dn > 8 ? att_tailmask8(dn - 8) : _mm256_setzero_si256();
+    __m256 acc[ATT_R][2];
+    for (int r = 0; r < ATT_R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; j++) {
+        const __m256 v0 = _mm256_maskload_ps(vb + j * vs, m0);
+        const __m256 v1 = _mm256_maskload_ps(vb + j * vs + 8, m1);
+        for (int r = 0; r < ATT_R; r++) {
+            const __m256 pb = _mm256_broadcast_ss(p + r * lds + j);
+            acc[r][0] = _mm256_fmadd_ps(pb, v0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(pb, v1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < ATT_R; r++) {
+        if (!orow[r]) continue;
+        const __m256 s = _mm256_set1_ps(inv[r]);
+        _mm256_maskstore_ps(orow[r], m0, _mm256_mul_ps(acc[r][0], s));
+        _mm256_maskstore_ps(orow[r] + 8, m1, _mm256_mul_ps(acc[r][1], s));
+    }
+}
+
+ATT2_TARGET static float att_softmax256(float *s, int64_t n, int *masked) {
+    __m256 mx = _mm256_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < n; j += 8) mx = _mm256_max_ps(_mm256_loadu_ps(s + j), mx);
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 0x55));
+    const float m = _mm_cvtss_f32(m4);
+    *masked = att_all_masked(s, n, m);
+    if (*masked) return 0.0f;
+    const __m256 mv = _mm256_set1_ps(m);
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; j += 8) {
+        const __m256 e = att_exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
+        _mm256_storeu_ps(s + j, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    return 1.0f / hsum_ps(sum);
+}
+
+ATT2_TARGET static void att_item256(const att_args *a, int64_t b, int64_t h, int64_t i0,
+                                    int64_t i1, float *kt, float *sc) {
+    const int64_t *st = a->st;
+    const int64_t kvh = h / (a->H / a->Hkv), D = a->D;
+    const float *kb = a->k + b * st[3] + kvh * st[4];
+    const float *vb = a->v + b * st[6] + kvh * st[7];
+    const float *qb = a->q + b * st[0] + h * st[1];
+    const int64_t nk = att_kend(a, i1 - 1), ldk = att_round16(nk), lds = ldk;
+    att_kt256(kb, st[5], nk, D, ldk, kt);
+    for (int64_t i = i0; i < i1; i += ATT_R) {
+        const float *qr[ATT_R];
+        float *orow[ATT_R];
+        float inv[ATT_R];
+        int masked[ATT_R];
+        for (int r = 0; r < ATT_R; r++) {
+            const int64_t ir = i + r < i1 ? i + r : i1 - 1;
+            qr[r] = qb + ir * st[2];
+            orow[r] = i + r < i1 ? att_out_row(a, b, h, i + r) : NULL;
+        }
+        const int64_t last_i = i + ATT_R < i1 ? i + ATT_R - 1 : i1 - 1;
+        const int64_t n = att_kend(a, last_i), npad = att_round16(n);
+        for (int64_t j = 0; j < npad; j += 16) att_qk256_tile(qr, kt + j, ldk, D, a->scale, sc + j, lds);
+        for (int r = 0; r < ATT_R; r++) {
+            if (!orow[r]) {
+                inv[r] = 0.0f;
+                for (int64_t j = 0; j < npad; j++) sc[r * lds + j] = 0.0f;
+                continue;
+            }
+            att_fix_row(a, sc + r * lds, b, h, i + r, npad);
+            inv[r] = att_softmax256(sc + r * lds, npad, &masked[r]);
+        }
+        for (int64_t d0 = 0; d0 < D; d0 += 16) {
+            float *o[ATT_R];
+            for (int r = 0; r < ATT_R; r++) o[r] = orow[r] ? orow[r] + d0 : NULL;
+            att_pv256_tile(sc, lds, vb + d0, st[8], n, D - d0 < 16 ? D - d0 : 16, o, inv);
+        }
+        for (int r = 0; r < ATT_R; r++)
+            if (orow[r] && masked[r]) memset(orow[r], 0, (size_t)D * sizeof(float));
+    }
+}
+#endif /* __x86_64__ */
+
+/* level as in pick(): 0 = the best the CPU has, 1 = portable C, 2 = at most AVX2.
+ * strides (elements): q b,h,s; k b,h,s; v b,h,s; mask b,h,q,k. Returns 0; -1 when an allocation
+ * failed (out unspecified: the caller raises MemoryError); -2 for arguments it cannot take. */
+int64_t qd_attention(const float *q, const float *k, const float *v, const void *mask,
+                     int mask_kind, float *out, int64_t B, int64_t H, int64_t Hkv, int64_t Sq,
+                     int64_t Sk, int64_t D, const int64_t *strides, int causal, float scale,
+                     int level) {
+    if (B < 0 || H < 0 || Hkv <= 0 || Sq < 0 || Sk < 0 || D < 0 || H % Hkv != 0 ||
+        mask_kind < 0 || mask_kind > 2 || (mask_kind && !mask))
+        return -2;
+    if (B == 0 || H == 0 || Sq == 0 || D == 0) return 0;
+    const att_args a = {q, k, v, mask_kind ? mask : NULL, out, B, H, Hkv, Sq, Sk, D,
+                        strides, mask_kind, causal, scale};
+    int path = 0; /* 0 C, 1 AVX2, 2 AVX-512 */
+#ifdef __x86_64__
+    if (level == 0 && has_avx512() && __builtin_cpu_supports("avx512vl")) path = 2;
+    else if (level != 1 && has_avx2() && __builtin_cpu_supports("fma")) path = 1;
+#else
+    (void)level;
+#endif
+    const int par = (double)B * H * Sq * Sk * D >= ATT_PARALLEL_MIN;
+    int nt = 1;
+#ifdef _OPENMP
+    if (par) nt = omp_get_max_threads();
+#endif
+    const int64_t heads = B * H;
+    int64_t chunks = nt > 1 && heads < 8 * (int64_t)nt ? (8 * (int64_t)nt + heads - 1) / heads : 1;
+    const int64_t max_chunks = (Sq + ATT_R - 1) / ATT_R;
+    if (chunks > max_chunks) chunks = max_chunks;
+    int64_t csize = (Sq + chunks - 1) / chunks;
+    csize = (csize + ATT_R - 1) / ATT_R * ATT_R;
+    chunks = (Sq + csize - 1) / csize;
+    const int64_t items = heads * chunks, ldk = att_round16(Sk);
+    /* per thread: kt [D][ldk] (vector paths) and the score rows [ATT_R][ldk] (C: one row) */
+    const size_t n_floats = (size_t)(path ? D * ldk : 0) + (size_t)ATT_R * (size_t)ldk + 16;
+    int failed = 0;
+#pragma omp parallel if (par) reduction(| : failed)
+    {
+        char *mem = (char *)malloc(n_floats * sizeof(float) + 64);
+        float *kt = mem ? (float *)(mem + (64 - (uintptr_t)mem % 64) % 64) : NULL;
+        float *sc = kt ? kt + (path ? D * ldk : 0) : NULL;
+        if (!mem) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t it = 0; it < items; it++) {
+            if (!mem) continue;
+            const int64_t bh = it / chunks, c = it % chunks;
+            const int64_t b = bh / H, h = bh % H, i0 = c * csize;
+            const int64_t i1 = i0 + csize < Sq ? i0 + csize : Sq;
+#ifdef __x86_64__
+            if (path == 2) {
+                att_item512(&a, b, h, i0, i1, kt, sc);
+                continue;
+            }
+            if (path == 1) {
+                att_item256(&a, b, h, i0, i1, kt, sc);
+                continue;
+            }
+#endif
+            att_item_c(&a, b, h, i0, i1, sc);
+        }
+        free(mem);
+    }
+    return failed ? -1 : 0;
+}
+
+/* ---------------------------------------------------------------------------------------------
  * The C ABI, declared once (issue #15 item 5). QD_API lists every entry point Python calls as
  * X(return type, name, (parameters)). Expanded with QD_DECLARE it gives their prototypes, which
  * the compiler checks against the definitions above (a drifted one is a "conflicting types"
@@ -3379,7 +3942,10 @@ int64_t qd_chain_run(const qd_chain *c, const float *x, float *y, int64_t B, int
           float eps, const float *x, float *y, int64_t B, int level))                              \
     X(int64_t, qd_a8_run, (const qd_a8_plan *p, const float *x, float *y, int64_t B, int level)) \
     X(int64_t, qd_wo_run, (const qd_wo_plan *p, const float *x, float *y, int64_t B, int level)) \
-    X(int64_t, qd_chain_run, (const qd_chain *c, const float *x, float *y, int64_t B, int level))
+    X(int64_t, qd_chain_run, (const qd_chain *c, const float *x, float *y, int64_t B, int level)) \
+    X(int64_t, qd_attention, (const float *q, const float *k, const float *v, const void *mask,    \
+          int mask_kind, float *out, int64_t B, int64_t H, int64_t Hkv, int64_t Sq, int64_t Sk,    \
+          int64_t D, const int64_t *strides, int causal, float scale, int level))
 
 #define QD_DECLARE(ret, name, params) ret name params;
 QD_API(QD_DECLARE)

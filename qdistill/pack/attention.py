@@ -1,0 +1,219 @@
+"""Attention for short sequences in one C call, and its hook into transformers (issue #15).
+
+Profiling the packed BitDistill MiniLM student (6 BERT layers, 12 heads of 32, one 40-token
+sentence) showed the packed Linears fast and torch's attention slow: one
+``F.scaled_dot_product_attention`` on (1, 12, 40, 32) takes 100-155 us on the 2-core VM for
+~1.2 M multiply-adds. ``qd_attention`` (csrc/qkernels.c) computes ``softmax(scale q k^T +
+mask) v`` in registers (K transposed once per head, 4 queries x 16-64 keys score tiles, fp32
+softmax with the row maximum subtracted, 4 queries x 64 dims output tiles; AVX-512, AVX2 or
+portable C) and writes ``(b, s, h, d)`` directly, the layout HF's attention functions return.
+
+:func:`attention` is the tensor-level entry; it uses torch's ``scaled_dot_product_attention``
+(same semantics, never a different answer) for anything the kernel does not take: autograd,
+non-float32 or non-CPU tensors, a last dimension that is not contiguous, value heads of another
+width, empty tensors, a missing build (``QDISTILL_NO_KERNELS``, a build from before the entry).
+:func:`use_fast_attention` switches a transformers model whose attention goes through
+``ALL_ATTENTION_FUNCTIONS`` (BERT, Llama, SmolLM2, ...) to :func:`hf_attention_forward`,
+registered as ``attn_implementation="qdistill"``; its masks are HF's ``sdpa`` masks (bool, or
+None when nothing is masked), so padding and causal masking are exactly sdpa's.
+
+Semantics (tests/test_kernel_attention.py checks them against torch): ``causal`` masks key j
+for query i when ``j > i + Sk - Sq`` (the queries are the last Sq positions, as with a KV
+cache; equal to torch's ``is_causal`` when Sq == Sk). A row whose every key is masked gives 0,
+as torch 2.13's sdpa does for -inf and bool masks. NaN in q, k, v or the mask gives NaN rows,
+never finite values (issue #15, bad input).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from qdistill.pack import kernels
+
+ENTRY = "qd_attention"
+NAME = "qdistill"  # the attn_implementation name registered with transformers
+_MASK_KINDS = {torch.float32: 1, torch.bool: 2}
+# keyword arguments of HF attention functions that change the result and that the kernel does
+# not implement: calls carrying one (not None) go to HF's sdpa function
+_HF_UNSUPPORTED = ("position_bias", "softcap", "s_aux", "sinks", "head_mask")
+
+
+def _bottom_right_causal(sq: int, sk: int) -> torch.Tensor:
+    """``[sq, sk]`` bool, True where query i may attend key j (``j <= i + sk - sq``)."""
+    return torch.ones(sq, sk, dtype=torch.bool).tril(sk - sq)
+
+
+def torch_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """:func:`attention` with torch's ``scaled_dot_product_attention`` (the fallback, and the
+    reference the kernel is tested against): ``(b, sq, h, d)``."""
+    if causal:
+        keep = _bottom_right_causal(q.shape[-2], k.shape[-2]).to(q.device)
+        if mask is None:
+            mask = keep
+        elif mask.dtype == torch.bool:
+            mask = mask & keep
+        else:
+            mask = mask.masked_fill(~keep, float("-inf"))
+    gqa = k.dim() == 4 and q.dim() == 4 and k.shape[1] != q.shape[1]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return out.transpose(1, 2).contiguous()
+
+
+def _fast_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether the C kernel takes these tensors (else :func:`torch_attention` runs)."""
+    ts = (q, k, v)
+    if any(type(t) is not torch.Tensor for t in ts) or not kernels.has_entry(ENTRY):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
+        return False  # training keeps autograd
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 4 for t in ts):
+        return False
+    if any(t.stride(-1) != 1 and t.shape[-1] > 1 for t in ts) or q.numel() == 0:
+        return False
+    b, h, _, d = q.shape
+    bk, hkv, sk, dk = k.shape
+    if (bk, dk) != (b, d) or tuple(v.shape) != (b, hkv, sk, d) or hkv == 0 or h % hkv:
+        return False
+    if k.numel() == 0:
+        return False
+    if mask is not None:
+        if type(mask) is not torch.Tensor or mask.dtype not in _MASK_KINDS:
+            return False
+        if mask.device.type != "cpu" or mask.dim() > 4 or mask.requires_grad:
+            return False
+    return True
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    level: int = 0,
+) -> torch.Tensor:
+    """``softmax(scale q k^T + mask) v`` as ``(b, sq, h, d)`` (contiguous).
+
+    ``q`` is ``(b, h, sq, d)``, ``k`` and ``v`` ``(b, hkv, sk, d)`` with ``hkv`` dividing ``h``
+    (grouped-query attention: head ``i`` reads kv head ``i // (h // hkv)``); any strides with a
+    contiguous last dimension (HF's ``x.view(b, s, h, d).transpose(1, 2)``). ``mask``: None,
+    additive float32 or bool (True = attend), broadcastable to ``(b, h, sq, sk)``. ``scale``
+    defaults to ``1 / sqrt(d)``. ``level`` forces a kernel path (0 the best the CPU has, 1
+    portable C, 2 at most AVX2; tests). Falls back to torch's sdpa where the kernel does not
+    apply (see the module docstring); a failed allocation in C raises ``MemoryError``.
+    """
+    if not _fast_ok(q, k, v, mask):
+        return torch_attention(q, k, v, mask, causal, scale)
+    b, h, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    mask_kind, mask_ptr, mstride = 0, None, (0, 0, 0, 0)
+    if mask is not None:
+        try:
+            m = mask.expand(b, h, sq, sk)  # broadcast dimensions get stride 0, no copy
+        except RuntimeError:
+            return torch_attention(q, k, v, mask, causal, scale)  # torch names the mismatch
+        mask_kind, mask_ptr, mstride = _MASK_KINDS[mask.dtype], m.data_ptr(), m.stride()
+    out = torch.empty(b, sq, h, d, dtype=torch.float32)
+    strides = (ctypes.c_int64 * 13)(
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mstride
+    )
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    lib = kernels.library()
+    status = lib.qd_attention(  # type: ignore[union-attr]
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), mask_ptr, mask_kind, out.data_ptr(),
+        b, h, hkv, sq, sk, d, strides, int(bool(causal)), scale, level,
+    )  # fmt: skip
+    if status == -1:
+        raise MemoryError(f"qd_attention could not allocate its scratch for {tuple(q.shape)}")
+    if status != 0:
+        raise RuntimeError(f"qd_attention refused shapes q {tuple(q.shape)} k {tuple(k.shape)}")
+    return out
+
+
+def hf_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """A transformers attention function (the signature of HF's ``sdpa_attention_forward``)
+    that runs :func:`attention`. Causality follows HF's sdpa function exactly (the module's
+    ``is_causal`` when no mask was built, never for one query; keys beyond the queries of an
+    empty static cache cropped). Dropout in training, ``output_attentions``, position biases,
+    softcapping, sinks, tracing and compiling go to HF's sdpa function."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if (
+        (dropout and module.training)
+        or kwargs.get("output_attentions")
+        or any(kwargs.get(n) is not None for n in _HF_UNSUPPORTED)
+        or torch.jit.is_tracing()
+        or torch.compiler.is_compiling()
+        or not _fast_ok(query, key, value, attention_mask)
+    ):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+            is_causal=is_causal, **kwargs,
+        )  # fmt: skip
+    q_len, kv_len = query.shape[2], key.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = bool(q_len > 1 and attention_mask is None and causal)
+    if causal and kv_len > q_len:  # as sdpa_attention_forward: prefill into an empty cache
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+    return attention(query, key, value, attention_mask, causal, scaling), None
+
+
+def register() -> bool:
+    """Register ``"qdistill"`` with transformers (attention and mask functions; idempotent).
+    Returns False where transformers is not installed."""
+    try:
+        from transformers import AttentionInterface, AttentionMaskInterface
+        from transformers.masking_utils import sdpa_mask
+    except ImportError:
+        return False
+    AttentionInterface.register(NAME, hf_attention_forward)
+    # masks as for "sdpa" (bool, or None when nothing is masked): without a registered mask
+    # function transformers builds no mask at all for a custom name (padding would be ignored)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    return True
+
+
+def use_fast_attention(model: torch.nn.Module) -> bool:
+    """Switch every transformers model inside ``model`` whose attention goes through
+    ``ALL_ATTENTION_FUNCTIONS`` (``_supports_attention_backend``: BERT, Llama, SmolLM2, ...)
+    and its sub-configs to ``attn_implementation="qdistill"``. Returns whether any was
+    switched; a no-op (False) for other models, without transformers, or without the kernel."""
+    if not kernels.has_entry(ENTRY) or not register():
+        return False
+    from transformers import PreTrainedModel
+
+    switched, seen = False, set()
+    for m in model.modules():
+        if not isinstance(m, PreTrainedModel) or id(m.config) in seen:
+            continue
+        seen.update(id(s.config) for s in m.modules() if isinstance(s, PreTrainedModel))
+        if not getattr(m, "_supports_attention_backend", False):
+            continue
+        if not m._can_set_attn_implementation():
+            continue
+        m.set_attn_implementation(NAME)
+        switched |= m.config._attn_implementation == NAME
+    return switched
