@@ -127,9 +127,7 @@ def attention(
             return torch_attention(q, k, v, mask, causal, scale)  # torch names the mismatch
         mask_kind, mask_ptr, mstride = _MASK_KINDS[mask.dtype], m.data_ptr(), m.stride()
     out = torch.empty(b, sq, h, d, dtype=torch.float32)
-    strides = (ctypes.c_int64 * 13)(
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mstride
-    )
+    strides = (ctypes.c_int64 * 13)(*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mstride)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     lib = kernels.library()
     status = lib.qd_attention(  # type: ignore[union-attr]
