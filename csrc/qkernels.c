@@ -3367,7 +3367,7 @@ int64_t qd_chain_run(const qd_chain *c, const float *x, float *y, int64_t B, int
 #endif
 
 #define ATT_R 4                     /* queries per register tile */
-#define ATT_PARALLEL_MIN (1 << 16)  /* B H Sq Sk D below this: one thread */
+#define ATT_PARALLEL_MIN (1 << 18) /* B H Sq Sk D below this (~10 us): one thread */
 
 typedef struct {
     const float *q, *k, *v;
