@@ -3347,12 +3347,12 @@ int64_t qd_chain_run(const qd_chain *c, const float *x, float *y, int64_t B, int
  * Sapphire Rapids VM for ~1.2 M multiply-adds; here one call does, per (b, h, query chunk):
  *   1. K (the keys the chunk may see) transposed into kt [D][Sk rounded up to 16] with 16 x 16
  *      (AVX-512) / 8 x 8 (AVX2) register transposes, so that
- *   2. scores for 4 queries x 16-64 keys are a register tile: per d one load of kt per 16 keys
- *      and one broadcast per query (the outer-product GEMM micro-kernel);
- *   3. mask / causal / padding applied to the score rows, softmax in fp32 with the row maximum
- *      subtracted (exp: Cephes' expf polynomial on r = x - n ln2, times 2^n);
- *   4. out rows = (p v) / sum p: 4 queries x up to 64 dims in registers, one broadcast of p and
- *      one load of v per 16 dims.
+ *   2. scores for 8 queries x 48 keys (AVX2: 4 x 16) are a register tile: per d one load of kt
+ *      per 16 keys and one broadcast per query (the outer-product GEMM micro-kernel);
+ *   3. mask / causal / padding applied to the score rows as they are loaded, softmax in fp32
+ *      with the row maximum subtracted (exp: Cephes' expf polynomial on r = x - n ln2, times 2^n);
+ *   4. out rows = (p v) / sum p: 8 queries x 32 dims (AVX2: 4 x 16) in registers, one broadcast
+ *      of p and one load of v per 16 dims (v copied to contiguous rows first, see att_copy_v).
  * mask_kind: 0 none, 1 additive float32, 2 bool / uint8 (nonzero = attend), read through the
  * strides (0 broadcasts a dimension). causal: key j is masked for query i when j > i + Sk - Sq
  * (bottom-right: the queries are the last Sq positions; torch's is_causal is the same for
@@ -3366,7 +3366,8 @@ int64_t qd_chain_run(const qd_chain *c, const float *x, float *y, int64_t B, int
 #include <omp.h>
 #endif
 
-#define ATT_R 4                     /* queries per register tile */
+#define ATT_R 4                     /* queries per register tile (AVX2) */
+#define ATT_RB 8                    /* queries per block (AVX-512 tiles; chunks a multiple) */
 #define ATT_PARALLEL_MIN (1 << 18) /* B H Sq Sk D below this (~10 us): one thread */
 
 typedef struct {
@@ -3415,6 +3416,15 @@ static int att_all_masked(const float *s, int64_t n, float m) {
     for (int64_t j = 0; j < n; j++)
         if (s[j] != s[j]) return 0;
     return 1;
+}
+
+/* v rows [0, n) of one kv head into vc [n][ldv], contiguous: read in place (rows h * D floats
+ * apart, like q's and out's), the rows of q, k, v and out of one head fall into the same few L1
+ * sets and evict each other while the 4-query tiles re-read v (measured: the products with v
+ * took 45% of the kernel's time, more than those with k, which were already contiguous; the
+ * copy alone did not show in an interleaved A/B on the loaded VM, 8-query tiles then did) */
+static void att_copy_v(const float *vb, int64_t vs, int64_t n, int64_t D, int64_t ldv, float *vc) {
+    for (int64_t j = 0; j < n; j++) memcpy(vc + j * ldv, vb + j * vs, (size_t)D * sizeof(float));
 }
 
 static float *att_out_row(const att_args *a, int64_t b, int64_t h, int64_t i) {
@@ -3532,44 +3542,45 @@ ATT512_TARGET static void att_kt512(const float *kb, int64_t ks, int64_t n, int6
         }
 }
 
-/* sc[r][j0 + 16 v ..] = scale * q_r . k_j for 4 query rows x NV vectors of 16 keys */
+/* sc[r][16 v ..] = scale * q_r . k_j for R query rows x NV vectors of 16 keys (R NV <= 24
+ * accumulators: enough independent FMA chains to cover the FMA latency at 2 a cycle) */
 ATT512_TARGET static inline __attribute__((always_inline)) void att_qk512_tile(
     const float *const *qr, const float *kt, int64_t ldk, int64_t D, float scale, float *sc,
-    int64_t lds, const int NV) {
-    __m512 acc[ATT_R][4];
-    for (int r = 0; r < ATT_R; r++)
+    int64_t lds, const int R, const int NV) {
+    __m512 acc[ATT_RB][4];
+    for (int r = 0; r < R; r++)
         for (int v = 0; v < NV; v++) acc[r][v] = _mm512_setzero_ps();
     for (int64_t d = 0; d < D; d++) {
         __m512 kv[4];
         for (int v = 0; v < NV; v++) kv[v] = _mm512_loadu_ps(kt + d * ldk + 16 * v);
-        for (int r = 0; r < ATT_R; r++) {
+        for (int r = 0; r < R; r++) {
             const __m512 qb = _mm512_set1_ps(qr[r][d]);
             for (int v = 0; v < NV; v++) acc[r][v] = _mm512_fmadd_ps(qb, kv[v], acc[r][v]);
         }
     }
     const __m512 s = _mm512_set1_ps(scale);
-    for (int r = 0; r < ATT_R; r++)
+    for (int r = 0; r < R; r++)
         for (int v = 0; v < NV; v++) _mm512_storeu_ps(sc + r * lds + 16 * v, _mm512_mul_ps(acc[r][v], s));
 }
 
-/* out rows (4 queries) [d0, d0 + 16 NV) = sum_j p[r][j] v[j] * inv[r] (last vector masked) */
+/* out rows (R queries) [16 NV) = sum_j p[r][j] v[j] * inv[r] (with TAIL the last vector masked) */
 ATT512_TARGET static inline __attribute__((always_inline)) void att_pv512_tile(
     const float *p, int64_t lds, const float *vb, int64_t vs, int64_t n, __mmask16 last,
-    float *const *orow, const float *inv, const int NV, const int TAIL) {
-    __m512 acc[ATT_R][4];
+    float *const *orow, const float *inv, const int R, const int NV, const int TAIL) {
+    __m512 acc[ATT_RB][4];
     if (!TAIL) last = (__mmask16)0xFFFF; /* constant: plain loads and stores */
-    for (int r = 0; r < ATT_R; r++)
+    for (int r = 0; r < R; r++)
         for (int v = 0; v < NV; v++) acc[r][v] = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; j++) {
         __m512 vv[4];
         for (int v = 0; v < NV; v++)
             vv[v] = _mm512_maskz_loadu_ps(v + 1 == NV ? last : (__mmask16)0xFFFF, vb + j * vs + 16 * v);
-        for (int r = 0; r < ATT_R; r++) {
+        for (int r = 0; r < R; r++) {
             const __m512 pb = _mm512_set1_ps(p[r * lds + j]);
             for (int v = 0; v < NV; v++) acc[r][v] = _mm512_fmadd_ps(pb, vv[v], acc[r][v]);
         }
     }
-    for (int r = 0; r < ATT_R; r++) {
+    for (int r = 0; r < R; r++) {
         if (!orow[r]) continue;
         const __m512 s = _mm512_set1_ps(inv[r]);
         for (int v = 0; v < NV; v++)
@@ -3621,60 +3632,57 @@ ATT512_TARGET static float att_row512(const att_args *a, float *s, int64_t b, in
 }
 
 ATT512_TARGET static void att_item512(const att_args *a, int64_t b, int64_t h, int64_t i0,
-                                      int64_t i1, float *kt, float *sc) {
+                                      int64_t i1, float *kt, float *vc, float *sc) {
     const int64_t *st = a->st;
     const int64_t kvh = h / (a->H / a->Hkv), D = a->D;
     const float *kb = a->k + b * st[3] + kvh * st[4];
-    const float *vb = a->v + b * st[6] + kvh * st[7];
     const float *qb = a->q + b * st[0] + h * st[1];
     const int64_t nk = att_kend(a, i1 - 1), ldk = att_round16(nk), lds = ldk;
+    const int64_t ldv = att_round16(D);
     att_kt512(kb, st[5], nk, D, ldk, kt);
-    for (int64_t i = i0; i < i1; i += ATT_R) {
-        const float *qr[ATT_R];
-        float *orow[ATT_R];
-        float inv[ATT_R];
-        int masked[ATT_R];
-        for (int r = 0; r < ATT_R; r++) {
+    att_copy_v(a->v + b * st[6] + kvh * st[7], st[8], nk, D, ldv, vc);
+    for (int64_t i = i0; i < i1; i += ATT_RB) {
+        const float *qr[ATT_RB];
+        float *orow[ATT_RB];
+        float inv[ATT_RB];
+        int masked[ATT_RB];
+        for (int r = 0; r < ATT_RB; r++) {
             const int64_t ir = i + r < i1 ? i + r : i1 - 1; /* tail: repeat the last row */
             qr[r] = qb + ir * st[2];
             orow[r] = i + r < i1 ? att_out_row(a, b, h, i + r) : NULL;
+            masked[r] = 0;
         }
-        const int64_t last_i = i + ATT_R < i1 ? i + ATT_R - 1 : i1 - 1;
+        const int64_t last_i = i + ATT_RB < i1 ? i + ATT_RB - 1 : i1 - 1;
         const int64_t n = att_kend(a, last_i), npad = att_round16(n);
-        for (int64_t j = 0; j < npad; j += 64) {
+        for (int64_t j = 0; j < npad; j += 48) { /* 8 queries x 48 keys; 4 x 64 for 64 */
             const int64_t nv = (npad - j) / 16;
             float *s = sc + j;
-            if (nv >= 4) att_qk512_tile(qr, kt + j, ldk, D, a->scale, s, lds, 4);
-            else if (nv == 3) att_qk512_tile(qr, kt + j, ldk, D, a->scale, s, lds, 3);
-            else if (nv == 2) att_qk512_tile(qr, kt + j, ldk, D, a->scale, s, lds, 2);
-            else att_qk512_tile(qr, kt + j, ldk, D, a->scale, s, lds, 1);
+            const float *k = kt + j;
+            if (nv >= 3) att_qk512_tile(qr, k, ldk, D, a->scale, s, lds, ATT_RB, 3);
+            else if (nv == 2) att_qk512_tile(qr, k, ldk, D, a->scale, s, lds, ATT_RB, 2);
+            else att_qk512_tile(qr, k, ldk, D, a->scale, s, lds, ATT_RB, 1);
         }
-        for (int r = 0; r < ATT_R; r++) {
-            if (!orow[r]) {
-                inv[r] = 0.0f;
-                for (int64_t j = 0; j < npad; j++) sc[r * lds + j] = 0.0f;
-                continue;
-            }
+        const int rows = (int)(last_i - i + 1);
+        for (int r = 0; r < rows; r++)
             inv[r] = att_row512(a, sc + r * lds, b, h, i + r, npad, &masked[r]);
+        for (int r = rows; r < ATT_RB; r++) { /* unused rows of a tail block: p = 0 */
+            inv[r] = 0.0f;
+            memset(sc + r * lds, 0, (size_t)npad * sizeof(float));
         }
-        for (int64_t d0 = 0; d0 < D; d0 += 64) {
-            const int64_t dn = D - d0 < 64 ? D - d0 : 64, nv = (dn + 15) / 16;
+        for (int64_t d0 = 0; d0 < D; d0 += 32) { /* 8 queries x 32 dims: 16 accumulators */
+            const int64_t dn = D - d0 < 32 ? D - d0 : 32, nv = (dn + 15) / 16;
             const int64_t tail = dn - 16 * (nv - 1);
             const __mmask16 last = (__mmask16)((1u << tail) - 1u);
-            float *o[ATT_R];
-            for (int r = 0; r < ATT_R; r++) o[r] = orow[r] ? orow[r] + d0 : NULL;
-#define ATT_PV512(NV) do {                                                        \
-        if (tail == 16) att_pv512_tile(sc, lds, vb + d0, st[8], n, last, o, inv, NV, 0); \
-        else att_pv512_tile(sc, lds, vb + d0, st[8], n, last, o, inv, NV, 1);            \
-    } while (0)
-            if (nv == 4) ATT_PV512(4);
-            else if (nv == 3) ATT_PV512(3);
-            else if (nv == 2) ATT_PV512(2);
-            else ATT_PV512(1);
-#undef ATT_PV512
+            const float *v = vc + d0;
+            float *o[ATT_RB];
+            for (int r = 0; r < ATT_RB; r++) o[r] = orow[r] ? orow[r] + d0 : NULL;
+            if (nv == 2 && tail == 16) att_pv512_tile(sc, lds, v, ldv, n, last, o, inv, ATT_RB, 2, 0);
+            else if (nv == 2) att_pv512_tile(sc, lds, v, ldv, n, last, o, inv, ATT_RB, 2, 1);
+            else if (tail == 16) att_pv512_tile(sc, lds, v, ldv, n, last, o, inv, ATT_RB, 1, 0);
+            else att_pv512_tile(sc, lds, v, ldv, n, last, o, inv, ATT_RB, 1, 1);
         }
-        for (int r = 0; r < ATT_R; r++)
-            if (orow[r] && masked[r]) memset(orow[r], 0, (size_t)D * sizeof(float));
+        for (int r = 0; r < rows; r++)
+            if (masked[r]) memset(orow[r], 0, (size_t)D * sizeof(float));
     }
 }
 
@@ -3793,14 +3801,17 @@ ATT2_TARGET static float att_softmax256(float *s, int64_t n, int *masked) {
 }
 
 ATT2_TARGET static void att_item256(const att_args *a, int64_t b, int64_t h, int64_t i0,
-                                    int64_t i1, float *kt, float *sc) {
+                                    int64_t i1, float *kt, float *vc, float *sc) {
     const int64_t *st = a->st;
     const int64_t kvh = h / (a->H / a->Hkv), D = a->D;
     const float *kb = a->k + b * st[3] + kvh * st[4];
-    const float *vb = a->v + b * st[6] + kvh * st[7];
+    const float *vb0 = a->v + b * st[6] + kvh * st[7];
     const float *qb = a->q + b * st[0] + h * st[1];
     const int64_t nk = att_kend(a, i1 - 1), ldk = att_round16(nk), lds = ldk;
+    const int64_t ldv = att_round16(D);
+    const float *vb = vc;
     att_kt256(kb, st[5], nk, D, ldk, kt);
+    att_copy_v(vb0, st[8], nk, D, ldv, vc);
     for (int64_t i = i0; i < i1; i += ATT_R) {
         const float *qr[ATT_R];
         float *orow[ATT_R];
@@ -3826,7 +3837,7 @@ ATT2_TARGET static void att_item256(const att_args *a, int64_t b, int64_t h, int
         for (int64_t d0 = 0; d0 < D; d0 += 16) {
             float *o[ATT_R];
             for (int r = 0; r < ATT_R; r++) o[r] = orow[r] ? orow[r] + d0 : NULL;
-            att_pv256_tile(sc, lds, vb + d0, st[8], n, D - d0 < 16 ? D - d0 : 16, o, inv);
+            att_pv256_tile(sc, lds, vb + d0, ldv, n, D - d0 < 16 ? D - d0 : 16, o, inv);
         }
         for (int r = 0; r < ATT_R; r++)
             if (orow[r] && masked[r]) memset(orow[r], 0, (size_t)D * sizeof(float));
@@ -3861,20 +3872,23 @@ int64_t qd_attention(const float *q, const float *k, const float *v, const void 
 #endif
     const int64_t heads = B * H;
     int64_t chunks = nt > 1 && heads < 8 * (int64_t)nt ? (8 * (int64_t)nt + heads - 1) / heads : 1;
-    const int64_t max_chunks = (Sq + ATT_R - 1) / ATT_R;
+    const int64_t max_chunks = (Sq + ATT_RB - 1) / ATT_RB;
     if (chunks > max_chunks) chunks = max_chunks;
     int64_t csize = (Sq + chunks - 1) / chunks;
-    csize = (csize + ATT_R - 1) / ATT_R * ATT_R;
+    csize = (csize + ATT_RB - 1) / ATT_RB * ATT_RB;
     chunks = (Sq + csize - 1) / csize;
     const int64_t items = heads * chunks, ldk = att_round16(Sk);
-    /* per thread: kt [D][ldk] (vector paths) and the score rows [ATT_R][ldk] (C: one row) */
-    const size_t n_floats = (size_t)(path ? D * ldk : 0) + (size_t)ATT_R * (size_t)ldk + 16;
+    /* per thread: kt [D][ldk] and vc [Sk][D rounded to 16] (vector paths), the score rows
+     * [ATT_R][ldk] (C: one row) */
+    const size_t vec = path ? (size_t)(D * ldk + Sk * att_round16(D)) : 0;
+    const size_t n_floats = vec + (size_t)ATT_RB * (size_t)ldk + 16;
     int failed = 0;
 #pragma omp parallel if (par) reduction(| : failed)
     {
         char *mem = (char *)malloc(n_floats * sizeof(float) + 64);
         float *kt = mem ? (float *)(mem + (64 - (uintptr_t)mem % 64) % 64) : NULL;
-        float *sc = kt ? kt + (path ? D * ldk : 0) : NULL;
+        float *vc = kt ? kt + (path ? D * ldk : 0) : NULL;
+        float *sc = kt ? kt + vec : NULL;
         if (!mem) failed = 1;
 #pragma omp for schedule(static)
         for (int64_t it = 0; it < items; it++) {
@@ -3884,11 +3898,11 @@ int64_t qd_attention(const float *q, const float *k, const float *v, const void 
             const int64_t i1 = i0 + csize < Sq ? i0 + csize : Sq;
 #ifdef __x86_64__
             if (path == 2) {
-                att_item512(&a, b, h, i0, i1, kt, sc);
+                att_item512(&a, b, h, i0, i1, kt, vc, sc);
                 continue;
             }
             if (path == 1) {
-                att_item256(&a, b, h, i0, i1, kt, sc);
+                att_item256(&a, b, h, i0, i1, kt, vc, sc);
                 continue;
             }
 #endif
