@@ -26,8 +26,9 @@ never finite values (issue #15, bad input).
 
 from __future__ import annotations
 
-import ctypes
+import array
 import math
+import os
 from typing import Any
 
 import torch
@@ -71,29 +72,53 @@ def torch_attention(
     return out.transpose(1, 2).contiguous()
 
 
-def _fast_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
-    """Whether the C kernel takes these tensors (else :func:`torch_attention` runs)."""
-    ts = (q, k, v)
-    if any(type(t) is not torch.Tensor for t in ts) or not kernels.has_entry(ENTRY):
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
-        return False  # training keeps autograd
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 4 for t in ts):
-        return False
-    if any(t.stride(-1) != 1 and t.shape[-1] > 1 for t in ts) or q.numel() == 0:
-        return False
-    b, h, _, d = q.shape
+def _entry() -> Any:
+    """The C entry, or None (kernels disabled or not built, or a build without it). Read per
+    call: ``QDISTILL_NO_KERNELS`` is honoured as soon as it is set."""
+    if os.environ.get(kernels.DISABLE_ENV):
+        return None
+    global _ENTRY_FN
+    if _ENTRY_FN is None and kernels.has_entry(ENTRY):
+        _ENTRY_FN = getattr(kernels.library(), ENTRY)
+    return _ENTRY_FN
+
+
+_ENTRY_FN: Any = None
+
+
+def _strides(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[int, ...] | None:
+    """q's, k's and v's batch / head / position strides when the C kernel takes these tensors,
+    else None (torch runs). Cheap, as it runs on every attention call of a model: one
+    environment read (~1.4 us here) and one ``stride()`` a tensor (``device.type`` would cost
+    ~0.5 us a tensor, ``stride(3)`` more than ``stride()``)."""
+    if _entry() is None:
+        return None
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return None  # training keeps autograd
+    f32 = torch.float32
+    if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor:
+        return None
+    if q.dtype is not f32 or k.dtype is not f32 or v.dtype is not f32:
+        return None
+    if not (q.is_cpu and k.is_cpu and v.is_cpu) or q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return None
+    b, h, sq, d = q.shape
     bk, hkv, sk, dk = k.shape
-    if (bk, dk) != (b, d) or tuple(v.shape) != (b, hkv, sk, d) or hkv == 0 or h % hkv:
-        return False
-    if k.numel() == 0:
-        return False
+    if bk != b or dk != d or v.shape != k.shape or hkv == 0 or h % hkv:
+        return None
+    if b == 0 or h == 0 or sq == 0 or sk == 0 or d == 0:
+        return None
+    qs, ks, vs = q.stride(), k.stride(), v.stride()
+    if (qs[3] != 1 or ks[3] != 1 or vs[3] != 1) and d > 1:
+        return None
     if mask is not None:
         if type(mask) is not torch.Tensor or mask.dtype not in _MASK_KINDS:
-            return False
-        if mask.device.type != "cpu" or mask.dim() > 4 or mask.requires_grad:
-            return False
-    return True
+            return None
+        if not mask.is_cpu or mask.dim() > 4 or mask.requires_grad:
+            return None
+    return (*qs[:3], *ks[:3], *vs[:3])
 
 
 def attention(
@@ -115,8 +140,23 @@ def attention(
     portable C, 2 at most AVX2; tests). Falls back to torch's sdpa where the kernel does not
     apply (see the module docstring); a failed allocation in C raises ``MemoryError``.
     """
-    if not _fast_ok(q, k, v, mask):
+    strides = _strides(q, k, v, mask)
+    if strides is None:
         return torch_attention(q, k, v, mask, causal, scale)
+    return _run(q, k, v, mask, causal, scale, strides, level)
+
+
+def _run(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    causal: bool,
+    scale: float | None,
+    qkv_strides: tuple[int, ...],
+    level: int = 0,
+) -> torch.Tensor:
+    """The C call, on tensors :func:`_strides` accepted (``qkv_strides``: what it returned)."""
     b, h, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     mask_kind, mask_ptr, mstride = 0, None, (0, 0, 0, 0)
@@ -127,12 +167,12 @@ def attention(
             return torch_attention(q, k, v, mask, causal, scale)  # torch names the mismatch
         mask_kind, mask_ptr, mstride = _MASK_KINDS[mask.dtype], m.data_ptr(), m.stride()
     out = torch.empty(b, sq, h, d, dtype=torch.float32)
-    strides = (ctypes.c_int64 * 13)(*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mstride)
+    # q b,h,s; k b,h,s; v b,h,s; mask b,h,q,k (array.array: ~4x cheaper than a ctypes array)
+    strides = array.array("q", (*qkv_strides, *mstride))
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    lib = kernels.library()
-    status = lib.qd_attention(  # type: ignore[union-attr]
+    status = _entry()(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), mask_ptr, mask_kind, out.data_ptr(),
-        b, h, hkv, sq, sk, d, strides, int(bool(causal)), scale, level,
+        b, h, hkv, sq, sk, d, strides.buffer_info()[0], int(bool(causal)), scale, level,
     )  # fmt: skip
     if status == -1:
         raise MemoryError(f"qd_attention could not allocate its scratch for {tuple(q.shape)}")
@@ -157,16 +197,17 @@ def hf_attention_forward(
     ``is_causal`` when no mask was built, never for one query; keys beyond the queries of an
     empty static cache cropped). Dropout in training, ``output_attentions``, position biases,
     softcapping, sinks, tracing and compiling go to HF's sdpa function."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+    strides = _strides(query, key, value, attention_mask)
     if (
-        (dropout and module.training)
+        strides is None
+        or (dropout and module.training)
         or kwargs.get("output_attentions")
         or any(kwargs.get(n) is not None for n in _HF_UNSUPPORTED)
         or torch.jit.is_tracing()
         or torch.compiler.is_compiling()
-        or not _fast_ok(query, key, value, attention_mask)
     ):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
             is_causal=is_causal, **kwargs,
@@ -176,7 +217,7 @@ def hf_attention_forward(
     causal = bool(q_len > 1 and attention_mask is None and causal)
     if causal and kv_len > q_len:  # as sdpa_attention_forward: prefill into an empty cache
         key, value = key[:, :, :q_len], value[:, :, :q_len]
-    return attention(query, key, value, attention_mask, causal, scaling), None
+    return _run(query, key, value, attention_mask, causal, scaling, strides), None
 
 
 def register() -> bool:
@@ -199,7 +240,7 @@ def use_fast_attention(model: torch.nn.Module) -> bool:
     ``ALL_ATTENTION_FUNCTIONS`` (``_supports_attention_backend``: BERT, Llama, SmolLM2, ...)
     and its sub-configs to ``attn_implementation="qdistill"``. Returns whether any was
     switched; a no-op (False) for other models, without transformers, or without the kernel."""
-    if not kernels.has_entry(ENTRY) or not register():
+    if _entry() is None or not register():
         return False
     from transformers import PreTrainedModel
 
