@@ -3781,18 +3781,46 @@ ATT2_TARGET static void att_pv256_tile(const float *p, int64_t lds, const float 
     }
 }
 
-ATT2_TARGET static float att_softmax256(float *s, int64_t n, int *masked) {
-    __m256 mx = _mm256_set1_ps(-INFINITY);
-    for (int64_t j = 0; j < n; j += 8) mx = _mm256_max_ps(_mm256_loadu_ps(s + j), mx);
+/* att_row512 with AVX2: a score row into softmax numerators, the limit and the mask applied
+ * as the row is loaded; returns 1 / sum, or 0 and *masked = 1 when every key is masked */
+ATT2_TARGET static float att_row256(const att_args *a, float *s, int64_t b, int64_t h, int64_t i,
+                                    int64_t n_pad, int *masked) {
+    const int64_t lim = att_kend(a, i);
+    const int64_t *ms = a->st + 9;
+    int kind = a->mask_kind;
+    if (kind && ms[3] != 1) { /* a mask strided along the keys: scalar, then as unmasked */
+        att_fix_row(a, s, b, h, i, lim);
+        kind = 0;
+    }
+    const float *mf = kind == 1 ? (const float *)a->mask + b * ms[0] + h * ms[1] + i * ms[2] : NULL;
+    const uint8_t *mb = kind == 2 ? (const uint8_t *)a->mask + b * ms[0] + h * ms[1] + i * ms[2] : NULL;
+    const __m256 ninf = _mm256_set1_ps(-INFINITY);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256 mx = ninf;
+    for (int64_t j = 0; j < n_pad; j += 8) {
+        const int64_t left = lim - j < 0 ? 0 : lim - j < 8 ? lim - j : 8;
+        const __m256i in = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)left), lane);
+        __m256 x = _mm256_blendv_ps(ninf, _mm256_loadu_ps(s + j), _mm256_castsi256_ps(in));
+        if (mf) x = _mm256_add_ps(x, _mm256_maskload_ps(mf + j, in));
+        if (mb) {
+            int64_t t = 0; /* bytes past the limit stay 0: masked, as those keys are anyway */
+            memcpy(&t, mb + j, (size_t)left);
+            const __m256i w = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(t));
+            const __m256i off = _mm256_cmpeq_epi32(w, _mm256_setzero_si256());
+            x = _mm256_blendv_ps(x, ninf, _mm256_castsi256_ps(off));
+        }
+        _mm256_storeu_ps(s + j, x);
+        mx = _mm256_max_ps(x, mx); /* NaN x: max returns mx (ignored here, kept in the sum) */
+    }
     __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
     m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
     m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 0x55));
     const float m = _mm_cvtss_f32(m4);
-    *masked = att_all_masked(s, n, m);
+    *masked = att_all_masked(s, n_pad, m);
     if (*masked) return 0.0f;
     const __m256 mv = _mm256_set1_ps(m);
     __m256 sum = _mm256_setzero_ps();
-    for (int64_t j = 0; j < n; j += 8) {
+    for (int64_t j = 0; j < n_pad; j += 8) {
         const __m256 e = att_exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
         _mm256_storeu_ps(s + j, e);
         sum = _mm256_add_ps(sum, e);
@@ -3831,8 +3859,7 @@ ATT2_TARGET static void att_item256(const att_args *a, int64_t b, int64_t h, int
                 for (int64_t j = 0; j < npad; j++) sc[r * lds + j] = 0.0f;
                 continue;
             }
-            att_fix_row(a, sc + r * lds, b, h, i + r, npad);
-            inv[r] = att_softmax256(sc + r * lds, npad, &masked[r]);
+            inv[r] = att_row256(a, sc + r * lds, b, h, i + r, npad, &masked[r]);
         }
         for (int64_t d0 = 0; d0 < D; d0 += 16) {
             float *o[ATT_R];
