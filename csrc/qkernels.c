@@ -3593,6 +3593,39 @@ ATT512_TARGET static inline __attribute__((always_inline)) void att_pv512_tile(
  * vectors: keys past the row's limit (causal, padding) and masked keys become -inf as they are
  * loaded (scalar -inf stores followed by vector loads stalled store forwarding: ~7% of the
  * kernel), then e^(s - max). Returns 1 / sum, or 0 and *masked = 1 when every key is masked. */
+/* att_row512 for rows of NV <= 4 vectors (short sequences: Sk <= 64): the row stays in
+ * registers between the max and the exp (one store instead of a store, a load and a store) */
+ATT512_TARGET static inline __attribute__((always_inline)) float att_row512_regs(
+    float *s, int64_t lim, const float *mf, const uint8_t *mb, int *masked, const int NV) {
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    __m512 x[4], mx = ninf;
+    for (int v = 0; v < NV; v++) {
+        const int64_t left = lim - 16 * v;
+        const __mmask16 km = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1u);
+        x[v] = _mm512_mask_loadu_ps(ninf, km, s + 16 * v);
+        if (mf) x[v] = _mm512_add_ps(x[v], _mm512_maskz_loadu_ps(km, mf + 16 * v));
+        if (mb) {
+            const __m128i bytes = _mm_maskz_loadu_epi8(km, mb + 16 * v);
+            x[v] = _mm512_mask_mov_ps(ninf, _mm_test_epi8_mask(bytes, bytes), x[v]);
+        }
+        mx = _mm512_max_ps(x[v], mx); /* NaN x: max returns mx (ignored here, kept in the sum) */
+    }
+    const float m = _mm512_reduce_max_ps(mx);
+    if (m == -INFINITY) {
+        for (int v = 0; v < NV; v++) _mm512_storeu_ps(s + 16 * v, x[v]);
+        *masked = att_all_masked(s, 16 * NV, m);
+        if (*masked) return 0.0f;
+    }
+    const __m512 mv = _mm512_set1_ps(m);
+    __m512 sum = _mm512_setzero_ps();
+    for (int v = 0; v < NV; v++) {
+        const __m512 e = att_exp512(_mm512_sub_ps(x[v], mv));
+        _mm512_storeu_ps(s + 16 * v, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    return 1.0f / _mm512_reduce_add_ps(sum);
+}
+
 ATT512_TARGET static float att_row512(const att_args *a, float *s, int64_t b, int64_t h,
                                       int64_t i, int64_t n_pad, int *masked) {
     const int64_t lim = att_kend(a, i);
@@ -3604,6 +3637,14 @@ ATT512_TARGET static float att_row512(const att_args *a, float *s, int64_t b, in
     }
     const float *mf = kind == 1 ? (const float *)a->mask + b * ms[0] + h * ms[1] + i * ms[2] : NULL;
     const uint8_t *mb = kind == 2 ? (const uint8_t *)a->mask + b * ms[0] + h * ms[1] + i * ms[2] : NULL;
+    *masked = 0;
+    switch (n_pad) {
+    case 16: return att_row512_regs(s, lim, mf, mb, masked, 1);
+    case 32: return att_row512_regs(s, lim, mf, mb, masked, 2);
+    case 48: return att_row512_regs(s, lim, mf, mb, masked, 3);
+    case 64: return att_row512_regs(s, lim, mf, mb, masked, 4);
+    default: break;
+    }
     const __m512 ninf = _mm512_set1_ps(-INFINITY);
     __m512 mx = ninf;
     for (int64_t j = 0; j < n_pad; j += 16) {
