@@ -150,11 +150,15 @@ def test_nan_propagates(level):
 
 
 def test_bad_shapes_raise_and_c_refuses():
-    """Heads that kv heads do not divide: torch's error (no kernel call); the C entry itself
-    refuses such arguments with -2 instead of reading out of bounds."""
+    """Heads that kv heads do not divide, a mask that does not broadcast: torch's error (no
+    kernel call); the C entry itself refuses such arguments with -2 instead of reading out of
+    bounds."""
     q, k, v = qkv(1, 12, 5, 3, 3, 8)
     with pytest.raises(RuntimeError):
         att.attention(q, k, v)
+    q4, k4, v4 = qkv(1, 4, 4, 3, 3, 8)
+    with pytest.raises(RuntimeError):  # a mask that does not broadcast: torch's error
+        att.attention(q4, k4, v4, torch.zeros(1, 1, 1, 7))
     strides = (ctypes.c_int64 * 13)(*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], 0, 0, 0, 0)
     out = torch.empty(1, 3, 12, 8)
     args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), None, 0, out.data_ptr(), 1, 12, 5, 3, 3, 8)
