@@ -3368,7 +3368,10 @@ int64_t qd_chain_run(const qd_chain *c, const float *x, float *y, int64_t B, int
 
 #define ATT_R 4                     /* queries per register tile (AVX2) */
 #define ATT_RB 8                    /* queries per block (AVX-512 tiles; chunks a multiple) */
-#define ATT_PARALLEL_MIN (1 << 18) /* B H Sq Sk D below this (~10 us): one thread */
+/* B H Sq Sk D below this: one thread. The file's PARALLEL_MIN_WORK: on the 2-vCPU VM a second
+ * thread gave (1, 12, 40, 32) nothing (52 us with OMP_WAIT_POLICY=passive, 42-53 us on one
+ * thread) and cost 0.6-4 ms a call with libgomp's default spinning; 614 K stays on one. */
+#define ATT_PARALLEL_MIN (1 << 20)
 
 typedef struct {
     const float *q, *k, *v;
