@@ -4,9 +4,11 @@ Profiling the packed BitDistill MiniLM student (6 BERT layers, 12 heads of 32, o
 sentence) showed the packed Linears fast and torch's attention slow: one
 ``F.scaled_dot_product_attention`` on (1, 12, 40, 32) takes 100-155 us on the 2-core VM for
 ~1.2 M multiply-adds. ``qd_attention`` (csrc/qkernels.c) computes ``softmax(scale q k^T +
-mask) v`` in registers (K transposed once per head, 4 queries x 16-64 keys score tiles, fp32
-softmax with the row maximum subtracted, 4 queries x 64 dims output tiles; AVX-512, AVX2 or
-portable C) and writes ``(b, s, h, d)`` directly, the layout HF's attention functions return.
+mask) v`` in registers (K transposed once per head, 8 queries x 48 keys score tiles, fp32
+softmax with the row maximum subtracted, 8 queries x 32 dims output tiles; AVX-512, AVX2 or
+portable C) and writes ``(b, s, h, d)`` directly, the layout HF's attention functions return:
+36-53 us in C on one thread for that call on the same VM (benchmarks/attention_ab.py compares
+the whole Python call with sdpa, interleaved).
 
 :func:`attention` is the tensor-level entry; it uses torch's ``scaled_dot_product_attention``
 (same semantics, never a different answer) for anything the kernel does not take: autograd,
