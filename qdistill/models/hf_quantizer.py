@@ -130,7 +130,7 @@ class QDistillHfQuantizer(HfQuantizer):
         hf_arch.untie_packed(model)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        from qdistill.pack.io import _check_packed_sizes
+        from qdistill.pack.io import _check_packed_sizes, _fuse
         from qdistill.pack.modules import PackedMixin
 
         for name, module in model.named_modules():
@@ -144,7 +144,7 @@ class QDistillHfQuantizer(HfQuantizer):
                     if t is not None and t.is_floating_point() and t.dtype != torch.float32:
                         setattr(module, key, t.float())
                 _check_packed_sizes(Path(model.config.name_or_path or name), name, module)
-        return model
+        return _fuse(model)  # the C paths qd.load gives: the same model either way
 
     def get_state_dict_and_metadata(
         self, model: nn.Module

@@ -237,20 +237,29 @@ def register() -> bool:
     return True
 
 
-def use_fast_attention(model: torch.nn.Module) -> bool:
+def use_fast_attention(model: torch.nn.Module, enable: bool = True) -> bool:
     """Switch every transformers model inside ``model`` whose attention goes through
     ``ALL_ATTENTION_FUNCTIONS`` (``_supports_attention_backend``: BERT, Llama, SmolLM2, ...)
-    and its sub-configs to ``attn_implementation="qdistill"``. Returns whether any was
-    switched; a no-op (False) for other models, without transformers, or without the kernel."""
-    if _entry() is None or not register():
+    and its sub-configs to ``attn_implementation="qdistill"`` (``enable=False``: those on
+    ``"qdistill"`` back to ``"sdpa"``). Returns whether any was switched; a no-op (False) for
+    other models, without transformers, or (enabling) without the kernel."""
+    if enable and (_entry() is None or not register()):
         return False
-    from transformers import PreTrainedModel
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return False
 
     switched, seen = False, set()
     for m in model.modules():
         if not isinstance(m, PreTrainedModel) or id(m.config) in seen:
             continue
         seen.update(id(s.config) for s in m.modules() if isinstance(s, PreTrainedModel))
+        if not enable:
+            if m.config._attn_implementation == NAME:
+                m.set_attn_implementation("sdpa")
+                switched = True
+            continue
         if not getattr(m, "_supports_attention_backend", False):
             continue
         if not m._can_set_attn_implementation():

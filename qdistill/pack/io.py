@@ -33,7 +33,7 @@ from qdistill.errors import FileFormatError, QDistillError
 from qdistill.formats import format_from_dict
 from qdistill.formats.storage import storage_of
 from qdistill.models import hf_arch
-from qdistill.pack import chain, huffman, validate
+from qdistill.pack import chain, fastops, huffman, validate
 from qdistill.pack.bits import pack_for, unpack_for
 from qdistill.pack.modules import (
     PACKED_TENSORS,
@@ -62,7 +62,14 @@ def freeze(model: nn.Module, fuse: bool = True) -> nn.Module:
     for name, module in list(model.named_modules()):
         if is_quantized(module):
             _set_module(model, name, pack_layer(module))
-    return chain.fuse_sequentials(model) if fuse else model
+    return _fuse(model) if fuse else model
+
+
+def _fuse(model: nn.Module) -> nn.Module:
+    """qdistill's C paths for what torch would run op by op: runs of packed Linears
+    (:mod:`qdistill.pack.chain`) and LayerNorm / GELU (:mod:`qdistill.pack.fastops`)."""
+    fastops.accelerate(model)
+    return chain.fuse_sequentials(model)
 
 
 def _packed_tensors(name: str, layer: PackedMixin) -> dict[str, torch.Tensor]:
@@ -291,7 +298,7 @@ def load(
     model.load_state_dict(rest, strict=False, assign=built_on_meta)
     hf_arch.finish(model, path)
     model.eval()
-    return chain.fuse_sequentials(model) if fuse else model
+    return _fuse(model) if fuse else model
 
 
 def _expected_state(

@@ -1,0 +1,144 @@
+"""A loaded transformer's GELU and attention in C (issue #15: "transformers that actually run
+faster").
+
+Once the Linears of a packed MiniLM are C calls, what is left of a 40-token forward at batch 1
+is torch's non-linear ops, and on the 2-core VM they cost far more than their arithmetic:
+``F.gelu`` of 40 x 1536 takes 35-80 us (op dispatch, and a second thread woken for ~60 K
+elements) and ``F.scaled_dot_product_attention`` of (1, 12, 40, 32) 100-155 us. Six of each
+are ~1.3 ms of the BitDistill student's ~5 ms. ``qd_gelu_run`` (csrc/qkernels.c) is the same
+GELU vectorized (24 us in C at 2 threads), called through the packed Linears' fast-call protocol
+(``kernels._call_entry``); attention is :mod:`qdistill.pack.attention`.
+
+:func:`accelerate` swaps, in place, every exact GELU module (``nn.GELU()``, transformers'
+``GELUActivation``) to :class:`FastGELU` and switches a transformers model to the
+``"qdistill"`` attention (:func:`~qdistill.pack.attention.use_fast_attention`); ``qd.load`` and
+``qd.freeze`` call it unless ``fuse=False``, for fp32 models as for packed ones, so a
+side-by-side timing compares one runtime. GELU is not bit-identical with torch's (erf by a
+polynomial, |error| <= 1.5e-7, closer to float64 than torch's own vectorized GELU):
+tests/test_kernel_gelu.py. Whatever the C call does not cover takes torch's op: gradients,
+other dtypes or devices, non-contiguous inputs, tracing and ``torch.compile``, a missing or
+older build of the kernels.
+
+A C LayerNorm (alone, and fused with BERT's residual add) was built and measured too: no faster
+than torch's within the noise at 40 x 384 (its three passes cost ~5 us; the Python around it
+what torch's dispatch costs), so it is not here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qdistill.pack import attention, kernels
+
+GELU_ENTRY = "qd_gelu_run"
+_F32 = torch.float32
+_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
+
+
+class GELUPlan(ctypes.Structure):
+    """C's ``qd_gelu_plan``: elements per row (the call passes the row count)."""
+
+    _fields_ = [("D", ctypes.c_int64)]
+
+
+def _plain_input(x: Any) -> bool:
+    """A tensor the C entries read as is: float32, CPU, contiguous, not needing a gradient, not
+    traced or compiled."""
+    return (
+        type(x) is torch.Tensor
+        and x.dtype is _F32
+        and x.is_cpu
+        and not (x.requires_grad and torch.is_grad_enabled())
+        and x.is_contiguous()
+        and not torch.jit.is_tracing()
+        and not _is_compiling()
+    )
+
+
+_ENTRIES: dict[tuple[str, bool], tuple[Any, Any]] = {}
+
+
+def _entry(name: str) -> tuple[Any, Any]:
+    """``kernels._call_entry(name)``, made once per entry (and fast-call setting)."""
+    key = (name, bool(os.environ.get(kernels.NO_FASTCALL_ENV)))
+    found = _ENTRIES.get(key)
+    if found is None:
+        found = _ENTRIES[key] = kernels._call_entry(name)
+    return found
+
+
+def _run(entry: str, plan: ctypes.Structure, x: torch.Tensor, rows: int, level: int) -> Any:
+    """``entry(plan, x, y, rows, level)`` into a new tensor shaped like ``x``."""
+    run, fn = _entry(entry)
+    y = torch.empty_like(x)
+    status = run(fn, ctypes.addressof(plan), x.data_ptr(), y.data_ptr(), rows, level)
+    if status:
+        raise RuntimeError(f"{entry} failed (status {status})")
+    return y
+
+
+def gelu(x: torch.Tensor, level: int = 0) -> torch.Tensor | None:
+    """Exact (erf) GELU of ``x`` in C, or None where the C call does not apply (the caller then
+    takes ``F.gelu``). ``+inf`` gives ``+inf`` (torch's vectorized GELU gives NaN there),
+    ``-inf`` and NaN give NaN."""
+    if not kernels.has_entry(GELU_ENTRY) or not _plain_input(x):
+        return None
+    n = x.numel()
+    if n == 0:
+        return torch.empty_like(x)
+    return _run(GELU_ENTRY, GELUPlan(n), x, 1, level)
+
+
+class FastGELU(nn.Module):
+    """Exact GELU (BERT's ``"gelu"``) as one C call where it applies, else ``F.gelu``."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        y = gelu(input)
+        return F.gelu(input) if y is None else y
+
+    def _get_name(self) -> str:
+        return "GELU"
+
+
+def _exact_gelu(m: nn.Module) -> bool:
+    """An exact (erf) GELU module: ``nn.GELU()`` or transformers' ``GELUActivation`` computing
+    ``F.gelu`` (not its Python variant)."""
+    if type(m) is nn.GELU:
+        return m.approximate == "none"
+    cls = type(m)
+    return (
+        cls.__name__ == "GELUActivation"
+        and cls.__module__.startswith("transformers")
+        and getattr(m, "act", None) is F.gelu
+    )
+
+
+def accelerate(model: nn.Module) -> dict[str, int]:
+    """Swap ``model``'s exact GELUs to :class:`FastGELU` and its transformers attention to the
+    ``"qdistill"`` implementation, in place; returns how many GELUs were swapped and whether the
+    attention was (0 / 1). A no-op where the kernels (or these entries) are not built."""
+    counts = {"gelu": 0, "attention": int(attention.use_fast_attention(model))}
+    if kernels.has_entry(GELU_ENTRY):
+        for parent in list(model.modules()):
+            for name, child in list(parent._modules.items()):
+                if child is not None and _exact_gelu(child):
+                    parent._modules[name] = FastGELU()
+                    counts["gelu"] += 1
+    return counts
+
+
+def restore(model: nn.Module) -> nn.Module:
+    """Undo :func:`accelerate`'s GELU swap (``nn.GELU()``: the same function) and attention
+    switch (back to ``"sdpa"``)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            if type(child) is FastGELU:
+                parent._modules[name] = nn.GELU()
+    attention.use_fast_attention(model, enable=False)
+    return model
