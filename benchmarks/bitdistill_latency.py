@@ -9,8 +9,11 @@ every Linear but the head ternary with per-token int8 inputs, W1.58A8), both sav
 ``qd.save`` and loaded back with ``qd.load`` as a user would (the student through the packed
 kernels). One sequence of ``--max-length`` tokens (batch 1, the issue's 40-token sentence by
 default) and optionally a batch; medians of interleaved repetitions (the models alternate, so
-load drifts hit both). Only the linear layers are packed: attention, LayerNorm (SubLN adds
-two a block) and GELU run in fp32 in both models.
+load drifts hit all). Four models: the fp32 classifier as transformers runs it (``fp32 hf``),
+the same loaded with ``qd.load`` (``fp32 qd``: qdistill's GELU, attention and BERT-layer paths,
+:mod:`qdistill.pack.fastops`), the packed student as ``qd.load`` returns it, and the packed
+student with ``fuse=False`` (torch's GELU, sdpa, transformers' layers): the first ratio is what
+a user gains over the model they had, the second what the packing itself gains.
 
     python benchmarks/bitdistill_latency.py                 # ~1 min: 40 tokens, 2 threads
     python benchmarks/bitdistill_latency.py --batch 1,32 --reps 50 --threads 1
@@ -38,8 +41,8 @@ TEXT = (
 )
 
 
-def build(tmp: Path) -> tuple[torch.nn.Module, torch.nn.Module, object]:
-    """(fp32 classifier, packed W1.58A8 student, tokenizer), both loaded back from files."""
+def build(tmp: Path) -> tuple[dict[str, torch.nn.Module], object]:
+    """({name: model} as the module docstring lists them, tokenizer)."""
     from qdistill.models.hf import bitnet_config, load_classifier, load_tokenizer
     from qdistill.models.subln import insert_subln
 
@@ -51,9 +54,12 @@ def build(tmp: Path) -> tuple[torch.nn.Module, torch.nn.Module, object]:
     student.eval()
     fp_path = qd.save(fp32, tmp / "fp32.qd.safetensors")
     st_path = qd.save(student, tmp / "student.qd.safetensors")
-    fp_loaded = qd.load(fp_path, model=copy.deepcopy(fp32)).eval()
-    st_loaded = qd.load(st_path, model=copy.deepcopy(student)).eval()
-    return fp_loaded, st_loaded, tok
+    return {
+        "fp32 hf": fp32,
+        "fp32 qd": qd.load(fp_path, model=copy.deepcopy(fp32)).eval(),
+        "W1.58A8": qd.load(st_path, model=copy.deepcopy(student)).eval(),
+        "W1.58A8 unfused": qd.load(st_path, model=copy.deepcopy(student), fuse=False).eval(),
+    }, tok
 
 
 def latency_ms(models: dict[str, torch.nn.Module], batch: dict, reps: int) -> dict[str, float]:
@@ -76,21 +82,26 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            fp32, student, tok = build(Path(tmp))
+            models, tok = build(Path(tmp))
         except QDistillError as exc:
             print(f"skipped: {exc}")
             return 0
         print(
             f"# MiniLM-L6 classifier, {args.max_length} tokens, {args.threads} threads, "
-            f"kernels: {cpu_path()}, median of {args.reps} interleaved repetitions"
+            f"kernels: {cpu_path()}, median of {args.reps} interleaved repetitions (ms)"
         )
-        print(f"{'batch':>5} {'fp32 ms':>9} {'W1.58A8 ms':>11} {'speedup':>8}")
+        names = list(models)
+        print("batch " + " ".join(f"{n:>16}" for n in names) + "  vs fp32 hf  vs fp32 qd")
         for b in (int(s) for s in args.batch.split(",")):
             data = tokenize(tok, [TEXT] * b, args.max_length)
             batch = {"input_ids": data.input_ids, "attention_mask": data.attention_mask}
-            lat = latency_ms({"fp32": fp32, "student": student}, batch, args.reps)
-            ratio = lat["fp32"] / lat["student"]
-            print(f"{b:>5} {lat['fp32']:>9.2f} {lat['student']:>11.2f} {ratio:>7.2f}x")
+            lat = latency_ms(models, batch, args.reps)
+            ratios = [lat[ref] / lat["W1.58A8"] for ref in ("fp32 hf", "fp32 qd")]
+            print(
+                f"{b:>5} "
+                + " ".join(f"{lat[n]:>16.2f}" for n in names)
+                + "".join(f"{r:>10.2f}x" for r in ratios)
+            )
     return 0
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import array
 import math
 import os
+import sys
 from typing import Any
 
 import torch
@@ -243,6 +244,8 @@ def use_fast_attention(model: torch.nn.Module, enable: bool = True) -> bool:
     and its sub-configs to ``attn_implementation="qdistill"`` (``enable=False``: those on
     ``"qdistill"`` back to ``"sdpa"``). Returns whether any was switched; a no-op (False) for
     other models, without transformers, or (enabling) without the kernel."""
+    if "transformers" not in sys.modules:  # then no transformers model exists to switch
+        return False
     if enable and (_entry() is None or not register()):
         return False
     try:

@@ -120,10 +120,16 @@ def _exact_gelu(m: nn.Module) -> bool:
 
 
 def accelerate(model: nn.Module) -> dict[str, int]:
-    """Swap ``model``'s exact GELUs to :class:`FastGELU` and its transformers attention to the
-    ``"qdistill"`` implementation, in place; returns how many GELUs were swapped and whether the
-    attention was (0 / 1). A no-op where the kernels (or these entries) are not built."""
-    counts = {"gelu": 0, "attention": int(attention.use_fast_attention(model))}
+    """Swap ``model``'s exact GELUs to :class:`FastGELU`, its transformers attention to the
+    ``"qdistill"`` implementation and its BERT layers to
+    :class:`~qdistill.pack.bert_layer.FastBertLayer`, in place; returns how many GELUs and BERT
+    layers were swapped and whether the attention was (0 / 1). The C parts are a no-op where
+    the kernels (or their entries) are not built; the BERT layers' path needs none."""
+    counts = {"gelu": 0, "attention": int(attention.use_fast_attention(model)), "bert_layers": 0}
+    if any(type(m).__name__ == "BertLayer" for m in model.modules()):  # transformers is there
+        from qdistill.pack import bert_layer
+
+        counts["bert_layers"] = bert_layer.swap(model)
     if kernels.has_entry(GELU_ENTRY):
         for parent in list(model.modules()):
             for name, child in list(parent._modules.items()):
@@ -134,11 +140,15 @@ def accelerate(model: nn.Module) -> dict[str, int]:
 
 
 def restore(model: nn.Module) -> nn.Module:
-    """Undo :func:`accelerate`'s GELU swap (``nn.GELU()``: the same function) and attention
-    switch (back to ``"sdpa"``)."""
+    """Undo :func:`accelerate`: ``nn.GELU()`` (the same function), ``"sdpa"`` attention,
+    ``BertLayer``."""
     for parent in list(model.modules()):
         for name, child in list(parent._modules.items()):
             if type(child) is FastGELU:
                 parent._modules[name] = nn.GELU()
     attention.use_fast_attention(model, enable=False)
+    if any(type(m).__name__ == "FastBertLayer" for m in model.modules()):
+        from qdistill.pack import bert_layer
+
+        bert_layer.unswap(model)
     return model
