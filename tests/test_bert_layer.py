@@ -68,7 +68,7 @@ def test_falls_back_where_transformers_computes_more(slow_calls):
         slow_calls.clear()
         out = fast(**padded_batch(), output_attentions=True)
         assert len(slow_calls) == 2 and len(out.attentions) == 2
-        for a, b in zip(out.attentions, ref.attentions):
+        for a, b in zip(out.attentions, ref.attentions, strict=True):
             assert torch.equal(a, b)
         seen: list = []
         fast.encoder.layer[0].attention.output.register_forward_hook(lambda *a: seen.append(1))
@@ -89,7 +89,7 @@ def test_gradients_flow_and_match():
     bert_layer.swap(fast)
     plain(**padded_batch()).last_hidden_state.square().sum().backward()
     fast(**padded_batch()).last_hidden_state.square().sum().backward()
-    for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
+    for (name, p), q in zip(plain.named_parameters(), fast.parameters(), strict=True):
         if p.grad is not None:
             torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=name)
 
