@@ -144,7 +144,8 @@ class QDistillHfQuantizer(HfQuantizer):
                     if t is not None and t.is_floating_point() and t.dtype != torch.float32:
                         setattr(module, key, t.float())
                 _check_packed_sizes(Path(model.config.name_or_path or name), name, module)
-        return _fuse(model)  # the C paths qd.load gives: the same model either way
+        # the paths qd.load gives (qdistill.pack.fastops.restore / chain.unfuse_sequentials undo)
+        return _fuse(model)
 
     def get_state_dict_and_metadata(
         self, model: nn.Module

@@ -66,8 +66,9 @@ def freeze(model: nn.Module, fuse: bool = True) -> nn.Module:
 
 
 def _fuse(model: nn.Module) -> nn.Module:
-    """qdistill's C paths for what torch would run op by op: runs of packed Linears
-    (:mod:`qdistill.pack.chain`) and LayerNorm / GELU (:mod:`qdistill.pack.fastops`)."""
+    """qdistill's faster paths for what torch and transformers would run op by op: runs of
+    packed Linears (:mod:`qdistill.pack.chain`); GELU, attention and BERT layers
+    (:func:`qdistill.pack.fastops.accelerate`, for float models too)."""
     fastops.accelerate(model)
     return chain.fuse_sequentials(model)
 
@@ -229,8 +230,11 @@ def load(
     file has been checked (:mod:`qdistill.pack.validate`), so a bad file leaves it as it was.
     With ``fuse`` (the default) every plain ``nn.Sequential`` holding two or more packed
     Linears in a row becomes a :class:`~qdistill.pack.chain.PackedSequential`, which runs them
-    (and the ReLUs between) in one C call with bit-identical outputs; ``fuse=False`` keeps the
-    plain class.
+    (and the ReLUs between) in one C call with bit-identical outputs, and a transformer's exact
+    GELUs, attention and BERT layers take qdistill's paths
+    (:func:`qdistill.pack.fastops.accelerate`: C GELU and attention, equal to torch's within
+    float rounding; the BERT layer bit-identical); ``fuse=False`` keeps torch's and
+    transformers' own modules.
     """
     path = hf_arch.weights_file(Path(path))  # a save_pretrained folder: its safetensors file
     header = read_header(path)
