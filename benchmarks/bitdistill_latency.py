@@ -71,6 +71,19 @@ def latency_ms(models: dict[str, torch.nn.Module], batch: dict, reps: int) -> di
     return {name: s * 1e3 for name, s in seconds.items()}
 
 
+def setup(threads: int) -> tuple[dict[str, torch.nn.Module], object] | None:
+    """``threads``, offline mode and :func:`build` in a temporary folder (the loaded models own
+    their memory); None, with the reason printed, where the offline models are missing."""
+    torch.set_num_threads(threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            return build(Path(tmp))
+        except QDistillError as exc:
+            print(f"skipped: {exc}")
+            return None
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--max-length", type=int, default=40, help="tokens per sequence")
@@ -78,30 +91,26 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            models, tok = build(Path(tmp))
-        except QDistillError as exc:
-            print(f"skipped: {exc}")
-            return 0
+    built = setup(args.threads)
+    if built is None:
+        return 0
+    models, tok = built
+    print(
+        f"# MiniLM-L6 classifier, {args.max_length} tokens, {args.threads} threads, "
+        f"kernels: {cpu_path()}, median of {args.reps} interleaved repetitions (ms)"
+    )
+    names = list(models)
+    print("batch " + " ".join(f"{n:>16}" for n in names) + "  vs fp32 hf  vs fp32 qd")
+    for b in (int(s) for s in args.batch.split(",")):
+        data = tokenize(tok, [TEXT] * b, args.max_length)
+        batch = {"input_ids": data.input_ids, "attention_mask": data.attention_mask}
+        lat = latency_ms(models, batch, args.reps)
+        ratios = [lat[ref] / lat["W1.58A8"] for ref in ("fp32 hf", "fp32 qd")]
         print(
-            f"# MiniLM-L6 classifier, {args.max_length} tokens, {args.threads} threads, "
-            f"kernels: {cpu_path()}, median of {args.reps} interleaved repetitions (ms)"
+            f"{b:>5} "
+            + " ".join(f"{lat[n]:>16.2f}" for n in names)
+            + "".join(f"{r:>10.2f}x" for r in ratios)
         )
-        names = list(models)
-        print("batch " + " ".join(f"{n:>16}" for n in names) + "  vs fp32 hf  vs fp32 qd")
-        for b in (int(s) for s in args.batch.split(",")):
-            data = tokenize(tok, [TEXT] * b, args.max_length)
-            batch = {"input_ids": data.input_ids, "attention_mask": data.attention_mask}
-            lat = latency_ms(models, batch, args.reps)
-            ratios = [lat[ref] / lat["W1.58A8"] for ref in ("fp32 hf", "fp32 qd")]
-            print(
-                f"{b:>5} "
-                + " ".join(f"{lat[n]:>16.2f}" for n in names)
-                + "".join(f"{r:>10.2f}x" for r in ratios)
-            )
     return 0
 
 

@@ -3,11 +3,12 @@ faster").
 
 Once the Linears of a packed MiniLM are C calls, what is left of a 40-token forward at batch 1
 is torch's non-linear ops, and on the 2-core VM they cost far more than their arithmetic:
-``F.gelu`` of 40 x 1536 takes 35-80 us (op dispatch, and a second thread woken for ~60 K
-elements) and ``F.scaled_dot_product_attention`` of (1, 12, 40, 32) 100-155 us. Six of each
-are ~1.3 ms of the BitDistill student's ~5 ms. ``qd_gelu_run`` (csrc/qkernels.c) is the same
-GELU vectorized (24 us in C at 2 threads), called through the packed Linears' fast-call protocol
-(``kernels._call_entry``); attention is :mod:`qdistill.pack.attention`.
+``F.gelu`` and ``F.scaled_dot_product_attention`` between the packed Linears' calls, and
+transformers' Python around them. ``qd_gelu_run`` (csrc/qkernels.c) is the same GELU vectorized,
+called through the packed Linears' fast-call protocol (``kernels._call_entry``): slower than
+torch's alone and warm (``benchmarks/gelu_ab.py``), 1.06-1.08x on the student's whole forward at
+batch 1 and neutral at batch 32 (``benchmarks/fastpaths_ab.py``); attention is
+:mod:`qdistill.pack.attention`.
 
 :func:`accelerate` swaps, in place, every exact GELU module (``nn.GELU()``, transformers'
 ``GELUActivation``) to :class:`FastGELU` and switches a transformers model to the
@@ -61,26 +62,7 @@ def _plain_input(x: Any) -> bool:
     )
 
 
-_ENTRIES: dict[tuple[str, bool], tuple[Any, Any]] = {}
-
-
-def _entry(name: str) -> tuple[Any, Any]:
-    """``kernels._call_entry(name)``, made once per entry (and fast-call setting)."""
-    key = (name, bool(os.environ.get(kernels.NO_FASTCALL_ENV)))
-    found = _ENTRIES.get(key)
-    if found is None:
-        found = _ENTRIES[key] = kernels._call_entry(name)
-    return found
-
-
-def _run(entry: str, plan: ctypes.Structure, x: torch.Tensor, rows: int, level: int) -> Any:
-    """``entry(plan, x, y, rows, level)`` into a new tensor shaped like ``x``."""
-    run, fn = _entry(entry)
-    y = torch.empty_like(x)
-    status = run(fn, ctypes.addressof(plan), x.data_ptr(), y.data_ptr(), rows, level)
-    if status:
-        raise RuntimeError(f"{entry} failed (status {status})")
-    return y
+_CALLS: dict[bool, tuple[Any, Any]] = {}
 
 
 def gelu(x: torch.Tensor, level: int = 0) -> torch.Tensor | None:
@@ -90,9 +72,18 @@ def gelu(x: torch.Tensor, level: int = 0) -> torch.Tensor | None:
     if not kernels.has_entry(GELU_ENTRY) or not _plain_input(x):
         return None
     n = x.numel()
+    y = torch.empty_like(x)
     if n == 0:
-        return torch.empty_like(x)
-    return _run(GELU_ENTRY, GELUPlan(n), x, 1, level)
+        return y
+    fast = not os.environ.get(kernels.NO_FASTCALL_ENV)  # as kernels._call_entry reads it
+    if fast not in _CALLS:
+        _CALLS[fast] = kernels._call_entry(GELU_ENTRY)
+    run, fn = _CALLS[fast]
+    plan = GELUPlan(n)  # the whole tensor as one row
+    status = run(fn, ctypes.addressof(plan), x.data_ptr(), y.data_ptr(), 1, level)
+    if status:
+        raise RuntimeError(f"{GELU_ENTRY} failed (status {status})")
+    return y
 
 
 class FastGELU(nn.Module):
@@ -119,6 +110,25 @@ def _exact_gelu(m: nn.Module) -> bool:
     )
 
 
+def _replace_children(model: nn.Module, match: Any, make: Any) -> int:
+    """Replace every child module for which ``match(child)`` by ``make()``, in place; how many."""
+    n = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            if child is not None and match(child):
+                parent._modules[name] = make()
+                n += 1
+    return n
+
+
+def swap_gelus(model: nn.Module) -> int:
+    """Swap ``model``'s exact GELU modules to :class:`FastGELU`, in place; how many (0 where the
+    kernels, or ``qd_gelu_run``, are not built)."""
+    if not kernels.has_entry(GELU_ENTRY):
+        return 0
+    return _replace_children(model, _exact_gelu, FastGELU)
+
+
 def accelerate(model: nn.Module) -> dict[str, int]:
     """Swap ``model``'s exact GELUs to :class:`FastGELU`, its transformers attention to the
     ``"qdistill"`` implementation and its BERT layers to
@@ -130,22 +140,14 @@ def accelerate(model: nn.Module) -> dict[str, int]:
         from qdistill.pack import bert_layer
 
         counts["bert_layers"] = bert_layer.swap(model)
-    if kernels.has_entry(GELU_ENTRY):
-        for parent in list(model.modules()):
-            for name, child in list(parent._modules.items()):
-                if child is not None and _exact_gelu(child):
-                    parent._modules[name] = FastGELU()
-                    counts["gelu"] += 1
+    counts["gelu"] = swap_gelus(model)
     return counts
 
 
 def restore(model: nn.Module) -> nn.Module:
     """Undo :func:`accelerate`: ``nn.GELU()`` (the same function), ``"sdpa"`` attention,
     ``BertLayer``."""
-    for parent in list(model.modules()):
-        for name, child in list(parent._modules.items()):
-            if type(child) is FastGELU:
-                parent._modules[name] = nn.GELU()
+    _replace_children(model, lambda m: type(m) is FastGELU, nn.GELU)
     attention.use_fast_attention(model, enable=False)
     if any(type(m).__name__ == "FastBertLayer" for m in model.modules()):
         from qdistill.pack import bert_layer
