@@ -15,15 +15,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import tempfile
-from pathlib import Path
 
 import torch
-from bitdistill_latency import TEXT, build, latency_ms
+from bitdistill_latency import TEXT, latency_ms, setup
 
 from qdistill.data.text import tokenize
-from qdistill.errors import QDistillError
 from qdistill.pack import attention, bert_layer, fastops
 
 
@@ -31,10 +27,7 @@ def with_paths(model: torch.nn.Module, gelu: bool, attn: bool, layer: bool) -> t
     """A copy of the unfused ``model`` with the chosen fast paths."""
     m = copy.deepcopy(model)
     if gelu:
-        for parent in list(m.modules()):
-            for name, child in list(parent._modules.items()):
-                if child is not None and fastops._exact_gelu(child):
-                    parent._modules[name] = fastops.FastGELU()
+        fastops.swap_gelus(m)
     if attn:
         attention.use_fast_attention(m)
     if layer:
@@ -45,17 +38,14 @@ def with_paths(model: torch.nn.Module, gelu: bool, attn: bool, layer: bool) -> t
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--max-length", type=int, default=40, help="tokens in the sequence")
+    p.add_argument("--batch", type=int, default=1, help="sequences")
     p.add_argument("--reps", type=int, default=150)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            models, tok = build(Path(tmp))
-        except QDistillError as exc:
-            print(f"skipped: {exc}")
-            return 0
+    built = setup(args.threads)
+    if built is None:
+        return 0
+    models, tok = built
     base = models["W1.58A8 unfused"]
     variants = {
         "unfused": base,
@@ -65,11 +55,12 @@ def main() -> int:
         "all (qd.load)": with_paths(base, True, True, True),
         "fp32 qd.load": models["fp32 qd"],
     }
-    data = tokenize(tok, [TEXT], args.max_length)
+    data = tokenize(tok, [TEXT] * args.batch, args.max_length)
     batch = {"input_ids": data.input_ids, "attention_mask": data.attention_mask}
     lat = latency_ms(variants, batch, args.reps)
     print(
-        f"# W1.58A8 MiniLM student, {args.max_length} tokens, batch 1, {args.threads} threads, "
+        f"# W1.58A8 MiniLM student, {args.max_length} tokens, batch {args.batch}, "
+        f"{args.threads} threads, "
         f"median of {args.reps} interleaved repetitions"
     )
     print("| variant | ms | vs unfused |\n|---|---|---|")
