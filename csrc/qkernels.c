@@ -3986,10 +3986,11 @@ int64_t qd_attention(const float *q, const float *k, const float *v, const void 
 
 /* ---------------------------------------------------------------------------------------------
  * Exact (erf) GELU of a transformer's feed-forward block (#15, "transformers that actually run
- * faster"). Once the Linears of a packed MiniLM are C calls, torch's GELU of 40 x 1536 takes
- * 35-80 us of a ~5 ms 40-token forward at 2 threads here (dispatch, and the second thread woken
- * for 61 K elements). This is the same function in one call, vectorized, threaded from 16 K
- * elements: 24 us (2 threads) / 32 us (1) for 40 x 1536 in C. Not bit-identical with torch (erf
+ * faster"): the same function as torch's in one call, vectorized, threaded from 16 K elements.
+ * Called alone and warm it is slower than torch's (0.83x for 40 x 1536, 0.73x for 32 x 40 x
+ * 1536, benchmarks/gelu_ab.py: the division of A&S's t costs); between a packed MiniLM's other
+ * calls it takes 0.3-0.6 ms off a ~5-8 ms 40-token forward (benchmarks/fastpaths_ab.py), and is
+ * neutral at batch 32. Not bit-identical with torch (erf
  * by a polynomial, |error| <= 1.5e-7; torch's own vectorized GELU is ~1e-6 from float64):
  * tests/test_kernel_gelu.py compares both with float64.
  *
