@@ -3343,8 +3343,8 @@ int64_t qd_chain_run(const qd_chain *c, const float *x, float *y, int64_t B, int
  * x.view(b, s, h, d).transpose(1, 2)); out is contiguous [B][Sq][H][D], the layout HF's
  * attention functions return, so the reshape that follows costs nothing.
  *
- * torch's scaled_dot_product_attention spends 100-155 us on (1, 12, 40, 32) on the 2-core
- * Sapphire Rapids VM for ~1.2 M multiply-adds; here one call does, per (b, h, query chunk):
+ * torch's scaled_dot_product_attention spends 91-196 us on (1, 12, 40, 32) on the 2-core
+ * Sapphire Rapids VM for ~1.2 M multiply-adds (benchmarks/attention_ab.py); here one call does, per (b, h, query chunk):
  *   1. K (the keys the chunk may see) transposed into kt [D][Sk rounded up to 16] with 16 x 16
  *      (AVX-512) / 8 x 8 (AVX2) register transposes, so that
  *   2. scores for 8 queries x 48 keys (AVX2: 4 x 16) are a register tile: per d one load of kt
@@ -3999,8 +3999,8 @@ int64_t qd_attention(const float *q, const float *k, const float *v, const void 
  * the plan protocol of qd_a8_run (run(fn, plan, x, y, rows, level)).
  *
  * (A C LayerNorm, alone and fused with BERT's residual add, was built and measured in the same
- * session: no faster than torch's within the noise at 40 x 384, as its three passes cost ~5 us
- * and the Python around it what torch's dispatch does; removed.)
+ * session: no faster than torch's within the noise at 40 x 384 (three passes of real work, and
+ * the Python around it costs what torch's dispatch does); removed.)
  */
 typedef struct {
     int64_t D; /* elements of one row */

@@ -2,13 +2,13 @@
 
 Profiling the packed BitDistill MiniLM student (6 BERT layers, 12 heads of 32, one 40-token
 sentence) showed the packed Linears fast and torch's attention slow: one
-``F.scaled_dot_product_attention`` on (1, 12, 40, 32) takes 100-155 us on the 2-core VM for
-~1.2 M multiply-adds. ``qd_attention`` (csrc/qkernels.c) computes ``softmax(scale q k^T +
-mask) v`` in registers (K transposed once per head, 8 queries x 48 keys score tiles, fp32
-softmax with the row maximum subtracted, 8 queries x 32 dims output tiles; AVX-512, AVX2 or
-portable C) and writes ``(b, s, h, d)`` directly, the layout HF's attention functions return:
-36-53 us in C on one thread for that call on the same VM (benchmarks/attention_ab.py compares
-the whole Python call with sdpa, interleaved).
+``F.scaled_dot_product_attention`` on (1, 12, 40, 32) takes 91 us (2 threads) to 196 us (1) on
+the idle 2-core VM for ~1.2 M multiply-adds (``benchmarks/attention_ab.py``). ``qd_attention``
+(csrc/qkernels.c) computes ``softmax(scale q k^T + mask) v`` in registers (K transposed once per
+head, 8 queries x 48 keys score tiles, fp32 softmax with the row maximum subtracted, 8 queries x
+32 dims output tiles; AVX-512, AVX2 or portable C) and writes ``(b, s, h, d)`` directly, the
+layout HF's attention functions return: 85 us (2 threads, the kernel itself on one) and 131 us
+(1) for that call through this module's Python, in the same interleaved runs.
 
 :func:`attention` is the tensor-level entry; it uses torch's ``scaled_dot_product_attention``
 (same semantics, never a different answer) for anything the kernel does not take: autograd,
@@ -94,8 +94,8 @@ def _strides(
 ) -> tuple[int, ...] | None:
     """q's, k's and v's batch / head / position strides when the C kernel takes these tensors,
     else None (torch runs). Cheap, as it runs on every attention call of a model: one
-    environment read (~1.4 us here) and one ``stride()`` a tensor (``device.type`` would cost
-    ~0.5 us a tensor, ``stride(3)`` more than ``stride()``)."""
+    environment read and one ``stride()`` a tensor (cheaper than ``device.type`` or
+    ``stride(3)``)."""
     if _entry() is None:
         return None
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
